@@ -1,0 +1,1 @@
+"""fp8/int8 weight quantization, activation calibration, Q/DQ placement."""

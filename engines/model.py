@@ -1,0 +1,106 @@
+"""Plain descriptions of a Wan model that the exporter writes and the runtime reads."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FAMILIES = ("wan2.1", "wan2.2")
+TASKS = ("t2v", "i2v", "flf2v", "ti2v")
+EXPERT_NAMES = ("high_noise", "low_noise")
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Architecture of one Wan DiT expert (official `WanModel` constructor fields)."""
+
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    in_dim: int
+    out_dim: int
+    text_dim: int = 4096
+    freq_dim: int = 256
+    eps: float = 1e-6
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    image_branch: bool = False  # Wan2.1 i2v/flf2v: img_emb + k_img/v_img
+    clip_tokens: int | None = None  # 257 (i2v) or 514 (flf2v, with img_emb.emb_pos)
+    text_len: int = 512
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DiTConfig":
+        d = dict(d)
+        d["patch_size"] = tuple(d.get("patch_size", (1, 2, 2)))
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class VAEInfo:
+    """What the runtime needs to know about the VAE: version, latent channels and strides."""
+
+    version: str  # "2.1" or "2.2"
+    z_dim: int  # 16 or 48
+    stride: tuple[int, int, int]  # (t, h, w): (4, 8, 8) or (4, 16, 16)
+
+    @classmethod
+    def for_version(cls, version: str) -> "VAEInfo":
+        if version == "2.1":
+            return cls("2.1", 16, (4, 8, 8))
+        if version == "2.2":
+            return cls("2.2", 48, (4, 16, 16))
+        raise ValueError(f"unknown VAE version {version!r}; expected '2.1' or '2.2'")
+
+
+@dataclass
+class SamplingDefaults:
+    """Sampling settings stored in a bundle; from the model family or a LightX2V config."""
+
+    sampler: str = "unipc"  # "unipc", "euler" or "distill"
+    steps: int = 50
+    shift: float = 5.0
+    guide_scale: tuple[float, float] = (5.0, 5.0)  # (low_noise, high_noise) as in Wan2.2 configs
+    enable_cfg: bool = True
+    boundary: float | None = None  # Wan2.2 A14B: high-noise expert while t >= boundary * 1000
+    boundary_step_index: int | None = None  # distilled MoE: high-noise while step < this
+    denoising_step_list: list[int] | None = None  # LightX2V step-distilled timesteps (unshifted)
+    frames: int = 81
+    height: int = 480
+    width: int = 832
+    fps: int = 16
+    max_area: int | None = None  # i2v: target pixel area; the image's aspect ratio sets h/w
+    negative_prompt: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["guide_scale"] = list(self.guide_scale)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SamplingDefaults":
+        d = dict(d)
+        if "guide_scale" in d:
+            d["guide_scale"] = tuple(d["guide_scale"])
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class LoraRecord:
+    """One LoRA merged into a bundle's weights."""
+
+    path: str
+    sha256: str
+    strength: float = 1.0
+    experts: list[str] = field(default_factory=list)  # [] means every expert
+    alpha: float | None = None

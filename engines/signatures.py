@@ -1,0 +1,159 @@
+"""Each engine's I/O signature: tensor names, dtypes and shapes with named dynamic dims.
+
+These are the contract between `export/` (which must produce graphs with exactly these
+inputs and outputs) and `runtime/` (which binds them).  A dim given as a string is
+dynamic; `DIM_RANGES` holds the default min/max the exporter declares for it (TensorRT
+optimization profiles are built from them).
+
+DiT (`dit`, or `dit_high_noise` / `dit_low_noise` for Wan2.2 A14B):
+    latent     float32 [batch, in_dim, frames, height, width]  latent frames / latent pixels;
+               for i2v the 16 noise channels are followed by 4 mask + 16 image channels
+    timestep   float32 [batch]          (ti2v: [batch, frames], one timestep per latent frame)
+    context    float32 [batch, 512, text_dim]  T5 output trimmed to its true length, zero-padded
+    clip_fea   float32 [batch, 257|514, 1280]  Wan2.1 i2v / flf2v only
+    -> noise_pred float32 [batch, out_dim, frames, height, width]
+
+Text encoder (`text_encoder`):
+    input_ids int64 [batch, tokens], attention_mask int64 [batch, tokens]
+    -> context float32 [batch, tokens, dim]
+
+Image encoder (`image_encoder`, Wan2.1 i2v / flf2v):
+    pixel_values float32 [batch, 3, 224, 224]  (bicubic-resized, CLIP mean/std normalized)
+    -> clip_fea float32 [batch, 257, 1280]   (penultimate block, no post-norm)
+
+VAE (`vae_encoder`, `vae_decoder`): see `engines.vae_contract`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+Dim = int | str
+
+# Default ranges for the named dynamic dims (inclusive).  Latent units for frames/height/width.
+DIM_RANGES: dict[str, tuple[int, int]] = {
+    "batch": (1, 2),
+    "frames": (1, 31),  # 121 video frames -> 31 latent frames
+    "height": (2, 192),  # latent rows; 1536 px / 8
+    "width": (2, 192),
+    "tokens": (1, 512),
+}
+
+CLIP_DIM = 1280
+CLIP_TOKENS = 257
+CLIP_IMAGE_SIZE = 224
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One engine input or output."""
+
+    name: str
+    dtype: str  # numpy dtype name: "float32", "int64", ...
+    shape: tuple[Dim, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
+        return cls(str(d["name"]), str(d["dtype"]), tuple(d["shape"]))
+
+    def check(self, shape: Iterable[int], dtype: str, bound: dict[str, int] | None = None) -> None:
+        """Raise ValueError unless `shape`/`dtype` fit this spec; binds named dims into `bound`."""
+        shape = tuple(int(s) for s in shape)
+        if dtype != self.dtype:
+            raise ValueError(f"{self.name}: dtype {dtype}, expected {self.dtype}")
+        if len(shape) != len(self.shape):
+            raise ValueError(f"{self.name}: shape {list(shape)}, expected rank {len(self.shape)} {list(self.shape)}")
+        bound = {} if bound is None else bound
+        for got, want in zip(shape, self.shape):
+            if isinstance(want, int):
+                if got != want:
+                    raise ValueError(f"{self.name}: shape {list(shape)}, expected {list(self.shape)}")
+            elif bound.setdefault(want, got) != got:
+                raise ValueError(f"{self.name}: dim {want}={got} but {bound[want]} elsewhere")
+
+
+@dataclass(frozen=True)
+class EngineSignature:
+    """Inputs and outputs of one engine, in binding order."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dim_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "dim_ranges": {k: list(v) for k, v in self.dim_ranges.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EngineSignature":
+        return cls(
+            tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+            tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
+            {k: (int(v[0]), int(v[1])) for k, v in d.get("dim_ranges", {}).items()},
+        )
+
+    def input(self, name: str) -> TensorSpec:
+        for t in self.inputs:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+def _ranges(*names: str) -> dict[str, tuple[int, int]]:
+    return {n: DIM_RANGES[n] for n in names}
+
+
+def dit_signature(
+    in_dim: int,
+    out_dim: int,
+    text_dim: int = 4096,
+    clip_tokens: int | None = None,
+    per_frame_timestep: bool = False,
+    text_len: int = 512,
+) -> EngineSignature:
+    """Signature of a DiT expert engine."""
+    inputs = [
+        TensorSpec("latent", "float32", ("batch", in_dim, "frames", "height", "width")),
+        TensorSpec("timestep", "float32", ("batch", "frames") if per_frame_timestep else ("batch",)),
+        TensorSpec("context", "float32", ("batch", text_len, text_dim)),
+    ]
+    if clip_tokens is not None:
+        inputs.append(TensorSpec("clip_fea", "float32", ("batch", clip_tokens, CLIP_DIM)))
+    outputs = [TensorSpec("noise_pred", "float32", ("batch", out_dim, "frames", "height", "width"))]
+    return EngineSignature(tuple(inputs), tuple(outputs), _ranges("batch", "frames", "height", "width"))
+
+
+def text_encoder_signature(dim: int = 4096) -> EngineSignature:
+    """Signature of the umt5 text encoder engine."""
+    return EngineSignature(
+        (
+            TensorSpec("input_ids", "int64", ("batch", "tokens")),
+            TensorSpec("attention_mask", "int64", ("batch", "tokens")),
+        ),
+        (TensorSpec("context", "float32", ("batch", "tokens", dim)),),
+        _ranges("batch", "tokens"),
+    )
+
+
+def image_encoder_signature() -> EngineSignature:
+    """Signature of the CLIP ViT-H/14 image encoder engine (penultimate block output)."""
+    return EngineSignature(
+        (TensorSpec("pixel_values", "float32", ("batch", 3, CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE)),),
+        (TensorSpec("clip_fea", "float32", ("batch", CLIP_TOKENS, CLIP_DIM)),),
+        _ranges("batch"),
+    )

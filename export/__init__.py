@@ -1,0 +1,1 @@
+"""The torch side: checkpoint formats, LoRA, export-ready modules, ONNX export, TensorRT build."""

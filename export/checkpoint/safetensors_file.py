@@ -1,0 +1,155 @@
+"""A strict, lazy safetensors reader: validates the header, then reads one tensor at a time.
+
+Reads go through `readinto` at the tensor's offset, so only the tensors the caller holds
+count towards resident memory (a whole-file mmap would keep every touched page resident).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engines.errors import WanrtError
+
+MAX_HEADER_SIZE = 100_000_000
+
+# safetensors dtype string -> (our dtype name, torch dtype, bytes per element)
+DTYPES: dict[str, tuple[str, torch.dtype, int]] = {
+    "BOOL": ("bool", torch.bool, 1),
+    "U8": ("uint8", torch.uint8, 1),
+    "I8": ("int8", torch.int8, 1),
+    "I16": ("int16", torch.int16, 2),
+    "U16": ("uint16", torch.uint16, 2),
+    "F16": ("fp16", torch.float16, 2),
+    "BF16": ("bf16", torch.bfloat16, 2),
+    "I32": ("int32", torch.int32, 4),
+    "U32": ("uint32", torch.uint32, 4),
+    "F32": ("fp32", torch.float32, 4),
+    "F64": ("fp64", torch.float64, 8),
+    "I64": ("int64", torch.int64, 8),
+    "U64": ("uint64", torch.uint64, 8),
+    "F8_E4M3": ("fp8_e4m3", torch.float8_e4m3fn, 1),
+    "F8_E5M2": ("fp8_e5m2", torch.float8_e5m2, 1),
+}
+TORCH_TO_ST = {v[1]: k for k, v in DTYPES.items()}
+NAME_TO_TORCH = {v[0]: v[1] for v in DTYPES.values()}
+
+
+class CheckpointError(WanrtError):
+    """A checkpoint file is malformed or does not fit what was expected of it."""
+
+
+@dataclass(frozen=True)
+class TensorHeader:
+    """One tensor's entry in a safetensors header."""
+
+    key: str
+    dtype: str  # our name, e.g. "bf16", "fp8_e4m3"
+    shape: tuple[int, ...]
+    begin: int  # absolute file offset
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+class SafetensorsFile:
+    """Header of one .safetensors file, validated; tensors are read on demand."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.tensors, self.metadata = _parse_header(self.path)
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def header(self, key: str) -> TensorHeader:
+        try:
+            return self.tensors[key]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named {key!r}") from None
+
+    def read(self, key: str) -> torch.Tensor:
+        """Read one tensor into a new CPU tensor of its stored dtype."""
+        h = self.header(key)
+        dtype = NAME_TO_TORCH[h.dtype]
+        buf = torch.empty(h.nbytes, dtype=torch.uint8)
+        if h.nbytes:
+            with open(self.path, "rb") as f:
+                f.seek(h.begin)
+                got = f.readinto(memoryview(buf.numpy()))
+            if got != h.nbytes:
+                raise CheckpointError(f"{self.path}: tensor {key!r} ends past the end of the file (truncated)")
+        return buf.view(dtype).reshape(h.shape)
+
+
+def _parse_header(path: Path) -> tuple[dict[str, TensorHeader], dict[str, str]]:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_SIZE or 8 + n > size:
+                raise CheckpointError(
+                    f"{path}: corrupt safetensors header: header length {n} runs past the end of the file ({size} bytes)"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header: not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header: expected a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ must be an object of strings")
+    data_start = 8 + n
+    data_size = size - data_start
+    tensors: dict[str, TensorHeader] = {}
+    for key, entry in header.items():
+        try:
+            st_dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header: entry {key!r} lacks dtype/shape/data_offsets") from None
+        if st_dtype not in DTYPES:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has unknown dtype {st_dtype!r}; supported: {', '.join(DTYPES)}"
+            )
+        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+            raise CheckpointError(f"{path}: tensor {key!r} has an invalid shape {shape!r}")
+        name, _, itemsize = DTYPES[st_dtype]
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+            raise CheckpointError(f"{path}: tensor {key!r} has invalid data_offsets [{begin}, {end}]")
+        if end > data_size:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} data_offsets [{begin}, {end}] out of range: the data section holds {data_size} bytes"
+                " (file truncated or corrupt)"
+            )
+        if end - begin != math.prod(shape) * itemsize:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} spans {end - begin} bytes but {st_dtype} {shape} needs {math.prod(shape) * itemsize}"
+            )
+        tensors[key] = TensorHeader(key, name, tuple(shape), data_start + begin, data_start + end)
+    spans = sorted((t.begin, t.end, t.key) for t in tensors.values() if t.end > t.begin)
+    for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensors {k0!r} and {k1!r} overlap")
+    return tensors, {str(k): str(v) for k, v in metadata.items()}

@@ -1,0 +1,1 @@
+"""The attention plugin: kernels, TensorRT registration, ONNX op, numpy reference."""

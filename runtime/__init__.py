@@ -1,0 +1,1 @@
+"""Torch-free runtime: backends, schedulers, pipelines, expert swap, weight streaming, video I/O."""

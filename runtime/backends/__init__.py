@@ -1,0 +1,1 @@
+"""Inference backends behind one interface (ONNX Runtime now, TensorRT plans next)."""
