@@ -26,6 +26,7 @@ class DiTConfig:
     patch_size: tuple[int, int, int] = (1, 2, 2)
     image_branch: bool = False  # Wan2.1 i2v/flf2v: img_emb + k_img/v_img
     clip_tokens: int | None = None  # 257 (i2v) or 514 (flf2v, with img_emb.emb_pos)
+    clip_dim: int = 1280  # width of the CLIP features img_emb projects (1280 for ViT-H/14)
     text_len: int = 512
 
     @property

@@ -10,7 +10,7 @@ DiT (`dit`, or `dit_high_noise` / `dit_low_noise` for Wan2.2 A14B):
                for i2v the 16 noise channels are followed by 4 mask + 16 image channels
     timestep   float32 [batch]          (ti2v: [batch, frames], one timestep per latent frame)
     context    float32 [batch, 512, text_dim]  T5 output trimmed to its true length, zero-padded
-    clip_fea   float32 [batch, 257|514, 1280]  Wan2.1 i2v / flf2v only
+    clip_fea   float32 [batch, 257|514, clip_dim=1280]  Wan2.1 i2v / flf2v only
     -> noise_pred float32 [batch, out_dim, frames, height, width]
 
 Text encoder (`text_encoder`):
@@ -125,6 +125,7 @@ def dit_signature(
     clip_tokens: int | None = None,
     per_frame_timestep: bool = False,
     text_len: int = 512,
+    clip_dim: int = CLIP_DIM,
 ) -> EngineSignature:
     """Signature of a DiT expert engine."""
     inputs = [
@@ -133,7 +134,7 @@ def dit_signature(
         TensorSpec("context", "float32", ("batch", text_len, text_dim)),
     ]
     if clip_tokens is not None:
-        inputs.append(TensorSpec("clip_fea", "float32", ("batch", clip_tokens, CLIP_DIM)))
+        inputs.append(TensorSpec("clip_fea", "float32", ("batch", clip_tokens, clip_dim)))
     outputs = [TensorSpec("noise_pred", "float32", ("batch", out_dim, "frames", "height", "width"))]
     return EngineSignature(tuple(inputs), tuple(outputs), _ranges("batch", "frames", "height", "width"))
 
@@ -150,10 +151,10 @@ def text_encoder_signature(dim: int = 4096) -> EngineSignature:
     )
 
 
-def image_encoder_signature() -> EngineSignature:
+def image_encoder_signature(dim: int = CLIP_DIM, image_size: int = CLIP_IMAGE_SIZE, tokens: int = CLIP_TOKENS) -> EngineSignature:
     """Signature of the CLIP ViT-H/14 image encoder engine (penultimate block output)."""
     return EngineSignature(
-        (TensorSpec("pixel_values", "float32", ("batch", 3, CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE)),),
-        (TensorSpec("clip_fea", "float32", ("batch", CLIP_TOKENS, CLIP_DIM)),),
+        (TensorSpec("pixel_values", "float32", ("batch", 3, image_size, image_size)),),
+        (TensorSpec("clip_fea", "float32", ("batch", tokens, dim)),),
         _ranges("batch"),
     )
