@@ -219,19 +219,7 @@ def t5_config_from_shapes(shapes: dict[str, tuple[int, ...]], where: str = "T5 c
     if dim_attn % num_heads:
         raise CheckpointError(f"{where}: attention width {dim_attn} is not a multiple of {num_heads} heads")
     cfg = T5Config(vocab, dim, dim_attn, dim_ffn, num_heads, num_layers, num_buckets)
-    expected = t5_state_shapes(cfg)
-    missing = sorted(set(expected) - set(shapes), key=_natural)
-    unexpected = sorted(set(shapes) - set(expected), key=_natural)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s) {_few(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s) {_few(unexpected)}")
-        raise CheckpointError(f"{where}: {'; '.join(parts)}; expected the official umt5 encoder keys of {OFFICIAL_T5_FILE}")
-    for key, shape in expected.items():
-        if tuple(shapes[key]) != shape:
-            raise CheckpointError(f"{where}: {key} has shape {list(shapes[key])}, expected {list(shape)} for {cfg}")
+    check_state_shapes(shapes, t5_state_shapes(cfg), where, f"the official umt5 encoder keys of {OFFICIAL_T5_FILE}")
     return cfg
 
 
@@ -264,9 +252,27 @@ def load_t5_encoder(path: str | os.PathLike | None, dtype: torch.dtype = torch.f
     return model.eval().requires_grad_(False)
 
 
-def _natural(key: str) -> list:
+def check_state_shapes(
+    shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str, what: str, prefix: str = ""
+) -> None:
+    """Raise CheckpointError unless `shapes` has exactly the `expected` keys and shapes (`prefix` for messages)."""
+    missing = sorted(set(expected) - set(shapes), key=natural_key)
+    unexpected = sorted(set(shapes) - set(expected), key=natural_key)
+    if missing or unexpected:
+        parts = [f"{len(missing)} missing key(s) {few_keys([prefix + k for k in missing])}"] if missing else []
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) {few_keys([prefix + k for k in unexpected])}")
+        raise CheckpointError(f"{where}: {'; '.join(parts)}; expected {what}")
+    for key, shape in expected.items():
+        if tuple(shapes[key]) != shape:
+            raise CheckpointError(f"{where}: {prefix}{key} has shape {list(shapes[key])}, expected {list(shape)}")
+
+
+def natural_key(key: str) -> list:
+    """Sort key that orders `blocks.2` before `blocks.10`."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
 
-def _few(keys: list[str], n: int = 3) -> str:
+def few_keys(keys: list[str], n: int = 3) -> str:
+    """The first `n` keys, comma-separated, with an ellipsis when there are more."""
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
