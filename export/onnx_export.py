@@ -1,0 +1,315 @@
+"""Export a torch module to ONNX with an engine signature's names and dynamic dims.
+
+`export_onnx` is the one way every component reaches ONNX:
+
+1. trace with `torch.onnx.export(dynamo=True)`; each string dim of the signature becomes a
+   `torch.export.Dim` with the signature's range (or a derived dim the caller supplies);
+2. name the graph's inputs/outputs and their dynamic dims exactly as the signature does;
+3. optionally replace the initializers by lazy loaders (`weights=`), so a module traced on the
+   `meta` device is exported without ever holding its weights: each tensor is read, written to
+   the external data file and dropped, one at a time;
+4. fold constants, but never fold (copy or rename) an initializer: initializer names stay the
+   module's parameter names, and no transposed second copy of a weight is made;
+5. write `model.onnx` plus ONE external data file `model.onnx.data` into a temporary folder
+   beside the destination, then rename both into place.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+import torch
+from tqdm import tqdm
+
+from engines.errors import WanrtError
+from engines.signatures import EngineSignature
+from plugins_trt.onnx_op import onnx_translations
+
+MIN_OPSET = 19
+# Initializers up to this size stay inside model.onnx: shape/axes constants must be readable
+# there for shape inference and for TensorRT ("axes must be an initializer").
+SMALL_TENSOR_BYTES = 1024
+# Lazily loaded weights up to this size are kept once read (biases, norms); larger ones are not.
+CACHE_BYTES = 1 << 20
+
+# torch dtype -> numpy dtype used to hand a tensor's bytes to onnx_ir (bf16/fp8 via ml_dtypes).
+_NUMPY_VIEW = {
+    torch.bfloat16: (torch.uint16, ml_dtypes.bfloat16),
+    torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn),
+    torch.float8_e5m2: (torch.uint8, ml_dtypes.float8_e5m2),
+}
+
+
+class ExportError(WanrtError):
+    """A module could not be exported, or its inputs do not fit the signature."""
+
+
+def export_onnx(
+    module: torch.nn.Module,
+    example_inputs: dict[str, torch.Tensor],
+    onnx_path: Path,
+    signature: EngineSignature,
+    opset: int = MIN_OPSET,
+    *,
+    dynamic_dims: Mapping[str, Any] | None = None,
+    weights: Mapping[str, Callable[[], torch.Tensor]] | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Export `module` to `onnx_path` (+ `onnx_path.name + ".data"`); return the files written.
+
+    `module.forward` takes the inputs positionally in signature order.  `dynamic_dims` maps a
+    signature dim name to the `torch.export.Dim` (or derived dim, e.g. `2 * Dim("h2")`) to trace
+    it with; by default `Dim(name, min, max)` from `signature.dim_ranges`.  `weights` maps
+    initializer (parameter) names to loaders called once each while the data file is written;
+    every initializer of a module traced on `meta` must have one.
+    """
+    onnx_path = Path(onnx_path)
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} is too old; expected {MIN_OPSET} or newer")
+    args = _ordered_inputs(example_inputs, signature)
+    model = trace_to_onnx_ir(module, args, signature, opset, dynamic_dims)
+    if weights is not None:
+        attach_lazy_weights(model, weights)
+    _require_initializer_data(model)
+    try:
+        optimize_keep_initializers(model)
+        name_io_dims(model, signature)
+        return save_with_external_data(model, onnx_path, progress=progress)
+    except Exception as e:  # a weight loader's error arrives wrapped in the optimizer's PassError
+        raise _first_wanrt_error(e) or e
+
+
+
+def _first_wanrt_error(e: BaseException | None) -> WanrtError | None:
+    """The first WanrtError in an exception's cause/context chain."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, WanrtError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _ordered_inputs(example_inputs: Mapping[str, torch.Tensor], signature: EngineSignature) -> tuple[torch.Tensor, ...]:
+    """The example tensors in signature order, checked against the signature's static dims."""
+    names = signature.input_names
+    if set(example_inputs) != set(names):
+        raise ExportError(f"example inputs {sorted(example_inputs)} do not match the signature inputs {names}")
+    bound: dict[str, int] = {}
+    for spec in signature.inputs:
+        t = example_inputs[spec.name]
+        dtype = str(t.dtype).removeprefix("torch.")
+        try:
+            spec.check(tuple(t.shape), dtype, bound)
+        except ValueError as e:
+            raise ExportError(f"example input {e}") from None
+    for name, size in bound.items():
+        lo, hi = signature.dim_ranges.get(name, (None, None))
+        if lo is not None and not lo <= size <= hi:
+            raise ExportError(f"example dim {name}={size} is outside its declared range [{lo}, {hi}]")
+    return tuple(example_inputs[n] for n in names)
+
+
+def _dynamic_shapes(signature: EngineSignature, dynamic_dims: Mapping[str, Any] | None) -> tuple[dict[int, Any], ...]:
+    """`torch.export` dynamic_shapes for the signature's inputs, one Dim object per dim name."""
+    dims: dict[str, Any] = dict(dynamic_dims or {})
+    unknown = set(dims) - {d for s in signature.inputs for d in s.shape if isinstance(d, str)}
+    if unknown:
+        raise ExportError(f"dynamic_dims names {sorted(unknown)} that no signature input declares")
+    shapes = []
+    for spec in signature.inputs:
+        axes = {}
+        for axis, d in enumerate(spec.shape):
+            if isinstance(d, str):
+                if d not in dims:
+                    if d not in signature.dim_ranges:
+                        raise ExportError(f"signature dim {d!r} of {spec.name} has no range in dim_ranges")
+                    lo, hi = signature.dim_ranges[d]
+                    dims[d] = torch.export.Dim(d, min=lo, max=hi)
+                axes[axis] = dims[d]
+        shapes.append(axes)
+    return tuple(shapes)
+
+
+def trace_to_onnx_ir(
+    module: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    signature: EngineSignature,
+    opset: int,
+    dynamic_dims: Mapping[str, Any] | None = None,
+) -> ir.Model:
+    """The unoptimized ONNX IR of `module(*args)` with the signature's I/O names."""
+    module = module.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                module,
+                args,
+                input_names=signature.input_names,
+                output_names=signature.output_names,
+                opset_version=opset,
+                dynamo=True,
+                dynamic_shapes=_dynamic_shapes(signature, dynamic_dims),
+                optimize=False,
+                verbose=False,
+                custom_translation_table=onnx_translations(),
+            )
+        except Exception as e:  # torch.export errors are long; keep the head of the first line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(f"torch.onnx.export of {type(module).__name__} failed: {first}") from e
+    model = program.model
+    got = [v.name for v in model.graph.outputs]
+    if got != signature.output_names:
+        raise ExportError(f"{type(module).__name__} produced outputs {got}; expected {signature.output_names}")
+    return model
+
+
+def torch_to_ir_tensor(t: torch.Tensor, name: str | None = None) -> ir.Tensor:
+    """An onnx_ir tensor holding `t`'s values (bf16/fp8 through ml_dtypes), sharing memory."""
+    t = t.detach().cpu().contiguous()
+    if t.dtype in _NUMPY_VIEW:
+        int_type, np_type = _NUMPY_VIEW[t.dtype]
+        arr = t.view(int_type).numpy().view(np_type)
+    else:
+        arr = t.numpy()
+    return ir.Tensor(arr, name=name)
+
+
+def attach_lazy_weights(model: ir.Model, weights: Mapping[str, Callable[[], torch.Tensor]]) -> None:
+    """Make each named initializer a lazy tensor read from its loader when written."""
+    inits = model.graph.initializers
+    for name, load in weights.items():
+        value = inits.get(name)
+        if value is None:
+            continue  # a parameter the graph does not use (e.g. CLIP's unused head)
+        small = math.prod(value.shape.numpy()) * value.dtype.itemsize <= CACHE_BYTES
+        value.const_value = ir.LazyTensor(
+            _checked_loader(name, load, value.dtype, value.shape), dtype=value.dtype, shape=value.shape, name=name,
+            cache=small,  # the optimizer reads small tensors more than once; large ones are read once, when written
+        )
+
+
+def _checked_loader(name: str, load: Callable[[], torch.Tensor], dtype: ir.DataType, shape: ir.Shape) -> Callable[[], ir.Tensor]:
+    def loader() -> ir.Tensor:
+        t = load()
+        tensor = torch_to_ir_tensor(t, name)
+        if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise ExportError(
+                f"weight {name!r}: loaded {tensor.dtype.name} {list(tensor.shape)}, "
+                f"the graph expects {dtype.name} {list(shape)}"
+            )
+        return tensor
+
+    return loader
+
+
+def _require_initializer_data(model: ir.Model) -> None:
+    """Every initializer must have real data (not a meta/fake tensor)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    missing = []
+    for name, value in model.graph.initializers.items():
+        raw = getattr(value.const_value, "raw", None)
+        if value.const_value is None or (isinstance(raw, torch.Tensor) and (raw.is_meta or isinstance(raw, FakeTensor))):
+            missing.append(name)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ExportError(f"no weight data for initializers {missing[:5]}{more} (traced on meta without weights=)")
+
+
+def optimize_keep_initializers(model: ir.Model) -> None:
+    """Fold constants and clean up, leaving every initializer (name, value, layout) untouched."""
+    from onnxscript import rewriter
+    from onnxscript.optimizer import _constant_folding
+
+    inits = model.graph.initializers
+
+    def should_fold(node: ir.Node) -> bool | None:
+        if any(v is not None and v.name in inits and inits[v.name] is v for v in node.inputs):
+            return False
+        return None
+
+    ir.passes.Sequential(
+        common_passes.InlinePass(),
+        ir.passes.PassManager(
+            [
+                _constant_folding.FoldConstantsPass(
+                    shape_inference=True,
+                    input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+                    output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+                    should_fold=should_fold,
+                ),
+                rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES),
+                common_passes.RemoveUnusedNodesPass(),
+                common_passes.RemoveUnusedFunctionsPass(),
+                common_passes.RemoveUnusedOpsetsPass(),
+            ],
+            steps=2,
+            early_stop=True,
+        ),
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common_passes.CommonSubexpressionEliminationPass(),
+        common_passes.OutputFixPass(),
+        common_passes.NameFixPass(),
+    )(model)
+
+
+def name_io_dims(model: ir.Model, signature: EngineSignature) -> None:
+    """Give the graph inputs/outputs exactly the signature's dims (named dynamic, fixed static)."""
+    graph = model.graph
+    for values, specs in ((graph.inputs, signature.inputs), (graph.outputs, signature.outputs)):
+        if [v.name for v in values] != [s.name for s in specs]:
+            raise ExportError(f"graph I/O {[v.name for v in values]} differ from the signature {[s.name for s in specs]}")
+        for value, spec in zip(values, specs):
+            if value.shape is not None and len(value.shape) != len(spec.shape):
+                raise ExportError(f"{spec.name}: graph rank {len(value.shape)}, signature {list(spec.shape)}")
+            if value.shape is not None:
+                for got, want in zip(value.shape, spec.shape):
+                    if isinstance(want, int) and isinstance(got, int) and got != want:
+                        raise ExportError(f"{spec.name}: graph shape {list(value.shape)}, signature {list(spec.shape)}")
+            want_dtype = ir.DataType.from_numpy(np.dtype(spec.dtype))
+            if value.dtype is not None and value.dtype != want_dtype:
+                raise ExportError(f"{spec.name}: graph dtype {value.dtype.name}, signature {spec.dtype}")
+            value.shape = ir.Shape(list(spec.shape))
+            value.dtype = want_dtype
+
+
+def save_with_external_data(model: ir.Model, onnx_path: Path, progress: bool = True) -> list[Path]:
+    """Write `onnx_path` and its one data file through a temporary folder; return both paths."""
+    onnx_path = Path(onnx_path)
+    data_name = onnx_path.name + ".data"
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{onnx_path.name}.", dir=onnx_path.parent))
+    try:
+        total = len(model.graph.initializers)
+        with tqdm(total=total, desc=f"writing {onnx_path.name}", unit="tensor", file=sys.stderr, disable=not progress) as bar:
+            ir.save(
+                model,
+                tmp / onnx_path.name,
+                external_data=data_name,
+                size_threshold_bytes=SMALL_TENSOR_BYTES,
+                callback=lambda _t, _info: bar.update(),
+                max_workers=1,
+                max_in_flight_bytes=256 << 20,
+            )
+        (tmp / data_name).touch(exist_ok=True)  # a graph without weights still gets its (empty) data file
+        os.replace(tmp / data_name, onnx_path.parent / data_name)
+        os.replace(tmp / onnx_path.name, onnx_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [onnx_path, onnx_path.parent / data_name]

@@ -1,0 +1,312 @@
+"""TensorRT-compatibility lint for exported ONNX files (`python cli.py lint-onnx FILE`).
+
+Checks, each reported as one line naming the node / tensor at fault:
+- `onnx.checker` full check with strict shape inference, through the path API (so models with
+  external data, and over 2 GB, are checked as saved);
+- the default-domain opset is inside the parser's range, and every op is in the operator list
+  of TensorRT's ONNX parser (`export/data/trt_onnx_ops_10.1.json`, derived from onnx-tensorrt's
+  docs/operators.md at 10.1 GA; ops added by later parsers are named in the message);
+- the input that TensorRT requires to be an initializer (`axes` of Squeeze/Unsqueeze/Reduce*/
+  Slice/Pad, `axis` of CumSum) is one;
+- no custom-domain op except our attention plugin (`plugins_trt.onnx_op`);
+- no initializer over 2 GiB, no float64 tensors, all external data in one file beside the model
+  that holds every byte it is said to;
+- graph inputs/outputs carry exactly the signature's names, dtypes and dims: dynamic (named)
+  dims only where the signature declares them (without a signature: no unnamed dynamic dims).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator
+
+import click
+import onnx
+from onnx import helper
+
+from engines.errors import WanrtError
+from engines.signatures import EngineSignature
+from plugins_trt.onnx_op import DOMAIN as PLUGIN_DOMAIN
+from plugins_trt.onnx_op import OP_TYPE as PLUGIN_OP
+from plugins_trt.onnx_op import is_plugin_node
+
+TRT_OPS_FILE = Path(__file__).parent / "data" / "trt_onnx_ops_10.1.json"
+MAX_INITIALIZER_BYTES = 2 << 30
+# op -> index of the input TensorRT requires to be an initializer ("`axes` must be an initializer").
+CONSTANT_INPUTS: dict[str, tuple[int, str]] = {
+    **{op: (1, "axes") for op in (
+        "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
+        "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare", "Squeeze", "Unsqueeze",
+    )},
+    "Slice": (3, "axes"),
+    "Pad": (3, "axes"),
+    "CumSum": (1, "axis"),
+}
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+@dataclass(frozen=True)
+class TrtOpSupport:
+    """The ONNX operators one TensorRT ONNX-parser version accepts."""
+
+    tensorrt: str
+    opset_range: tuple[int, int]
+    supported: dict[str, dict[str, Any]]
+    unsupported: tuple[str, ...] = ()
+    added_later: dict[str, dict[str, str]] = field(default_factory=dict)
+    source: str = ""
+
+
+@lru_cache(maxsize=None)
+def load_trt_op_support(path: Path = TRT_OPS_FILE) -> TrtOpSupport:
+    """Read the operator list kept as data in the repository."""
+    d = json.loads(Path(path).read_text())
+    return TrtOpSupport(
+        tensorrt=d["tensorrt_onnx_parser"],
+        opset_range=(int(d["opset_range"][0]), int(d["opset_range"][1])),
+        supported=d["supported"],
+        unsupported=tuple(d["unsupported"]),
+        added_later=d.get("added_later", {}),
+        source=d.get("source", ""),
+    )
+
+
+def parse_trt_operator_table(md: str) -> dict[str, Any]:
+    """Parse onnx-tensorrt's docs/operators.md into {opset_range, supported, unsupported}."""
+    m = re.search(r"range of opset (\d+) to opset (\d+)", md)
+    if m is None:
+        raise ValueError("operators.md: no 'range of opset A to opset B' sentence")
+    supported: dict[str, dict[str, Any]] = {}
+    unsupported: list[str] = []
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 2 or cells[1] not in ("Y", "N") or not re.fullmatch(r"[A-Za-z0-9]+", cells[0]):
+            continue
+        if cells[1] == "N":
+            unsupported.append(cells[0])
+            continue
+        types = [t.strip() for t in cells[2].split(",") if t.strip()] if len(cells) > 2 else []
+        restrictions = cells[3].strip() if len(cells) > 3 else ""
+        supported[cells[0]] = {"types": types, "restrictions": restrictions}
+    return {"opset_range": [int(m.group(1)), int(m.group(2))], "supported": supported, "unsupported": unsupported}
+
+
+def _iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The graph and every subgraph (If/Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _iter_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _iter_graphs(g)
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type != onnx.TensorProto.STRING else 1
+    if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (n + 1) // 2
+    return n * itemsize
+
+
+def _external_info(t: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def _dtype_name(elem_type: int) -> str:
+    return helper.tensor_dtype_to_np_dtype(elem_type).name if elem_type else "undefined"
+
+
+def lint_onnx(path: str | os.PathLike, signature: EngineSignature | None = None, support: TrtOpSupport | None = None) -> list[str]:
+    """Every TensorRT-compatibility problem of the ONNX file at `path` (empty list = clean)."""
+    path = Path(path)
+    support = support or load_trt_op_support()
+    if not path.is_file():
+        return [f"{path}: no such ONNX file"]
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        return [f"{path}: not a readable ONNX model ({type(e).__name__}: {e})"]
+    problems: list[str] = []
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:  # ValidationError, InferenceError
+        problems.append(f"onnx.checker: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+    problems += _check_opsets(model, support)
+    problems += _check_nodes(model, support)
+    problems += _check_initializers(model, path)
+    problems += _check_io(model, signature)
+    return problems
+
+
+def _check_opsets(model: onnx.ModelProto, support: TrtOpSupport) -> list[str]:
+    problems = []
+    lo, hi = support.opset_range
+    for imp in model.opset_import:
+        if imp.domain in _DEFAULT_DOMAINS and not lo <= imp.version <= hi:
+            problems.append(f"opset {imp.version}: TensorRT {support.tensorrt}'s ONNX parser supports opsets {lo} to {hi}")
+        elif imp.domain not in _DEFAULT_DOMAINS and imp.domain != PLUGIN_DOMAIN:
+            problems.append(f"opset domain {imp.domain!r}: not supported (only our plugin domain {PLUGIN_DOMAIN!r})")
+    return problems
+
+
+def _check_nodes(model: onnx.ModelProto, support: TrtOpSupport) -> list[str]:
+    problems: list[str] = []
+    local_functions = {(f.domain, f.name) for f in model.functions}
+    graphs = list(_iter_graphs(model.graph))
+    constants = {init.name for g in graphs for init in g.initializer}
+    constants |= {out for g in graphs for n in g.node if n.op_type == "Constant" for out in n.output}
+    nodes = [n for g in graphs for n in g.node] + [n for f in model.functions for n in f.node]
+    reported: set[tuple[str, str]] = set()
+    for node in nodes:
+        where = f"node {node.name or '(unnamed)'}"
+        if node.domain in _DEFAULT_DOMAINS:
+            if node.op_type not in support.supported and (node.domain, node.op_type) not in reported:
+                reported.add((node.domain, node.op_type))
+                later = support.added_later.get(node.op_type)
+                hint = f" (supported from TensorRT {later['tensorrt']})" if later else ""
+                problems.append(f"{where}: op {node.op_type} is not supported by TensorRT {support.tensorrt}'s ONNX parser{hint}")
+            if node.op_type in CONSTANT_INPUTS:
+                index, what = CONSTANT_INPUTS[node.op_type]
+                if len(node.input) > index and node.input[index] and node.input[index] not in constants:
+                    problems.append(f"{where}: {node.op_type} `{what}` input {node.input[index]!r} must be an initializer for TensorRT")
+        elif (node.domain, node.op_type) in local_functions:
+            continue
+        elif is_plugin_node(node.domain, node.op_type):
+            continue
+        elif (node.domain, node.op_type) not in reported:
+            reported.add((node.domain, node.op_type))
+            problems.append(
+                f"{where}: custom op {node.domain}::{node.op_type} needs a TensorRT plugin that is not ours "
+                f"(only {PLUGIN_DOMAIN}::{PLUGIN_OP})"
+            )
+    return problems
+
+
+def _check_initializers(model: onnx.ModelProto, path: Path) -> list[str]:
+    problems: list[str] = []
+    files: dict[str, int] = {}  # location -> bytes needed
+    for g in _iter_graphs(model.graph):
+        for t in g.initializer:
+            size = _tensor_bytes(t)
+            if size > MAX_INITIALIZER_BYTES:
+                problems.append(f"initializer {t.name!r}: {size / 2**30:.2f} GiB, more than TensorRT's 2 GiB per weight")
+            if t.data_type == onnx.TensorProto.DOUBLE:
+                problems.append(f"initializer {t.name!r}: float64 (TensorRT casts DOUBLE down to float32)")
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                info = _external_info(t)
+                location = info.get("location", "")
+                end = int(info.get("offset", 0)) + int(info.get("length", size))
+                files[location] = max(files.get(location, 0), end)
+    if len(files) > 1:
+        problems.append(f"external data is spread over {len(files)} files {sorted(files)}; expected one")
+    for location, end in files.items():
+        data = path.parent / location
+        if Path(location).is_absolute() or ".." in Path(location).parts or "/" in location:
+            problems.append(f"external data location {location!r} is not a file beside {path.name}")
+        elif not data.is_file():
+            problems.append(f"external data file {data} is missing")
+        elif data.stat().st_size < end:
+            problems.append(f"external data file {data} holds {data.stat().st_size} bytes; the initializers need {end}")
+    return problems
+
+
+def _io_dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return []
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param if d.HasField("dim_param") else None) for d in t.shape.dim]
+
+
+def _check_io(model: onnx.ModelProto, signature: EngineSignature | None) -> list[str]:
+    problems: list[str] = []
+    graph = model.graph
+    inits = {t.name for t in graph.initializer}
+    inputs = [vi for vi in graph.input if vi.name not in inits]
+    for kind, values in (("input", inputs), ("output", list(graph.output))):
+        for vi in values:
+            if vi.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE:
+                problems.append(f"{kind} {vi.name}: float64 (TensorRT casts DOUBLE down to float32)")
+            if not vi.type.tensor_type.HasField("shape"):
+                problems.append(f"{kind} {vi.name}: no shape (rank unknown)")
+            elif None in _io_dims(vi) or "" in _io_dims(vi):
+                problems.append(f"{kind} {vi.name}: unnamed dynamic dim in {_io_dims(vi)}")
+    if signature is None:
+        return problems
+    for kind, values, specs in (("input", inputs, signature.inputs), ("output", list(graph.output), signature.outputs)):
+        got_names = [vi.name for vi in values]
+        want_names = [s.name for s in specs]
+        if got_names != want_names:
+            problems.append(f"{kind}s {got_names}, the signature declares {want_names}")
+            continue
+        for vi, spec in zip(values, specs):
+            dtype = _dtype_name(vi.type.tensor_type.elem_type)
+            if dtype != spec.dtype:
+                problems.append(f"{kind} {vi.name}: dtype {dtype}, the signature declares {spec.dtype}")
+            dims = _io_dims(vi)
+            if len(dims) != len(spec.shape):
+                problems.append(f"{kind} {vi.name}: shape {dims}, the signature declares {list(spec.shape)}")
+                continue
+            for axis, (got, want) in enumerate(zip(dims, spec.shape)):
+                if isinstance(want, int) and got != want:
+                    what = "dynamic" if isinstance(got, str) else "static"
+                    problems.append(f"{kind} {vi.name}: dim {axis} is {what} {got!r}, the signature declares {want}")
+                elif isinstance(want, str) and got != want:
+                    problems.append(f"{kind} {vi.name}: dim {axis} is {got!r}, the signature declares dynamic {want!r}")
+    return problems
+
+
+def _bundle_signature(onnx_path: Path) -> EngineSignature | None:
+    """The signature of the bundle component whose ONNX file this is, if it lies in a bundle."""
+    from engines.manifest import MANIFEST_NAME, read_manifest
+
+    for root in onnx_path.resolve().parents:
+        if (root / MANIFEST_NAME).is_file():
+            manifest = read_manifest(root)
+            for comp in manifest.components.values():
+                if (root / comp.onnx).resolve() == onnx_path.resolve():
+                    return comp.signature
+            return None
+    return None
+
+
+@click.command("lint-onnx")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--signature", "signature_file", type=click.Path(dir_okay=False, exists=True),
+              help="JSON engine signature ({inputs, outputs, dim_ranges}); default: the bundle manifest's, if FILE is in a bundle.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
+def lint_onnx_command(file: str, signature_file: str | None, as_json: bool) -> None:
+    """Check FILE against what TensorRT's ONNX parser accepts; exit 1 when it finds problems."""
+    path = Path(file)
+    if not path.is_file():
+        raise WanrtError(f"{path}: no such ONNX file")
+    if signature_file:
+        try:
+            signature = EngineSignature.from_dict(json.loads(Path(signature_file).read_text()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise WanrtError(f"{signature_file}: not an engine signature JSON ({type(e).__name__}: {e})") from None
+    else:
+        signature = _bundle_signature(path)
+    support = load_trt_op_support()
+    problems = lint_onnx(path, signature, support)
+    if as_json:
+        click.echo(json.dumps({
+            "file": str(path), "ok": not problems, "problems": problems,
+            "tensorrt_onnx_parser": support.tensorrt, "signature_checked": signature is not None,
+        }))
+    elif problems:
+        click.echo(f"{path}: {len(problems)} problem(s) for TensorRT {support.tensorrt}:")
+        for p in problems:
+            click.echo(f"  - {p}")
+    else:
+        click.echo(f"{path}: OK for TensorRT {support.tensorrt}'s ONNX parser" + ("" if signature else " (no signature checked)"))
+    raise SystemExit(1 if problems else 0)

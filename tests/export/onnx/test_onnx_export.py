@@ -1,0 +1,136 @@
+"""export_onnx: names, dynamic dims, one external data file, meta tracing with streamed weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from engines.signatures import EngineSignature, TensorSpec
+from export.onnx_export import ExportError, export_onnx
+
+SIG = EngineSignature(
+    (TensorSpec("x", "float32", ("batch", "tokens", 8)), TensorSpec("bias", "float32", (4,))),
+    (TensorSpec("y", "float32", ("batch", "tokens", 4)),),
+    {"batch": (1, 2), "tokens": (1, 64)},
+)
+
+
+class Tiny(torch.nn.Module):
+    """Linear -> scale -> linear, plus a position ramp built from the dynamic token count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(8, 512)
+        self.gain = torch.nn.Parameter(torch.randn(512))
+        self.down = torch.nn.Linear(512, 4)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(x.shape[1], device=x.device, dtype=torch.float32)[None, :, None]
+        return self.down(self.up(x) * self.gain) + pos + bias
+
+
+def _reference(module: torch.nn.Module, x: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """The same math in numpy from the module's weights."""
+    sd = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+    h = (x @ sd["up.weight"].T + sd["up.bias"]) * sd["gain"]
+    return h @ sd["down.weight"].T + sd["down.bias"] + np.arange(x.shape[1], dtype=np.float32)[None, :, None] + bias
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    module = Tiny().eval()
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    files = export_onnx(module, {"x": torch.randn(2, 5, 8), "bias": torch.randn(4)}, out, SIG, progress=False)
+    return module, out, files
+
+
+def test_writes_model_and_one_data_file(exported):
+    _, out, files = exported
+    assert files == [out, out.parent / "model.onnx.data"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx.data"]  # no temp left
+    m = onnx.load(str(out), load_external_data=False)
+    locations = {e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"model.onnx.data"}
+    big = {t.name for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert {"up.weight", "down.weight", "gain"} <= big
+    assert max(op.version for op in m.opset_import if op.domain in ("", "ai.onnx")) >= 19
+
+
+def test_io_names_and_dynamic_dims(exported):
+    _, out, _ = exported
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.shape) for i in sess.get_inputs()] == [("x", ["batch", "tokens", 8]), ("bias", [4])]
+    assert [(o.name, o.shape) for o in sess.get_outputs()] == [("y", ["batch", "tokens", 4])]
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (2, 17)])
+def test_ort_matches_reference_at_two_shapes(exported, shape):
+    module, out, _ = exported
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((*shape, 8), dtype=np.float32)
+    bias = rng.standard_normal(4, dtype=np.float32)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (y,) = sess.run(None, {"x": x, "bias": bias})
+    np.testing.assert_allclose(y, _reference(module, x, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_meta_module_with_streamed_weights(tmp_path, exported):
+    module, _, _ = exported
+    with torch.device("meta"):
+        meta = Tiny().eval()
+    sd = module.state_dict()
+    loads: list[str] = []
+
+    def loader(name):
+        def load():
+            loads.append(name)
+            return sd[name]
+        return load
+
+    out = tmp_path / "meta.onnx"
+    export_onnx(meta, {"x": torch.empty(2, 5, 8, device="meta"), "bias": torch.empty(4, device="meta")}, out, SIG,
+                weights={k: loader(k) for k in sd}, progress=False)
+    assert set(loads) == set(sd)
+    assert loads.count("up.weight") == loads.count("down.weight") == 1  # big weights: read once, when written
+    x = np.ones((1, 2, 8), np.float32)
+    bias = np.zeros(4, np.float32)
+    (y,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x, "bias": bias})
+    np.testing.assert_allclose(y, _reference(module, x, bias), rtol=1e-5, atol=1e-5)
+    # initializer names stay the parameter names (no folded/transposed copies)
+    names = {t.name for t in onnx.load(str(out), load_external_data=False).graph.initializer}
+    assert set(sd) <= names
+
+
+def test_meta_module_without_weights_is_refused_and_leaves_nothing(tmp_path):
+    with torch.device("meta"):
+        meta = Tiny().eval()
+    with pytest.raises(ExportError, match="no weight data for initializers"):
+        export_onnx(meta, {"x": torch.empty(2, 5, 8, device="meta"), "bias": torch.empty(4, device="meta")},
+                    tmp_path / "m.onnx", SIG, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_weight_shape_is_named(tmp_path):
+    with torch.device("meta"):
+        meta = Tiny().eval()
+    sd = Tiny().state_dict()
+    sd["gain"] = torch.zeros(3)
+    with pytest.raises(ExportError, match="'gain'"):
+        export_onnx(meta, {"x": torch.empty(2, 5, 8, device="meta"), "bias": torch.empty(4, device="meta")},
+                    tmp_path / "m.onnx", SIG, weights={k: (lambda k=k: sd[k]) for k in sd}, progress=False)
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.onnx.data").exists()
+
+
+def test_example_inputs_must_fit_the_signature(tmp_path):
+    with pytest.raises(ExportError, match="bias"):
+        export_onnx(Tiny(), {"x": torch.randn(2, 5, 8), "bias": torch.randn(5)}, tmp_path / "m.onnx", SIG, progress=False)
+    with pytest.raises(ExportError, match="do not match the signature inputs"):
+        export_onnx(Tiny(), {"x": torch.randn(2, 5, 8)}, tmp_path / "m.onnx", SIG, progress=False)
+    with pytest.raises(ExportError, match="outside its declared range"):
+        export_onnx(Tiny(), {"x": torch.randn(3, 5, 8), "bias": torch.randn(4)}, tmp_path / "m.onnx", SIG, progress=False)
+    with pytest.raises(ExportError, match="opset"):
+        export_onnx(Tiny(), {"x": torch.randn(2, 5, 8), "bias": torch.randn(4)}, tmp_path / "m.onnx", SIG, opset=17, progress=False)
