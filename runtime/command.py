@@ -1,0 +1,89 @@
+"""`cli.py run BUNDLE --prompt ... -o OUT.mp4`: generate a video from a bundle without torch."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from engines.errors import WanrtError
+from engines.manifest import verify_bundle
+
+from .backends import BACKENDS, make_backend
+from .pipeline import GenerationRequest, WanPipeline
+from .progress import Progress
+from .video import check_output_path, to_uint8_frames, write_mp4, write_png_frames
+
+
+@click.command("run")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--prompt", required=True, help="What the video shows.")
+@click.option("--negative-prompt", default=None, help="What to avoid (default: the official negative prompt).")
+@click.option("--image", type=click.Path(dir_okay=False), default=None, help="First frame (i2v, flf2v; optional for ti2v).")
+@click.option("--last-image", type=click.Path(dir_okay=False), default=None, help="Last frame (flf2v).")
+@click.option("--frames", type=int, default=None, help="Frame count, 4k+1 (default: the bundle's).")
+@click.option("--height", type=int, default=None, help="Height in pixels; with an image, height*width is the max area.")
+@click.option("--width", type=int, default=None, help="Width in pixels.")
+@click.option("--steps", type=int, default=None, help="Denoising steps (default: the bundle's).")
+@click.option("--guidance", type=float, default=None, help="CFG scale for every expert (default: the bundle's).")
+@click.option("--shift", type=float, default=None, help="Flow-matching schedule shift (default: the bundle's).")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Noise seed (default: random, reported).")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True, help="Inference backend.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .mp4 (H.264).")
+@click.option("--frames-dir", type=click.Path(file_okay=False), default=None, help="Also write PNG frames here.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+def run_command(
+    bundle: str, prompt: str, negative_prompt: str | None, image: str | None, last_image: str | None,
+    frames: int | None, height: int | None, width: int | None, steps: int | None, guidance: float | None,
+    shift: float | None, seed: int | None, backend: str, output: str, frames_dir: str | None, as_json: bool,
+) -> None:
+    """Generate a video from a bundle (torch-free runtime)."""
+    start = time.perf_counter()
+    out = check_output_path(output)
+    if frames_dir is not None and Path(frames_dir).exists() and not Path(frames_dir).is_dir():
+        raise WanrtError(f"{frames_dir}: exists and is not a folder")
+    manifest = verify_bundle(bundle)
+    verify_seconds = time.perf_counter() - start
+    engine_backend = make_backend(backend)
+    pipeline = WanPipeline(bundle, manifest, engine_backend, progress=Progress(enabled=True))
+    request = GenerationRequest(
+        prompt=prompt, negative_prompt=negative_prompt, image=image, last_image=last_image, frames=frames,
+        height=height, width=width, steps=steps, guidance=guidance, shift=shift, seed=seed,
+    )
+    plan = pipeline.prepare(request)
+    result = pipeline.generate(plan)
+    write_start = time.perf_counter()
+    video = to_uint8_frames(result.video)
+    write_mp4(video, out, plan.fps)
+    written_frames = None
+    if frames_dir is not None:
+        try:
+            written_frames = write_png_frames(video, frames_dir)
+        except BaseException:
+            out.unlink(missing_ok=True)
+            raise
+    result.stats.stages["write"] = time.perf_counter() - write_start
+    for warning in result.stats.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    summary = {
+        "output": str(out),
+        "frames_dir": str(Path(frames_dir)) if written_frames is not None else None,
+        "bundle": str(bundle),
+        "verify_seconds": verify_seconds,
+        "total_seconds": time.perf_counter() - start,
+        **plan.summary(),
+        **result.stats.to_dict(),
+    }
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        g = plan.geometry
+        experts = sorted(set(summary["experts"]), key=summary["experts"].index)
+        click.echo(
+            f"{out}: {g.frames} frames {g.width}x{g.height} at {plan.fps} fps, {len(plan.steps)} steps"
+            f" ({', '.join(experts)}), seed {plan.seed}, {summary['total_seconds']:.1f} s"
+            f" on {result.stats.backend}"
+        )
+

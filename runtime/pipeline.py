@@ -1,0 +1,473 @@
+"""Text/image to video from a bundle, torch-free: T2V, I2V, FLF2V and TI2V for Wan2.1 / Wan2.2.
+
+    plan = pipeline.prepare(GenerationRequest(prompt=..., image=...))   # validate, no engines loaded
+    result = pipeline.generate(plan)                                    # frames + latents + stats
+
+Stages, each loading its engines and releasing them before the next stage:
+    text_encoder   umt5: prompt (and negative prompt when any step uses CFG) -> [1, 512, D] each
+    image_encoder  Wan2.1 I2V/FLF2V: CLIP features of the image(s) -> [1, 257|514, 1280]
+    vae_encoder    I2V/FLF2V: the image video -> 16 latent channels, with the 4-channel mask ahead
+                   of them (`y`, 20 channels appended to the 16 noise channels: in_dim 36);
+                   TI2V with an image: its latent frame, which replaces latent frame 0 every step
+    denoise        the sampler loop; DiT experts through `ExpertSwitcher`
+    vae_decoder    latents -> video in [-1, 1]
+
+The initial noise comes from `numpy.random.default_rng(seed).standard_normal(float32)`: a
+seed gives the same video on every machine and backend, but not the video torch's
+`torch.randn(generator=manual_seed(seed))` gives in the official code (different generator).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import secrets
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.defaults import default_negative_prompt
+from engines.errors import BundleError, WanrtError
+from engines.manifest import Component, Manifest
+
+from . import image as images
+from .backends.base import Backend, Engine
+from .guidance import StepPlan, engine_max_batch, plan_steps, predict_velocity
+from .progress import Progress
+from .residency import ExpertSwitcher
+from .schedulers import make_sampler
+from .sizes import VideoGeometry, best_output_size, check_frames, check_latent_range, check_size, i2v_size, size_multiple
+
+IMAGE_TASKS = ("i2v", "flf2v")
+
+
+@dataclass
+class GenerationRequest:
+    """What the user asked for; `None` means the bundle's default."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    image: str | os.PathLike | None = None
+    last_image: str | os.PathLike | None = None
+    frames: int | None = None
+    height: int | None = None  # I2V/FLF2V/TI2V-with-image: height*width is the max area
+    width: int | None = None
+    steps: int | None = None
+    guidance: float | None = None  # both experts
+    shift: float | None = None
+    seed: int | None = None  # None: a random seed (reported in the stats)
+
+
+@dataclass
+class GenerationPlan:
+    """A validated request with every default resolved; nothing is loaded yet."""
+
+    task: str
+    family: str
+    prompt: str
+    negative_prompt: str
+    geometry: VideoGeometry
+    seed: int
+    sampler: str
+    shift: float
+    guide_scale: tuple[float, float]
+    enable_cfg: bool
+    boundary: float | None
+    boundary_step_index: int | None
+    denoising_step_list: list[int] | None
+    fps: int
+    steps: list[StepPlan]
+    first_image: np.ndarray | None = None  # [3, H, W] in [-1, 1], as loaded (CLIP input)
+    last_image: np.ndarray | None = None
+    condition_image: np.ndarray | None = None  # [3, h, w] at the video size (VAE input)
+    condition_last: np.ndarray | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def cfg(self) -> bool:
+        return any(s.cfg for s in self.steps)
+
+    def summary(self) -> dict[str, Any]:
+        g = self.geometry
+        return {
+            "task": self.task, "family": self.family, "frames": g.frames, "height": g.height, "width": g.width,
+            "latent": [g.latent_frames, g.latent_height, g.latent_width], "tokens": g.tokens, "seed": self.seed,
+            "sampler": self.sampler, "steps": len(self.steps), "shift": self.shift,
+            "guide_scale": list(self.guide_scale), "enable_cfg": self.enable_cfg, "boundary": self.boundary,
+            "boundary_step_index": self.boundary_step_index, "fps": self.fps,
+        }
+
+
+@dataclass
+class StepRecord:
+    """Timing of one denoising step."""
+
+    index: int
+    timestep: float
+    expert: str
+    guide_scale: float
+    cfg: bool
+    engine_calls: int
+    seconds: float  # wall time of the step, expert loading excluded
+    engine_seconds: float  # time inside the engine
+    load_seconds: float  # expert (re)loading done at this step
+
+    @property
+    def host_seconds(self) -> float:
+        """Time spent outside the engine: binding, CFG arithmetic, the sampler update."""
+        return max(0.0, self.seconds - self.engine_seconds)
+
+
+@dataclass
+class RunStats:
+    """Per-stage and per-step timing, memory and expert residency of one generation."""
+
+    backend: str
+    stages: dict[str, float] = field(default_factory=dict)
+    steps: list[StepRecord] = field(default_factory=list)
+    residency: list[dict[str, Any]] = field(default_factory=list)
+    residency_mode: str | None = None
+    memory_budget_bytes: int | None = None
+    device_min_free_bytes: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def peak_rss_bytes() -> int:
+        """Peak resident memory of this process so far."""
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)
+
+    def to_dict(self) -> dict[str, Any]:
+        steps = [{**asdict(s), "host_seconds": s.host_seconds} for s in self.steps]
+        return {
+            "backend": self.backend,
+            "stages": self.stages,
+            "steps": steps,
+            "step_seconds_mean": float(np.mean([s.seconds for s in self.steps])) if self.steps else None,
+            "host_seconds_per_step": float(np.mean([s.host_seconds for s in self.steps])) if self.steps else None,
+            "experts": [s.expert for s in self.steps],
+            "residency_mode": self.residency_mode,
+            "residency": self.residency,
+            "memory_budget_bytes": self.memory_budget_bytes,
+            "peak_rss_bytes": self.peak_rss_bytes(),
+            "device_min_free_bytes": self.device_min_free_bytes,
+            "warnings": self.warnings,
+        }
+
+
+@dataclass
+class GenerationResult:
+    plan: GenerationPlan
+    latents: np.ndarray  # [1, z, F', h', w'] final latents
+    video: np.ndarray | None  # [1, 3, T, H, W] in [-1, 1], None when not decoded
+    stats: RunStats
+
+
+class WanPipeline:
+    """Runs one bundle on one backend."""
+
+    def __init__(
+        self,
+        bundle: str | os.PathLike,
+        manifest: Manifest,
+        backend: Backend,
+        memory_budget_bytes: int | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.bundle = Path(bundle)
+        self.manifest = manifest
+        self.backend = backend
+        self.memory_budget_bytes = memory_budget_bytes
+        self.progress = progress or Progress(enabled=False)
+        self.experts = manifest.experts
+        if not self.experts:
+            raise BundleError(f"{self.bundle}: the bundle has no DiT component")
+
+    # ---- components -------------------------------------------------------------------------
+
+    def component(self, name: str) -> Component:
+        try:
+            return self.manifest.components[name]
+        except KeyError:
+            raise BundleError(
+                f"{self.bundle}: component {name!r} missing (has {', '.join(sorted(self.manifest.components))})"
+            ) from None
+
+    def _require(self, *names: str) -> None:
+        for name in names:
+            self.component(name)
+
+    @property
+    def dit_takes_clip(self) -> bool:
+        return "clip_fea" in self.component(self.experts[0]).signature.input_names
+
+    @property
+    def per_frame_timestep(self) -> bool:
+        return len(self.component(self.experts[0]).signature.input("timestep").shape) == 2
+
+    # ---- planning ---------------------------------------------------------------------------
+
+    def prepare(self, request: GenerationRequest) -> GenerationPlan:
+        """Validate the request against the bundle and resolve defaults; loads images, no engines."""
+        m, task, d = self.manifest, self.manifest.task, self.manifest.sampling
+        if not request.prompt or not request.prompt.strip():
+            raise WanrtError("--prompt is empty")
+        if task == "t2v" and (request.image is not None or request.last_image is not None):
+            raise WanrtError(f"this bundle is a text-to-video model ({m.family} t2v); it takes no --image/--last-image")
+        if task in IMAGE_TASKS and request.image is None:
+            raise WanrtError(f"this bundle is an {task} model; --image is required")
+        if task == "flf2v" and request.last_image is None:
+            raise WanrtError("this bundle is a first-last-frame model (flf2v); --last-image is required")
+        if task != "flf2v" and request.last_image is not None:
+            raise WanrtError(f"--last-image is only for flf2v bundles; this one is {task}")
+        if (request.height is None) != (request.width is None) and (task in IMAGE_TASKS or request.image is not None):
+            raise WanrtError("give both --height and --width (their product is the max area of the video)")
+
+        stride = m.vae.stride
+        frames = check_frames(request.frames if request.frames is not None else d.frames, stride[0])
+        multiple = size_multiple(stride)
+        plan_images: dict[str, np.ndarray | None] = {}
+        warnings: list[str] = []
+        default_area = d.max_area or d.height * d.width
+        area = request.height * request.width if request.height is not None else default_area
+        if task in IMAGE_TASKS:
+            first = images.load_image(request.image)
+            last = images.load_image(request.last_image) if request.last_image is not None else None
+            height, width = i2v_size(first.height, first.width, area, stride)
+            first_arr = images.image_to_array(first)
+            plan_images["first_image"] = first_arr
+            plan_images["condition_image"] = images.resize_bicubic(first_arr, height, width)
+            if last is not None:
+                last = images.match_last_frame(first, last)
+                last_arr = images.image_to_array(last)
+                plan_images["last_image"] = last_arr
+                plan_images["condition_last"] = images.resize_bicubic(last_arr, height, width)
+        elif task == "ti2v" and request.image is not None:
+            img = images.load_image(request.image)
+            width, height = best_output_size(img.width, img.height, multiple, multiple, area)
+            plan_images["condition_image"] = images.ti2v_image(img, width, height)
+        else:
+            height = request.height if request.height is not None else d.height
+            width = request.width if request.width is not None else d.width
+            check_size(height, width, multiple)
+        geometry = VideoGeometry(frames, height, width, stride)
+        for name in self.experts:
+            check_latent_range(name, geometry, self.component(name).signature.dim_ranges)
+
+        if task in IMAGE_TASKS or plan_images.get("condition_image") is not None:
+            self._require("vae_encoder")
+        if self.dit_takes_clip:
+            self._require("image_encoder")
+
+        sampler_name = d.sampler
+        steps = request.steps if request.steps is not None else d.steps
+        if sampler_name == "distill":
+            n = len(d.denoising_step_list or [])
+            if request.steps is not None and request.steps != n:
+                raise WanrtError(
+                    f"--steps {request.steps}: this bundle's step-distilled sampler runs exactly {n} steps"
+                    f" (denoising_step_list {d.denoising_step_list})"
+                )
+        elif steps < 1:
+            raise WanrtError(f"--steps {steps}: expected at least 1")
+        shift = float(request.shift if request.shift is not None else d.shift)
+        guide = (float(request.guidance),) * 2 if request.guidance is not None else tuple(float(g) for g in d.guide_scale)
+        if request.guidance is not None and not d.enable_cfg and request.guidance != 1.0:
+            warnings.append(f"--guidance {request.guidance} has no effect: this bundle's sampling disables CFG")
+        sampler = make_sampler(sampler_name, steps, shift, d.denoising_step_list)
+        kinds = {n: self.component(n).expert for n in self.experts}
+        step_plans = plan_steps(
+            sampler.timesteps, self.experts, kinds, guide, d.enable_cfg, d.boundary, d.boundary_step_index
+        )
+        negative = request.negative_prompt or d.negative_prompt or default_negative_prompt(m.family, task)
+        seed = request.seed if request.seed is not None else secrets.randbits(63)
+        if not 0 <= seed < 2**64:
+            raise WanrtError(f"--seed {seed}: expected 0 <= seed < 2**64")
+        return GenerationPlan(
+            task=task, family=m.family, prompt=request.prompt, negative_prompt=negative, geometry=geometry,
+            seed=seed, sampler=sampler_name, shift=shift, guide_scale=guide, enable_cfg=d.enable_cfg,
+            boundary=d.boundary, boundary_step_index=d.boundary_step_index,
+            denoising_step_list=d.denoising_step_list, fps=d.fps, steps=step_plans, warnings=warnings,
+            **plan_images,
+        )
+
+    # ---- stages -----------------------------------------------------------------------------
+
+    def _load(self, name: str) -> Engine:
+        return self.backend.load(self.component(name), self.bundle)
+
+    def _run_batched(self, engine: Engine, feeds: dict[str, np.ndarray], output: str) -> np.ndarray:
+        """Run batch-N feeds in one call if the engine takes N, else one item at a time."""
+        n = next(iter(feeds.values())).shape[0]
+        if n <= engine_max_batch(engine):
+            return engine.run(feeds)[output]
+        return np.concatenate([engine.run({k: v[i : i + 1] for k, v in feeds.items()})[output] for i in range(n)])
+
+    def encode_text(self, prompts: list[str]) -> np.ndarray:
+        """umt5 context [len(prompts), text_len, D], trimmed to each prompt's length and zero-padded."""
+        from .text import load_tokenizer, pad_context
+
+        if not self.manifest.tokenizer:
+            raise BundleError(f"{self.bundle}: manifest names no tokenizer folder")
+        tokenizer = load_tokenizer(self.bundle / self.manifest.tokenizer)
+        text_len = self.manifest.dit.text_len
+        ids, mask = tokenizer.encode(prompts, max_len=text_len, pad_to_max=False)
+        with self._load("text_encoder") as engine:
+            context = self._run_batched(engine, {"input_ids": ids, "attention_mask": mask}, "context")
+        return pad_context(context.astype(np.float32, copy=False), mask, text_len)
+
+    def encode_clip(self, plan: GenerationPlan) -> np.ndarray:
+        """CLIP features [1, 257 * n_images, width] of the first (and last) frame, un-resized images."""
+        frames = [plan.first_image] + ([plan.last_image] if plan.last_image is not None else [])
+        pixels = images.clip_pixel_values(frames, self.component("image_encoder").signature.inputs[0].shape[-1])
+        with self._load("image_encoder") as engine:
+            feats = self._run_batched(engine, {"pixel_values": pixels}, "clip_fea")
+        return feats.reshape(1, -1, feats.shape[-1]).astype(np.float32, copy=False)
+
+    def encode_condition(self, plan: GenerationPlan) -> np.ndarray:
+        """I2V/FLF2V: `y` = [mask 4 | image latents z] [1, 4+z, F', h', w']; TI2V: the image latent [1, z, 1, h', w']."""
+        from .vae import encode_video
+
+        g = plan.geometry
+        if plan.task == "ti2v":
+            video = plan.condition_image[None, :, None]
+        else:
+            video = images.conditioning_video(plan.condition_image, g.frames, plan.condition_last)
+        with self._load("vae_encoder") as engine:
+            z = encode_video(engine, self.component("vae_encoder"), video).astype(np.float32, copy=False)
+        if plan.task == "ti2v":
+            return z
+        mask = images.i2v_mask(g.frames, g.latent_height, g.latent_width, last=plan.condition_last is not None)
+        return np.concatenate([mask, z], axis=1)
+
+    def initial_noise(self, plan: GenerationPlan) -> np.ndarray:
+        """Seeded standard normal latents [1, z, F', h', w'] (numpy's generator, not torch's)."""
+        shape = plan.geometry.latent_shape(self.manifest.vae.z_dim)
+        return np.random.default_rng(plan.seed).standard_normal(shape, dtype=np.float32)
+
+    def denoise(
+        self,
+        plan: GenerationPlan,
+        context: np.ndarray,
+        context_null: np.ndarray | None,
+        noise: np.ndarray,
+        clip_fea: np.ndarray | None = None,
+        y: np.ndarray | None = None,
+        image_latent: np.ndarray | None = None,
+        stats: RunStats | None = None,
+    ) -> np.ndarray:
+        """The sampling loop from `noise`; returns the final latents [1, z, F', h', w'].
+
+        `y` (I2V/FLF2V) is appended to the latent channels; `image_latent` (TI2V) replaces
+        latent frame 0 before the first step and after every step, with timestep 0 on it.
+        """
+        stats = stats if stats is not None else RunStats(self.backend.describe())
+        sampler = make_sampler(plan.sampler, len(plan.steps), plan.shift, plan.denoising_step_list)
+        latents = noise.astype(np.float32, copy=True)
+        if image_latent is not None:
+            latents[:, :, :1] = image_latent
+        extra = {"clip_fea": clip_fea} if clip_fea is not None else {}
+        budget = self.memory_budget_bytes
+        if budget is None:
+            budget = int(self.backend.memory_info().free_bytes * 0.9)
+        stats.memory_budget_bytes = budget
+        dits = [self.component(n) for n in self.experts]
+        bar = self.progress.steps(len(plan.steps))
+        try:
+            with ExpertSwitcher(self.backend, self.bundle, dits, budget) as switcher:
+                stats.residency_mode = switcher.plan.mode
+                for step in plan.steps:
+                    load_start = time.perf_counter()
+                    engine = switcher.engine(step.expert)
+                    start = time.perf_counter()
+                    engine_before = engine.run_seconds
+                    x_in = latents if y is None else np.concatenate([latents, y], axis=1)
+                    timestep = self._timestep(step.timestep, latents.shape[2], image_latent is not None)
+                    velocity, calls = predict_velocity(engine, step, x_in, timestep, context, context_null, extra)
+                    latents = sampler.step(velocity, latents)
+                    if image_latent is not None:
+                        latents[:, :, :1] = image_latent
+                    end = time.perf_counter()
+                    stats.steps.append(StepRecord(
+                        step.index, step.timestep, step.expert, step.guide_scale, step.cfg, calls,
+                        end - start, engine.run_seconds - engine_before, start - load_start,
+                    ))
+                    self._sample_device_memory(stats)
+                    bar.set_postfix_str(f"t={step.timestep:g} {step.expert}", refresh=False)
+                    bar.update(1)
+                stats.residency = [asdict(e) for e in switcher.events]
+                stats.warnings.extend(switcher.warnings)
+        finally:
+            bar.close()
+        return latents
+
+    def _timestep(self, t: float, latent_frames: int, first_frame_clean: bool) -> np.ndarray:
+        """DiT timestep input: [1], or [1, F'] per latent frame (TI2V; frame 0 at 0 when it is the image)."""
+        if not self.per_frame_timestep:
+            return np.array([t], dtype=np.float32)
+        ts = np.full((1, latent_frames), t, dtype=np.float32)
+        if first_frame_clean:
+            ts[:, 0] = 0.0
+        return ts
+
+    def _sample_device_memory(self, stats: RunStats) -> None:
+        if self.backend.device == "cpu":
+            return
+        free = self.backend.memory_info().free_bytes
+        if stats.device_min_free_bytes is None or free < stats.device_min_free_bytes:
+            stats.device_min_free_bytes = free
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents -> video [1, 3, T, H, W] in [-1, 1]."""
+        from .vae import decode_latents
+
+        with self._load("vae_decoder") as engine:
+            return decode_latents(engine, self.component("vae_decoder"), latents)
+
+    # ---- the whole run ----------------------------------------------------------------------
+
+    def stages(self, plan: GenerationPlan, decode: bool = True) -> list[str]:
+        names = ["text_encoder"]
+        if self.dit_takes_clip:
+            names.append("image_encoder")
+        if plan.condition_image is not None:
+            names.append("vae_encoder")
+        names.append("denoise")
+        if decode:
+            names.append("vae_decoder")
+        return names
+
+    def generate(self, plan: GenerationPlan, decode: bool = True) -> GenerationResult:
+        """Run every stage of `plan`; engines are loaded per stage and released after it."""
+        stats = RunStats(self.backend.describe(), warnings=list(plan.warnings))
+        names = self.stages(plan, decode)
+        self._require(*(n for n in names if n != "denoise"))
+        self.progress.start(names)
+
+        def timed(name: str, fn, *args):
+            start = time.perf_counter()
+            with self.progress.stage(name):
+                out = fn(*args)
+            stats.stages[name] = time.perf_counter() - start
+            self._sample_device_memory(stats)
+            return out
+
+        try:
+            prompts = [plan.prompt] + ([plan.negative_prompt] if plan.cfg else [])
+            context = timed("text_encoder", self.encode_text, prompts)
+            context_null = context[1:2] if plan.cfg else None
+            clip_fea = timed("image_encoder", self.encode_clip, plan) if "image_encoder" in names else None
+            cond = timed("vae_encoder", self.encode_condition, plan) if "vae_encoder" in names else None
+            y, image_latent = (cond, None) if plan.task in IMAGE_TASKS else (None, cond)
+            noise = self.initial_noise(plan)
+            latents = timed(
+                "denoise", self.denoise, plan, context[:1], context_null, noise, clip_fea, y, image_latent, stats
+            )
+            video = timed("vae_decoder", self.decode, latents) if decode else None
+        finally:
+            self.progress.close()
+        return GenerationResult(plan, latents, video, stats)

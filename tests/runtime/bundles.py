@@ -1,0 +1,236 @@
+"""Real test bundles for the runtime: small ONNX graphs built with onnx.helper, run by real ONNX Runtime.
+
+Each graph computes a simple known function, so a test can recompute in numpy what the
+runtime should produce:
+
+    DiT      noise_pred = a*latent[:, :out] + b*t/1000 + c*mean(context) + e*mean_c(latent[:, out:])
+                          + d*mean(clip_fea)     (+ 0 * sum(padding weights), to give the file a size)
+    text     context[b, l] = table[input_ids[b, l]] * attention_mask[b, l]
+    CLIP     clip_fea = reshape(mean_hw(pixel_values) @ W, [B, tokens, width])
+
+with different (a, b, c, d, e) per expert (`DIT_COEFFS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from engines.manifest import Component, Manifest, write_manifest
+from engines.model import DiTConfig, SamplingDefaults, VAEInfo
+from engines.signatures import EngineSignature, dit_signature, image_encoder_signature, text_encoder_signature
+
+OPSET = 17
+TEXT_DIM = 8
+CLIP_WIDTH = 6
+VOCAB = ["<pad>", "</s>", "<unk>", "a", "red", "fox", "runs", "in", "snow", "cat", "the", "bad", "blurry"]
+# (a, b, c, d, e) per DiT component
+DIT_COEFFS = {
+    "dit": (0.8, 0.5, 1.5, 0.25, 0.3),
+    "dit_high_noise": (0.9, 0.6, 2.0, 0.35, 0.4),
+    "dit_low_noise": (0.6, -0.4, 1.2, -0.2, 0.7),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DitFn:
+    """The numpy twin of a test DiT graph."""
+
+    a: float
+    b: float
+    c: float
+    d: float
+    e: float
+    out_dim: int
+
+    def __call__(self, latent, timestep, context, clip_fea=None):
+        out = self.a * latent[:, : self.out_dim]
+        t = timestep.astype(np.float64) / 1000.0
+        t = t.reshape(t.shape[0], 1, -1, 1, 1)  # [B] -> [B,1,1,1,1], [B,F] -> [B,1,F,1,1]
+        out = out + self.b * t
+        out = out + self.c * context.mean(axis=(1, 2)).reshape(-1, 1, 1, 1, 1)
+        if latent.shape[1] > self.out_dim:
+            out = out + self.e * latent[:, self.out_dim :].mean(axis=1, keepdims=True)
+        if clip_fea is not None:
+            out = out + self.d * clip_fea.mean(axis=(1, 2)).reshape(-1, 1, 1, 1, 1)
+        return out.astype(np.float32)
+
+
+def dit_fn(name: str, out_dim: int) -> DitFn:
+    return DitFn(*DIT_COEFFS[name], out_dim=out_dim)
+
+
+def _value_info(spec) -> onnx.ValueInfoProto:
+    elem = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64}[spec.dtype]
+    return helper.make_tensor_value_info(spec.name, elem, [d if isinstance(d, int) else d for d in spec.shape])
+
+
+def _const(name: str, value) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value), name)
+
+
+def save_graph(graph: onnx.GraphProto, onnx_path: Path) -> list[Path]:
+    """Save with the initializers (all but tiny shape constants) in one external `model.onnx.data`, as real bundles are."""
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    data_name = onnx_path.name + ".data"
+    onnx.save_model(model, str(onnx_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=128)  # fmt: skip
+    return [onnx_path, onnx_path.with_name(data_name)]
+
+
+def build_dit_graph(path: Path, sig: EngineSignature, dit: str, out_dim: int, pad_floats: int = 64) -> list[Path]:
+    a, b, c, d, e = DIT_COEFFS[dit]
+    names = sig.input_names
+    in_dim = sig.input("latent").shape[1]
+    per_frame = len(sig.input("timestep").shape) == 2
+    nodes, inits = [], [
+        _const("a", np.float32(a)), _const("b", np.float32(b / 1000.0)), _const("c", np.float32(c)),
+        _const("d", np.float32(d)), _const("e", np.float32(e)), _const("zero", np.float32(0.0)),
+        _const("starts", np.array([0], np.int64)), _const("ends", np.array([out_dim], np.int64)),
+        _const("cond_ends", np.array([in_dim], np.int64)), _const("axis1", np.array([1], np.int64)),
+        _const("shape5", np.array([-1, 1, 1, 1, 1], np.int64)), _const("ts_axes", np.array([1, 3, 4], np.int64)),
+        _const("pad", np.linspace(-1, 1, pad_floats, dtype=np.float32)),
+    ]  # fmt: skip
+    nodes += [
+        helper.make_node("Slice", ["latent", "starts", "ends", "axis1"], ["noise"]),
+        helper.make_node("Mul", ["noise", "a"], ["t1"]),
+        helper.make_node("Mul", ["timestep", "b"], ["tb"]),
+        helper.make_node("Unsqueeze", ["tb", "ts_axes"], ["t2"]) if per_frame
+        else helper.make_node("Reshape", ["tb", "shape5"], ["t2"]),
+        helper.make_node("ReduceMean", ["context"], ["ctx_mean"], axes=[1, 2], keepdims=0),
+        helper.make_node("Reshape", ["ctx_mean", "shape5"], ["ctx5"]),
+        helper.make_node("Mul", ["ctx5", "c"], ["t3"]),
+        helper.make_node("ReduceSum", ["pad"], ["pad_sum"], keepdims=0),
+        helper.make_node("Mul", ["pad_sum", "zero"], ["t0"]),
+        helper.make_node("Add", ["t1", "t2"], ["s1"]),
+        helper.make_node("Add", ["s1", "t3"], ["s2"]),
+        helper.make_node("Add", ["s2", "t0"], ["s3"]),
+    ]  # fmt: skip
+    last = "s3"
+    if in_dim > out_dim:
+        nodes += [
+            helper.make_node("Slice", ["latent", "ends", "cond_ends", "axis1"], ["cond"]),
+            helper.make_node("ReduceMean", ["cond"], ["cond_mean"], axes=[1], keepdims=1),
+            helper.make_node("Mul", ["cond_mean", "e"], ["t4"]),
+            helper.make_node("Add", [last, "t4"], ["s4"]),
+        ]
+        last = "s4"
+    if "clip_fea" in names:
+        nodes += [
+            helper.make_node("ReduceMean", ["clip_fea"], ["clip_mean"], axes=[1, 2], keepdims=0),
+            helper.make_node("Reshape", ["clip_mean", "shape5"], ["clip5"]),
+            helper.make_node("Mul", ["clip5", "d"], ["t5"]),
+            helper.make_node("Add", [last, "t5"], ["s5"]),
+        ]
+        last = "s5"
+    nodes.append(helper.make_node("Identity", [last], ["noise_pred"]))
+    graph = helper.make_graph(
+        nodes, dit, [_value_info(s) for s in sig.inputs], [_value_info(s) for s in sig.outputs], inits
+    )
+    return save_graph(graph, path)
+
+
+def text_table(dim: int = TEXT_DIM) -> np.ndarray:
+    return np.random.default_rng(7).standard_normal((len(VOCAB), dim)).astype(np.float32)
+
+
+def build_text_graph(path: Path, sig: EngineSignature) -> list[Path]:
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["emb"], axis=0),
+        helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["maskf", "last_axis"], ["mask3"]),
+        helper.make_node("Mul", ["emb", "mask3"], ["context"]),
+    ]
+    inits = [_const("table", text_table(sig.outputs[0].shape[-1])), _const("last_axis", np.array([2], np.int64))]
+    graph = helper.make_graph(nodes, "text", [_value_info(s) for s in sig.inputs], [_value_info(s) for s in sig.outputs], inits)
+    return save_graph(graph, path)
+
+
+def clip_weight(tokens: int, width: int) -> np.ndarray:
+    return np.random.default_rng(11).standard_normal((3, tokens * width)).astype(np.float32)
+
+
+def build_clip_graph(path: Path, sig: EngineSignature) -> list[Path]:
+    tokens, width = sig.outputs[0].shape[1], sig.outputs[0].shape[2]
+    nodes = [
+        helper.make_node("ReduceMean", ["pixel_values"], ["pix"], axes=[2, 3], keepdims=0),
+        helper.make_node("MatMul", ["pix", "w"], ["flat"]),
+        helper.make_node("Reshape", ["flat", "shape"], ["clip_fea"]),
+    ]
+    inits = [_const("w", clip_weight(tokens, width)), _const("shape", np.array([-1, tokens, width], np.int64))]
+    graph = helper.make_graph(nodes, "clip", [_value_info(s) for s in sig.inputs], [_value_info(s) for s in sig.outputs], inits)
+    return save_graph(graph, path)
+
+
+def write_tokenizer(folder: Path) -> Path:
+    """A word-level tokenizer.json with the umt5 special tokens (<pad>, </s>, <unk>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def tokenize(text: str) -> list[int]:
+    """What the test tokenizer gives for `text` (lower-case words), with </s> appended."""
+    return [VOCAB.index(w) if w in VOCAB else VOCAB.index("<unk>") for w in text.split()] + [VOCAB.index("</s>")]
+
+
+def _component(root: Path, name: str, kind: str, sig: EngineSignature, build, expert=None, **kw) -> Component:
+    files = build(root / name / "model.onnx", sig, **kw)
+    rels = [str(p.relative_to(root)) for p in files]
+    return Component(name=name, kind=kind, onnx=rels[0], signature=sig, precision="fp32", files=rels, expert=expert)
+
+
+def make_bundle(
+    root: Path,
+    family: str = "wan2.2",
+    task: str = "t2v",
+    moe: bool = True,
+    sampling: SamplingDefaults | None = None,
+    clip_tokens: int | None = None,
+    batch_range: tuple[int, int] = (1, 2),
+    pad_floats: int = 64,
+    vae_version: str = "2.1",
+    extra_components: dict[str, Component] | None = None,
+) -> Path:
+    """A real bundle (manifest + ONNX files + tokenizer) with DiT, text and (optionally) CLIP engines."""
+    root.mkdir(parents=True, exist_ok=True)
+    vae = VAEInfo.for_version(vae_version)
+    in_dim = vae.z_dim + (4 + vae.z_dim if task in ("i2v", "flf2v") else 0)
+    per_frame = task == "ti2v"
+    sig = dit_signature(in_dim, vae.z_dim, TEXT_DIM, clip_tokens=clip_tokens, per_frame_timestep=per_frame,
+                        clip_dim=CLIP_WIDTH)  # fmt: skip
+    ranges = dict(sig.dim_ranges, batch=batch_range)
+    sig = dataclasses.replace(sig, dim_ranges=ranges)
+    components: dict[str, Component] = {}
+    experts = [("dit_high_noise", "high_noise"), ("dit_low_noise", "low_noise")] if moe else [("dit", None)]
+    for name, expert in experts:
+        components[name] = _component(root, name, "dit", sig, build_dit_graph, expert, dit=name, out_dim=vae.z_dim,
+                                      pad_floats=pad_floats)  # fmt: skip
+    components["text_encoder"] = _component(root, "text_encoder", "text_encoder", text_encoder_signature(TEXT_DIM), build_text_graph)
+    if clip_tokens is not None:
+        isig = image_encoder_signature(dim=CLIP_WIDTH, tokens=257)
+        components["image_encoder"] = _component(root, "image_encoder", "image_encoder", isig, build_clip_graph)
+    components.update(extra_components or {})
+    write_tokenizer(root / "tokenizer")
+    dit = DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=in_dim, out_dim=vae.z_dim,
+                    text_dim=TEXT_DIM, image_branch=clip_tokens is not None, clip_tokens=clip_tokens,
+                    clip_dim=CLIP_WIDTH)  # fmt: skip
+    if sampling is None:
+        sampling = SamplingDefaults(sampler="unipc", steps=6, shift=5.0, guide_scale=(3.0, 4.0),
+                                    boundary=0.875 if moe else None, frames=5, height=32, width=48, fps=8,
+                                    negative_prompt="bad blurry")  # fmt: skip
+    manifest = Manifest(family=family, task=task, dit=dit, vae=vae, components=components, sampling=sampling,
+                        tokenizer="tokenizer")  # fmt: skip
+    write_manifest(root, manifest)
+    return root
