@@ -1,0 +1,243 @@
+"""WanDiT equals diffusers' WanTransformer3DModel on every Wan DiT variant (tiny random weights).
+
+Each reference is a tiny random diffusers model, saved in official layout (keys renamed with
+`export.checkpoint.keys.diffusers_to_official`) to a safetensors file, read back through the
+checkpoint layer (`CheckpointView`) and loaded with `load_dit`.  head_dim is 128 so the RoPE
+split is the official [22, 21, 21] pairs (diffusers splits by head_dim: 44/42/42).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+from safetensors.torch import save_file
+
+from engines.model import DiTConfig
+from export.checkpoint.keys import DIFFUSERS_IGNORED, diffusers_to_official
+from export.checkpoint.view import CheckpointView, SafetensorsSource
+from export.models.wan_dit import DiTError, WanDiT, load_dit, signature_for
+
+TINY = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=32)
+CLIP_DIM = 64  # tiny CLIP width
+
+
+@dataclass(frozen=True)
+class Case:
+    """One Wan DiT variant: our config and the diffusers constructor arguments that build it."""
+
+    cfg: DiTConfig
+    diffusers: dict = field(default_factory=dict)
+
+    @property
+    def per_frame(self) -> bool:
+        return signature_for(self.cfg).input("timestep").shape == ("batch", "frames")
+
+
+CASES = {
+    "t2v": Case(DiTConfig(in_dim=16, out_dim=16, **TINY)),
+    "i2v": Case(
+        DiTConfig(in_dim=36, out_dim=16, image_branch=True, clip_tokens=257, clip_dim=CLIP_DIM, **TINY),
+        dict(image_dim=CLIP_DIM, added_kv_proj_dim=TINY["dim"]),
+    ),
+    "flf2v": Case(
+        DiTConfig(in_dim=36, out_dim=16, image_branch=True, clip_tokens=514, clip_dim=CLIP_DIM, **TINY),
+        dict(image_dim=CLIP_DIM, added_kv_proj_dim=TINY["dim"], pos_embed_seq_len=514),
+    ),
+    "i2v_a14b": Case(DiTConfig(in_dim=36, out_dim=16, **TINY)),  # Wan2.2: 36-channel input, no CLIP branch
+    "ti2v": Case(DiTConfig(in_dim=48, out_dim=48, **TINY)),  # Wan2.2 TI2V-5B: per-frame timesteps
+}
+GRIDS = [(3, 6, 10), (2, 10, 4)]  # latent (frames, height, width): odd token grids 3x3x5, 2x5x2
+
+
+def diffusers_model(case: Case, seed: int) -> WanTransformer3DModel:
+    """A tiny random diffusers Wan transformer (norm weights and emb_pos randomized too)."""
+    cfg = case.cfg
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(
+        num_attention_heads=cfg.num_heads, attention_head_dim=cfg.dim // cfg.num_heads, in_channels=cfg.in_dim,
+        out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim,
+        num_layers=cfg.num_layers, eps=cfg.eps, **case.diffusers,
+    ).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p)) if name.endswith("weight") else p.copy_(0.2 * torch.randn_like(p))
+            elif "pos_embed" in name:
+                p.copy_(0.5 * torch.randn_like(p))
+    return model
+
+
+def official_state(model: WanTransformer3DModel) -> dict[str, torch.Tensor]:
+    """The diffusers state dict under official names (every key must have one)."""
+    state = {}
+    for key, t in model.state_dict().items():
+        if DIFFUSERS_IGNORED.match(key):
+            continue
+        official = diffusers_to_official(key)
+        assert official is not None, key
+        state[official] = t.contiguous()
+    return state
+
+
+def write_official(state: dict[str, torch.Tensor], path: Path) -> CheckpointView:
+    """Save official-named tensors as one safetensors file and open it through the checkpoint layer."""
+    save_file(state, str(path))
+    return CheckpointView([SafetensorsSource(path)])
+
+
+def make_inputs(case: Case, batch: int, grid: tuple[int, int, int], seed: int) -> dict[str, torch.Tensor]:
+    """Engine-contract inputs: batch items get different timesteps (ti2v: frame 0 at t=0)."""
+    cfg = case.cfg
+    g = torch.Generator().manual_seed(seed)
+    frames, height, width = grid
+    t = torch.tensor([999.0, 412.0, 37.0][:batch])
+    inputs = {
+        "latent": torch.randn(batch, cfg.in_dim, frames, height, width, generator=g),
+        "timestep": t,
+        "context": torch.randn(batch, cfg.text_len, cfg.text_dim, generator=g),
+    }
+    if case.per_frame:
+        inputs["timestep"] = t[:, None].repeat(1, frames)
+        inputs["timestep"][:, 0] = 0.0  # the official TI2V i2v mask: the image frame is clean
+    if cfg.image_branch:
+        inputs["clip_fea"] = torch.randn(batch, cfg.clip_tokens, cfg.clip_dim, generator=g)
+    return inputs
+
+
+def diffusers_forward(model: WanTransformer3DModel, case: Case, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The reference output for engine-contract inputs, passed the way diffusers' pipelines pass them."""
+    latent, timestep = inputs["latent"], inputs["timestep"]
+    batch, _, frames, height, width = latent.shape
+    if case.per_frame:  # diffusers' expand_timesteps path: one timestep per token, [B, seq_len]
+        timestep = timestep.repeat_interleave((height // 2) * (width // 2), dim=1)
+    clip = inputs.get("clip_fea")
+    if clip is not None and case.cfg.clip_tokens == 514:  # diffusers views [2B, 257, C] as [B, 514, C]
+        clip = clip.reshape(batch * 2, 257, clip.shape[-1])
+    with torch.no_grad():
+        return model(latent, timestep, inputs["context"], clip, return_dict=False)[0].float()
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |ours - ref| / max |ref|."""
+    return float((ours.float() - ref).abs().max() / ref.abs().max())
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory) -> dict[str, tuple[WanTransformer3DModel, CheckpointView]]:
+    """Per case: the diffusers model and its official-layout checkpoint view."""
+    out = {}
+    for i, (name, case) in enumerate(CASES.items()):
+        model = diffusers_model(case, seed=10 + i)
+        out[name] = (model, write_official(official_state(model), tmp_path_factory.mktemp(name) / "dit.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_parameter_names_are_the_official_keys(name, references):
+    _, view = references[name]
+    ours = {k: tuple(p.shape) for k, p in WanDiT(CASES[name].cfg).named_parameters()}
+    assert ours == {k: tuple(view[k].shape) for k in view}
+
+
+# Parameter counts of the released models (reference wan-architecture.md §1 table).
+REAL = {
+    "2.1 t2v 1.3B": (DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_dim=16, out_dim=16), 1.419e9),
+    "2.1 t2v 14B": (DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=16, out_dim=16), 14.288e9),
+    "2.1 i2v 14B": (DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, out_dim=16,
+                              image_branch=True, clip_tokens=257), 16.395e9),
+    "2.1 flf2v 14B": (DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, out_dim=16,
+                                image_branch=True, clip_tokens=514), 16.396e9),
+    "2.2 i2v A14B": (DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, out_dim=16), 14.289e9),
+    "2.2 ti2v 5B": (DiTConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48), 5.000e9),
+}
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_size_parameter_count(name):
+    cfg, params = REAL[name]
+    with torch.device("meta"):
+        model = WanDiT(cfg)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, abs=0.0005e9)
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("name", CASES)
+def test_fp32_matches_diffusers(name, grid, references):
+    case = CASES[name]
+    model, view = references[name]
+    ours = load_dit(view, case.cfg)
+    inputs = make_inputs(case, batch=2, grid=grid, seed=1)
+    with torch.no_grad():
+        got = ours(*inputs.values())
+    want = diffusers_forward(model, case, inputs)
+    assert got.dtype == torch.float32 and got.shape == (2, case.cfg.out_dim, *grid)
+    assert rel_err(got, want) < 1e-4
+    # batch items are independent: item 1 alone gives the same answer
+    single = {k: v[1:] for k, v in inputs.items()}
+    with torch.no_grad():
+        assert rel_err(ours(*single.values()), want[1:]) < 1e-4
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bf16_matches_diffusers_fp32(name, references):
+    case = CASES[name]
+    model, view = references[name]
+    ours = load_dit(view, case.cfg, dtype=torch.bfloat16)
+    assert ours.blocks[0].self_attn.q.weight.dtype == torch.bfloat16
+    assert ours.blocks[0].modulation.dtype == ours.time_embedding[0].weight.dtype == torch.float32
+    inputs = make_inputs(case, batch=2, grid=GRIDS[0], seed=2)
+    with torch.no_grad():
+        got = ours(*inputs.values())
+    assert got.dtype == torch.float32
+    assert rel_err(got, diffusers_forward(model, case, inputs)) < 2e-2
+
+
+def test_timesteps_matter_per_item_and_per_frame(references):
+    """Different timesteps give different outputs (the comparison above is not vacuous)."""
+    case = CASES["ti2v"]
+    ours = load_dit(references["ti2v"][1], case.cfg)
+    inputs = make_inputs(case, batch=1, grid=GRIDS[0], seed=3)
+    with torch.no_grad():
+        base = ours(*inputs.values())
+        inputs["timestep"][0, 2] = 500.0
+        moved = ours(*inputs.values())
+    changed = (base - moved).abs().amax(dim=(0, 1, 3, 4))
+    assert changed[2] > 1e-3  # frame 2's prediction moves with its own timestep
+
+
+def test_load_dit_infers_the_config(references):
+    _, view = references["flf2v"]
+    ours = load_dit(view)
+    assert ours.cfg.image_branch and ours.cfg.clip_tokens == 514 and ours.cfg.in_dim == 36
+
+
+def test_load_dit_names_missing_unknown_and_misshaped_keys(references, tmp_path):
+    model, _ = references["t2v"]
+    state = official_state(model)
+    cfg = CASES["t2v"].cfg
+    missing = {k: v for k, v in state.items() if k != "blocks.1.ffn.2.bias"}
+    with pytest.raises(DiTError, match=r"missing DiT tensor\(s\) blocks\.1\.ffn\.2\.bias"):
+        load_dit(write_official(missing, tmp_path / "missing.safetensors"), cfg)
+    extra = dict(state, **{"blocks.2.modulation": torch.zeros(1, 6, 256)})
+    with pytest.raises(DiTError, match=r"blocks\.2\.modulation.*do not belong"):
+        load_dit(write_official(extra, tmp_path / "extra.safetensors"), cfg)
+    bad = dict(state, **{"head.head.bias": torch.zeros(63)})
+    with pytest.raises(DiTError, match=r"head\.head\.bias has shape \[63\]; expected \[64\]"):
+        load_dit(write_official(bad, tmp_path / "bad.safetensors"), cfg)
+    with pytest.raises(DiTError, match="attention implementation"):
+        WanDiT(cfg, attention_impl="flash")
+    no_clip = make_inputs(CASES["i2v"], 1, GRIDS[0], 0)
+    del no_clip["clip_fea"]
+    with pytest.raises(DiTError, match="needs clip_fea"):
+        load_dit(references["i2v"][1], CASES["i2v"].cfg)(*no_clip.values())
+
+
+def test_other_config_rejected_with_the_key(references):
+    _, view = references["t2v"]
+    wider = replace(CASES["t2v"].cfg, ffn_dim=1024)
+    with pytest.raises(DiTError, match=r"blocks\.0\.ffn\.0\.weight has shape \[512, 256\]; expected \[1024, 256\]"):
+        load_dit(view, wider)
