@@ -132,6 +132,17 @@ def looks_like_diffusers(keys) -> bool:
     return any(k.startswith("condition_embedder.") or ".attn1.to_q." in k or k.startswith("proj_out.") for k in keys)
 
 
+# Key fragments only LoRA / diff files carry (LightX2V, ComfyUI, Kijai, diffusers/PEFT, musubi forms).
+LORA_KEY_RE = re.compile(
+    r"(lora_(up|down|A|B|mid)\b|[._]lora[._](up|down)\b|lora_linear_layer|^lora_unet_|\.(alpha|diff|diff_b|diff_m|dora_scale)$)"
+)
+
+
+def looks_like_lora(keys) -> bool:
+    """True when a key set holds LoRA factors or weight diffs rather than model weights."""
+    return any(LORA_KEY_RE.search(k) for k in keys)
+
+
 def detect_prefix(keys) -> str:
     """The prefix shared by the keys that carry the DiT (`''` for bare official names)."""
     keys = list(keys)

@@ -1,30 +1,164 @@
-"""Safe `.pth` loading: `weights_only=True` (no code runs) and mmap (lazy)."""
+"""Safe `.pth` reading: names/shapes/dtypes without torch, tensors with `weights_only=True` + mmap.
+
+`read_pth_header` walks the pickle of a zip-format `.pth` with an unpickler that knows only
+the few globals a plain tensor state dict uses (storages, `_rebuild_tensor_v2`, `OrderedDict`),
+so it runs no code and needs no torch: `inspect` types T5 / CLIP / VAE files in milliseconds.
+Anything it does not know is handed to `torch.load(weights_only=True)`, whose verdict is final.
+"""
 
 from __future__ import annotations
 
+import collections
+import math
 import pickle
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+from .safetensors_file import ITEMSIZE, CheckpointError
 
-from .safetensors_file import CheckpointError
+if TYPE_CHECKING:
+    import torch
+
+# torch typed-storage class name (as pickled by torch.save) -> our dtype name
+_STORAGE_DTYPES = {
+    "FloatStorage": "fp32",
+    "DoubleStorage": "fp64",
+    "HalfStorage": "fp16",
+    "BFloat16Storage": "bf16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "Float8_e4m3fnStorage": "fp8_e4m3",
+    "Float8_e5m2Storage": "fp8_e5m2",
+}
+STATE_DICT_WRAPPERS = ("state_dict", "model", "module")
 
 
-def load_pth_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class PthTensorInfo:
+    """Name-independent facts about one tensor in a `.pth` file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+
+
+@dataclass(frozen=True)
+class _StorageRef:
+    dtype: str
+
+
+class _StorageType:
+    def __init__(self, dtype: str):
+        self.dtype = dtype
+
+
+class _Unknown(Exception):
+    """The pickle holds something the header reader does not model (torch decides)."""
+
+
+def _rebuild_tensor(storage, _offset, size, *_rest) -> PthTensorInfo:
+    if not isinstance(storage, _StorageRef):
+        raise _Unknown("tensor without a storage")
+    return PthTensorInfo(storage.dtype, tuple(int(s) for s in size))
+
+
+def _rebuild_parameter(data, *_rest):
+    return data
+
+
+class _HeaderUnpickler(pickle.Unpickler):
+    """Builds `PthTensorInfo` placeholders instead of tensors; refuses every other global."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor
+        if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
+            return _rebuild_parameter
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(_STORAGE_DTYPES[name])
+        raise _Unknown(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) >= 2 and pid[0] == "storage" and isinstance(pid[1], _StorageType):
+            return _StorageRef(pid[1].dtype)
+        raise _Unknown(f"persistent id {pid!r:.80}")
+
+
+def unwrap_state_dict(obj: Any, path: Path) -> dict[str, Any]:
+    """The state dict inside a `state_dict`/`model`/`module` wrapper, checked to be str -> tensor."""
+    for wrapper in STATE_DICT_WRAPPERS:
+        if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise CheckpointError(f"{path}: expected a dict of named tensors")
+    return obj
+
+
+def read_pth_header(path: str | Path) -> dict[str, PthTensorInfo]:
+    """Key -> dtype/shape of a `.pth` state dict, without loading tensors (and without torch if possible)."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            pkl = next((n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            if pkl is None:
+                raise _Unknown("no data.pkl")
+            with z.open(pkl) as f:
+                obj = _HeaderUnpickler(f).load()
+        state = unwrap_state_dict(obj, path)
+        if not all(isinstance(v, PthTensorInfo) for v in state.values()):
+            raise _Unknown("non-tensor values")
+        return state
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except (_Unknown, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError):
+        pass  # legacy (non-zip) format or unusual content: let torch's weights_only loader decide
+    from .safetensors_file import dtype_name
+
+    infos = {}
+    for k, t in load_pth_state_dict(path).items():
+        name = dtype_name(t.dtype)
+        if name is None:
+            raise CheckpointError(f"{path}: tensor {k!r} has unsupported dtype {t.dtype}")
+        infos[k] = PthTensorInfo(name, tuple(t.shape))
+    return infos
+
+
+def _blocked_reason(message: str) -> str:
+    """The line of torch's weights_only error that names what was blocked."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    named = [ln for ln in lines if "GLOBAL" in ln or "global" in ln.lower()]
+    return (named[0] if named else lines[-1] if lines else "disallowed pickle content")[:200]
+
+
+def load_pth_state_dict(path: str | Path) -> dict[str, "torch.Tensor"]:
     """Load a `.pth` state dict without executing code; unwrap a `state_dict`/`model` wrapper."""
+    import torch
+
     path = Path(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "disallowed pickle content"
         raise CheckpointError(
-            f"{path}: refusing to load: the pickle needs code to run ({first[:200]}); only plain tensor state dicts are accepted"
+            f"{path}: refusing to load: the pickle needs code to run ({_blocked_reason(str(e))});"
+            " only plain tensor state dicts are accepted"
         ) from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable .pth file ({str(e).splitlines()[0][:200]})") from None
-    for wrapper in ("state_dict", "model", "module"):
-        if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable .pth file ({msg})") from None
+    state = unwrap_state_dict(obj, path)
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a dict of named tensors")
-    return obj
+    return state

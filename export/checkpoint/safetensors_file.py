@@ -2,6 +2,7 @@
 
 Reads go through `readinto` at the tensor's offset, so only the tensors the caller holds
 count towards resident memory (a whole-file mmap would keep every touched page resident).
+Parsing headers needs no torch (so `inspect` stays fast); torch is imported on the first read.
 """
 
 from __future__ import annotations
@@ -12,33 +13,69 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from engines.errors import WanrtError
 
+if TYPE_CHECKING:
+    import torch
+
 MAX_HEADER_SIZE = 100_000_000
 
-# safetensors dtype string -> (our dtype name, torch dtype, bytes per element)
-DTYPES: dict[str, tuple[str, torch.dtype, int]] = {
-    "BOOL": ("bool", torch.bool, 1),
-    "U8": ("uint8", torch.uint8, 1),
-    "I8": ("int8", torch.int8, 1),
-    "I16": ("int16", torch.int16, 2),
-    "U16": ("uint16", torch.uint16, 2),
-    "F16": ("fp16", torch.float16, 2),
-    "BF16": ("bf16", torch.bfloat16, 2),
-    "I32": ("int32", torch.int32, 4),
-    "U32": ("uint32", torch.uint32, 4),
-    "F32": ("fp32", torch.float32, 4),
-    "F64": ("fp64", torch.float64, 8),
-    "I64": ("int64", torch.int64, 8),
-    "U64": ("uint64", torch.uint64, 8),
-    "F8_E4M3": ("fp8_e4m3", torch.float8_e4m3fn, 1),
-    "F8_E5M2": ("fp8_e5m2", torch.float8_e5m2, 1),
+# safetensors dtype string -> (our dtype name, torch dtype attribute name, bytes per element)
+ST_DTYPES: dict[str, tuple[str, str, int]] = {
+    "BOOL": ("bool", "bool", 1),
+    "U8": ("uint8", "uint8", 1),
+    "I8": ("int8", "int8", 1),
+    "I16": ("int16", "int16", 2),
+    "U16": ("uint16", "uint16", 2),
+    "F16": ("fp16", "float16", 2),
+    "BF16": ("bf16", "bfloat16", 2),
+    "I32": ("int32", "int32", 4),
+    "U32": ("uint32", "uint32", 4),
+    "F32": ("fp32", "float32", 4),
+    "F64": ("fp64", "float64", 8),
+    "I64": ("int64", "int64", 8),
+    "U64": ("uint64", "uint64", 8),
+    "F8_E4M3": ("fp8_e4m3", "float8_e4m3fn", 1),
+    "F8_E5M2": ("fp8_e5m2", "float8_e5m2", 1),
 }
-TORCH_TO_ST = {v[1]: k for k, v in DTYPES.items()}
-NAME_TO_TORCH = {v[0]: v[1] for v in DTYPES.values()}
+NAME_TO_ST = {name: st for st, (name, _, _) in ST_DTYPES.items()}
+ITEMSIZE = {name: size for name, _, size in ST_DTYPES.values()}
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    """The torch dtype of one of our dtype names ("bf16", "fp8_e4m3", ...)."""
+    import torch
+
+    return getattr(torch, ST_DTYPES[NAME_TO_ST[name]][1])
+
+
+def dtype_name(dtype: "torch.dtype") -> str | None:
+    """Our name of a torch dtype, or None when safetensors cannot store it."""
+    import torch
+
+    for name, attr, _ in ST_DTYPES.values():
+        if getattr(torch, attr) == dtype:
+            return name
+    return None
+
+
+def __getattr__(name: str) -> Any:
+    # DTYPES / NAME_TO_TORCH / TORCH_TO_ST hold torch dtypes: built on first use so that
+    # importing this module (and parsing headers) never imports torch.
+    if name in ("DTYPES", "NAME_TO_TORCH", "TORCH_TO_ST"):
+        import torch
+
+        dtypes = {st: (n, getattr(torch, attr), size) for st, (n, attr, size) in ST_DTYPES.items()}
+        tables = {
+            "DTYPES": dtypes,
+            "NAME_TO_TORCH": {v[0]: v[1] for v in dtypes.values()},
+            "TORCH_TO_ST": {v[1]: k for k, v in dtypes.items()},
+        }
+        globals().update(tables)
+        return tables[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class CheckpointError(WanrtError):
@@ -83,18 +120,22 @@ class SafetensorsFile:
         except KeyError:
             raise CheckpointError(f"{self.path}: no tensor named {key!r}") from None
 
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, key: str) -> "torch.Tensor":
         """Read one tensor into a new CPU tensor of its stored dtype."""
+        import torch
+
         h = self.header(key)
-        dtype = NAME_TO_TORCH[h.dtype]
         buf = torch.empty(h.nbytes, dtype=torch.uint8)
         if h.nbytes:
-            with open(self.path, "rb") as f:
-                f.seek(h.begin)
-                got = f.readinto(memoryview(buf.numpy()))
+            try:
+                with open(self.path, "rb") as f:
+                    f.seek(h.begin)
+                    got = f.readinto(memoryview(buf.numpy()))
+            except OSError as e:
+                raise CheckpointError(f"{self.path}: cannot read tensor {key!r} ({e.strerror})") from None
             if got != h.nbytes:
                 raise CheckpointError(f"{self.path}: tensor {key!r} ends past the end of the file (truncated)")
-        return buf.view(dtype).reshape(h.shape)
+        return buf.view(torch_dtype(h.dtype)).reshape(h.shape)
 
 
 def _parse_header(path: Path) -> tuple[dict[str, TensorHeader], dict[str, str]]:
@@ -129,13 +170,13 @@ def _parse_header(path: Path) -> tuple[dict[str, TensorHeader], dict[str, str]]:
             st_dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors header: entry {key!r} lacks dtype/shape/data_offsets") from None
-        if st_dtype not in DTYPES:
+        if st_dtype not in ST_DTYPES:
             raise CheckpointError(
-                f"{path}: tensor {key!r} has unknown dtype {st_dtype!r}; supported: {', '.join(DTYPES)}"
+                f"{path}: tensor {key!r} has unknown dtype {st_dtype!r}; supported: {', '.join(ST_DTYPES)}"
             )
         if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
             raise CheckpointError(f"{path}: tensor {key!r} has an invalid shape {shape!r}")
-        name, _, itemsize = DTYPES[st_dtype]
+        name, _, itemsize = ST_DTYPES[st_dtype]
         if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
             raise CheckpointError(f"{path}: tensor {key!r} has invalid data_offsets [{begin}, {end}]")
         if end > data_size:

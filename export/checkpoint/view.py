@@ -1,33 +1,57 @@
-"""A uniform, lazy view of one DiT expert's weights under official names, in any layout/precision."""
+"""A uniform, lazy view of one DiT expert's weights under official names, in any layout/precision.
+
+Each `TensorRef` says where an official tensor is stored, in which dtype, and how to turn it
+back into real numbers: plain floats are cast; fp8/int8 weights are multiplied by their
+LightX2V per-output-channel `weight_scale` [out,1], their ComfyUI per-tensor `scale_weight`
+(a scalar), or by 1 when unscaled.  Building a view reads headers only (and imports no torch).
+"""
 
 from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .keys import KeyMap, normalize_keys
-from .safetensors_file import NAME_TO_TORCH, CheckpointError, SafetensorsFile, TensorHeader
+from .pth import read_pth_header
+from .safetensors_file import CheckpointError, SafetensorsFile, TensorHeader
+
+if TYPE_CHECKING:
+    import torch
 
 QUANTIZED_DTYPES = ("fp8_e4m3", "fp8_e5m2", "int8")
+FLOAT_DTYPES = ("fp32", "fp16", "bf16")
 # The block linears LightX2V quantizes (and whose storage dtype names an expert's precision).
-BLOCK_LINEAR_SUFFIXES = tuple(
-    f".{m}.weight"
-    for m in (
-        "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
-        "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
-        "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2",
-    )
+BLOCK_LINEARS = (
+    "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+    "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
+    "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2",
 )
+BLOCK_LINEAR_SUFFIXES = tuple(f".{m}.weight" for m in BLOCK_LINEARS)
+# Scale companions of a weight `<layer>.weight`, in order of preference.
+WEIGHT_SCALE_SUFFIXES = (".weight_scale", ".scale_weight")
 
 
 def is_block_linear(key: str) -> bool:
     """True for an official key naming a block linear weight (the ones fp8/int8 files quantize)."""
     return key.startswith("blocks.") and key.endswith(BLOCK_LINEAR_SUFFIXES)
+
+
+def dequantize(stored: "torch.Tensor", scale: "torch.Tensor | None", scale_layout: str | None) -> "torch.Tensor":
+    """Real values of a stored tensor in fp32: `stored * scale` per output channel or per tensor."""
+    import torch
+
+    t = stored.to(torch.float32)
+    if scale is None:
+        return t
+    s = scale.to(torch.float32)
+    if scale_layout == "per_channel":
+        return t * s.reshape(-1, *([1] * (t.dim() - 1)))
+    return t * s.reshape(())
 
 
 @dataclass(frozen=True)
@@ -37,7 +61,7 @@ class TensorRef:
     key: str  # official name
     source: "TensorSource"
     source_key: str
-    dtype: str  # storage dtype name ("bf16", "fp8_e4m3", "int8", ...)
+    dtype: str  # storage dtype name ("fp32", "bf16", "fp8_e4m3", "int8", ...)
     shape: tuple[int, ...]
     scale_source: "TensorSource | None" = None
     scale_key: str | None = None
@@ -47,20 +71,25 @@ class TensorRef:
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    def load_stored(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    @property
+    def quantized(self) -> bool:
+        """True when the stored values are fp8/int8 codes rather than real numbers."""
+        return self.dtype in QUANTIZED_DTYPES
+
+    def load_stored(self) -> "tuple[torch.Tensor, torch.Tensor | None]":
         """The tensor as stored, and its dequantization scale (None when unscaled)."""
         t = self.source.read(self.source_key)
         scale = None if self.scale_key is None else self.scale_source.read(self.scale_key)
         return t, scale
 
-    def load(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The real-valued tensor: dequantized (`w * scale`, in fp32) and cast to `dtype`."""
+    def load(self, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
+        """The real-valued tensor: dequantized (`w * scale`, in fp32) and cast to `dtype` (default fp32)."""
+        import torch
+
+        dtype = torch.float32 if dtype is None else dtype
         t, scale = self.load_stored()
-        if self.dtype in QUANTIZED_DTYPES:
-            t = t.to(torch.float32)
-            if scale is not None:
-                s = scale.to(torch.float32)
-                t = t * (s.reshape(-1, *([1] * (t.dim() - 1))) if self.scale_layout == "per_channel" else s.reshape(()))
+        if self.quantized:
+            t = dequantize(t, scale, self.scale_layout)
         return t.to(dtype)
 
 
@@ -68,6 +97,7 @@ class TensorSource:
     """Something tensors are read from: a safetensors file or a `.pth` state dict."""
 
     path: Path
+    metadata: dict[str, str]
 
     def keys(self) -> list[str]:
         raise NotImplementedError
@@ -75,7 +105,7 @@ class TensorSource:
     def header(self, key: str) -> TensorHeader:
         raise NotImplementedError
 
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, key: str) -> "torch.Tensor":
         raise NotImplementedError
 
 
@@ -93,35 +123,39 @@ class SafetensorsSource(TensorSource):
     def header(self, key: str) -> TensorHeader:
         return self.file.header(key)
 
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, key: str) -> "torch.Tensor":
         return self.file.read(key)
 
 
-_TORCH_TO_NAME = {v: k for k, v in NAME_TO_TORCH.items()}
-
-
 class PthSource(TensorSource):
-    """Tensors of a `.pth`/`.pt` state dict, loaded with `weights_only=True` and mmap."""
+    """Tensors of a `.pth`/`.pt` state dict: names from the pickle, data via `weights_only=True` + mmap."""
 
     def __init__(self, path: str | os.PathLike):
-        from .pth import load_pth_state_dict
-
         self.path = Path(path)
-        self.state = load_pth_state_dict(self.path)
-        self.metadata: dict[str, str] = {}
+        self.infos = read_pth_header(self.path)
+        self.metadata = {}
+        self._state: dict | None = None
 
     def keys(self) -> list[str]:
-        return list(self.state)
+        return list(self.infos)
 
     def header(self, key: str) -> TensorHeader:
-        t = self.state[key]
-        name = _TORCH_TO_NAME.get(t.dtype)
-        if name is None:
-            raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {t.dtype}")
-        return TensorHeader(key, name, tuple(t.shape), 0, t.numel() * t.element_size())
+        try:
+            info = self.infos[key]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named {key!r}") from None
+        return TensorHeader(key, info.dtype, info.shape, 0, info.nbytes)
 
-    def read(self, key: str) -> torch.Tensor:
-        return self.state[key].clone()
+    def read(self, key: str) -> "torch.Tensor":
+        if self._state is None:
+            from .pth import load_pth_state_dict
+
+            self._state = load_pth_state_dict(self.path)
+        self.header(key)
+        return self._state[key].clone()
+
+
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
 def open_source(path: str | os.PathLike) -> TensorSource:
@@ -129,7 +163,7 @@ def open_source(path: str | os.PathLike) -> TensorSource:
     p = Path(path)
     if p.suffix == ".safetensors":
         return SafetensorsSource(p)
-    if p.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+    if p.suffix in WEIGHT_FILE_SUFFIXES:
         return PthSource(p)
     raise CheckpointError(f"{p}: unsupported weights file type {p.suffix!r}; expected .safetensors or .pth")
 
@@ -150,48 +184,47 @@ class CheckpointView(Mapping[str, TensorRef]):
                 located[k] = src
         self.keymap: KeyMap = normalize_keys(located)
         self.unknown_keys = list(self.keymap.unknown)
-        by_weight = {w: s for s, w in self.keymap.scales.items() if w}
         self.markers = [s for s, w in self.keymap.scales.items() if not w]
         self._refs: dict[str, TensorRef] = {}
         for official, stored in self.keymap.to_source.items():
             src = located[stored]
             h = src.header(stored)
-            scale_key = by_weight.get(stored)
-            layout_ = None
-            scale_src = None
-            if scale_key is not None and h.dtype in ("fp8_e4m3", "fp8_e5m2", "int8"):
-                # prefer LightX2V's per-channel `weight_scale`, then ComfyUI's `scale_weight`
-                for cand in (stored[: -len(".weight")] + ".weight_scale", stored[: -len(".weight")] + ".scale_weight"):
-                    if cand in located:
-                        scale_key = cand
-                        break
-                scale_src = located[scale_key]
-                sh = scale_src.header(scale_key)
-                numel = math.prod(sh.shape)
-                if numel == 1:
-                    layout_ = "per_tensor"
-                elif numel == h.shape[0]:
-                    layout_ = "per_channel"
-                else:
-                    raise CheckpointError(
-                        f"{scale_src.path}: scale {scale_key!r} has shape {list(sh.shape)}; expected [{h.shape[0]}, 1]"
-                        f" (per output channel) or a scalar for weight {stored!r} {list(h.shape)}"
-                    )
+            scale_key = None
+            if h.dtype in QUANTIZED_DTYPES and stored.endswith(".weight"):
+                base = stored[: -len(".weight")]
+                scale_key = next((base + s for s in WEIGHT_SCALE_SUFFIXES if base + s in located), None)
+            if scale_key is None:
+                self._refs[official] = TensorRef(official, src, stored, h.dtype, h.shape)
+                continue
+            scale_src = located[scale_key]
+            sh = scale_src.header(scale_key)
+            if sh.dtype not in FLOAT_DTYPES:
+                raise CheckpointError(
+                    f"{scale_src.path}: scale {scale_key!r} is stored as {sh.dtype}; expected fp32, bf16 or fp16"
+                )
+            if math.prod(sh.shape) == 1:
+                scale_layout = "per_tensor"
+            elif h.shape and sh.shape in ((h.shape[0], 1), (h.shape[0],)):
+                scale_layout = "per_channel"
             else:
-                scale_key = None
-            self._refs[official] = TensorRef(official, src, stored, h.dtype, h.shape, scale_src, scale_key, layout_)
+                raise CheckpointError(
+                    f"{scale_src.path}: scale {scale_key!r} has shape {list(sh.shape)}; expected [{h.shape[0]}, 1]"
+                    f" (per output channel) or a scalar for weight {stored!r} {list(h.shape)}"
+                )
+            self._refs[official] = TensorRef(official, src, stored, h.dtype, h.shape, scale_src, scale_key, scale_layout)
         self.form = self.keymap.form
         self.layout = layout or self._guess_layout()
 
     def _guess_layout(self) -> str:
         if self.form == "diffusers":
             return "diffusers"
-        if self.markers or any(r.scale_key and r.scale_key.endswith(".scale_weight") for r in self._refs.values()):
-            return "comfyui"
-        if self.keymap.prefix == "model.diffusion_model.":
+        comfy_scales = any(s.endswith((".scale_weight", ".comfy_quant")) for s in self.keymap.scales)
+        if self.markers or comfy_scales or self.keymap.prefix == "model.diffusion_model.":
             return "comfyui"
         if any(r.scale_layout == "per_channel" for r in self._refs.values()):
             return "lightx2v"
+        if len(self.sources) == 1 and self.precision != "fp32":
+            return "lightx2v"  # official releases are fp32; a single bf16/fp16 file is a LightX2V-style export
         return "official"
 
     # Mapping protocol
@@ -207,35 +240,49 @@ class CheckpointView(Mapping[str, TensorRef]):
     def __len__(self) -> int:
         return len(self._refs)
 
+    def _block_linear_refs(self) -> list[TensorRef]:
+        return [r for k, r in self._refs.items() if is_block_linear(k)]
+
     @property
     def precision(self) -> str:
-        """Storage precision of the block linear weights ("bf16", "fp8_e4m3", "int8", ...)."""
-        for k in sorted(self._refs):
-            if is_block_linear(k):
-                return self._refs[k].dtype
-        return next(iter(self._refs.values())).dtype if self._refs else "unknown"
+        """Storage precision of the block linear weights ("bf16", "fp8_e4m3", "int8", ...), the most common one."""
+        refs = self._block_linear_refs() or list(self._refs.values())
+        if not refs:
+            return "unknown"
+        return Counter(r.dtype for r in refs).most_common(1)[0][0]
+
+    @property
+    def precisions(self) -> dict[str, int]:
+        """How many block linear weights are stored in each dtype (more than one entry: a mixed file)."""
+        return dict(Counter(r.dtype for r in self._block_linear_refs()))
 
     @property
     def scale(self) -> str | None:
         """Scale layout of the quantized block linears: "per_channel", "per_tensor" or None."""
-        for k in sorted(self._refs):
-            if is_block_linear(k):
-                return self._refs[k].scale_layout
-        return None
+        layouts = Counter(r.scale_layout for r in self._block_linear_refs() if r.quantized)
+        return layouts.most_common(1)[0][0] if layouts else None
 
     @property
     def num_params(self) -> int:
         return sum(r.numel for r in self._refs.values())
 
-    def load(self, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """One tensor under its official name, dequantized and cast to `dtype`."""
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Official key -> shape (headers only)."""
+        return {k: r.shape for k, r in self._refs.items()}
+
+    def load(self, key: str, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
+        """One tensor under its official name, dequantized and cast to `dtype` (default fp32)."""
         return self[key].load(dtype)
 
-    def iter_tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
-        """Stream (official key, tensor) pairs one at a time, in sorted key order."""
-        for k in sorted(self._refs):
+    def iter_tensors(self, dtype: "torch.dtype | None" = None) -> Iterator[tuple[str, "torch.Tensor"]]:
+        """Stream (official key, tensor) pairs one at a time, in storage order (sequential reads)."""
+        for k in sorted(self._refs, key=self._storage_order):
             yield k, self._refs[k].load(dtype)
 
-    def state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    def _storage_order(self, key: str) -> tuple[int, int]:
+        r = self._refs[key]
+        return self.sources.index(r.source), r.source.header(r.source_key).begin
+
+    def state_dict(self, dtype: "torch.dtype | None" = None) -> dict[str, "torch.Tensor"]:
         """Every tensor at once (for tests and tiny models; large models should stream)."""
         return dict(self.iter_tensors(dtype))

@@ -1,0 +1,61 @@
+"""`python cli.py inspect PATH [--config CFG] [--json]`: headers only, no tensor data is read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .resolve import ResolvedModel, resolve_model
+
+
+def _human(m: ResolvedModel) -> str:
+    d = m.dit
+    lines = [f"{m.family} {m.task}  ({m.source})"]
+    for e in m.experts:
+        scale = f", {e.view.scale} scale" if e.view.scale else ""
+        lines.append(
+            f"  expert {e.name}: {e.layout} layout, {e.view.precision}{scale}, "
+            f"{e.view.num_params / 1e9:.3f} B params in {len(e.files)} file(s)"
+        )
+        for f in e.files[:4]:
+            lines.append(f"    {f}")
+        if len(e.files) > 4:
+            lines.append(f"    ... {len(e.files) - 4} more")
+    image = f", image branch (CLIP {d.clip_dim}, {d.clip_tokens} tokens)" if d.image_branch else ""
+    lines.append(
+        f"  dit: dim {d.dim}, ffn {d.ffn_dim}, {d.num_heads} heads, {d.num_layers} layers, in {d.in_dim}, "
+        f"out {d.out_dim}, text {d.text_dim}, freq {d.freq_dim}{image}"
+    )
+    lines.append(f"  text encoder: {m.text_encoder or '-'}")
+    lines.append(f"  tokenizer:    {m.tokenizer or '-'}")
+    if m.dit.image_branch or m.image_encoder:
+        lines.append(f"  image encoder: {m.image_encoder or '-'}")
+    lines.append(f"  vae:          {m.vae or '-'}" + (f" (Wan{m.vae_version})" if m.vae_version else ""))
+    s = m.sampling
+    cfg = "on" if s.enable_cfg else "off"
+    guide = f"guide (low, high) {s.guide_scale[0]:g}/{s.guide_scale[1]:g}"
+    extra = f", boundary {s.boundary}" if s.boundary is not None else ""
+    extra += f", boundary step {s.boundary_step_index}" if s.boundary_step_index is not None else ""
+    lines.append(
+        f"  sampling: {s.sampler}, {s.steps} steps, shift {s.shift:g}, {guide}, cfg {cfg}{extra}, "
+        f"{s.frames} frames {s.width}x{s.height} @ {s.fps} fps"
+    )
+    for n in m.notes:
+        lines.append(f"  note: {n}")
+    return "\n".join(lines)
+
+
+@click.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--config", "config", type=click.Path(path_type=Path), default=None,
+              help="LightX2V JSON config (// comments allowed) choosing checkpoint files and sampling settings.")
+@click.option("--json", "as_json", is_flag=True, help="Print the machine-readable description.")
+def inspect_command(path: Path, config: Path | None, as_json: bool) -> None:
+    """Detect a Wan checkpoint's layout, precision, architecture and companion files (headers only)."""
+    model = resolve_model(path, config)
+    if as_json:
+        click.echo(json.dumps(model.to_json(), indent=2, ensure_ascii=False))
+    else:
+        click.echo(_human(model))

@@ -1,0 +1,98 @@
+"""Find and type the files a Wan model needs besides the DiT: T5, CLIP, VAE and the tokenizer.
+
+Files are typed by their tensor names (headers only), not their file names; official names
+(`models_t5_umt5-xxl-enc-bf16.pth`, ...) only break ties.  Keys follow the official modules
+(`wan/modules/t5.py`, `clip.py`, `vae.py` / `vae2_2.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .safetensors_file import CheckpointError
+from .view import QUANTIZED_DTYPES, open_source
+
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+VAE_FILES = {"2.1": "Wan2.1_VAE.pth", "2.2": "Wan2.2_VAE.pth"}
+TOKENIZER_DIRS = ("google/umt5-xxl", "tokenizer")
+# Where LightX2V also looks for companions (`find_torch_model_path`).
+LIGHTX2V_SUBDIRS = ("original", "fp8", "int8", "distill_models", "distill_fp8", "distill_int8")
+COMPANION_SUFFIXES = (".pth", ".pt", ".safetensors")
+VAE_Z_DIMS = {16: "2.1", 48: "2.2"}
+VAE_IN_CHANNELS = {"2.1": 3, "2.2": 12}  # Wan2.2 patchifies 2x2 pixels into 12 channels
+
+
+@dataclass(frozen=True)
+class Companion:
+    """A typed companion file: kind "t5" / "clip" / "vae", and the width that must match the DiT."""
+
+    kind: str
+    path: Path
+    width: int  # T5 model dim, CLIP vision width, or VAE z_dim
+    version: str | None = None  # VAE "2.1" / "2.2"
+
+
+def classify_companion(path: Path, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str]) -> Companion | None:
+    """What a weights file is, from its tensor names and shapes (None: not a companion)."""
+    if "token_embedding.weight" in shapes and "blocks.0.attn.q.weight" in shapes and "blocks.0.ffn.fc1.weight" in shapes:
+        if dtypes["blocks.0.attn.q.weight"] in QUANTIZED_DTYPES:
+            return None  # LightX2V's fp8/int8 T5 exports need their own kernels; only float T5 files are used
+        return Companion("t5", path, shapes["token_embedding.weight"][1])
+    if "visual.patch_embedding.weight" in shapes and "visual.transformer.0.attn.to_qkv.weight" in shapes:
+        return Companion("clip", path, shapes["visual.patch_embedding.weight"][0])
+    if "decoder.middle.0.residual.0.gamma" in shapes and "conv2.weight" in shapes and "encoder.conv1.weight" in shapes:
+        z_dim = shapes["conv2.weight"][0]
+        version = VAE_Z_DIMS.get(z_dim)
+        if version is None or shapes["encoder.conv1.weight"][1] != VAE_IN_CHANNELS[version]:
+            raise CheckpointError(
+                f"{path}: a Wan VAE with z_dim {z_dim} and {shapes['encoder.conv1.weight'][1]} input channels;"
+                " expected the Wan2.1 VAE (z 16, 3 channels) or the Wan2.2 VAE (z 48, 12 channels)"
+            )
+        return Companion("vae", path, z_dim, version)
+    return None
+
+
+def read_companion(path: Path) -> Companion | None:
+    """Type one weights file from its header (no tensor data is read)."""
+    src = open_source(path)
+    shapes, dtypes = {}, {}
+    for k in src.keys():
+        h = src.header(k)
+        shapes[k], dtypes[k] = h.shape, h.dtype
+    return classify_companion(path, shapes, dtypes)
+
+
+def candidate_files(roots: list[Path], skip: set[Path]) -> list[Path]:
+    """Weights files directly inside the roots and LightX2V's companion subfolders."""
+    seen: list[Path] = []
+    for root in roots:
+        for folder in (root, *(root / s for s in LIGHTX2V_SUBDIRS)):
+            if not folder.is_dir():
+                continue
+            for p in sorted(folder.iterdir()):
+                if p.suffix in COMPANION_SUFFIXES and p.is_file() and p.resolve() not in skip and p not in seen:
+                    seen.append(p)
+    return seen
+
+
+def pick(kind: str, found: list[Companion], official_name: str | None, config_key: str) -> Companion | None:
+    """One companion of a kind: the only one, else the official file name, else an error listing them."""
+    if len(found) <= 1:
+        return found[0] if found else None
+    named = [c for c in found if c.path.name == official_name]
+    if len(named) == 1:
+        return named[0]
+    listing = ", ".join(str(c.path) for c in found)
+    raise CheckpointError(f"several {kind} files found: {listing}; choose one with the config key {config_key!r}")
+
+
+def find_tokenizer(roots: list[Path]) -> Path | None:
+    """The first `google/umt5-xxl/` or `tokenizer/` folder holding a tokenizer.json."""
+    for root in roots:
+        for sub in TOKENIZER_DIRS:
+            if (root / sub / "tokenizer.json").is_file():
+                return root / sub
+    return None

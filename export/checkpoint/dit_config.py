@@ -1,0 +1,205 @@
+"""A Wan DiT's architecture read off its tensor shapes, checked against config.json.
+
+Shapes follow the official `WanModel` (Wan2.1/Wan2.2 `wan/modules/model.py`); head_dim is 128
+in every released model, so `num_heads = dim / 128`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from engines.model import DiTConfig
+
+from .safetensors_file import CheckpointError
+
+HEAD_DIM = 128
+CLIP_TOKENS_I2V = 257  # CLS + 16x16 patches of ViT-H/14 at 224 px
+CLIP_TOKENS_FLF2V = 514  # two images
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+def expected_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
+    """Every official key of a DiT with this config and its shape, in module order."""
+    d, f, p = cfg.dim, cfg.ffn_dim, math.prod(cfg.patch_size)
+    s: dict[str, tuple[int, ...]] = {
+        "patch_embedding.weight": (d, cfg.in_dim, *cfg.patch_size),
+        "patch_embedding.bias": (d,),
+        "text_embedding.0.weight": (d, cfg.text_dim),
+        "text_embedding.0.bias": (d,),
+        "text_embedding.2.weight": (d, d),
+        "text_embedding.2.bias": (d,),
+        "time_embedding.0.weight": (d, cfg.freq_dim),
+        "time_embedding.0.bias": (d,),
+        "time_embedding.2.weight": (d, d),
+        "time_embedding.2.bias": (d,),
+        "time_projection.1.weight": (6 * d, d),
+        "time_projection.1.bias": (6 * d,),
+    }
+    attn_linears = ["q", "k", "v", "o"]
+    for n in range(cfg.num_layers):
+        b = f"blocks.{n}."
+        for attn in ("self_attn", "cross_attn"):
+            for lin in attn_linears:
+                s[f"{b}{attn}.{lin}.weight"] = (d, d)
+                s[f"{b}{attn}.{lin}.bias"] = (d,)
+            s[f"{b}{attn}.norm_q.weight"] = (d,)
+            s[f"{b}{attn}.norm_k.weight"] = (d,)
+            if attn == "self_attn":
+                s[b + "norm3.weight"] = (d,)
+                s[b + "norm3.bias"] = (d,)
+        if cfg.image_branch:
+            for lin in ("k_img", "v_img"):
+                s[f"{b}cross_attn.{lin}.weight"] = (d, d)
+                s[f"{b}cross_attn.{lin}.bias"] = (d,)
+            s[b + "cross_attn.norm_k_img.weight"] = (d,)
+        s[b + "ffn.0.weight"] = (f, d)
+        s[b + "ffn.0.bias"] = (f,)
+        s[b + "ffn.2.weight"] = (d, f)
+        s[b + "ffn.2.bias"] = (d,)
+        s[b + "modulation"] = (1, 6, d)
+    s["head.modulation"] = (1, 2, d)
+    s["head.head.weight"] = (p * cfg.out_dim, d)
+    s["head.head.bias"] = (p * cfg.out_dim,)
+    if cfg.image_branch:
+        c = cfg.clip_dim
+        s.update({
+            "img_emb.proj.0.weight": (c,), "img_emb.proj.0.bias": (c,),
+            "img_emb.proj.1.weight": (c, c), "img_emb.proj.1.bias": (c,),
+            "img_emb.proj.3.weight": (d, c), "img_emb.proj.3.bias": (d,),
+            "img_emb.proj.4.weight": (d,), "img_emb.proj.4.bias": (d,),
+        })
+        if cfg.clip_tokens == CLIP_TOKENS_FLF2V:
+            s["img_emb.emb_pos"] = (1, CLIP_TOKENS_FLF2V, c)
+    return s
+
+
+def infer_dit_config(shapes: Shapes, where: str) -> DiTConfig:
+    """The `DiTConfig` implied by official-named shapes; every expected tensor must be there with its shape."""
+
+    def need(key: str, ndim: int) -> tuple[int, ...]:
+        if key not in shapes:
+            sample = ", ".join(sorted(shapes)[:3]) or "no tensors"
+            raise CheckpointError(f"{where}: no {key!r} tensor: not a Wan DiT checkpoint (keys: {sample}, ...)")
+        if len(shapes[key]) != ndim:
+            raise CheckpointError(f"{where}: {key} has shape {list(shapes[key])}; expected {ndim} dimensions")
+        return shapes[key]
+
+    pe = need("patch_embedding.weight", 5)
+    dim, in_dim, patch = pe[0], pe[1], tuple(pe[2:])
+    if dim % HEAD_DIM:
+        raise CheckpointError(f"{where}: model dim {dim} (patch_embedding.weight) is not a multiple of head_dim {HEAD_DIM}")
+    head = need("head.head.weight", 2)
+    if head[0] % math.prod(patch):
+        raise CheckpointError(f"{where}: head.head.weight has {head[0]} rows, not a multiple of the patch volume {math.prod(patch)}")
+    blocks = sorted({int(m.group(1)) for k in shapes if (m := _BLOCK_RE.match(k))})
+    if not blocks:
+        raise CheckpointError(f"{where}: no transformer blocks (blocks.N.*) found")
+    missing = sorted(set(range(blocks[-1] + 1)) - set(blocks))
+    if missing:
+        raise CheckpointError(f"{where}: blocks 0..{blocks[-1]} expected but block {missing[0]} has no tensors")
+    image_branch = "img_emb.proj.1.weight" in shapes or "blocks.0.cross_attn.k_img.weight" in shapes
+    clip_dim, clip_tokens = DiTConfig.__dataclass_fields__["clip_dim"].default, None
+    if image_branch:
+        clip_dim = need("img_emb.proj.1.weight", 2)[1]
+        clip_tokens = need("img_emb.emb_pos", 3)[1] if "img_emb.emb_pos" in shapes else CLIP_TOKENS_I2V
+    cfg = DiTConfig(
+        dim=dim,
+        ffn_dim=need("blocks.0.ffn.0.weight", 2)[0],
+        num_heads=dim // HEAD_DIM,
+        num_layers=blocks[-1] + 1,
+        in_dim=in_dim,
+        out_dim=head[0] // math.prod(patch),
+        text_dim=need("text_embedding.0.weight", 2)[1],
+        freq_dim=need("time_embedding.0.weight", 2)[1],
+        patch_size=patch,
+        image_branch=image_branch,
+        clip_tokens=clip_tokens,
+        clip_dim=clip_dim,
+    )
+    check_shapes(shapes, cfg, where)
+    return cfg
+
+
+def check_shapes(shapes: Shapes, cfg: DiTConfig, where: str) -> None:
+    """Raise unless every tensor `cfg` needs is present with its official shape."""
+    expected = expected_shapes(cfg)
+    missing = [k for k in expected if k not in shapes]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{where}: missing tensor(s) {', '.join(missing[:3])}{more} of a Wan DiT with {describe(cfg)}")
+    for k, shape in expected.items():
+        if tuple(shapes[k]) != shape:
+            raise CheckpointError(f"{where}: {k} has shape {list(shapes[k])}; a DiT with {describe(cfg)} needs {list(shape)}")
+
+
+def describe(cfg: DiTConfig) -> str:
+    """A one-line summary of a config for messages."""
+    return f"dim {cfg.dim}, ffn_dim {cfg.ffn_dim}, {cfg.num_layers} layers, in_dim {cfg.in_dim}, out_dim {cfg.out_dim}"
+
+
+# config.json field -> (how to read it from DiTConfig, evidence key for messages)
+_OFFICIAL_FIELDS = {
+    "dim": (lambda c: c.dim, "patch_embedding.weight"),
+    "ffn_dim": (lambda c: c.ffn_dim, "blocks.0.ffn.0.weight"),
+    "num_heads": (lambda c: c.num_heads, "patch_embedding.weight"),
+    "num_layers": (lambda c: c.num_layers, "blocks.N"),
+    "in_dim": (lambda c: c.in_dim, "patch_embedding.weight"),
+    "out_dim": (lambda c: c.out_dim, "head.head.weight"),
+    "freq_dim": (lambda c: c.freq_dim, "time_embedding.0.weight"),
+    "text_dim": (lambda c: c.text_dim, "text_embedding.0.weight"),
+}
+_DIFFUSERS_FIELDS = {
+    "num_attention_heads": (lambda c: c.num_heads, "patch_embedding.weight"),
+    "attention_head_dim": (lambda c: c.head_dim, "patch_embedding.weight"),
+    "ffn_dim": (lambda c: c.ffn_dim, "blocks.0.ffn.0.weight"),
+    "num_layers": (lambda c: c.num_layers, "blocks.N"),
+    "in_channels": (lambda c: c.in_dim, "patch_embedding.weight"),
+    "out_channels": (lambda c: c.out_dim, "head.head.weight"),
+    "freq_dim": (lambda c: c.freq_dim, "time_embedding.0.weight"),
+    "text_dim": (lambda c: c.text_dim, "text_embedding.0.weight"),
+    "image_dim": (lambda c: c.clip_dim if c.image_branch else None, "img_emb.proj.1.weight"),
+    "added_kv_proj_dim": (lambda c: c.dim if c.image_branch else None, "blocks.0.cross_attn.k_img.weight"),
+    "pos_embed_seq_len": (lambda c: c.clip_tokens if c.clip_tokens == CLIP_TOKENS_FLF2V else None, "img_emb.emb_pos"),
+}
+TORCH_DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def is_dit_config_json(cfg: Mapping[str, Any]) -> bool:
+    """True for an official `WanModel` or a diffusers `WanTransformer3DModel` config.json."""
+    cls = cfg.get("_class_name")
+    return cls in ("WanModel", "WanTransformer3DModel") or ("dim" in cfg and "num_layers" in cfg and "in_dim" in cfg)
+
+
+def check_config_json(cfg: DiTConfig, config: Mapping[str, Any], config_path: Path, weights: str,
+                      task: str | None = None, precision: str | None = None) -> None:
+    """Raise when a config.json field contradicts what the weights' shapes (or storage dtype) say."""
+    fields = _DIFFUSERS_FIELDS if config.get("_class_name") == "WanTransformer3DModel" or "num_attention_heads" in config else _OFFICIAL_FIELDS
+    for name, (read, evidence) in fields.items():
+        if name not in config:
+            continue
+        want, have = config[name], read(cfg)
+        if want != have:
+            raise CheckpointError(
+                f"{config_path}: {name} is {want} but the weights in {weights} have {have} (from {evidence})"
+            )
+    if "patch_size" in config and tuple(config["patch_size"]) != tuple(cfg.patch_size):
+        raise CheckpointError(
+            f"{config_path}: patch_size is {config['patch_size']} but the weights in {weights} have {list(cfg.patch_size)}"
+        )
+    model_type = config.get("model_type")
+    if task is not None and model_type in ("t2v", "i2v", "flf2v", "ti2v") and model_type != task:
+        raise CheckpointError(
+            f"{config_path}: model_type is {model_type!r} but the weights in {weights} are a {task} model"
+        )
+    declared = config.get("torch_dtype") or config.get("dtype")
+    if precision is not None and isinstance(declared, str) and declared in TORCH_DTYPE_NAMES:
+        if precision in TORCH_DTYPE_NAMES.values() and TORCH_DTYPE_NAMES[declared] != precision:
+            raise CheckpointError(
+                f"{config_path}: torch_dtype is {declared!r} but the weights in {weights} are stored as {precision}"
+            )

@@ -1,0 +1,195 @@
+"""LightX2V JSON configs: read them (with `//` comments), pick checkpoint files, keep the sampling keys.
+
+File keys follow LightX2V (`lightx2v/models/runners/wan/wan_runner.py`, `base_model.py`), with one
+deliberate difference: both Wan2.2 experts use the same precedence
+(`<expert>_quantized_ckpt` when `dit_quantized`, else `<expert>_original_ckpt`, else the
+`<expert>_model/` folder); LightX2V ignores `low_noise_original_ckpt` when quantized.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from engines.model import SamplingDefaults
+
+from .safetensors_file import CheckpointError
+
+# Every scheme below reads the same file format: per-output-channel symmetric fp8 e4m3 / int8
+# weights with `<layer>.weight_scale` [out,1]; only LightX2V's kernel differs.
+SUPPORTED_QUANT_SCHEMES = (
+    "fp8-vllm", "int8-vllm", "fp8-sgl", "int8-sgl", "fp8-q8f", "int8-q8f",
+    "fp8-triton", "int8-triton", "fp8-torchao", "int8-torchao",
+)
+NOT_QUANTIZED = ("Default", "", None)
+EXPERT_KEYS = {
+    "dit": ("dit_quantized_ckpt", "dit_original_ckpt"),
+    "high_noise": ("high_noise_quantized_ckpt", "high_noise_original_ckpt"),
+    "low_noise": ("low_noise_quantized_ckpt", "low_noise_original_ckpt"),
+}
+SAMPLING_KEYS = (
+    "denoising_step_list", "sample_shift", "sample_guide_scale", "enable_cfg", "boundary",
+    "boundary_step_index", "infer_steps", "target_video_length", "target_height", "target_width", "fps",
+)
+
+
+def strip_json_comments(text: str) -> str:
+    """Remove `//` line comments and `/* */` block comments outside JSON strings."""
+    out: list[str] = []
+    i, n, in_string = 0, len(text), False
+    while i < n:
+        c = text[i]
+        if in_string:
+            out.append(c)
+            if c == "\\" and i + 1 < n:
+                out.append(text[i + 1])
+                i += 1
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+            out.append(c)
+        elif text.startswith("//", i):
+            while i < n and text[i] != "\n":
+                i += 1
+            continue
+        elif text.startswith("/*", i):
+            end = text.find("*/", i + 2)
+            i = n if end < 0 else end + 2
+            out.append(" ")
+            continue
+        else:
+            out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict[str, Any]:
+    """A JSON object from a file that may hold `//` comments; errors name the file and the line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read {what} ({e})") from None
+    try:
+        obj = json.loads(strip_json_comments(text))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid {what}: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: {what} must hold a JSON object, not {type(obj).__name__}")
+    return obj
+
+
+def quant_scheme(config: dict[str, Any], config_path: Path) -> str | None:
+    """The DiT quantization scheme when `dit_quantized` is on (validated), else None."""
+    if not config.get("dit_quantized", False):
+        return None
+    scheme = config.get("dit_quant_scheme")
+    if scheme in NOT_QUANTIZED:
+        raise CheckpointError(
+            f"{config_path}: dit_quantized is true but dit_quant_scheme is {scheme!r}; supported: {', '.join(SUPPORTED_QUANT_SCHEMES)}"
+        )
+    if scheme not in SUPPORTED_QUANT_SCHEMES:
+        raise CheckpointError(
+            f"{config_path}: dit_quant_scheme {scheme!r} is not supported; supported (per-channel fp8 e4m3 / int8"
+            f" with weight_scale [out,1]): {', '.join(SUPPORTED_QUANT_SCHEMES)}"
+        )
+    return scheme
+
+
+def scheme_precision(scheme: str) -> str:
+    """Storage dtype of the block linears a scheme reads: "fp8_e4m3" or "int8"."""
+    return "int8" if scheme.startswith("int8") else "fp8_e4m3"
+
+
+def config_file(config: dict[str, Any], key: str, config_path: Path) -> Path | None:
+    """The existing file or folder a path-valued config key names (None when unset).
+
+    Relative paths are tried against the working directory (as LightX2V does), then the
+    config's folder, then `model_path`."""
+    value = config.get(key)
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str):
+        raise CheckpointError(f"{config_path}: {key} must be a path string, not {value!r}")
+    p = Path(value).expanduser()
+    tried = [p] if p.is_absolute() else [Path.cwd() / p, config_path.parent / p]
+    if not p.is_absolute() and isinstance(config.get("model_path"), str):
+        tried.append(Path(config["model_path"]).expanduser() / p)
+    for cand in tried:
+        if cand.exists():
+            return cand
+    where = " or ".join(str(t) for t in dict.fromkeys(tried))
+    raise CheckpointError(f"{config_path}: {key} points at {value!r}, which does not exist (looked for {where})")
+
+
+def expert_checkpoint(config: dict[str, Any], expert: str, config_path: Path) -> tuple[Path | None, str | None]:
+    """The file/folder the config names for one expert, and the key that named it (symmetric precedence)."""
+    quantized_key, original_key = EXPERT_KEYS[expert]
+    if config.get("dit_quantized", False):
+        p = config_file(config, quantized_key, config_path)
+        if p is not None:
+            return p, quantized_key
+    p = config_file(config, original_key, config_path)
+    return (p, original_key) if p is not None else (None, None)
+
+
+def names_moe(config: dict[str, Any]) -> bool:
+    """True when the config selects Wan2.2 two-expert checkpoints."""
+    keys = EXPERT_KEYS["high_noise"] + EXPERT_KEYS["low_noise"]
+    return any(config.get(k) for k in keys) or "moe" in str(config.get("model_cls", ""))
+
+
+def _guide_scale(value: Any, config_path: Path) -> tuple[float, float]:
+    """LightX2V's `sample_guide_scale` (a number, or [high_noise, low_noise]) as our (low_noise, high_noise)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value), float(value)
+    if isinstance(value, list) and len(value) in (1, 2) and all(isinstance(v, (int, float)) for v in value):
+        high, low = float(value[0]), float(value[-1])  # wan_runner: [0] while high-noise, [1] while low-noise
+        return low, high
+    raise CheckpointError(f"{config_path}: sample_guide_scale must be a number or [high_noise, low_noise], not {value!r}")
+
+
+def sampling_from_config(base: SamplingDefaults, config: dict[str, Any], config_path: Path) -> SamplingDefaults:
+    """Family defaults overridden by the config's sampling keys (absent keys keep the defaults).
+
+    A `denoising_step_list` selects the step-distilled sampler; without `enable_cfg` it also
+    turns CFG off, as in every LightX2V distill config (LightX2V's own default is off)."""
+
+    def number(key: str, kind: type) -> Any:
+        v = config[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and int(v) != v):
+            raise CheckpointError(f"{config_path}: {key} must be {'an integer' if kind is int else 'a number'}, not {v!r}")
+        return kind(v)
+
+    s = replace(base)
+    if "denoising_step_list" in config:
+        steps = config["denoising_step_list"]
+        if not (isinstance(steps, list) and steps and all(isinstance(t, int) and 0 <= t <= 1000 for t in steps)):
+            raise CheckpointError(f"{config_path}: denoising_step_list must be a list of timesteps in [0, 1000], not {steps!r}")
+        s = replace(s, sampler="distill", denoising_step_list=list(steps), steps=len(steps), enable_cfg=False)
+    elif "infer_steps" in config:
+        s = replace(s, steps=number("infer_steps", int))
+    if "sample_shift" in config:
+        s = replace(s, shift=number("sample_shift", float))
+    if "sample_guide_scale" in config:
+        s = replace(s, guide_scale=_guide_scale(config["sample_guide_scale"], config_path))
+    if "enable_cfg" in config:
+        if not isinstance(config["enable_cfg"], bool):
+            raise CheckpointError(f"{config_path}: enable_cfg must be true or false, not {config['enable_cfg']!r}")
+        s = replace(s, enable_cfg=config["enable_cfg"])
+    if "boundary" in config:
+        s = replace(s, boundary=number("boundary", float))
+    if "boundary_step_index" in config:
+        s = replace(s, boundary_step_index=number("boundary_step_index", int))
+    for key, field in (("target_video_length", "frames"), ("target_height", "height"), ("target_width", "width"), ("fps", "fps")):
+        if key in config:
+            s = replace(s, **{field: number(key, int)})
+    if s.max_area is not None and (s.height, s.width) != (base.height, base.width):
+        s = replace(s, max_area=s.height * s.width)  # i2v: the target area follows the configured size
+    return s

@@ -1,0 +1,431 @@
+"""Resolve what a user points at (folder, file or LightX2V config) into a described Wan model.
+
+`resolve_model` reads headers only: it finds each DiT expert's files, builds a lazy
+`CheckpointView`, infers the architecture from shapes (cross-checked against config.json),
+decides family and task, finds the T5 / CLIP / VAE / tokenizer companions, and turns the
+config's sampling keys into `SamplingDefaults`.
+
+Family/task rules (shapes): two experts -> wan2.2 A14B (in_dim 16 t2v, 36 i2v); out_dim 48 ->
+wan2.2 ti2v; in_dim 36 with img_emb -> wan2.1 i2v (flf2v with img_emb.emb_pos); in_dim 36
+without img_emb -> wan2.2 i2v; in_dim 16 -> wan2.1 t2v.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engines.defaults import default_sampling
+from engines.model import DiTConfig, SamplingDefaults
+
+from . import lightx2v_config as lx
+from .companions import (
+    CLIP_FILE, T5_FILE, VAE_FILES, Companion, candidate_files, find_tokenizer, pick, read_companion,
+)
+from .dit_config import check_config_json, describe, infer_dit_config, is_dit_config_json
+from .keys import looks_like_lora, normalize_keys
+from .safetensors_file import CheckpointError, SafetensorsFile
+from .view import WEIGHT_FILE_SUFFIXES, CheckpointView, TensorSource, open_source
+
+INDEX_SUFFIX = ".safetensors.index.json"
+MOE_FOLDERS = {"high_noise": "high_noise_model", "low_noise": "low_noise_model"}
+DIFFUSERS_FOLDERS = {"high_noise": "transformer", "low_noise": "transformer_2"}  # diffusers: transformer runs at high noise
+
+
+@dataclass
+class Expert:
+    """One DiT expert: its name ("dit", "high_noise", "low_noise") and a lazy view of its weights."""
+
+    name: str
+    view: CheckpointView
+    location: Path  # the file or folder it was read from
+    config_json: Path | None = None  # the config.json its shapes were checked against
+
+    @property
+    def files(self) -> list[Path]:
+        return list(self.view.files)
+
+    @property
+    def layout(self) -> str:
+        return self.view.layout
+
+
+@dataclass
+class ResolvedModel:
+    """Everything known about a Wan model before any weight is read."""
+
+    family: str
+    task: str
+    experts: list[Expert]
+    dit: DiTConfig
+    text_encoder: Path | None
+    image_encoder: Path | None
+    vae: Path | None
+    vae_version: str | None
+    tokenizer: Path | None
+    sampling: SamplingDefaults
+    config: dict[str, Any] | None
+    source: Path
+    config_path: Path | None = None
+    notes: list[str] = field(default_factory=list)  # non-fatal findings worth showing the user
+
+    def expert(self, name: str) -> Expert:
+        for e in self.experts:
+            if e.name == name:
+                return e
+        raise KeyError(name)
+
+    def to_json(self) -> dict[str, Any]:
+        """The `inspect --json` document."""
+        experts = []
+        for e in self.experts:
+            experts.append({
+                "name": e.name,
+                "files": [str(p) for p in e.files],
+                "layout": e.layout,
+                "precision": e.view.precision,
+                "scale": e.view.scale,
+                "num_params": e.view.num_params,
+                "num_tensors": len(e.view),
+                "unknown_keys": list(e.view.unknown_keys),
+            })
+        d = self.dit
+        return {
+            "family": self.family,
+            "task": self.task,
+            "experts": experts,
+            "dit": {
+                "dim": d.dim, "ffn_dim": d.ffn_dim, "num_heads": d.num_heads, "num_layers": d.num_layers,
+                "in_dim": d.in_dim, "out_dim": d.out_dim, "text_dim": d.text_dim, "freq_dim": d.freq_dim,
+                "image_branch": d.image_branch, "clip_dim": d.clip_dim if d.image_branch else None,
+                "clip_tokens": d.clip_tokens, "patch_size": list(d.patch_size),
+            },
+            "text_encoder": _str(self.text_encoder),
+            "image_encoder": _str(self.image_encoder),
+            "vae": _str(self.vae),
+            "vae_version": self.vae_version,
+            "tokenizer": _str(self.tokenizer),
+            "sampling": self.sampling.to_dict(),
+            "config": _str(self.config_path),
+            "notes": list(self.notes),
+        }
+
+
+def _str(p: Path | None) -> str | None:
+    return None if p is None else str(p)
+
+
+# --------------------------------------------------------------------------------------------
+# Locating one expert's weight files
+
+
+def _read_index(index: Path) -> list[Path]:
+    """The shard files a `*.safetensors.index.json` names, each checked to exist."""
+    data = lx.read_json(index, "safetensors index")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: safetensors index without a weight_map")
+    shards = list(dict.fromkeys(str(v) for v in weight_map.values()))
+    paths = [index.parent / s for s in shards]
+    for p in paths:
+        if not p.is_file():
+            raise CheckpointError(f"{index}: names shard {p.name}, which is missing from {index.parent}")
+    return paths
+
+
+def _check_index(index: Path, sources: list[TensorSource]) -> None:
+    """Every key the index lists is in the shard it names."""
+    weight_map = lx.read_json(index, "safetensors index")["weight_map"]
+    by_name = {s.path.name: s for s in sources}
+    for key, shard in weight_map.items():
+        if key not in by_name[str(shard)].keys():
+            raise CheckpointError(f"{index}: lists tensor {key!r} in {shard}, but {shard} has no such tensor")
+
+
+def _file_kind(path: Path) -> str:
+    """"dit", "lora" or "other" from a weights file's header."""
+    keys = open_source(path).keys()
+    if looks_like_lora(keys):
+        return "lora"
+    km = normalize_keys(keys)
+    return "dit" if km.to_source and len(km.to_source) >= len(km.unknown) else "other"
+
+
+def _lora_error(path: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: is a LoRA (lora_up/lora_down or diff keys), not a model; pass the base model as the model"
+        " and this file with --lora"
+    )
+
+
+def _folder_files(folder: Path, expert: str) -> tuple[list[Path], Path | None]:
+    """The DiT files in a folder (index honoured; one candidate auto-picked), and the index used."""
+    indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
+    if len(indexes) > 1:
+        raise CheckpointError(f"{folder}: several safetensors indexes ({', '.join(p.name for p in indexes)}); keep one")
+    if indexes:
+        return _read_index(indexes[0]), indexes[0]
+    files = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors" and p.is_file())
+    if not files:
+        if not any(folder.iterdir()):
+            raise CheckpointError(f"{folder}: empty folder: no model files")
+        raise CheckpointError(f"{folder}: no .safetensors DiT weights found")
+    kinds = {p: _file_kind(p) for p in files}
+    dits = [p for p in files if kinds[p] == "dit"]
+    if not dits:
+        loras = [p for p in files if kinds[p] == "lora"]
+        if loras:
+            raise _lora_error(loras[0])
+        raise CheckpointError(f"{folder}: no Wan DiT weights among {', '.join(p.name for p in files)}")
+    if len(dits) > 1:
+        quantized, original = lx.EXPERT_KEYS[expert]
+        raise CheckpointError(
+            f"{folder}: several candidate DiT files ({', '.join(p.name for p in dits)}) and no index;"
+            f" choose one with the config key {original!r} (or {quantized!r} with dit_quantized)"
+        )
+    return dits, None
+
+
+def _dit_config_json(folder: Path) -> Path | None:
+    p = folder / "config.json"
+    return p if p.is_file() and is_dit_config_json(lx.read_json(p, "config.json")) else None
+
+
+def _open_expert(name: str, location: Path, root: Path | None) -> Expert:
+    """Build one expert's view from a weights file or a folder."""
+    if location.is_dir():
+        files, index = _folder_files(location, name)
+        folder = location
+    elif location.is_file():
+        if location.suffix not in WEIGHT_FILE_SUFFIXES:
+            raise CheckpointError(f"{location}: unsupported weights file type {location.suffix!r}; expected .safetensors or .pth")
+        files, index, folder = [location], None, location.parent
+    else:
+        raise CheckpointError(f"{location}: no such file or folder")
+    sources = [open_source(p) for p in files]
+    if any(looks_like_lora(s.keys()) for s in sources):
+        raise _lora_error(next(s.path for s in sources if looks_like_lora(s.keys())))
+    view = CheckpointView(sources)
+    if index is not None:
+        _check_index(index, sources)
+        if view.layout == "official" and any(p.name == "non_block.safetensors" for p in files):
+            view.layout = "lightx2v"  # LightX2V --save_by_block: block_N + non_block + index
+    config_json = _dit_config_json(folder)
+    if config_json is None and root is not None and root != folder:
+        config_json = _dit_config_json(root)
+    return Expert(name, view, location, config_json)
+
+
+def _where(expert: Expert) -> str:
+    files = expert.files
+    return str(files[0]) if len(files) == 1 else f"{expert.location} ({len(files)} files)"
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+
+
+def resolve_model(path: str | os.PathLike, config: str | os.PathLike | None = None) -> ResolvedModel:
+    """Describe the Wan model at `path` (folder, weights file or LightX2V config), optionally with a LightX2V config."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    cfg: dict[str, Any] | None = None
+    cfg_path: Path | None = Path(config).expanduser() if config is not None else None
+    if cfg_path is not None:
+        cfg = lx.read_json(cfg_path, "LightX2V config")
+    if path.is_file() and path.suffix == ".json":
+        path, cfg, cfg_path = _json_argument(path, cfg, cfg_path)
+
+    root = path if path.is_dir() else path.parent
+    notes: list[str] = []
+    scheme = lx.quant_scheme(cfg, cfg_path) if cfg is not None else None
+    experts = _locate_experts(path, root, cfg, cfg_path, notes)
+    for e in experts:
+        if looks_like_lora(e.view.keymap.unknown) and not e.view.keymap.to_source:
+            raise _lora_error(e.files[0])
+    dit = _dit_config(experts)
+    family, task = _family_task(experts, dit)
+    for e in experts:
+        if e.config_json is not None:
+            check_config_json(dit, lx.read_json(e.config_json, "config.json"), e.config_json, _where(e), task, e.view.precision)
+        if e.view.unknown_keys:
+            shown = ", ".join(e.view.unknown_keys[:3])
+            notes.append(f"{e.name}: {len(e.view.unknown_keys)} unknown tensor(s) ignored ({shown})")
+        if len(e.view.precisions) > 1:
+            notes.append(f"{e.name}: block linears are stored in mixed precisions {e.view.precisions}")
+    if scheme is not None:
+        _check_scheme(experts, scheme, cfg_path)
+    elif any(e.view.precision in ("fp8_e4m3", "int8") for e in experts) and cfg is not None:
+        notes.append("the DiT is stored as fp8/int8 but the config does not set dit_quantized; the scales in the file are used")
+
+    companion_roots = [root] + ([Path(cfg["model_path"]).expanduser()] if cfg and isinstance(cfg.get("model_path"), str) else [])
+    t5, clip, vae, tokenizer = _companions(companion_roots, experts, dit, cfg, cfg_path, notes)
+
+    sampling = default_sampling(family, task, dim=dit.dim, moe=len(experts) == 2)
+    if cfg is not None:
+        sampling = lx.sampling_from_config(sampling, cfg, cfg_path)
+    if dit.image_branch and clip is None:
+        notes.append(f"{family} {task} needs the CLIP image encoder ({CLIP_FILE}) but none was found")
+    if t5 is None:
+        notes.append(f"no T5 text encoder ({T5_FILE}) found")
+    return ResolvedModel(
+        family=family, task=task, experts=experts, dit=dit,
+        text_encoder=t5.path if t5 else None,
+        image_encoder=clip.path if clip else None,
+        vae=vae.path if vae else None,
+        vae_version=vae.version if vae else None,
+        tokenizer=tokenizer,
+        sampling=sampling, config=cfg, source=path, config_path=cfg_path, notes=notes,
+    )
+
+
+def _json_argument(path: Path, cfg: dict | None, cfg_path: Path | None) -> tuple[Path, dict | None, Path | None]:
+    """A .json PATH: a DiT config.json or index stands for its folder; anything else is a LightX2V config."""
+    data = lx.read_json(path)
+    if is_dit_config_json(data) or "weight_map" in data:
+        return path.parent, cfg, cfg_path
+    if cfg is not None:
+        raise CheckpointError(f"{path}: a LightX2V config given as the model while --config {cfg_path} is given too; pass one")
+    model_path = data.get("model_path")
+    if isinstance(model_path, str) and model_path:
+        root = Path(model_path).expanduser()
+        if not root.is_absolute() and not root.exists():
+            root = path.parent / root
+        if not root.exists():
+            raise CheckpointError(f"{path}: model_path points at {model_path!r}, which does not exist")
+        return root, data, path
+    return path.parent, data, path
+
+
+def _locate_experts(path: Path, root: Path, cfg: dict | None, cfg_path: Path | None, notes: list[str]) -> list[Expert]:
+    """The DiT expert(s): MoE when the config names experts or the folder has expert subfolders."""
+    folder = path if path.is_dir() else None
+    moe_folders = folder is not None and all((folder / f).is_dir() for f in MOE_FOLDERS.values())
+    diffusers_moe = folder is not None and all((folder / f).is_dir() for f in DIFFUSERS_FOLDERS.values())
+    if (cfg is not None and lx.names_moe(cfg)) or moe_folders or diffusers_moe:
+        if cfg is not None and any(cfg.get(k) for k in lx.EXPERT_KEYS["dit"]):
+            notes.append("dit_original_ckpt / dit_quantized_ckpt are ignored for a two-expert (Wan2.2 A14B) model")
+        experts = []
+        for name in ("high_noise", "low_noise"):
+            location, _ = lx.expert_checkpoint(cfg, name, cfg_path) if cfg is not None else (None, None)
+            if location is None:
+                sub = DIFFUSERS_FOLDERS[name] if diffusers_moe and not moe_folders else MOE_FOLDERS[name]
+                location = root / sub
+                if not location.is_dir():
+                    q, o = lx.EXPERT_KEYS[name]
+                    raise CheckpointError(
+                        f"{root}: no {MOE_FOLDERS[name]}/ folder for the {name} expert; set {o!r} (or {q!r}) in the config"
+                    )
+            experts.append(_open_expert(name, location, root))
+        return experts
+    location = None
+    if cfg is not None:
+        location, _ = lx.expert_checkpoint(cfg, "dit", cfg_path)
+    if location is None:
+        location = path
+        if folder is not None and (folder / "transformer").is_dir() and not any(folder.glob("*.safetensors")):
+            location = folder / "transformer"  # diffusers pipeline folder
+    return [_open_expert("dit", location, root)]
+
+
+def _dit_config(experts: list[Expert]) -> DiTConfig:
+    configs = [infer_dit_config(e.view.shapes(), _where(e)) for e in experts]
+    if len(configs) == 2 and configs[0] != configs[1]:
+        raise CheckpointError(
+            f"the high_noise expert ({_where(experts[0])}: {describe(configs[0])}) and the low_noise expert"
+            f" ({_where(experts[1])}: {describe(configs[1])}) have different architectures"
+        )
+    return configs[0]
+
+
+def _family_task(experts: list[Expert], dit: DiTConfig) -> tuple[str, str]:
+    where = _where(experts[0])
+    if len(experts) == 2:
+        tasks = {16: "t2v", 36: "i2v"}
+        if dit.in_dim not in tasks or dit.out_dim != 16:
+            raise CheckpointError(f"{where}: a two-expert model with in_dim {dit.in_dim}, out_dim {dit.out_dim}; Wan2.2 A14B has 16 or 36 in, 16 out")
+        return "wan2.2", tasks[dit.in_dim]
+    if dit.out_dim == 48:
+        if dit.in_dim != 48:
+            raise CheckpointError(f"{where}: out_dim 48 (Wan2.2 TI2V-5B) needs in_dim 48, found {dit.in_dim}")
+        return "wan2.2", "ti2v"
+    if dit.out_dim != 16:
+        raise CheckpointError(f"{where}: out_dim {dit.out_dim}; Wan models output 16 (Wan2.1 VAE) or 48 (Wan2.2 VAE) channels")
+    if dit.in_dim == 36:
+        if dit.image_branch:
+            return "wan2.1", "flf2v" if dit.clip_tokens == 514 else "i2v"
+        return "wan2.2", "i2v"
+    if dit.in_dim == 16:
+        if dit.image_branch:
+            raise CheckpointError(f"{where}: an image branch (img_emb) with in_dim 16; Wan i2v/flf2v models take 36 channels")
+        return "wan2.1", "t2v"
+    raise CheckpointError(f"{where}: in_dim {dit.in_dim}; Wan DiTs take 16 (t2v), 36 (i2v/flf2v) or 48 (ti2v) channels")
+
+
+def _check_scheme(experts: list[Expert], scheme: str, cfg_path: Path) -> None:
+    want = lx.scheme_precision(scheme)
+    for e in experts:
+        if e.view.precision != want or e.view.scale != "per_channel":
+            scale = e.view.scale or "no scale"
+            raise CheckpointError(
+                f"{cfg_path}: dit_quant_scheme {scheme!r} reads {want} block linears with per-channel weight_scale,"
+                f" but {_where(e)} stores them as {e.view.precision} ({scale})"
+            )
+
+
+def _companions(roots: list[Path], experts: list[Expert], dit: DiTConfig, cfg: dict | None, cfg_path: Path | None,
+                notes: list[str]) -> tuple[Companion | None, Companion | None, Companion | None, Path | None]:
+    """T5, CLIP, VAE and tokenizer: from config keys when set, else typed files in the model folder."""
+    dit_files = {p.resolve() for e in experts for p in e.files}
+    found: dict[str, list[Companion]] = {"t5": [], "clip": [], "vae": []}
+    for p in candidate_files(roots, dit_files):
+        if p.suffix == ".safetensors" and _safetensors_is_dit_or_lora(p):
+            continue
+        c = read_companion(p)
+        if c is not None:
+            found[c.kind].append(c)
+    chosen: dict[str, Companion | None] = {}
+    for kind, key in (("t5", "t5_original_ckpt"), ("clip", "clip_original_ckpt"), ("vae", "vae_path")):
+        explicit = lx.config_file(cfg, key, cfg_path) if cfg is not None else None
+        if explicit is not None:
+            c = read_companion(explicit) if explicit.is_file() else None
+            if c is None or c.kind != kind:
+                raise CheckpointError(f"{cfg_path}: {key} points at {explicit}, which is not a {kind.upper()} checkpoint")
+            chosen[kind] = c
+            continue
+        cands = found[kind]
+        if kind == "vae":
+            fitting = [c for c in cands if c.width == dit.out_dim]
+            cands = fitting or cands
+        official = VAE_FILES.get("2.2" if dit.out_dim == 48 else "2.1") if kind == "vae" else {"t5": T5_FILE, "clip": CLIP_FILE}[kind]
+        chosen[kind] = pick(kind.upper(), cands, official, key)
+    if cfg is not None and cfg.get("t5_quantized"):
+        notes.append("t5_quantized is ignored: the bf16 T5 is exported and quantized by the engine build")
+    t5, clip, vae = chosen["t5"], chosen["clip"], chosen["vae"]
+    if t5 is not None and t5.width != dit.text_dim:
+        raise CheckpointError(f"{t5.path}: T5 width {t5.width} does not match the DiT's text_dim {dit.text_dim}")
+    if clip is not None and dit.image_branch and clip.width != dit.clip_dim:
+        raise CheckpointError(f"{clip.path}: CLIP width {clip.width} does not match the DiT's img_emb input {dit.clip_dim}")
+    if clip is not None and not dit.image_branch:
+        clip = None  # Wan2.2 folders and t2v models use no image encoder
+    if vae is not None and vae.width != dit.out_dim:
+        raise CheckpointError(
+            f"{vae.path}: Wan{vae.version} VAE has z_dim {vae.width} but the DiT outputs {dit.out_dim} latent channels"
+        )
+    tokenizer = None
+    explicit_tok = lx.config_file(cfg, "t5_tokenizer_path", cfg_path) if cfg is not None else None
+    if explicit_tok is not None:
+        if not (explicit_tok / "tokenizer.json").is_file():
+            raise CheckpointError(f"{cfg_path}: t5_tokenizer_path points at {explicit_tok}, which holds no tokenizer.json")
+        tokenizer = explicit_tok
+    else:
+        tokenizer = find_tokenizer(roots)
+    return t5, clip, vae, tokenizer
+
+
+def _safetensors_is_dit_or_lora(path: Path) -> bool:
+    keys = SafetensorsFile(path).keys()
+    return looks_like_lora(keys) or bool(normalize_keys(keys).to_source)

@@ -1,0 +1,467 @@
+"""`make-tiny-model`: random Wan checkpoints in the real on-disk layouts, for tests, demos and benchmarks.
+
+What each layout writes (file names from the Wan-AI / LightX2V / diffusers releases):
+
+- `official`: `diffusion_pytorch_model-0000N-of-0000M.safetensors` (fp32, as the Wan-AI repos)
+  + `diffusion_pytorch_model.safetensors.index.json` + `config.json` (`WanModel` fields); a DiT
+  that fits one 10 GB shard is a single `diffusion_pytorch_model.safetensors` (as T2V-1.3B).
+- `lightx2v-bf16` / `-fp8` / `-int8`: one `wan2.1_..._lightx2v_4step.safetensors` file; fp8 e4m3 /
+  int8 block linears with per-output-channel `<layer>.weight_scale` [out,1] (bf16, the dtype of a
+  bf16 source); every other tensor bf16 (LightX2V `tools/convert`, `--non_linear_dtype bf16`).
+- `comfyui-fp8`: the `_comfyui` variant: fp8 block linears with a per-tensor fp32 scalar
+  `<layer>.scale_weight` and the `scaled_fp8` marker (fp8 zeros(2)).  Keys are bare official
+  names, as LightX2V's converter writes them; ComfyUI (`unet_prefix_from_state_dict`) and Kijai's
+  loader accept both bare and `model.diffusion_model.` keys, and so does `inspect`.
+- `diffusers`: `model_index.json`, `transformer/` (+ `transformer_2/` = low-noise expert for
+  Wan2.2 A14B) holding `WanTransformer3DModel` weights (fp32, sharded + index) and config,
+  `scheduler/`, `tokenizer/`.  The diffusers-format `text_encoder/`, `vae/`, `image_encoder/`
+  are not written (see the report: no loader reads them).
+
+Wan2.2 A14B writes `high_noise_model/` and `low_noise_model/` (official and LightX2V layouts).
+Companions (all but diffusers): `models_t5_umt5-xxl-enc-bf16.pth` (bf16), for Wan2.1 i2v/flf2v
+`models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth` (fp16, `visual.*` + `log_scale`),
+`Wan2.1_VAE.pth` / `Wan2.2_VAE.pth` (fp32), and `google/umt5-xxl/` (tokenizer.json: Unigram +
+Metaspace with `<pad>`=0, `</s>`=1, `<unk>`=2, `</s>` appended).
+
+Weights are random but deterministic: each tensor's generator is seeded from (seed, expert,
+official key), so every layout of one seed holds the same real values.  `--dims 1.3B|14B|5B[:N]`
+writes real-sized DiT shapes with N layers, streamed one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import click
+import torch
+from tqdm import tqdm
+
+from engines.defaults import NEGATIVE_PROMPT
+from engines.errors import WanrtError
+from engines.model import DiTConfig
+from export.checkpoint.dit_config import CLIP_TOKENS_FLF2V, CLIP_TOKENS_I2V, HEAD_DIM, expected_shapes
+from export.checkpoint.keys import official_to_diffusers
+from export.checkpoint.safetensors_writer import SafetensorsWriter, TensorSpec
+from export.checkpoint.view import is_block_linear
+
+FAMILY_TASKS = {"wan2.1": ("t2v", "i2v", "flf2v"), "wan2.2": ("t2v", "i2v", "ti2v")}
+LAYOUTS = ("official", "lightx2v-bf16", "lightx2v-fp8", "lightx2v-int8", "comfyui-fp8", "diffusers")
+# name -> (dim, ffn_dim, num_layers) of the released models (wan/configs/*.py)
+REAL_DIMS = {"1.3B": (1536, 8960, 30), "14B": (5120, 13824, 40), "5B": (3072, 14336, 30)}
+TINY_DIMS = (2 * HEAD_DIM, 512, 2)
+TASK_CHANNELS = {"t2v": (16, 16), "i2v": (36, 16), "flf2v": (36, 16), "ti2v": (48, 48)}
+REAL_TEXT_DIM, REAL_CLIP_DIM = 4096, 1280
+FP8_MAX, INT8_MAX = 448.0, 127.0
+OFFICIAL_SHARD_BYTES = 10 * 1024**3  # the Wan-AI shards are ~10 GB
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in umt5
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One tensor as a layout stores it: its key, dtype and shape."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+# --------------------------------------------------------------------------------------------
+# Random weights
+
+
+def tensor_seed(seed: int, component: str, key: str) -> int:
+    """A stable 63-bit seed for one tensor of one component."""
+    digest = hashlib.sha256(f"{seed}:{component}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def random_tensor(key: str, shape: tuple[int, ...], seed: int, component: str) -> torch.Tensor:
+    """Deterministic fp32 values of realistic size for a parameter named `key`.
+
+    Norm gains are near 1, biases and embeddings small, matrices ~ N(0, 1/fan_in) (so activations
+    stay O(1) through the layers), modulation tables ~ N(0, 1/dim) as the official init."""
+    g = torch.Generator().manual_seed(tensor_seed(seed, component, key))
+    x = torch.randn(shape, generator=g, dtype=torch.float32)
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf == "gamma" or (leaf == "weight" and len(shape) == 1):  # RMS/LayerNorm gains (linears are 2-D+)
+        return 1.0 + 0.05 * x
+    if leaf in ("bias", "beta"):
+        return 0.02 * x
+    if leaf == "modulation":
+        return x / math.sqrt(shape[-1])
+    if leaf == "weight" and len(shape) >= 2:
+        fan_in = math.prod(shape[1:])
+        return x / math.sqrt(fan_in)
+    return 0.02 * x
+
+
+# --------------------------------------------------------------------------------------------
+# DiT configs and layouts
+
+
+def parse_dims(dims: str | None) -> tuple[int, int, int]:
+    """(dim, ffn_dim, num_layers) for `None` (tiny) or "1.3B" / "14B" / "5B" with an optional ":LAYERS"."""
+    if dims is None:
+        return TINY_DIMS
+    name, _, layers = dims.partition(":")
+    if name not in REAL_DIMS:
+        raise WanrtError(f"--dims {dims!r}: expected one of {', '.join(REAL_DIMS)}, optionally with ':LAYERS'")
+    dim, ffn, n = REAL_DIMS[name]
+    if layers:
+        if not layers.isdigit() or int(layers) < 1:
+            raise WanrtError(f"--dims {dims!r}: LAYERS must be a positive integer")
+        n = int(layers)
+    return dim, ffn, n
+
+
+def check_family_task(family: str, task: str) -> None:
+    if family not in FAMILY_TASKS:
+        raise WanrtError(f"unknown family {family!r}; expected one of {', '.join(FAMILY_TASKS)}")
+    if task not in FAMILY_TASKS[family]:
+        raise WanrtError(f"{family} has no {task!r} model; its tasks are {', '.join(FAMILY_TASKS[family])}")
+
+
+def tiny_dit_config(family: str, task: str, dims: str | None = None) -> DiTConfig:
+    """The DiT a tiny model of this family/task gets (text/CLIP widths match the written companions)."""
+    from export.models.clip import CLIPVisionConfig
+    from export.models.t5 import T5Config
+
+    check_family_task(family, task)
+    dim, ffn, layers = parse_dims(dims)
+    in_dim, out_dim = TASK_CHANNELS[task]
+    image_branch = family == "wan2.1" and task in ("i2v", "flf2v")
+    return DiTConfig(
+        dim=dim, ffn_dim=ffn, num_heads=dim // HEAD_DIM, num_layers=layers, in_dim=in_dim, out_dim=out_dim,
+        text_dim=REAL_TEXT_DIM if dims else T5Config.tiny().dim,
+        image_branch=image_branch,
+        clip_tokens=(CLIP_TOKENS_FLF2V if task == "flf2v" else CLIP_TOKENS_I2V) if image_branch else None,
+        clip_dim=REAL_CLIP_DIM if dims else CLIPVisionConfig.tiny().width,
+    )
+
+
+def stored_tensors(layout: str, key: str, shape: tuple[int, ...]) -> list[Stored]:
+    """How a layout stores one official tensor (a quantized weight brings its scale)."""
+    if layout == "official":
+        return [Stored(key, torch.float32, shape)]
+    if layout == "diffusers":
+        return [Stored(official_to_diffusers(key), torch.float32, shape)]
+    quantized = layout in ("lightx2v-fp8", "lightx2v-int8", "comfyui-fp8") and is_block_linear(key)
+    if not quantized:
+        return [Stored(key, torch.bfloat16, shape)]
+    qtype = torch.int8 if layout == "lightx2v-int8" else torch.float8_e4m3fn
+    if layout == "comfyui-fp8":
+        return [Stored(key, qtype, shape), Stored(key[: -len(".weight")] + ".scale_weight", torch.float32, ())]
+    return [Stored(key, qtype, shape), Stored(key + "_scale", torch.bfloat16, (shape[0], 1))]
+
+
+def quantize_per_channel(w: torch.Tensor, qtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """LightX2V `tools/convert/quant`: scale = amax(|w|, dim=1).clamp(1e-5) / qmax, in the source (bf16) dtype."""
+    w = w.to(torch.bfloat16)
+    qmax = INT8_MAX if qtype == torch.int8 else FP8_MAX
+    scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-5) / qmax
+    q = w / scale
+    if qtype == torch.int8:
+        return torch.clamp(torch.round(q), -128, 127).to(torch.int8), scale
+    return q.clamp(-FP8_MAX, FP8_MAX).float().to(qtype), scale
+
+
+def quantize_per_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ComfyUI scaled fp8: one fp32 scale amax(|w|) / 448 for the whole tensor."""
+    scale = (w.abs().max() / FP8_MAX).to(torch.float32)
+    return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def layout_tensors(layout: str, key: str, master: torch.Tensor) -> list[torch.Tensor]:
+    """The stored tensors of one official tensor, in the order of `stored_tensors`."""
+    plan = stored_tensors(layout, key, tuple(master.shape))
+    if len(plan) == 1:
+        return [master.to(plan[0].dtype)]
+    if layout == "comfyui-fp8":
+        return list(quantize_per_tensor(master))
+    return list(quantize_per_channel(master, plan[0].dtype))
+
+
+def lightx2v_file_name(family: str, task: str, layout: str, expert: str) -> str:
+    """LightX2V's published naming (`model_structure.md`); flf2v/ti2v names follow the same pattern."""
+    if family == "wan2.1":
+        stem = {"t2v": "wan2.1_t2v_14b", "i2v": "wan2.1_i2v_480p", "flf2v": "wan2.1_flf2v_720p"}[task]
+    elif task == "ti2v":
+        stem = "wan2.2_ti2v_5b"
+    else:
+        stem = f"wan2.2_{task}_A14b_{expert}"
+    quant = {"lightx2v-bf16": "", "lightx2v-fp8": "scaled_fp8_e4m3_", "lightx2v-int8": "int8_", "comfyui-fp8": "scaled_fp8_e4m3_"}[layout]
+    tail = "_comfyui" if layout == "comfyui-fp8" else ""
+    return f"{stem}_{quant}lightx2v_4step{tail}.safetensors"
+
+
+def official_config_json(cfg: DiTConfig, task: str) -> dict:
+    """config.json as the Wan-AI repos ship it (`WanModel` fields; text_dim is not a config field)."""
+    return {
+        "_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": cfg.dim, "eps": cfg.eps,
+        "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim, "in_dim": cfg.in_dim, "model_type": task,
+        "num_heads": cfg.num_heads, "num_layers": cfg.num_layers, "out_dim": cfg.out_dim, "text_len": cfg.text_len,
+    }
+
+
+def diffusers_config_json(cfg: DiTConfig) -> dict:
+    """transformer/config.json of a `WanTransformer3DModel`."""
+    return {
+        "_class_name": "WanTransformer3DModel", "_diffusers_version": "0.33.0",
+        "added_kv_proj_dim": cfg.dim if cfg.image_branch else None, "attention_head_dim": cfg.head_dim,
+        "cross_attn_norm": True, "eps": cfg.eps, "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim,
+        "image_dim": cfg.clip_dim if cfg.image_branch else None, "in_channels": cfg.in_dim,
+        "num_attention_heads": cfg.num_heads, "num_layers": cfg.num_layers, "out_channels": cfg.out_dim,
+        "patch_size": list(cfg.patch_size),
+        "pos_embed_seq_len": CLIP_TOKENS_FLF2V if cfg.clip_tokens == CLIP_TOKENS_FLF2V else None,
+        "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024, "text_dim": cfg.text_dim,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _shard(plan: list[tuple[str, list[Stored]]], max_bytes: int, min_shards: int) -> list[list[tuple[str, list[Stored]]]]:
+    """Split official keys (in module order) into consecutive shards of near-equal size, each <= `max_bytes` when possible."""
+    sizes = [sum(math.prod(s.shape) * s.dtype.itemsize for s in st) for _, st in plan]
+    total = sum(sizes)
+    n = max(min_shards, math.ceil(total / max_bytes))
+    shards: list[list[tuple[str, list[Stored]]]] = [[] for _ in range(n)]
+    done = 0
+    for item, size in zip(plan, sizes):
+        shards[min(n - 1, done * n // total)].append(item)  # by where the tensor starts
+        done += size
+    return [s for s in shards if s]
+
+
+def write_dit(folder: Path, cfg: DiTConfig, layout: str, seed: int, component: str, file_name: str | None,
+              min_shards: int, progress: Callable[[int], None]) -> list[Path]:
+    """Write one DiT expert into `folder`, streaming one tensor at a time; returns the files written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = [(key, stored_tensors(layout, key, shape)) for key, shape in expected_shapes(cfg).items()]
+    if file_name is not None:  # single file
+        shards = [plan]
+        names = [file_name]
+    else:
+        shards = _shard(plan, OFFICIAL_SHARD_BYTES, min_shards)
+        n = len(shards)
+        names = ["diffusion_pytorch_model.safetensors"] if n == 1 else [
+            f"diffusion_pytorch_model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
+        ]
+    extra: list[tuple[Stored, torch.Tensor]] = []
+    if layout == "comfyui-fp8":
+        extra.append((Stored("scaled_fp8", torch.float8_e4m3fn, (2,)), torch.zeros(2, dtype=torch.float8_e4m3fn)))
+    weight_map: dict[str, str] = {}
+    total = 0
+    written = []
+    for i, (name, shard) in enumerate(zip(names, shards)):
+        shard_extra = extra if i == len(shards) - 1 else []
+        specs = [TensorSpec(s.key, s.dtype, s.shape) for _, st in shard for s in st]
+        specs += [TensorSpec(s.key, s.dtype, s.shape) for s, _ in shard_extra]
+        with SafetensorsWriter(folder / name, specs, metadata={"format": "pt"}, fsync=False) as w:
+            for key, st in shard:
+                master = random_tensor(key, st[0].shape, seed, component)
+                for s, t in zip(st, layout_tensors(layout, key, master)):
+                    w.write(s.key, t)
+                    weight_map[s.key] = name
+                    total += t.numel() * t.element_size()
+                progress(master.numel())
+            for s, t in shard_extra:
+                w.write(s.key, t)
+                weight_map[s.key] = name
+        written.append(folder / name)
+    if len(names) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        _write_json(folder / "diffusion_pytorch_model.safetensors.index.json", index)
+    return written
+
+
+def _dit_folders(family: str, task: str, layout: str) -> list[tuple[str, str]]:
+    """(expert component name, folder relative to OUT) for each DiT expert."""
+    moe = family == "wan2.2" and task in ("t2v", "i2v")
+    if not moe:
+        return [("dit", "transformer" if layout == "diffusers" else ".")]
+    if layout == "diffusers":
+        return [("high_noise", "transformer"), ("low_noise", "transformer_2")]
+    return [("high_noise", "high_noise_model"), ("low_noise", "low_noise_model")]
+
+
+def make_tiny_model(out: Path, family: str, task: str, layout: str = "official", seed: int = 0,
+                    dims: str | None = None) -> Path:
+    """Write a random Wan model of this family/task in `layout` to `out` (atomically); returns `out`."""
+    out = Path(out)
+    check_family_task(family, task)
+    if layout not in LAYOUTS:
+        raise WanrtError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise WanrtError(f"{out}: already exists and is not an empty folder; remove it or choose another path")
+    cfg = tiny_dit_config(family, task, dims)
+    experts = _dit_folders(family, task, layout)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    n_params = sum(math.prod(s) for s in expected_shapes(cfg).values()) * len(experts)
+    try:
+        with tqdm(total=n_params, unit="param", unit_scale=True, desc=f"writing {out.name}",
+                  disable=dims is None, file=None) as bar:
+            for component, rel in experts:
+                folder = tmp / rel
+                single = None if layout in ("official", "diffusers") else lightx2v_file_name(family, task, layout, component)
+                write_dit(folder, cfg, layout, seed, component, single, min_shards=1 if dims else 2, progress=bar.update)
+                if layout == "official":
+                    _write_json(folder / "config.json", official_config_json(cfg, task))
+                elif layout == "diffusers":
+                    _write_json(folder / "config.json", diffusers_config_json(cfg))
+        write_companions(tmp, family, task, layout, seed, cfg, real_widths=dims is not None)
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Companions: T5, CLIP, VAE, tokenizer
+
+
+def _save_pth(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, seed: int, component: str,
+              extra: dict[str, torch.Tensor] | None = None) -> None:
+    state = {k: random_tensor(k, s, seed, component).to(dtype) for k, s in shapes.items()}
+    state.update(extra or {})
+    torch.save(state, path)
+
+
+def write_companions(root: Path, family: str, task: str, layout: str, seed: int, cfg: DiTConfig, real_widths: bool) -> None:
+    """T5 / CLIP / VAE files and the tokenizer folder a real model folder has."""
+    if layout == "diffusers":
+        write_tokenizer(root / "tokenizer")
+        _write_diffusers_pipeline(root, family, task)
+        return
+    from export.models.clip import CLIPVisionConfig, clip_state_shapes
+    from export.models.t5 import T5Config, t5_state_shapes
+    from export.models.vae import VAEConfig, WanVAE
+
+    vocab = write_tokenizer(root / "google" / "umt5-xxl")
+    t5 = T5Config.tiny(vocab_size=embedding_rows(vocab))
+    if real_widths:  # match the real text_dim; one narrow layer keeps the file small
+        t5 = replace(t5, dim=REAL_TEXT_DIM, dim_attn=REAL_TEXT_DIM, num_heads=64, dim_ffn=512, num_layers=1)
+    _save_pth(root / T5_FILE, t5_state_shapes(t5), torch.bfloat16, seed, "t5")
+    if cfg.image_branch:
+        clip = CLIPVisionConfig.tiny()
+        if real_widths:
+            clip = replace(CLIPVisionConfig(), num_layers=2)
+        shapes = {"visual." + k: s for k, s in clip_state_shapes(clip).items()}
+        log_scale = torch.tensor(math.log(1 / 0.07), dtype=torch.float16)  # XLMRobertaCLIP.log_scale
+        _save_pth(root / CLIP_FILE, shapes, torch.float16, seed, "clip", {"log_scale": log_scale})
+    version = "2.2" if task == "ti2v" else "2.1"
+    with torch.device("meta"):
+        vae = WanVAE(VAEConfig.tiny(version))
+    shapes = {k: tuple(t.shape) for k, t in vae.state_dict().items()}
+    _save_pth(root / f"Wan{version}_VAE.pth", shapes, torch.float32, seed, "vae")
+
+
+def _write_diffusers_pipeline(root: Path, family: str, task: str) -> None:
+    """model_index.json and scheduler config of a diffusers Wan pipeline (components this writer makes)."""
+    moe = family == "wan2.2" and task in ("t2v", "i2v")
+    image = task in ("i2v", "flf2v")
+    index = {
+        "_class_name": "WanImageToVideoPipeline" if image else "WanPipeline",
+        "_diffusers_version": "0.35.0",
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "tokenizer": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+    }
+    if moe:
+        index["transformer_2"] = ["diffusers", "WanTransformer3DModel"]
+        index["boundary_ratio"] = 0.9 if task == "i2v" else 0.875
+    if task == "ti2v":
+        index["expand_timesteps"] = True
+    _write_json(root / "model_index.json", index)
+    shift = {"ti2v": 5.0, "flf2v": 16.0}.get(task, 3.0)  # convert_wan_to_diffusers.py
+    _write_json(root / "scheduler" / "scheduler_config.json", {
+        "_class_name": "UniPCMultistepScheduler", "_diffusers_version": "0.35.0", "flow_shift": shift,
+        "num_train_timesteps": 1000, "prediction_type": "flow_prediction", "use_flow_sigmas": True,
+        "solver_order": 2, "predict_x0": True, "solver_type": "bh2", "lower_order_final": True,
+    })
+
+
+def embedding_rows(vocab_size: int) -> int:
+    """Rows of the T5 token embedding: the vocabulary padded to a multiple of 128 (umt5: 256300 -> 256384)."""
+    return -(-vocab_size // 128) * 128
+
+
+def tokenizer_vocab() -> list[tuple[str, float]]:
+    """A small umt5-style Unigram vocabulary: specials, byte fallbacks, then pieces with log-prob scores."""
+    words = (
+        "a an the of and in on at to with through from is are red fox running fresh snow cat dog man woman "
+        "walking sitting city street night day sky sun light water river forest mountain car camera slow "
+        "motion close up shot video of white black blue green yellow girl boy people beautiful cinematic"
+    ).split()
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'\"-:;()"))
+    cjk = sorted({c for c in NEGATIVE_PROMPT if ord(c) > 0x2E80})
+    vocab: list[tuple[str, float]] = [(t, 0.0) for t in SPECIAL_TOKENS]
+    vocab += [(f"<0x{b:02X}>", 0.0) for b in range(256)]
+    vocab.append(("▁", -3.0))
+    vocab += [("▁" + w, -6.0 - 0.1 * i) for i, w in enumerate(words)]
+    vocab += [("▁" + c, -9.0) for c in chars]
+    vocab += [(c, -9.5) for c in chars]
+    vocab += [(c, -8.0) for c in cjk]
+    return vocab
+
+
+def write_tokenizer(folder: Path) -> int:
+    """tokenizer.json (+ tokenizer_config.json, special_tokens_map.json) like google/umt5-xxl; returns the vocab size."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    vocab = tokenizer_vocab()
+    tok = Tokenizer(models.Unigram(vocab, unk_id=SPECIAL_TOKENS.index("<unk>"), byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", SPECIAL_TOKENS.index("</s>"))]
+    )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    specials = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    _write_json(folder / "special_tokens_map.json", specials)
+    _write_json(folder / "tokenizer_config.json", {
+        **specials, "additional_special_tokens": [], "clean_up_tokenization_spaces": True, "extra_ids": 0,
+        "model_max_length": 1000000000000000019884624838656, "tokenizer_class": "T5Tokenizer",
+    })
+    return len(vocab)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+@click.command("make-tiny-model")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--family", type=click.Choice(list(FAMILY_TASKS)), required=True)
+@click.option("--task", type=click.Choice(["t2v", "i2v", "flf2v", "ti2v"]), required=True)
+@click.option("--layout", type=click.Choice(list(LAYOUTS)), default="official", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dims", default=None, metavar="1.3B|14B|5B[:LAYERS]",
+              help="Real-sized DiT shapes (for benchmarks) with an optional number of layers.")
+def make_tiny_model_command(out: Path, family: str, task: str, layout: str, seed: int, dims: str | None) -> None:
+    """Write a random Wan checkpoint in a real on-disk layout (tiny dims unless --dims)."""
+    path = make_tiny_model(out, family, task, layout, seed, dims)
+    click.echo(str(path))
