@@ -1,0 +1,321 @@
+"""Merge LoRAs into a checkpoint view lazily, one base tensor at a time.
+
+`apply_loras(view, loras, expert)` checks every LoRA against the base up front (key forms,
+ranks, shapes; from headers only) and returns a `MergedView`: a read-only view of the merged
+checkpoint in the base's own precision.  Loading a patched tensor computes, in float32,
+
+    W' = W + sum over LoRAs, in order, of strength * scale * (up @ down)   (scale = alpha/rank or 1)
+    W' = W + strength * delta                                              (.diff / .diff_b / .diff_m)
+
+and casts W' back to the stored precision; an fp8/int8 weight is dequantized with its stored
+scales first and requantized with fresh scales in the same layout afterwards (the requantization
+error is recorded in the view's `report`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from calibration.weights import STORAGE_TO_FORMAT, QuantError, QuantErrorSummary, dequantize, quantization_error, quantize_weight
+from export.checkpoint.safetensors_file import NAME_TO_TORCH
+from export.checkpoint.view import QUANTIZED_DTYPES, TensorSource, open_source
+
+from .keys import DeltaTerm, LowRankTerm, resolve_terms
+from .spec import LoraError, LoraSpec
+
+log = logging.getLogger("wanrt.lora")
+
+EXPERTS = ("dit", "high_noise", "low_noise")
+MAX_EXAMPLES = 3
+
+
+@dataclass(frozen=True)
+class LowRankPatch:
+    """`scale * up @ down` (scale already includes the strength) for one base tensor."""
+
+    source: TensorSource
+    up: str
+    down: str
+    scale: float
+
+    def add_to(self, w: torch.Tensor) -> None:
+        up = self.source.read(self.up).to(torch.float32)
+        down = self.source.read(self.down).to(torch.float32)
+        w.view(w.shape[0], -1).addmm_(up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1), alpha=self.scale)
+
+
+@dataclass(frozen=True)
+class DeltaPatch:
+    """`scale * delta` for one base tensor (a full weight, bias or parameter delta)."""
+
+    source: TensorSource
+    key: str
+    scale: float
+
+    def add_to(self, w: torch.Tensor) -> None:
+        w.add_(self.source.read(self.key).to(torch.float32).reshape(w.shape), alpha=self.scale)
+
+
+Patch = LowRankPatch | DeltaPatch
+
+
+@dataclass
+class LoraMatch:
+    """How one LoRA file met the base: what it patched and which of its keys it could not place."""
+
+    spec: LoraSpec
+    keys: int  # stored keys in the file
+    patched: list[str] = field(default_factory=list)  # official keys of the base it changes
+    skipped: list[tuple[str, str | None]] = field(default_factory=list)  # (stored key, official target or None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.spec.path),
+            "strength": self.spec.strength,
+            "expert": self.spec.expert,
+            "keys": self.keys,
+            "patched_tensors": len(self.patched),
+            "skipped_keys": len(self.skipped),
+            "skipped_examples": [k for k, _ in self.skipped[:MAX_EXAMPLES]],
+        }
+
+
+@dataclass
+class MergeReport:
+    """What `apply_loras` did: per-LoRA matches and, for fp8/int8 bases, the requantization error."""
+
+    expert: str
+    loras: list[LoraMatch] = field(default_factory=list)
+    requant_errors: dict[str, QuantError] = field(default_factory=dict)  # filled as patched quantized tensors load
+
+    @property
+    def requant(self) -> QuantErrorSummary:
+        summary = QuantErrorSummary()
+        for key, err in self.requant_errors.items():
+            summary.add(key, err)
+        return summary
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "expert": self.expert,
+            "loras": [m.to_dict() for m in self.loras],
+            "requantization_error": self.requant.to_dict() if self.requant_errors else None,
+        }
+
+
+class MergedRef:
+    """A base tensor with LoRA patches: the same interface as `TensorRef` (`key`, `dtype`, `shape`, `load`)."""
+
+    def __init__(self, base: Any, patches: tuple[Patch, ...], report: MergeReport):
+        self.base = base
+        self.patches = patches
+        self.report = report
+        self.key: str = base.key
+        self.dtype: str = base.dtype  # stored precision, kept after merging
+        self.shape: tuple[int, ...] = tuple(base.shape)
+        self.scale_layout: str | None = getattr(base, "scale_layout", None)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def merged_fp32(self) -> torch.Tensor:
+        """W + every patch, in float32, before casting back to the stored precision."""
+        w = self.base.load(torch.float32)
+        for patch in self.patches:
+            patch.add_to(w)
+        return w
+
+    def load_stored(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The merged tensor as it would be stored: (tensor in the stored dtype, float32 scale or None)."""
+        w = self.merged_fp32()
+        if self.dtype not in QUANTIZED_DTYPES:
+            return w.to(NAME_TO_TORCH[self.dtype]), None
+        fmt = STORAGE_TO_FORMAT.get(self.dtype)
+        if fmt is None:
+            raise LoraError(f"{self.key}: merging into {self.dtype} weights is not supported (fp8_e4m3 and int8 are)")
+        if self.scale_layout is None:
+            if fmt != "fp8":
+                raise LoraError(f"{self.key}: {self.dtype} weight without a scale; cannot requantize after merging")
+            q = w.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+            self.report.requant_errors[self.key] = quantization_error(w, q, torch.ones(()))
+            return q, None
+        q, scale = quantize_weight(w, fmt, self.scale_layout)
+        self.report.requant_errors[self.key] = quantization_error(w, q, scale)
+        return q, scale
+
+    def load(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The merged, real-valued tensor (requantized and dequantized for fp8/int8 bases) cast to `dtype`."""
+        t, scale = self.load_stored()
+        if self.dtype in QUANTIZED_DTYPES:
+            return (dequantize(t, scale) if scale is not None else t.to(torch.float32)).to(dtype)
+        return t.to(dtype)
+
+
+class MergedView(Mapping[str, Any]):
+    """A base checkpoint view with LoRAs merged in on read; unpatched tensors are the base's own refs.
+
+    Reads like `CheckpointView` (`view[key].load(dtype)`, `load`, `iter_tensors`, `state_dict`);
+    other attributes (`layout`, `precision`, `files`, ...) are the base view's.
+    """
+
+    def __init__(self, base: Mapping[str, Any], patches: dict[str, tuple[Patch, ...]], report: MergeReport):
+        self.base = base
+        self.report = report
+        self._patched = {k: MergedRef(base[k], p, report) for k, p in patches.items() if p}
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name in ("base", "report"):
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __getitem__(self, key: str) -> Any:
+        ref = self._patched.get(key)
+        return ref if ref is not None else self.base[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @property
+    def patched_keys(self) -> list[str]:
+        return sorted(self._patched)
+
+    def is_patched(self, key: str) -> bool:
+        return key in self._patched
+
+    def load(self, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """One merged tensor under its official name, cast to `dtype`."""
+        return self[key].load(dtype)
+
+    def iter_tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+        """Stream (official key, merged tensor) pairs one at a time, in sorted key order."""
+        for k in sorted(self.base):
+            yield k, self[k].load(dtype)
+
+    def state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Every merged tensor at once (tests and tiny models)."""
+        return dict(self.iter_tensors(dtype))
+
+
+def _shape(source: TensorSource, key: str) -> tuple[int, ...]:
+    return tuple(source.header(key).shape)
+
+
+def _alpha_value(source: TensorSource, key: str) -> float:
+    t = source.read(key)
+    if t.numel() != 1:
+        raise LoraError(f"{source.path}: alpha {key!r} has shape {list(t.shape)}; expected a single number")
+    value = float(t.to(torch.float64).reshape(()))
+    if not math.isfinite(value):
+        raise LoraError(f"{source.path}: alpha {key!r} is {value}; expected a finite number")
+    return value
+
+
+def _low_rank_patch(spec: LoraSpec, source: TensorSource, term: LowRankTerm, base_shape: tuple[int, ...]) -> tuple[LowRankPatch, float]:
+    """Check ranks and shapes from the headers; return the patch and its scale (for a PEFT bias)."""
+    up, down = _shape(source, term.up), _shape(source, term.down)
+    name = source.path
+    if len(up) < 2 or len(down) < 2:
+        raise LoraError(f"{name}: {term.up!r} {list(up)} / {term.down!r} {list(down)}: expected up [out, rank] and down [rank, in] matrices")
+    if up[1] != down[0] or any(d != 1 for d in up[2:]):
+        raise LoraError(
+            f"{name}: rank mismatch: up {term.up!r} is {list(up)} (rank {up[1]}) but down {term.down!r} is {list(down)} (rank {down[0]})"
+        )
+    if up[0] != base_shape[0] or math.prod(down[1:]) != math.prod(base_shape[1:]) or (len(base_shape) == 2 and len(down) != 2):
+        raise LoraError(
+            f"{name}: shape mismatch for {term.target!r}: LoRA up {list(up)} @ down {list(down)} gives"
+            f" [{up[0]}, {', '.join(map(str, down[1:]))}] but the base tensor is {list(base_shape)}"
+        )
+    rank = down[0]
+    if term.alpha is not None:
+        scale = _alpha_value(source, term.alpha) / rank
+    elif spec.alpha is not None:
+        scale = spec.alpha / rank
+    else:
+        scale = 1.0
+    scale *= spec.strength
+    return LowRankPatch(source, term.up, term.down, scale), scale
+
+
+def _delta_patch(source: TensorSource, key: str, target: str, base_shape: tuple[int, ...], scale: float) -> DeltaPatch:
+    shape = _shape(source, key)
+    if math.prod(shape) != math.prod(base_shape):
+        raise LoraError(f"{source.path}: shape mismatch: {key!r} is {list(shape)} but the base tensor {target!r} is {list(base_shape)}")
+    return DeltaPatch(source, key, scale)
+
+
+def _examples(skipped: list[tuple[str, str | None]]) -> str:
+    """Up to MAX_EXAMPLES skipped keys, one per distinct target."""
+    parts, seen = [], set()
+    for key, target in skipped:
+        if target in seen and target is not None:
+            continue
+        seen.add(target)
+        parts.append(f"{key} (base has no {target})" if target else key)
+        if len(parts) == MAX_EXAMPLES:
+            break
+    return ", ".join(parts) + (", ..." if len(skipped) > len(parts) else "")
+
+
+def match_lora(spec: LoraSpec, base: Mapping[str, Any], strict: bool = False) -> tuple[LoraMatch, dict[str, list[Patch]]]:
+    """Resolve one LoRA against a base view: its patches per official key, and what was skipped."""
+    source = open_source(spec.path)
+    keys = source.keys()
+    terms = resolve_terms(str(spec.path), keys, base.keys())
+    match = LoraMatch(spec, keys=len(keys), skipped=list(terms.unmatched))
+    patches: dict[str, list[Patch]] = {}
+    for term in terms.low_rank:
+        patch, scale = _low_rank_patch(spec, source, term, tuple(base[term.target].shape))
+        patches.setdefault(term.target, []).append(patch)
+        if term.bias is not None:
+            bias_key = term.target.rsplit(".", 1)[0] + ".bias"
+            patches.setdefault(bias_key, []).append(_delta_patch(source, term.bias, bias_key, tuple(base[bias_key].shape), scale))
+    for term in terms.deltas:
+        patches.setdefault(term.target, []).append(_delta_patch(source, term.key, term.target, tuple(base[term.target].shape), spec.strength))
+    match.patched = sorted(patches)
+    if not patches:
+        raise LoraError(
+            f"LoRA {spec.path} matches none of the base's {len(base)} tensors (is it for another model?);"
+            f" its keys look like: {_examples(match.skipped)}"
+        )
+    if match.skipped:
+        msg = (
+            f"LoRA {spec.path}: {len(match.skipped)} of {len(keys)} keys match nothing in the base and are skipped,"
+            f" e.g. {_examples(match.skipped)}"
+        )
+        if strict:
+            raise LoraError(msg + " (--lora-strict)")
+        log.warning("warning: %s", msg)
+    return match, patches
+
+
+def apply_loras(view: Mapping[str, Any], loras: list[LoraSpec], expert: str, strict: bool = False) -> MergedView:
+    """Merge `loras` (in order, those targeting `expert` or every expert) into `view`, lazily per tensor.
+
+    `expert` is "dit" for single-DiT models, "high_noise" or "low_noise" for Wan2.2 MoE experts.
+    Raises LoraError for unreadable or malformed LoRAs, rank/shape mismatches, a LoRA matching
+    nothing, or (with `strict`) any LoRA key that matches nothing.
+    """
+    if expert not in EXPERTS:
+        raise LoraError(f"unknown expert {expert!r}; expected one of {', '.join(EXPERTS)}")
+    report = MergeReport(expert)
+    merged: dict[str, list[Patch]] = {}
+    for spec in loras:
+        if spec.expert is not None and expert == "dit":
+            raise LoraError(f"LoRA {spec.path} targets the {spec.expert} expert, but this model has a single DiT (no MoE experts)")
+        if spec.expert is not None and spec.expert != expert:
+            continue
+        match, patches = match_lora(spec, view, strict)
+        report.loras.append(match)
+        for key, ps in patches.items():
+            merged.setdefault(key, []).extend(ps)
+    return MergedView(view, {k: tuple(p) for k, p in merged.items()}, report)
