@@ -1,0 +1,152 @@
+"""The bundle contract: manifest round trip, verification, atomic staging, CLI `verify`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engines.defaults import default_sampling
+from engines.errors import BundleError
+from engines.manifest import (
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    Component,
+    Manifest,
+    read_manifest,
+    staging_dir,
+    verify_bundle,
+    write_manifest,
+)
+from engines.model import DiTConfig, LoraRecord, VAEInfo
+from engines.signatures import dit_signature
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _bundle(root: Path) -> Manifest:
+    """A small but complete bundle with two files per component (contents are arbitrary bytes)."""
+    cfg = DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=16, out_dim=16, text_dim=64)
+    comps = {}
+    for name, expert in (("dit_high_noise", "high_noise"), ("dit_low_noise", "low_noise")):
+        (root / name).mkdir(parents=True)
+        (root / name / "model.onnx").write_bytes(name.encode() * 10)
+        (root / name / "model.onnx.data").write_bytes(bytes(range(256)) * 4)
+        comps[name] = Component(
+            name, "dit", f"{name}/model.onnx", dit_signature(16, 16, 64), "fp32",
+            files=[f"{name}/model.onnx", f"{name}/model.onnx.data"], expert=expert,
+        )  # fmt: skip
+    (root / "tokenizer").mkdir()
+    (root / "tokenizer" / "tokenizer.json").write_text("{}")
+    m = Manifest(
+        family="wan2.2", task="t2v", dit=cfg, vae=VAEInfo.for_version("2.1"), components=comps,
+        sampling=default_sampling("wan2.2", "t2v", moe=True), tokenizer="tokenizer",
+        loras=[LoraRecord("x.safetensors", "ab" * 32, 0.5, ["low_noise"])],
+    )  # fmt: skip
+    write_manifest(root, m)
+    return m
+
+
+def test_manifest_round_trip_and_hashes(tmp_path):
+    m = _bundle(tmp_path / "b")
+    back = verify_bundle(tmp_path / "b")
+    assert back.to_dict() == m.to_dict()
+    assert back.experts == ["dit_high_noise", "dit_low_noise"]
+    assert back.sampling.guide_scale == (3.0, 4.0) and back.sampling.boundary == 0.875
+    data = (tmp_path / "b" / "dit_low_noise" / "model.onnx.data").read_bytes()
+    entry = back.files["dit_low_noise/model.onnx.data"]
+    assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert "tokenizer/tokenizer.json" in back.files
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: p.unlink(), "missing"),
+        (lambda p: p.write_bytes(p.read_bytes()[:-1]), "truncated"),
+        (lambda p: p.write_bytes(b"\xff" + p.read_bytes()[1:]), "sha256 mismatch"),
+    ],
+)
+def test_verify_names_the_damaged_file(tmp_path, damage, message):
+    _bundle(tmp_path / "b")
+    victim = tmp_path / "b" / "dit_high_noise" / "model.onnx.data"
+    damage(victim)
+    with pytest.raises(BundleError) as e:
+        verify_bundle(tmp_path / "b")
+    assert str(victim) in str(e.value) and message in str(e.value)
+
+
+def test_quick_verify_skips_hashes_but_catches_size(tmp_path):
+    _bundle(tmp_path / "b")
+    victim = tmp_path / "b" / "dit_high_noise" / "model.onnx.data"
+    victim.write_bytes(b"\x01" + victim.read_bytes()[1:])
+    verify_bundle(tmp_path / "b", check_hashes=False)
+    victim.write_bytes(victim.read_bytes() + b"x")
+    with pytest.raises(BundleError, match="truncated or replaced"):
+        verify_bundle(tmp_path / "b", check_hashes=False)
+
+
+def test_unknown_schema_version_and_malformed_manifests(tmp_path):
+    _bundle(tmp_path / "b")
+    path = tmp_path / "b" / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    data["schema_version"] = SCHEMA_VERSION + 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=f"unknown schema_version {SCHEMA_VERSION + 1}"):
+        read_manifest(tmp_path / "b")
+    data["schema_version"] = SCHEMA_VERSION
+    del data["dit"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="malformed manifest"):
+        read_manifest(tmp_path / "b")
+    path.write_text("{not json")
+    with pytest.raises(BundleError, match="unreadable manifest"):
+        read_manifest(tmp_path / "b")
+    with pytest.raises(BundleError, match="not a bundle folder"):
+        read_manifest(tmp_path / "nope")
+
+
+def test_staging_replaces_atomically_and_cleans_up_on_error(tmp_path):
+    target = tmp_path / "b"
+    _bundle(target)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(RuntimeError):
+        with staging_dir(target) as tmp:
+            (tmp / "half").write_text("partial")
+            raise RuntimeError("export failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temp folder left, old bundle intact
+    verify_bundle(target)
+    with staging_dir(target) as tmp:
+        _bundle(tmp / "inner")
+        (tmp / "marker").write_text("new")
+    assert (target / "marker").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_staging_refuses_to_replace_a_folder_that_is_not_a_bundle(tmp_path):
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(BundleError, match="not a wanrt bundle; refusing to overwrite"):
+        with staging_dir(target):
+            pass
+    assert (target / "notes.txt").read_text() == "keep me"
+    with staging_dir(target, force=True) as tmp:
+        (tmp / "x").write_text("y")
+    assert not (target / "notes.txt").exists()
+
+
+def test_verify_cli_exit_codes(tmp_path):
+    _bundle(tmp_path / "b")
+    ok = subprocess.run([sys.executable, "cli.py", "verify", str(tmp_path / "b"), "--json"], cwd=REPO, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["components"] == ["dit_high_noise", "dit_low_noise"]
+    (tmp_path / "b" / "dit_low_noise" / "model.onnx").unlink()
+    bad = subprocess.run([sys.executable, "cli.py", "verify", str(tmp_path / "b")], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1 and "dit_low_noise/model.onnx: missing" in bad.stderr
+    assert "Traceback" not in bad.stderr
