@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from export.checkpoint.safetensors_file import CheckpointError
-from export.checkpoint.view import open_source
+from export.checkpoint.view import TensorSource, open_source
 from export.models.t5 import check_state_shapes, require_file
 
 OFFICIAL_CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
@@ -107,9 +107,19 @@ class CLIPVisionEncoder(nn.Module):
         self.post_norm = LayerNormFP32(w, eps=cfg.eps)  # unused by Wan; kept for the key set
         self.head = nn.Parameter(torch.zeros(w, cfg.out_dim))  # unused by Wan; kept for the key set
 
+    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """[B,3,H,W] -> [B, patches, width]: the stride-`p` conv as a matmul over flattened p x p patches.
+
+        Identical to `patch_embedding(x).flatten(2).transpose(1, 2)`, but exports to MatMul, which
+        ONNX allows in bf16 (Conv has no bf16 before opset 22).
+        """
+        p = self.config.patch_size
+        b, c, h, w = x.shape
+        patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+        return patches @ self.patch_embedding.weight.flatten(1).t()
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = pixel_values.to(self.patch_embedding.weight.dtype)
-        x = self.patch_embedding(x).flatten(2).transpose(1, 2)  # [B, patches, width]
+        x = self.embed_patches(pixel_values.to(self.patch_embedding.weight.dtype))
         cls = self.cls_embedding.expand(x.shape[0], -1, -1)
         x = self.pre_norm(torch.cat([cls, x], dim=1) + self.pos_embedding)
         for block in self.transformer[:-1]:  # Wan's use_31_block: stop before the last block
@@ -172,14 +182,22 @@ def clip_config_from_shapes(shapes: dict[str, tuple[int, ...]], where: str = "CL
     return cfg
 
 
-def load_clip_vision(path: str | os.PathLike | None, dtype: torch.dtype = torch.float32, task: str | None = None) -> CLIPVisionEncoder:
-    """Build the vision tower from the `visual.*` keys of the official CLIP checkpoint (.pth or .safetensors)."""
+def open_clip_checkpoint(
+    path: str | os.PathLike | None, task: str | None = None
+) -> tuple[CLIPVisionConfig, TensorSource, dict[str, str]]:
+    """The tower config (inferred and checked), lazy reader and module key -> stored `visual.*` key of a CLIP file."""
     p = require_file(path, "image encoder (CLIP ViT-H/14)", OFFICIAL_CLIP_FILE, task)
     source = open_source(p)
     keys = {k[len(VISUAL_PREFIX) :]: k for k in source.keys() if k.startswith(VISUAL_PREFIX)}
     if not keys:
         raise CheckpointError(f"{p}: no 'visual.*' keys; expected the official CLIP checkpoint {OFFICIAL_CLIP_FILE}")
     cfg = clip_config_from_shapes({k: tuple(source.header(v).shape) for k, v in keys.items()}, where=str(p))
+    return cfg, source, keys
+
+
+def load_clip_vision(path: str | os.PathLike | None, dtype: torch.dtype = torch.float32, task: str | None = None) -> CLIPVisionEncoder:
+    """Build the vision tower from the `visual.*` keys of the official CLIP checkpoint (.pth or .safetensors)."""
+    cfg, source, keys = open_clip_checkpoint(path, task)
     with torch.device("meta"):
         model = CLIPVisionEncoder(cfg)
     state = {k: source.read(v).to(dtype) for k, v in keys.items()}

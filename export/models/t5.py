@@ -27,7 +27,7 @@ from torch import nn
 
 from engines.errors import WanrtError
 from export.checkpoint.safetensors_file import CheckpointError
-from export.checkpoint.view import open_source
+from export.checkpoint.view import TensorSource, open_source
 
 OFFICIAL_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 
@@ -67,6 +67,12 @@ def relative_position_buckets(rel_pos: torch.Tensor, num_buckets: int, max_dista
     scaled = torch.log(rel_pos.clamp(min=max_exact).float() / max_exact) / math.log(max_distance / max_exact)
     large = (max_exact + (scaled * (half - max_exact)).long()).clamp(max=half - 1)
     return buckets + torch.where(rel_pos < max_exact, rel_pos, large)
+
+
+def relative_bucket_table(cfg: T5Config, device: torch.device | str | None = None) -> torch.Tensor:
+    """Bucket of each offset `key - query` in [-(max_tokens-1), max_tokens-1], indexed by offset + max_tokens - 1."""
+    offsets = torch.arange(-(cfg.max_tokens - 1), cfg.max_tokens, device=device)
+    return relative_position_buckets(offsets, cfg.num_buckets, cfg.max_distance)
 
 
 class T5RMSNorm(nn.Module):
@@ -155,11 +161,8 @@ class T5Encoder(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(T5Block(cfg) for _ in range(cfg.num_layers))
         self.norm = T5RMSNorm(cfg.dim, cfg.eps)
-        # bucket of every offset key - query in [-(max_tokens-1), max_tokens-1]; always a real CPU
-        # tensor (also when the module is built on the meta device) and not part of the state dict
-        offsets = torch.arange(-(cfg.max_tokens - 1), cfg.max_tokens, device="cpu")
-        table = relative_position_buckets(offsets, cfg.num_buckets, cfg.max_distance)
-        self.register_buffer("bucket_table", table, persistent=False)
+        # the bucket of every offset key - query; not part of the state dict
+        self.register_buffer("bucket_table", relative_bucket_table(cfg), persistent=False)
 
     def relative_buckets(self, length: int) -> torch.Tensor:
         """[L, L] bucket ids of `key - query` for a sequence of `length` tokens."""
@@ -234,6 +237,13 @@ def require_file(path: str | os.PathLike | None, component: str, expected_name: 
     return p
 
 
+def open_t5_checkpoint(path: str | os.PathLike | None, task: str | None = None) -> tuple[T5Config, TensorSource]:
+    """The config (inferred and checked from the key shapes) and lazy reader of an official T5 file."""
+    p = require_file(path, "text encoder (umt5-xxl T5)", OFFICIAL_T5_FILE, task)
+    source = open_source(p)
+    return t5_config_from_shapes({k: tuple(source.header(k).shape) for k in source.keys()}, where=str(p)), source
+
+
 def load_t5_encoder(path: str | os.PathLike | None, dtype: torch.dtype = torch.float32, task: str | None = None) -> T5Encoder:
     """Build the encoder from an official T5 checkpoint (.pth or .safetensors), config from shapes.
 
@@ -241,14 +251,12 @@ def load_t5_encoder(path: str | os.PathLike | None, dtype: torch.dtype = torch.f
     """
     if dtype == torch.float16:
         raise WanrtError("T5 precision fp16 is not supported: umt5-xxl activations overflow fp16; use bf16 or fp32")
-    p = require_file(path, "text encoder (umt5-xxl T5)", OFFICIAL_T5_FILE, task)
-    source = open_source(p)
-    shapes = {k: tuple(source.header(k).shape) for k in source.keys()}
-    cfg = t5_config_from_shapes(shapes, where=str(p))
+    cfg, source = open_t5_checkpoint(path, task)
     with torch.device("meta"):
         model = T5Encoder(cfg)
-    state = {k: source.read(k).to(dtype) for k in shapes}
+    state = {k: source.read(k).to(dtype) for k in source.keys()}
     model.load_state_dict(state, strict=True, assign=True)
+    model.bucket_table = relative_bucket_table(cfg, device="cpu")  # built on meta: compute it for real
     return model.eval().requires_grad_(False)
 
 

@@ -79,9 +79,8 @@ def hf_pair():
         for name, p in hf.named_parameters():  # O(1) weights so every path matters
             p.copy_(torch.randn_like(p) * (1.0 if "norm" in name or "relative" in name else 1.5 / math.sqrt(p.shape[-1])))
     state = hf_to_official(hf.state_dict())
-    with torch.device("meta"):
-        ours = T5Encoder(T5Config(vocab_size=300, dim=64, dim_attn=64, dim_ffn=128, num_heads=2, num_layers=2))
-    ours.load_state_dict(state, strict=True, assign=True)
+    ours = T5Encoder(T5Config(vocab_size=300, dim=64, dim_attn=64, dim_ffn=128, num_heads=2, num_layers=2))
+    ours.load_state_dict(state, strict=True)
     return hf, ours.eval(), state
 
 
