@@ -43,7 +43,7 @@ def image_to_array(img) -> np.ndarray:
 
 def _cubic_weights(t: np.ndarray) -> np.ndarray:
     """Keys cubic convolution weights for taps at offsets -1, 0, 1, 2 from floor(x)."""
-    a = _CUBIC_A
+    a = np.float32(_CUBIC_A)
 
     def near(x):  # |x| <= 1
         return ((a + 2) * x - (a + 3)) * x * x + 1
@@ -55,11 +55,15 @@ def _cubic_weights(t: np.ndarray) -> np.ndarray:
 
 
 def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """[n_out, n_in] matrix of torch's bicubic (align_corners=False) interpolation along one axis."""
-    scale = n_in / n_out
-    real = scale * (np.arange(n_out, dtype=np.float64) + 0.5) - 0.5
+    """[n_out, n_in] matrix of torch's bicubic (align_corners=False) interpolation along one axis.
+
+    Source coordinates and tap weights are computed in float32, as torch does for float32 images.
+    """
+    f32 = np.float32
+    scale = f32(n_in) / f32(n_out)
+    real = scale * (np.arange(n_out, dtype=f32) + f32(0.5)) - f32(0.5)
     base = np.floor(real)
-    weights = _cubic_weights(real - base)
+    weights = _cubic_weights(real - base).astype(np.float64)
     m = np.zeros((n_out, n_in), dtype=np.float64)
     rows = np.arange(n_out)
     for k, offset in enumerate((-1, 0, 1, 2)):

@@ -232,8 +232,8 @@ class WanPipeline:
         multiple = size_multiple(stride)
         plan_images: dict[str, np.ndarray | None] = {}
         warnings: list[str] = []
-        default_area = d.max_area or d.height * d.width
-        area = request.height * request.width if request.height is not None else default_area
+        given_area = request.height * request.width if request.height and request.width else None
+        area = given_area or d.max_area or d.height * d.width
         if task in IMAGE_TASKS:
             first = images.load_image(request.image)
             last = images.load_image(request.last_image) if request.last_image is not None else None
@@ -399,8 +399,8 @@ class WanPipeline:
                     self._sample_device_memory(stats)
                     bar.set_postfix_str(f"t={step.timestep:g} {step.expert}", refresh=False)
                     bar.update(1)
-                stats.residency = [asdict(e) for e in switcher.events]
-                stats.warnings.extend(switcher.warnings)
+            stats.residency = [asdict(e) for e in switcher.events]
+            stats.warnings.extend(switcher.warnings)
         finally:
             bar.close()
         return latents

@@ -53,6 +53,8 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int, crf: int = 
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 frames [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
     t, h, w, _ = frames.shape
+    if t < 1 or int(fps) < 1:
+        raise ValueError(f"need at least one frame and fps >= 1, got {t} frames at {fps} fps")
     if h % 2 or w % 2:  # yuv420p needs even sizes
         raise WanrtError(f"video size {w}x{h}: H.264 (yuv420p) needs an even width and height")
     dest = Path(path)

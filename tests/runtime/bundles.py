@@ -7,6 +7,9 @@ runtime should produce:
                           + d*mean(clip_fea)     (+ 0 * sum(padding weights), to give the file a size)
     text     context[b, l] = table[input_ids[b, l]] * attention_mask[b, l]
     CLIP     clip_fea = reshape(mean_hw(pixel_values) @ W, [B, tokens, width])
+    VAE      (`engines.vae_contract`, no caches) decoder: video chunk = tanh(latent[:, :3]) repeated
+             over the chunk's frames and upsampled (nearest) by the spatial stride; encoder: latent =
+             mean of the chunk over channels, frames and each stride x stride block, times VAE_GAINS
 
 with different (a, b, c, d, e) per expert (`DIT_COEFFS`).
 """
@@ -23,6 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from engines.manifest import Component, Manifest, write_manifest
 from engines.model import DiTConfig, SamplingDefaults, VAEInfo
 from engines.signatures import EngineSignature, dit_signature, image_encoder_signature, text_encoder_signature
+from engines.vae_contract import VAEChunkContract
 
 OPSET = 17
 TEXT_DIM = 8
@@ -65,7 +69,7 @@ def dit_fn(name: str, out_dim: int) -> DitFn:
 
 
 def _value_info(spec) -> onnx.ValueInfoProto:
-    elem = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64}[spec.dtype]
+    elem = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "bool": TensorProto.BOOL}[spec.dtype]
     return helper.make_tensor_value_info(spec.name, elem, [d if isinstance(d, int) else d for d in spec.shape])
 
 
@@ -82,7 +86,7 @@ def save_graph(graph: onnx.GraphProto, onnx_path: Path) -> list[Path]:
     data_name = onnx_path.name + ".data"
     onnx.save_model(model, str(onnx_path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_name, size_threshold=128)  # fmt: skip
-    return [onnx_path, onnx_path.with_name(data_name)]
+    return [p for p in (onnx_path, onnx_path.with_name(data_name)) if p.exists()]
 
 
 def build_dit_graph(path: Path, sig: EngineSignature, dit: str, out_dim: int, pad_floats: int = 64) -> list[Path]:
@@ -169,6 +173,63 @@ def build_clip_graph(path: Path, sig: EngineSignature) -> list[Path]:
     return save_graph(graph, path)
 
 
+def vae_gains(z_dim: int) -> np.ndarray:
+    return np.linspace(0.5, 1.5, z_dim, dtype=np.float32)
+
+
+def vae_contract(part: str, vae: VAEInfo) -> VAEChunkContract:
+    return VAEChunkContract(part, vae.version, vae.z_dim, vae.stride[1], vae.stride[0], ())
+
+
+def build_vae_graph(path: Path, sig: EngineSignature, contract: VAEChunkContract) -> list[Path]:
+    s, c = contract.spatial_stride, contract.chunk_frames
+    inits = [
+        _const("zero", np.float32(0.0)), _const("i0", np.array([0], np.int64)), _const("i3", np.array([3], np.int64)),
+        _const("i4", np.array([4], np.int64)), _const("axis1", np.array([1], np.int64)),
+        _const("s", np.array([s], np.int64)), _const("head", np.array([0, 0, 0, -1], np.int64)),
+        _const("up", np.array([1, 1, c, 1, s, 1, s], np.int64)), _const("up_axes", np.array([4, 6], np.int64)),
+        _const("gains", vae_gains(contract.z_dim).reshape(1, -1, 1, 1, 1)),
+        _const("three", np.array([3], np.int64)), _const("s_s", np.array([s, s], np.int64)),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("Cast", ["first"], ["first_f"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceSum", ["first_f"], ["first_sum"], keepdims=0),
+        helper.make_node("Mul", ["first_sum", "zero"], ["nothing"]),
+    ]
+    if contract.part == "decoder":
+        nodes += [
+            helper.make_node("Slice", ["latent", "i0", "i3", "axis1"], ["rgb"]),
+            helper.make_node("Tanh", ["rgb"], ["rgb_t"]),
+            helper.make_node("Unsqueeze", ["rgb_t", "up_axes"], ["rgb7"]),
+            helper.make_node("Expand", ["rgb7", "up"], ["big"]),
+            helper.make_node("Shape", ["latent"], ["lshape"]),
+            helper.make_node("Gather", ["lshape", "i4"], ["w"], axis=0),
+            helper.make_node("Mul", ["w", "s"], ["ws"]),
+            helper.make_node("Concat", ["head", "ws"], ["vshape"], axis=0),
+            helper.make_node("Reshape", ["big", "vshape"], ["video_raw"]),
+            helper.make_node("Add", ["video_raw", "nothing"], ["video"]),
+        ]
+    else:
+        nodes += [
+            helper.make_node("Shape", ["video"], ["vshape"]),
+            helper.make_node("Slice", ["vshape", "i0", "three"], ["bct"]),
+            helper.make_node("Gather", ["vshape", "i3"], ["hs"], axis=0),
+            helper.make_node("Gather", ["vshape", "i4"], ["wsz"], axis=0),
+            helper.make_node("Div", ["hs", "s"], ["h"]),
+            helper.make_node("Div", ["wsz", "s"], ["w"]),
+            helper.make_node("Concat", ["bct", "h", "s", "w", "s"], ["blocks"], axis=0),
+            helper.make_node("Reshape", ["video", "blocks"], ["v7"]),
+            helper.make_node("ReduceMean", ["v7"], ["m"], axes=[1, 2, 4, 6], keepdims=0),
+            helper.make_node("Unsqueeze", ["m", "up_axes_enc"], ["m5"]),
+            helper.make_node("Mul", ["m5", "gains"], ["latent_raw"]),
+            helper.make_node("Add", ["latent_raw", "nothing"], ["latent"]),
+        ]
+        inits.append(_const("up_axes_enc", np.array([1, 2], np.int64)))
+    graph = helper.make_graph(nodes, contract.component, [_value_info(t) for t in sig.inputs],
+                              [_value_info(t) for t in sig.outputs], inits)  # fmt: skip
+    return save_graph(graph, path)
+
+
 def write_tokenizer(folder: Path) -> Path:
     """A word-level tokenizer.json with the umt5 special tokens (<pad>, </s>, <unk>)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -201,9 +262,10 @@ def make_bundle(
     batch_range: tuple[int, int] = (1, 2),
     pad_floats: int = 64,
     vae_version: str = "2.1",
+    with_vae: bool = True,
     extra_components: dict[str, Component] | None = None,
 ) -> Path:
-    """A real bundle (manifest + ONNX files + tokenizer) with DiT, text and (optionally) CLIP engines."""
+    """A real bundle (manifest + ONNX files + tokenizer) with DiT, text, VAE and (optionally) CLIP engines."""
     root.mkdir(parents=True, exist_ok=True)
     vae = VAEInfo.for_version(vae_version)
     in_dim = vae.z_dim + (4 + vae.z_dim if task in ("i2v", "flf2v") else 0)
@@ -221,6 +283,13 @@ def make_bundle(
     if clip_tokens is not None:
         isig = image_encoder_signature(dim=CLIP_WIDTH, tokens=257)
         components["image_encoder"] = _component(root, "image_encoder", "image_encoder", isig, build_clip_graph)
+    if with_vae:
+        for part in ("encoder", "decoder"):
+            contract = vae_contract(part, vae)
+            comp = _component(root, contract.component, contract.component, contract.signature(), build_vae_graph,
+                              contract=contract)  # fmt: skip
+            comp.attributes = contract.attributes()
+            components[contract.component] = comp
     components.update(extra_components or {})
     write_tokenizer(root / "tokenizer")
     dit = DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=in_dim, out_dim=vae.z_dim,

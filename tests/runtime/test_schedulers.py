@@ -6,26 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
 from engines.errors import WanrtError
 from runtime.guidance import plan_steps
 from runtime.schedulers import FlowUniPC, distill_schedule, make_sampler, wan_schedule
-
-
-def official_unshifted_sigmas(steps: int) -> np.ndarray:
-    """wan-architecture.md §2: linspace(0.999, 0, steps+1)[:-1], 0.999 being the scheduler's float32 sigma_max."""
-    return np.linspace(float(np.float32(0.999)), 0.0, steps + 1)[:-1]
-
-
-def diffusers_unipc(steps: int, shift: float, order: int = 2) -> UniPCMultistepScheduler:
-    sched = UniPCMultistepScheduler(
-        num_train_timesteps=1000, solver_order=order, prediction_type="flow_prediction", use_flow_sigmas=True,
-        flow_shift=shift, predict_x0=True, solver_type="bh2", lower_order_final=True, final_sigmas_type="zero",
-    )  # fmt: skip
-    sched.set_timesteps(sigmas=official_unshifted_sigmas(steps))
-    sched.set_begin_index(0)
-    return sched
+from tests.runtime.oracles import diffusers_euler, diffusers_unipc, official_unshifted_sigmas
 
 
 def run_both(ours, theirs, shape, seed: int):
@@ -62,9 +47,7 @@ def test_unipc_updates_match_diffusers(steps, shift, order):
 
 @pytest.mark.parametrize("steps,shift", [(1, 5.0), (6, 3.0), (25, 12.0)])
 def test_euler_matches_diffusers(steps, shift):
-    theirs = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-    theirs.set_timesteps(sigmas=official_unshifted_sigmas(steps))
-    theirs.set_begin_index(0)
+    theirs = diffusers_euler(steps, shift)
     ours = make_sampler("euler", steps, shift)
     np.testing.assert_allclose(ours.sigmas, theirs.sigmas.numpy(), rtol=0, atol=2e-7)
     np.testing.assert_array_equal(ours.timesteps, np.trunc(theirs.timesteps.numpy().astype(np.float64) + 1e-3))

@@ -1,0 +1,30 @@
+"""Reference samplers for the runtime tests: diffusers' schedulers set to Wan's official sigmas."""
+
+from __future__ import annotations
+
+import numpy as np
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+
+def official_unshifted_sigmas(steps: int) -> np.ndarray:
+    """wan-architecture.md §2: linspace(0.999, 0, steps+1)[:-1], 0.999 being the scheduler's float32 sigma_max."""
+    return np.linspace(float(np.float32(0.999)), 0.0, steps + 1)[:-1]
+
+
+def diffusers_unipc(steps: int, shift: float, order: int = 2) -> UniPCMultistepScheduler:
+    """diffusers' flow UniPC configured as Wan's (order 2, bh2, predict_x0, lower_order_final) on Wan's sigmas."""
+    sched = UniPCMultistepScheduler(
+        num_train_timesteps=1000, solver_order=order, prediction_type="flow_prediction", use_flow_sigmas=True,
+        flow_shift=shift, predict_x0=True, solver_type="bh2", lower_order_final=True, final_sigmas_type="zero",
+    )  # fmt: skip
+    sched.set_timesteps(sigmas=official_unshifted_sigmas(steps))
+    sched.set_begin_index(0)
+    return sched
+
+
+def diffusers_euler(steps: int, shift: float) -> FlowMatchEulerDiscreteScheduler:
+    """diffusers' flow-matching Euler on Wan's sigmas."""
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    sched.set_timesteps(sigmas=official_unshifted_sigmas(steps))
+    sched.set_begin_index(0)
+    return sched

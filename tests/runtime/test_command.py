@@ -1,0 +1,114 @@
+"""`cli.py run`: a full run to mp4 + PNG frames + JSON summary, and bad inputs = one clear line, exit 2, no output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import av
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cli import cli
+from engines.model import SamplingDefaults
+
+HIGH, LOW = "dit_high_noise", "dit_low_noise"
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, ["run", *map(str, args)], catch_exceptions=False)
+
+
+def assert_clean_error(result, pattern: str, out_dir):
+    import re
+
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and re.search(pattern, lines[0]), result.stderr
+    assert not [p for p in out_dir.iterdir() if p.suffix == ".mp4" or p.name.startswith(".")]
+
+
+@pytest.fixture(scope="module")
+def t2v(bundle_factory):
+    return bundle_factory("moe_t2v")
+
+
+@pytest.fixture(scope="module")
+def i2v(bundle_factory):
+    return bundle_factory("wan21_i2v", family="wan2.1", task="i2v", moe=False, clip_tokens=257)
+
+
+def test_full_run_writes_mp4_frames_and_json(t2v, tmp_path):
+    pytest.importorskip("runtime.vae", reason="runtime/vae.py (helper E) not in the tree yet")
+    out, frames = tmp_path / "fox.mp4", tmp_path / "frames"
+    result = run(t2v, "--prompt", "a red fox runs in snow", "--seed", 3, "--steps", 4, "-o", out,
+                 "--frames-dir", frames, "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["output"] == str(out) and summary["seed"] == 3 and summary["steps"] == 4
+    assert [s["index"] for s in summary["steps"]] == [0, 1, 2, 3]
+    assert summary["experts"][0] == HIGH and summary["experts"][-1] == LOW  # t=999 high ... low at the end
+    assert set(summary["stages"]) == {"text_encoder", "denoise", "vae_decoder", "write"}
+    assert summary["peak_rss_bytes"] > 0 and summary["host_seconds_per_step"] >= 0
+    with av.open(str(out)) as c:
+        stream = c.streams.video[0]
+        assert stream.codec_context.name == "h264" and stream.average_rate == 8  # the bundle's fps
+        n = sum(1 for _ in c.decode(video=0))
+    assert (stream.width, stream.height) == (48, 32) and n == 5
+    pngs = sorted(frames.iterdir())
+    assert len(pngs) == 5 and np.asarray(Image.open(pngs[0])).shape == (32, 48, 3)
+    assert "stages" in result.stderr  # the progress bars went to stderr
+
+
+def test_i2v_run(i2v, tmp_path):
+    pytest.importorskip("runtime.vae", reason="runtime/vae.py (helper E) not in the tree yet")
+    img = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(img)
+    out = tmp_path / "i2v.mp4"
+    result = run(i2v, "--prompt", "a cat", "--image", img, "--height", 32, "--width", 48, "--steps", 3, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert set(summary["stages"]) >= {"text_encoder", "image_encoder", "vae_encoder", "denoise", "vae_decoder"}
+    assert (summary["height"], summary["width"]) == (32, 48) and out.is_file()
+
+
+def test_bad_inputs_are_one_line_exit_2_no_output(t2v, i2v, tmp_path):
+    out = tmp_path / "o.mp4"
+    img = tmp_path / "in.png"
+    Image.new("RGB", (64, 48)).save(img)
+    assert_clean_error(run(t2v, "--prompt", "x", "--image", img, "-o", out), "takes no --image", tmp_path)
+    assert_clean_error(run(i2v, "--prompt", "x", "-o", out), "i2v model; --image is required", tmp_path)
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    assert_clean_error(run(i2v, "--prompt", "x", "--image", tmp_path / "bad.jpg", "-o", out), "bad.jpg: unreadable image", tmp_path)
+    assert_clean_error(run(t2v, "--prompt", "x", "--frames", 8, "-o", out), "4k\\+1", tmp_path)
+    assert_clean_error(run(t2v, "--prompt", "x", "--height", 40, "-o", out), "multiples of 16", tmp_path)
+    assert_clean_error(run(t2v, "--prompt", "x", "-o", tmp_path / "o.gif"), "must be an .mp4 file", tmp_path)
+    assert_clean_error(run(t2v, "--prompt", "x", "-o", tmp_path / "no" / "o.mp4"), "output folder does not exist", tmp_path)
+    assert_clean_error(run(tmp_path / "nowhere", "--prompt", "x", "-o", out), "not a bundle folder", tmp_path)
+
+
+def test_bundle_failing_verification_is_refused_before_loading(t2v, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(t2v, bundle)
+    data = bundle / "dit_low_noise" / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[0] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    assert_clean_error(run(bundle, "--prompt", "x", "-o", out_dir / "o.mp4"), "model.onnx.data: sha256 mismatch", out_dir)
+    data.unlink()
+    assert_clean_error(run(bundle, "--prompt", "x", "-o", out_dir / "o.mp4"), "model.onnx.data: missing", out_dir)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert_clean_error(run(bundle, "--prompt", "x", "-o", out_dir / "o.mp4"), "unknown schema_version 99", out_dir)
+
+
+def test_distilled_bundle_steps_mismatch(bundle_factory, tmp_path):
+    sampling = SamplingDefaults(sampler="distill", steps=4, shift=5.0, enable_cfg=False, boundary_step_index=2,
+                                denoising_step_list=[1000, 750, 500, 250], frames=5, height=32, width=48)  # fmt: skip
+    bundle = bundle_factory("moe_distill_cli", sampling=sampling)
+    assert_clean_error(run(bundle, "--prompt", "x", "--steps", 6, "-o", tmp_path / "o.mp4"), "runs exactly 4 steps", tmp_path)
