@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .safetensors_file import TORCH_TO_ST, CheckpointError
+from .safetensors_file import NAME_TO_ST, CheckpointError, dtype_name
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class TensorSpec:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def nbytes(self) -> int:
@@ -52,7 +52,7 @@ def build_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None
             raise CheckpointError(f"tensor {s.key!r} declared twice")
         if s.key == "__metadata__":
             raise CheckpointError("'__metadata__' is reserved and cannot name a tensor")
-        if s.dtype not in TORCH_TO_ST:
+        if dtype_name(s.dtype) is None:
             raise CheckpointError(f"tensor {s.key!r}: dtype {s.dtype} cannot be stored in safetensors")
         seen.add(s.key)
     header: dict[str, object] = {}
@@ -65,7 +65,7 @@ def build_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None
     pos = 0
     for s in sorted(specs, key=lambda s: (-s.itemsize, s.key)):
         offsets[s.key] = (pos, pos + s.nbytes)
-        header[s.key] = {"dtype": TORCH_TO_ST[s.dtype], "shape": list(s.shape), "data_offsets": [pos, pos + s.nbytes]}
+        header[s.key] = {"dtype": NAME_TO_ST[dtype_name(s.dtype)], "shape": list(s.shape), "data_offsets": [pos, pos + s.nbytes]}
         pos += s.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-(8 + len(raw)) % 8)  # data section starts 8-byte aligned

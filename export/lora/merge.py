@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from calibration.weights import STORAGE_TO_FORMAT, QuantError, QuantErrorSummary, dequantize, quantization_error, quantize_weight
-from export.checkpoint.safetensors_file import NAME_TO_TORCH
+from export.checkpoint.safetensors_file import torch_dtype
 from export.checkpoint.view import QUANTIZED_DTYPES, TensorSource, open_source
 
 from .keys import DeltaTerm, LowRankTerm, resolve_terms
@@ -136,7 +136,7 @@ class MergedRef:
         """The merged tensor as it would be stored: (tensor in the stored dtype, float32 scale or None)."""
         w = self.merged_fp32()
         if self.dtype not in QUANTIZED_DTYPES:
-            return w.to(NAME_TO_TORCH[self.dtype]), None
+            return w.to(torch_dtype(self.dtype)), None
         fmt = STORAGE_TO_FORMAT.get(self.dtype)
         if fmt is None:
             raise LoraError(f"{self.key}: merging into {self.dtype} weights is not supported (fp8_e4m3 and int8 are)")
@@ -268,6 +268,8 @@ def _examples(skipped: list[tuple[str, str | None]]) -> str:
 
 def match_lora(spec: LoraSpec, base: Mapping[str, Any], strict: bool = False) -> tuple[LoraMatch, dict[str, list[Patch]]]:
     """Resolve one LoRA against a base view: its patches per official key, and what was skipped."""
+    if not spec.path.is_file():
+        raise LoraError(f"LoRA {spec.path}: no such file")
     source = open_source(spec.path)
     keys = source.keys()
     terms = resolve_terms(str(spec.path), keys, base.keys())

@@ -126,3 +126,21 @@ def assert_close():
         assert not bad, bad[:5]
 
     return check
+
+
+def lightx2v_lora(base_sd, targets: list[str], rank: int, seed: int, std: float = 0.05):
+    """A LightX2V-form LoRA (`diffusion_model.<module>.lora_up/down.weight`) on `targets`, and its float64 deltas up @ down."""
+    g = torch.Generator().manual_seed(seed)
+    sd, deltas = {}, {}
+    for key in targets:
+        o, i = base_sd[key].shape
+        up, down = torch.randn(o, rank, generator=g) * std, torch.randn(rank, i, generator=g) * std
+        m = key[: -len(".weight")]
+        sd[f"diffusion_model.{m}.lora_up.weight"], sd[f"diffusion_model.{m}.lora_down.weight"] = up, down
+        deltas[key] = up.double() @ down.double()
+    return sd, deltas
+
+
+@pytest.fixture
+def make_lora():
+    return lightx2v_lora
