@@ -1,0 +1,149 @@
+"""Every layout x family/task that make-tiny-model writes is recognized by `inspect --json`.
+
+Expected values come from the reference facts and from what the test asked for:
+- tiny DiT (TEAM.md): head_dim 128, 2 heads (dim 256), ffn 512, 2 layers, text_dim = tiny T5 width;
+- in/out channels per task, image branch only in Wan2.1 i2v/flf2v, 257/514 CLIP tokens, Wan2.2
+  A14B = two experts using the Wan2.1 VAE, TI2V-5B the Wan2.2 VAE (wan-architecture.md §1, §3);
+- file names, dtypes and scale layouts of LightX2V / ComfyUI files (lightx2v-formats.md §1);
+- official params per model (wan-architecture.md table) check the parameter-count formula.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from export.models.clip import CLIPVisionConfig
+from export.models.t5 import T5Config
+
+from .conftest import run_cli
+
+FAMILY_TASKS = [("wan2.1", "t2v"), ("wan2.1", "i2v"), ("wan2.1", "flf2v"), ("wan2.2", "t2v"), ("wan2.2", "i2v"), ("wan2.2", "ti2v")]
+LAYOUTS = ["official", "lightx2v-bf16", "lightx2v-fp8", "lightx2v-int8", "comfyui-fp8", "diffusers"]
+CHANNELS = {"t2v": (16, 16), "i2v": (36, 16), "flf2v": (36, 16), "ti2v": (48, 48)}
+# layout asked for -> (inspect layout, block-linear storage precision, scale layout)
+STORAGE = {
+    "official": ("official", "fp32", None),
+    "diffusers": ("diffusers", "fp32", None),
+    "lightx2v-bf16": ("lightx2v", "bf16", None),
+    "lightx2v-fp8": ("lightx2v", "fp8_e4m3", "per_channel"),
+    "lightx2v-int8": ("lightx2v", "int8", "per_channel"),
+    "comfyui-fp8": ("comfyui", "fp8_e4m3", "per_tensor"),
+}
+DIM, FFN, LAYERS, HEADS, FREQ = 256, 512, 2, 2, 256
+SHARD_RE = re.compile(r"^diffusion_pytorch_model-(\d{5})-of-(\d{5})\.safetensors$")
+
+
+def wan_param_count(dim, ffn, layers, in_dim, out_dim, text_dim=4096, freq_dim=256, clip_dim=None, flf=False) -> int:
+    """Parameters of an official WanModel, from the key/shape list of wan-architecture.md §1."""
+    d, p = dim, 4
+    top = d * in_dim * p + d  # patch_embedding
+    top += d * text_dim + d + d * d + d  # text_embedding.0 / .2
+    top += d * freq_dim + d + d * d + d  # time_embedding.0 / .2
+    top += 6 * d * d + 6 * d  # time_projection.1
+    top += 2 * d + p * out_dim * d + p * out_dim  # head.modulation, head.head
+    block = 8 * (d * d + d) + 4 * d + 2 * d + (ffn * d + ffn) + (d * ffn + d) + 6 * d
+    if clip_dim:
+        block += 2 * (d * d + d) + d  # k_img, v_img, norm_k_img
+        c = clip_dim
+        top += 2 * c + (c * c + c) + (d * c + d) + 2 * d  # img_emb.proj.0/1/3/4
+        if flf:
+            top += 514 * c  # img_emb.emb_pos
+    return top + layers * block
+
+
+@pytest.mark.parametrize(
+    "args, billions",
+    [
+        ((1536, 8960, 30, 16, 16), 1.419),  # Wan2.1 T2V-1.3B
+        ((5120, 13824, 40, 16, 16), 14.288),  # Wan2.1 T2V-14B / Wan2.2 T2V-A14B expert
+        ((5120, 13824, 40, 36, 16), 14.289),  # Wan2.2 I2V-A14B expert (no CLIP branch)
+        ((3072, 14336, 30, 48, 48), 5.000),  # Wan2.2 TI2V-5B
+    ],
+)
+def test_param_formula_matches_published_counts(args, billions):
+    assert round(wan_param_count(*args) / 1e9, 3) == billions
+
+
+def test_param_formula_matches_published_counts_with_clip():
+    assert round(wan_param_count(5120, 13824, 40, 36, 16, clip_dim=1280) / 1e9, 3) == 16.395  # I2V-14B
+    assert round(wan_param_count(5120, 13824, 40, 36, 16, clip_dim=1280, flf=True) / 1e9, 3) == 16.396  # FLF2V
+
+
+def lightx2v_name_re(family: str, task: str, layout: str, expert: str) -> re.Pattern:
+    """lightx2v-formats.md: wan2.1_{i2v_480p|i2v_720p|t2v_14b}_[scaled_fp8_e4m3_|int8_]lightx2v_4step[_comfyui]
+    and wan2.2_i2v_A14b_{high|low}_noise_...; flf2v / ti2v / wan2.2 t2v follow the same pattern."""
+    quant = {"lightx2v-bf16": "", "lightx2v-fp8": "scaled_fp8_e4m3_", "lightx2v-int8": "int8_", "comfyui-fp8": "scaled_fp8_e4m3_"}[layout]
+    tail = "_comfyui" if layout == "comfyui-fp8" else ""
+    if family == "wan2.1":
+        stem = {"t2v": "t2v_14b", "i2v": "i2v_(480|720)p", "flf2v": "flf2v_\\w+"}[task]
+        stem = "wan2\\.1_" + stem
+    elif expert == "dit":
+        stem = f"wan2\\.2_{task}_\\w+"
+    else:
+        stem = f"wan2\\.2_{task}_A14b_{expert}"
+    return re.compile(f"^{stem}_{quant}lightx2v_4step{tail}\\.safetensors$")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("family, task", FAMILY_TASKS)
+def test_inspect_recognizes_layout(tiny_model, family, task, layout):
+    root = tiny_model(family, task, layout)
+    r = run_cli("inspect", root, "--json")
+    assert r.exit_code == 0, r.stderr
+    got = r.json()
+
+    assert (got["family"], got["task"]) == (family, task)
+    moe = family == "wan2.2" and task != "ti2v"
+    want_layout, want_precision, want_scale = STORAGE[layout]
+    assert [e["name"] for e in got["experts"]] == (["high_noise", "low_noise"] if moe else ["dit"])
+
+    in_dim, out_dim = CHANNELS[task]
+    image = family == "wan2.1" and task in ("i2v", "flf2v")
+    text_dim, clip_dim = T5Config.tiny().dim, CLIPVisionConfig.tiny().width
+    want_dit = {"dim": DIM, "ffn_dim": FFN, "num_heads": HEADS, "num_layers": LAYERS, "in_dim": in_dim,
+                "out_dim": out_dim, "text_dim": text_dim, "freq_dim": FREQ, "image_branch": image}
+    assert {k: got["dit"][k] for k in want_dit} == want_dit
+    assert got["dit"]["clip_tokens"] == ({"i2v": 257, "flf2v": 514}[task] if image else None)
+
+    n_params = wan_param_count(DIM, FFN, LAYERS, in_dim, out_dim, text_dim, FREQ, clip_dim if image else None, task == "flf2v")
+    for e in got["experts"]:
+        assert (e["layout"], e["precision"], e["scale"]) == (want_layout, want_precision, want_scale)
+        assert e["num_params"] == n_params
+        assert e["unknown_keys"] == []
+        names = [f.split("/")[-1] for f in e["files"]]
+        folders = {f.split("/")[-2] for f in e["files"]}
+        if layout == "diffusers":
+            assert folders == {{"dit": "transformer", "high_noise": "transformer", "low_noise": "transformer_2"}[e["name"]]}
+        elif moe:
+            assert folders == {f"{e['name']}_model"}
+        if layout in ("official", "diffusers"):
+            shards = [SHARD_RE.match(n) for n in names]
+            assert all(shards) and len(names) == int(shards[0].group(2)) > 1, names
+            assert (root / e["files"][0]).parent.joinpath("diffusion_pytorch_model.safetensors.index.json").is_file()
+        else:
+            assert len(names) == 1 and lightx2v_name_re(family, task, layout, e["name"]).match(names[0]), names
+
+    if layout == "diffusers":  # the diffusers-format encoders are not written (no loader reads them)
+        assert (got["text_encoder"], got["image_encoder"], got["vae"]) == (None, None, None)
+        assert got["tokenizer"].endswith("/tokenizer")
+        return
+    assert got["text_encoder"].endswith("/models_t5_umt5-xxl-enc-bf16.pth")
+    if image:
+        assert got["image_encoder"].endswith("/models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+    else:
+        assert got["image_encoder"] is None
+    vae_version = "2.2" if task == "ti2v" else "2.1"  # A14B uses the Wan2.1 VAE; only TI2V-5B the Wan2.2 VAE
+    assert got["vae_version"] == vae_version
+    assert got["vae"].endswith(f"/Wan{vae_version}_VAE.pth")
+    assert got["tokenizer"].endswith("/google/umt5-xxl")
+
+
+def test_inspect_human_output(tiny_model):
+    r = run_cli("inspect", tiny_model("wan2.2", "t2v", "lightx2v-fp8"))
+    assert r.exit_code == 0
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("wan2.2 t2v")
+    assert any("expert high_noise" in ln and "fp8_e4m3" in ln and "per_channel" in ln for ln in lines)
+    assert any(ln.strip().startswith("dit: dim 256") for ln in lines)
