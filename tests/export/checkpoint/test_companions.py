@@ -1,0 +1,98 @@
+"""Companion files typed from their keys (wan-architecture.md §3-4), the tokenizer, the torch-free header path."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engines.errors import WanrtError
+from export.checkpoint.pth import read_pth_header
+from export.checkpoint.resolve import resolve_model
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def test_vae_version_from_keys_not_name(tiny_model, tmp_path):
+    root = tmp_path / "ti2v"
+    shutil.copytree(tiny_model("wan2.2", "ti2v", "lightx2v-bf16"), root)
+    (root / "Wan2.2_VAE.pth").rename(root / "my_vae.pth")
+    (root / "models_t5_umt5-xxl-enc-bf16.pth").rename(root / "text_encoder.pth")
+    m = resolve_model(root)
+    assert (m.vae, m.vae_version, m.text_encoder) == (root / "my_vae.pth", "2.2", root / "text_encoder.pth")
+
+
+def test_vae_chosen_by_latent_channels(tiny_model, tmp_path):
+    root = tmp_path / "a14b"
+    shutil.copytree(tiny_model("wan2.2", "t2v", "official"), root)
+    shutil.copy(tiny_model("wan2.2", "ti2v", "official") / "Wan2.2_VAE.pth", root / "Wan2.2_VAE.pth")
+    m = resolve_model(root)  # A14B outputs 16 latent channels: the Wan2.1 VAE
+    assert (m.vae.name, m.vae_version) == ("Wan2.1_VAE.pth", "2.1")
+    (root / "Wan2.1_VAE.pth").unlink()
+    with pytest.raises(WanrtError, match="Wan2.2 VAE has z_dim 48 but the DiT outputs 16"):
+        resolve_model(root)
+
+
+def test_t5_width_must_match_text_dim(tiny_model, tmp_path):
+    root = tmp_path / "m"
+    shutil.copytree(tiny_model("wan2.1", "t2v", "official"), root)
+    t5 = root / "models_t5_umt5-xxl-enc-bf16.pth"
+    state = torch.load(t5, weights_only=True)
+    state["token_embedding.weight"] = torch.zeros(state["token_embedding.weight"].shape[0], 32, dtype=torch.bfloat16)
+    torch.save(state, t5)
+    with pytest.raises(WanrtError, match="T5 width 32 does not match the DiT's text_dim 64"):
+        resolve_model(root)
+
+
+@pytest.mark.parametrize("name", ["models_t5_umt5-xxl-enc-bf16.pth", "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", "Wan2.1_VAE.pth"])
+def test_pth_header_equals_torch_load(tiny_model, name):
+    path = tiny_model("wan2.1", "i2v", "official") / name
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    header = read_pth_header(path)
+    assert list(header) == list(state)
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    for k, t in state.items():
+        assert (header[k].shape, header[k].dtype) == (tuple(t.shape), names[t.dtype]), k
+
+
+def test_companion_dtypes_and_keys(tiny_model):
+    root = tiny_model("wan2.1", "flf2v", "official")
+    t5 = read_pth_header(root / "models_t5_umt5-xxl-enc-bf16.pth")
+    clip = read_pth_header(root / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+    vae = read_pth_header(root / "Wan2.1_VAE.pth")
+    assert {i.dtype for i in t5.values()} == {"bf16"} and {i.dtype for i in clip.values()} == {"fp16"}
+    assert {i.dtype for i in vae.values()} == {"fp32"}
+    assert all(k.startswith("visual.") or k == "log_scale" for k in clip)
+    assert clip["visual.pos_embedding"].shape[1] == 257  # 224 px, patch 14, plus CLS
+    assert len(vae) == 194  # the official Wan2.1 VAE key count (wan-architecture.md §3)
+    assert vae["conv2.weight"].shape[:2] == (16, 16)
+
+
+def test_tokenizer_loads_in_transformers(tiny_model):
+    from transformers import AutoTokenizer
+
+    root = tiny_model("wan2.1", "t2v", "official")
+    tok = AutoTokenizer.from_pretrained(root / "google" / "umt5-xxl")
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
+    enc = tok(["a red fox running through fresh snow"], padding="max_length", max_length=16, truncation=True)
+    ids, mask = enc["input_ids"][0], enc["attention_mask"][0]
+    n = sum(mask)
+    assert ids[n - 1] == 1 and all(i == 0 for i in ids[n:]) and 2 not in ids
+    assert tok.decode(ids, skip_special_tokens=True) == "a red fox running through fresh snow"
+    rows = read_pth_header(root / "models_t5_umt5-xxl-enc-bf16.pth")["token_embedding.weight"].shape[0]
+    assert len(tok) <= rows  # every token id has an embedding row
+
+
+def test_inspect_never_imports_torch(tiny_model):
+    root = tiny_model("wan2.1", "i2v", "lightx2v-fp8")
+    code = (
+        "import sys; from export.checkpoint.resolve import resolve_model; "
+        f"m = resolve_model({str(root)!r}); assert m.image_encoder and m.vae and m.text_encoder; "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
