@@ -68,7 +68,7 @@ class Tokenizer:
                 )
                 ids = ids[: max_len - 1]
             rows.append(ids + [self.eos_id])
-        width = max_len if pad_to_max else max(len(r) for r in rows)
+        width = max_len if pad_to_max else max((len(r) for r in rows), default=0)
         input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(rows), width), dtype=np.int64)
         for b, row in enumerate(rows):

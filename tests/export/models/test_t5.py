@@ -102,6 +102,14 @@ def test_matches_transformers_umt5_on_real_tokens(hf_pair):
     assert close(short[0], ref[0, :37])
 
 
+def test_bucket_table_equals_transformers_for_every_offset_up_to_512(hf_pair):
+    hf, ours, _ = hf_pair
+    attn = hf.encoder.block[0].layer[0].SelfAttention
+    offsets = torch.arange(-511, 512)
+    assert torch.equal(ours.relative_buckets(512)[0], ours.bucket_table[511:])  # row 0: offsets 0..511
+    assert torch.equal(ours.bucket_table, attn._relative_position_bucket(offsets))
+
+
 def test_load_pth_and_safetensors_infers_config(hf_pair, tmp_path):
     _, ours, state = hf_pair
     torch.save({k: v.to(torch.bfloat16) for k, v in state.items()}, tmp_path / "t5.pth")
