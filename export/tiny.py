@@ -48,7 +48,7 @@ from engines.errors import WanrtError
 from engines.model import DiTConfig
 from export.checkpoint.dit_config import CLIP_TOKENS_FLF2V, CLIP_TOKENS_I2V, HEAD_DIM, expected_shapes
 from export.checkpoint.keys import official_to_diffusers
-from export.checkpoint.safetensors_writer import SafetensorsWriter, TensorSpec
+from export.checkpoint.safetensors_writer import SafetensorsWriter, TensorSpec, build_header
 from export.checkpoint.view import is_block_linear
 
 FAMILY_TASKS = {"wan2.1": ("t2v", "i2v", "flf2v"), "wan2.2": ("t2v", "i2v", "ti2v")}
@@ -249,8 +249,10 @@ def _shard(plan: list[tuple[str, list[Stored]]], max_bytes: int, min_shards: int
 
 
 def write_dit(folder: Path, cfg: DiTConfig, layout: str, seed: int, component: str, file_name: str | None,
-              min_shards: int, progress: Callable[[int], None]) -> list[Path]:
-    """Write one DiT expert into `folder`, streaming one tensor at a time; returns the files written."""
+              min_shards: int, progress: Callable[[int], None], sparse: bool = False) -> list[Path]:
+    """Write one DiT expert into `folder`, streaming one tensor at a time; returns the files written.
+
+    `sparse` writes the headers only and leaves the data section as a hole (all zeros)."""
     folder.mkdir(parents=True, exist_ok=True)
     plan = [(key, stored_tensors(layout, key, shape)) for key, shape in expected_shapes(cfg).items()]
     if file_name is not None:  # single file
@@ -272,6 +274,13 @@ def write_dit(folder: Path, cfg: DiTConfig, layout: str, seed: int, component: s
         shard_extra = extra if i == len(shards) - 1 else []
         specs = [TensorSpec(s.key, s.dtype, s.shape) for _, st in shard for s in st]
         specs += [TensorSpec(s.key, s.dtype, s.shape) for s, _ in shard_extra]
+        if sparse:
+            _write_sparse(folder / name, specs)
+            weight_map.update({sp.key: name for sp in specs})
+            total += sum(sp.nbytes for sp in specs)
+            progress(sum(math.prod(st[0].shape) for _, st in shard))
+            written.append(folder / name)
+            continue
         with SafetensorsWriter(folder / name, specs, metadata={"format": "pt"}, fsync=False) as w:
             for key, st in shard:
                 master = random_tensor(key, st[0].shape, seed, component)
@@ -290,6 +299,14 @@ def write_dit(folder: Path, cfg: DiTConfig, layout: str, seed: int, component: s
     return written
 
 
+def _write_sparse(path: Path, specs: list[TensorSpec]) -> None:
+    """A valid safetensors file whose data section is a hole: real header and size, no data written."""
+    head, offsets = build_header(specs, {"format": "pt"})
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(len(head) + max((end for _, end in offsets.values()), default=0))
+
+
 def _dit_folders(family: str, task: str, layout: str) -> list[tuple[str, str]]:
     """(expert component name, folder relative to OUT) for each DiT expert."""
     moe = family == "wan2.2" and task in ("t2v", "i2v")
@@ -301,8 +318,11 @@ def _dit_folders(family: str, task: str, layout: str) -> list[tuple[str, str]]:
 
 
 def make_tiny_model(out: Path, family: str, task: str, layout: str = "official", seed: int = 0,
-                    dims: str | None = None) -> Path:
-    """Write a random Wan model of this family/task in `layout` to `out` (atomically); returns `out`."""
+                    dims: str | None = None, *, sparse: bool = False) -> Path:
+    """Write a random Wan model of this family/task in `layout` to `out` (atomically); returns `out`.
+
+    `sparse=True` writes the DiT files with real headers and sizes but no data (zeros, a file
+    hole): for benchmarks of header-only paths on real-sized models without writing 57 GB."""
     out = Path(out)
     check_family_task(family, task)
     if layout not in LAYOUTS:
@@ -321,7 +341,8 @@ def make_tiny_model(out: Path, family: str, task: str, layout: str = "official",
             for component, rel in experts:
                 folder = tmp / rel
                 single = None if layout in ("official", "diffusers") else lightx2v_file_name(family, task, layout, component)
-                write_dit(folder, cfg, layout, seed, component, single, min_shards=1 if dims else 2, progress=bar.update)
+                write_dit(folder, cfg, layout, seed, component, single, min_shards=1 if dims else 2,
+                          progress=bar.update, sparse=sparse)
                 if layout == "official":
                     _write_json(folder / "config.json", official_config_json(cfg, task))
                 elif layout == "diffusers":
@@ -461,7 +482,9 @@ def write_tokenizer(folder: Path) -> int:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dims", default=None, metavar="1.3B|14B|5B[:LAYERS]",
               help="Real-sized DiT shapes (for benchmarks) with an optional number of layers.")
-def make_tiny_model_command(out: Path, family: str, task: str, layout: str, seed: int, dims: str | None) -> None:
+@click.option("--sparse", is_flag=True,
+              help="DiT files with real headers and sizes but no data (a file hole): for header-only benchmarks.")
+def make_tiny_model_command(out: Path, family: str, task: str, layout: str, seed: int, dims: str | None, sparse: bool) -> None:
     """Write a random Wan checkpoint in a real on-disk layout (tiny dims unless --dims)."""
-    path = make_tiny_model(out, family, task, layout, seed, dims)
+    path = make_tiny_model(out, family, task, layout, seed, dims, sparse=sparse)
     click.echo(str(path))

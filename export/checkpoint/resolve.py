@@ -13,7 +13,7 @@ without img_emb -> wan2.2 i2v; in_dim 16 -> wan2.1 t2v.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +121,8 @@ def _str(p: Path | None) -> str | None:
 # Locating one expert's weight files
 
 
-def _read_index(index: Path) -> list[Path]:
-    """The shard files a `*.safetensors.index.json` names, each checked to exist."""
+def _read_index(index: Path) -> tuple[list[Path], dict[str, str]]:
+    """The shard files a `*.safetensors.index.json` names (each checked to exist), and its weight_map."""
     data = lx.read_json(index, "safetensors index")
     weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
@@ -132,15 +132,14 @@ def _read_index(index: Path) -> list[Path]:
     for p in paths:
         if not p.is_file():
             raise CheckpointError(f"{index}: names shard {p.name}, which is missing from {index.parent}")
-    return paths
+    return paths, weight_map
 
 
-def _check_index(index: Path, sources: list[TensorSource]) -> None:
+def _check_index(index: Path, weight_map: dict[str, str], sources: list[TensorSource]) -> None:
     """Every key the index lists is in the shard it names."""
-    weight_map = lx.read_json(index, "safetensors index")["weight_map"]
     by_name = {s.path.name: s for s in sources}
     for key, shard in weight_map.items():
-        if key not in by_name[str(shard)].keys():
+        if key not in by_name[str(shard)]:
             raise CheckpointError(f"{index}: lists tensor {key!r} in {shard}, but {shard} has no such tensor")
 
 
@@ -160,13 +159,14 @@ def _lora_error(path: Path) -> CheckpointError:
     )
 
 
-def _folder_files(folder: Path, expert: str) -> tuple[list[Path], Path | None]:
-    """The DiT files in a folder (index honoured; one candidate auto-picked), and the index used."""
+def _folder_files(folder: Path, expert: str) -> tuple[list[Path], tuple[Path, dict[str, str]] | None]:
+    """The DiT files in a folder (index honoured; one candidate auto-picked), and the index used with its weight_map."""
     indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
     if len(indexes) > 1:
         raise CheckpointError(f"{folder}: several safetensors indexes ({', '.join(p.name for p in indexes)}); keep one")
     if indexes:
-        return _read_index(indexes[0]), indexes[0]
+        files, weight_map = _read_index(indexes[0])
+        return files, (indexes[0], weight_map)
     files = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors" and p.is_file())
     if not files:
         if not any(folder.iterdir()):
@@ -193,11 +193,23 @@ def _dit_config_json(folder: Path) -> Path | None:
     return p if p.is_file() and is_dit_config_json(lx.read_json(p, "config.json")) else None
 
 
+def _index_listing(shard: Path) -> Path | None:
+    """The index beside a file that names it as one of its shards, if any."""
+    for index in shard.parent.glob("*" + INDEX_SUFFIX):
+        weight_map = lx.read_json(index, "safetensors index").get("weight_map")
+        if isinstance(weight_map, dict) and shard.name in set(map(str, weight_map.values())):
+            return index
+    return None
+
+
 def _open_expert(name: str, location: Path, root: Path | None) -> Expert:
     """Build one expert's view from a weights file or a folder."""
     if location.is_dir():
         files, index = _folder_files(location, name)
         folder = location
+    elif location.is_file() and _index_listing(location) is not None:
+        files, index = _folder_files(location.parent, name)  # one shard of a sharded model: take them all
+        folder = location.parent
     elif location.is_file():
         if location.suffix not in WEIGHT_FILE_SUFFIXES:
             raise CheckpointError(f"{location}: unsupported weights file type {location.suffix!r}; expected .safetensors or .pth")
@@ -209,7 +221,7 @@ def _open_expert(name: str, location: Path, root: Path | None) -> Expert:
         raise _lora_error(next(s.path for s in sources if looks_like_lora(s.keys())))
     view = CheckpointView(sources)
     if index is not None:
-        _check_index(index, sources)
+        _check_index(*index, sources)
         if view.layout == "official" and any(p.name == "non_block.safetensors" for p in files):
             view.layout = "lightx2v"  # LightX2V --save_by_block: block_N + non_block + index
     config_json = _dit_config_json(folder)
@@ -248,6 +260,13 @@ def resolve_model(path: str | os.PathLike, config: str | os.PathLike | None = No
             raise _lora_error(e.files[0])
     dit = _dit_config(experts)
     family, task = _family_task(experts, dit)
+    lone = _lone_expert_name(experts)
+    if lone is not None:
+        family = "wan2.2"  # one expert of a Wan2.2 A14B pair, used on its own
+        notes.append(f"{experts[0].location} looks like the {lone} expert of a Wan2.2 A14B model used alone;"
+                     " pass the model folder (or both experts in a config) to export both experts")
+    if path.is_dir():
+        notes += _diffusers_encoder_notes(path)
     for e in experts:
         if e.config_json is not None:
             check_config_json(dit, lx.read_json(e.config_json, "config.json"), e.config_json, _where(e), task, e.view.precision)
@@ -262,9 +281,13 @@ def resolve_model(path: str | os.PathLike, config: str | os.PathLike | None = No
         notes.append("the DiT is stored as fp8/int8 but the config does not set dit_quantized; the scales in the file are used")
 
     companion_roots = [root] + ([Path(cfg["model_path"]).expanduser()] if cfg and isinstance(cfg.get("model_path"), str) else [])
+    if root.name in (*MOE_FOLDERS.values(), *DIFFUSERS_FOLDERS.values()):
+        companion_roots.append(root.parent)  # an expert folder was given: the encoders sit beside it
     t5, clip, vae, tokenizer = _companions(companion_roots, experts, dit, cfg, cfg_path, notes)
 
-    sampling = default_sampling(family, task, dim=dit.dim, moe=len(experts) == 2)
+    sampling = default_sampling(family, task, dim=dit.dim, moe=len(experts) == 2 or lone is not None)
+    if lone is not None:
+        sampling = replace(sampling, boundary=None)  # one expert: nothing to switch to
     if cfg is not None:
         sampling = lx.sampling_from_config(sampling, cfg, cfg_path)
     if dit.image_branch and clip is None:
@@ -363,6 +386,26 @@ def _family_task(experts: list[Expert], dit: DiTConfig) -> tuple[str, str]:
             raise CheckpointError(f"{where}: an image branch (img_emb) with in_dim 16; Wan i2v/flf2v models take 36 channels")
         return "wan2.1", "t2v"
     raise CheckpointError(f"{where}: in_dim {dit.in_dim}; Wan DiTs take 16 (t2v), 36 (i2v/flf2v) or 48 (ti2v) channels")
+
+
+def _lone_expert_name(experts: list[Expert]) -> str | None:
+    """"high_noise"/"low_noise" when a single expert's folder or file name says it is one of a Wan2.2 pair."""
+    if len(experts) != 1:
+        return None
+    names = [*(p.name for p in experts[0].files), *(p.parent.name for p in experts[0].files)]
+    for expert in MOE_FOLDERS:
+        if any(expert in n for n in names):
+            return expert
+    return None
+
+
+def _diffusers_encoder_notes(root: Path) -> list[str]:
+    """Diffusers-format encoder folders are not read (the exporters load the official .pth files)."""
+    notes = []
+    for sub, what in (("text_encoder", "T5"), ("image_encoder", "CLIP"), ("vae", "VAE")):
+        if (root / sub / "config.json").is_file():
+            notes.append(f"{root / sub}: diffusers-format {what} folders are not supported; put the official .pth beside the model")
+    return notes
 
 
 def _check_scheme(experts: list[Expert], scheme: str, cfg_path: Path) -> None:

@@ -102,6 +102,9 @@ class TensorSource:
     def keys(self) -> list[str]:
         raise NotImplementedError
 
+    def __contains__(self, key: str) -> bool:
+        return key in self.keys()
+
     def header(self, key: str) -> TensorHeader:
         raise NotImplementedError
 
@@ -119,6 +122,9 @@ class SafetensorsSource(TensorSource):
 
     def keys(self) -> list[str]:
         return self.file.keys()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.file
 
     def header(self, key: str) -> TensorHeader:
         return self.file.header(key)
@@ -138,6 +144,9 @@ class PthSource(TensorSource):
 
     def keys(self) -> list[str]:
         return list(self.infos)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.infos
 
     def header(self, key: str) -> TensorHeader:
         try:

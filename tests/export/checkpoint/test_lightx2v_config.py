@@ -124,3 +124,17 @@ def test_companion_key_of_the_wrong_kind(tiny_model, tmp_path):
     cfg = write_config(tmp_path / "c.json", {"t5_original_ckpt": str(root / "Wan2.1_VAE.pth")})
     with pytest.raises(WanrtError, match="t5_original_ckpt points at .*Wan2.1_VAE.pth, which is not a T5"):
         resolve_model(root, cfg)
+
+
+def test_paths_inside_a_model_folder(tiny_model):
+    root = tiny_model("wan2.2", "t2v", "official")
+    shard = next((root / "low_noise_model").glob("diffusion_pytorch_model-00001-*.safetensors"))
+    for path in (shard, root / "low_noise_model", root / "low_noise_model" / "config.json"):
+        m = resolve_model(path)
+        assert (m.family, m.task, [e.name for e in m.experts]) == ("wan2.2", "t2v", ["dit"])
+        assert len(m.experts[0].files) == 2  # a shard stands for its index
+        assert m.text_encoder == root / "models_t5_umt5-xxl-enc-bf16.pth" and m.vae == root / "Wan2.1_VAE.pth"
+        assert any("low_noise expert of a Wan2.2 A14B model" in n for n in m.notes)
+        assert m.sampling.boundary is None and m.sampling.shift == 12.0
+    index = root / "high_noise_model" / "diffusion_pytorch_model.safetensors.index.json"
+    assert [e.name for e in resolve_model(index).experts] == ["dit"]
