@@ -1,0 +1,278 @@
+"""One DiT denoising step at Wan2.1 T2V-1.3B dimensions: the runtime (ONNX Runtime) vs diffusers eager.
+
+Shape (issue 6): 5 frames at 240x416 -> latent 2x30x52 -> 780 tokens; a guided step (CFG, batch 2:
+[cond, uncond]) with random 1.3B-dimension weights (dim 1536, 30 layers, text_dim 4096).  In one run:
+
+1. diffusers `WanTransformer3DModel` eager, fp32: forward + CFG + `UniPCMultistepScheduler.step`;
+2. the same weights exported to ONNX (`export.onnx_export.export_dit_onnx`, fp32) and run by the
+   runtime: `runtime.guidance.predict_velocity` + `runtime.schedulers.FlowUniPC.step`, with the
+   engine time and the runtime's host overhead per step (wall time not spent inside the engine);
+3. diffusers eager in bf16 (the model cast in place), unless `--skip-bf16`.
+
+The runtime's output is checked against diffusers fp32 (max relative error) so both sides compute
+the same step.  Prints a markdown block; `--record` writes it as the `bench/step.py` section of
+bench/RESULTS.md (other sections are kept).
+
+    .venv/bin/python bench/step.py [--dims 1.3b|tiny] [--batch 2] [--repeats 2] [--threads N] [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DIMS = {
+    "1.3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, text_dim=4096),
+    "tiny": dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64),
+}
+SECTION = "## bench/step.py"
+
+
+class TensorView(Mapping):
+    """Official key -> tensor, readable by the exporter (`view[k].shape`, `view.load(k, dtype)`)."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def __getitem__(self, key):
+        return self.tensors[key]
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self):
+        return len(self.tensors)
+
+    def load(self, key, dtype):
+        return self.tensors[key].to(dtype)
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def diffusers_model(cfg, seed: int):
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        num_attention_heads=cfg.num_heads, attention_head_dim=cfg.dim // cfg.num_heads, in_channels=cfg.in_dim,
+        out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim,
+        num_layers=cfg.num_layers, eps=cfg.eps,
+    ).eval().requires_grad_(False)  # fmt: skip
+
+
+def official_view(model) -> TensorView:
+    from export.checkpoint.keys import DIFFUSERS_IGNORED, diffusers_to_official
+
+    state = {}
+    for key, t in model.state_dict().items():
+        if not DIFFUSERS_IGNORED.match(key):
+            state[diffusers_to_official(key)] = t
+    return TensorView(state)
+
+
+def time_diffusers(model, inputs, guide: float, repeats: int, dtype) -> tuple[list[float], "object"]:
+    """Seconds per guided step (forward, CFG, UniPC step) of diffusers eager; and the last velocity."""
+    import torch
+    from diffusers import UniPCMultistepScheduler
+
+    latent = inputs["latent"]
+    batch = latent.shape[0]
+    x = torch.from_numpy(latent[:1]).to(dtype)
+    ts = torch.from_numpy(inputs["timestep"])
+    ctx = torch.from_numpy(inputs["context"]).to(dtype)
+    times, velocity = [], None
+    for _ in range(repeats + 1):  # the first is a warm-up
+        sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+        sched.set_timesteps(2)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model(x.expand(batch, *x.shape[1:]), ts, ctx, return_dict=False)[0].float()
+        v = out[:1] if batch == 1 else out[1:] + guide * (out[:1] - out[1:])
+        sched.step(v, sched.timesteps[0], x.float(), return_dict=False)
+        times.append(time.perf_counter() - start)
+        velocity = out
+    return times[1:], velocity.numpy()
+
+
+def time_runtime(onnx_dir: Path, signature, inputs, guide: float, repeats: int, threads: int):
+    """Per-step wall, engine and host-overhead seconds of the runtime; its raw engine output."""
+    import numpy as np
+
+    from engines.manifest import Component
+    from runtime.backends.onnxruntime import OnnxRuntimeBackend, OrtOptions
+    from runtime.guidance import StepPlan, predict_velocity
+    from runtime.schedulers import make_sampler
+
+    files = sorted(str(p.relative_to(onnx_dir)) for p in onnx_dir.iterdir())
+    comp = Component("dit", "dit", "model.onnx", signature, "fp32", files=files)
+    backend = OnnxRuntimeBackend(OrtOptions(device="auto", intra_op_threads=threads))
+    start = time.perf_counter()
+    engine = backend.load(comp, onnx_dir)
+    load_s = time.perf_counter() - start
+    batch = inputs["latent"].shape[0]
+    step = StepPlan(0, float(inputs["timestep"][0]), "dit", guide, batch == 2)
+    x = inputs["latent"][:1]
+    walls, engines = [], []
+    for _ in range(repeats + 1):
+        sampler = make_sampler("unipc", 2, 5.0)
+        before = engine.run_seconds
+        start = time.perf_counter()
+        v, _ = predict_velocity(engine, step, x, inputs["timestep"][:1], inputs["context"][:1],
+                                inputs["context"][1:2] if batch == 2 else None)  # fmt: skip
+        sampler.step(v, x)
+        walls.append(time.perf_counter() - start)
+        engines.append(engine.run_seconds - before)
+    raw = engine.run({k: v for k, v in inputs.items()})["noise_pred"]
+    engine.release()
+    return walls[1:], engines[1:], load_s, backend.describe(), np.asarray(raw)
+
+
+def fmt(xs: list[float]) -> str:
+    return f"{min(xs):.3f}" if len(xs) == 1 else f"{min(xs):.3f} (median {sorted(xs)[len(xs) // 2]:.3f})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dims", choices=sorted(DIMS), default="1.3b")
+    ap.add_argument("--frames", type=int, default=5)
+    ap.add_argument("--height", type=int, default=240)
+    ap.add_argument("--width", type=int, default=416)
+    ap.add_argument("--batch", type=int, choices=(1, 2), default=2, help="2: CFG [cond, uncond] in one call")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="0: all cores")
+    ap.add_argument("--skip-bf16", action="store_true")
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--record", action="store_true", help="write the result into bench/RESULTS.md")
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+
+    from engines.model import DiTConfig
+    from export.onnx_export import export_dit_onnx
+    from export.models.wan_dit import signature_for
+    from runtime.sizes import VideoGeometry
+
+    threads = args.threads or os.cpu_count()
+    torch.set_num_threads(threads)
+    cfg = DiTConfig(in_dim=16, out_dim=16, **DIMS[args.dims])
+    geo = VideoGeometry(args.frames, args.height, args.width, (4, 8, 8))
+    rng = np.random.default_rng(0)
+    inputs = {
+        "latent": np.repeat(rng.standard_normal(geo.latent_shape(16), dtype=np.float32), args.batch, axis=0),
+        "timestep": np.full((args.batch,), 999.0, np.float32),
+        "context": rng.standard_normal((args.batch, cfg.text_len, cfg.text_dim), dtype=np.float32),
+    }
+    guide = 5.0
+    result: dict = {"dims": args.dims, "tokens": geo.tokens, "batch": args.batch, "threads": threads}
+    work = Path(tempfile.mkdtemp(prefix="wanrt-bench-step-", dir=args.workdir))
+    try:
+        t0 = time.perf_counter()
+        model = diffusers_model(cfg, seed=0)
+        result["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
+        result["init_s"] = time.perf_counter() - t0
+        print(f"model: {result['params_b']:.3f} B params, {geo.tokens} tokens, batch {args.batch}", file=sys.stderr)
+
+        fp32_times, ref = time_diffusers(model, inputs, guide, args.repeats, torch.float32)
+        result["diffusers_fp32_s"] = fp32_times
+        print(f"diffusers fp32 step: {fmt(fp32_times)} s", file=sys.stderr)
+
+        t0 = time.perf_counter()
+        export_dit_onnx(official_view(model), cfg, work / "dit", "fp32", progress=False)
+        result["export_s"] = time.perf_counter() - t0
+        result["onnx_gb"] = sum(p.stat().st_size for p in (work / "dit").iterdir()) / 1e9
+        print(f"exported {result['onnx_gb']:.2f} GB in {result['export_s']:.0f} s", file=sys.stderr)
+
+        if not args.skip_bf16:
+            model.to(torch.bfloat16)
+            gc.collect()
+            bf16_times, _ = time_diffusers(model, inputs, guide, args.repeats, torch.bfloat16)
+            result["diffusers_bf16_s"] = bf16_times
+            print(f"diffusers bf16 step: {fmt(bf16_times)} s", file=sys.stderr)
+        del model
+        gc.collect()
+
+        walls, engines, load_s, device, raw = time_runtime(
+            work / "dit", signature_for(cfg), inputs, guide, args.repeats, threads
+        )
+        result.update(runtime_s=walls, runtime_engine_s=engines, runtime_load_s=load_s, runtime_device=device)
+        result["runtime_host_ms"] = [1e3 * (w - e) for w, e in zip(walls, engines)]
+        result["max_rel_err_vs_diffusers_fp32"] = float(np.abs(raw - ref).max() / np.abs(ref).max())
+        result["peak_rss_gb"] = peak_rss_gb()
+        print(f"runtime step: {fmt(walls)} s, host overhead {fmt(result['runtime_host_ms'])} ms", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    block = markdown(result)
+    print(block)
+    print(json.dumps(result), file=sys.stderr)
+    if args.record:
+        record(block)
+
+
+def markdown(r: dict) -> str:
+    """The RESULTS.md section for one run."""
+    cpu = platform.processor() or platform.machine()
+    best = min(r["runtime_s"])
+    rows = [
+        ("diffusers eager fp32", r["diffusers_fp32_s"]),
+        *([("diffusers eager bf16", r["diffusers_bf16_s"])] if "diffusers_bf16_s" in r else []),
+        (f"runtime ({r['runtime_device']})", r["runtime_s"]),
+    ]
+    lines = [
+        SECTION,
+        "",
+        f"One DiT step at {'Wan2.1 T2V-1.3B' if r['dims'] == '1.3b' else r['dims']} dims "
+        f"({r['params_b']:.3f} B params, random weights), "
+        f"5 frames 240x416 = {r['tokens']} tokens, batch {r['batch']} ({'CFG in one call' if r['batch'] == 2 else 'no CFG'}); "
+        f"{r['threads']} threads on {cpu} ({os.cpu_count()} cores), {datetime.date.today()}. "
+        f"Min (median) of {len(r['runtime_s'])} runs after a warm-up.",
+        "",
+        "| path | s / step | vs diffusers fp32 |",
+        "|---|---|---|",
+    ]
+    base = min(r["diffusers_fp32_s"])
+    lines += [f"| {name} | {fmt(ts)} | {base / min(ts):.2f}x |" for name, ts in rows]
+    lines += [
+        "",
+        f"- runtime host overhead per step (wall - engine: binding, CFG arithmetic, UniPC update): "
+        f"{fmt(r['runtime_host_ms'])} ms = {100 * min(r['runtime_host_ms']) / 1e3 / best:.2f}% of the step",
+        f"- runtime output vs diffusers fp32: max |diff| / max |ref| = {r['max_rel_err_vs_diffusers_fp32']:.1e}",
+        f"- ONNX export {r['export_s']:.0f} s ({r['onnx_gb']:.2f} GB), session load {r['runtime_load_s']:.1f} s, "
+        f"peak RSS {r['peak_rss_gb']:.1f} GB",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def record(block: str) -> None:
+    """Replace (or append) the `bench/step.py` section of bench/RESULTS.md, keeping the others."""
+    path = ROOT / "bench" / "RESULTS.md"
+    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(block + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()
