@@ -274,7 +274,7 @@ class WanPipeline:
                 )
         elif steps < 1:
             raise WanrtError(f"--steps {steps}: expected at least 1")
-        shift = float(request.shift if request.shift is not None else d.shift)
+        shift = float(request.shift if request.shift is not None else self._default_shift(area))
         guide = (float(request.guidance),) * 2 if request.guidance is not None else tuple(float(g) for g in d.guide_scale)
         if request.guidance is not None and not d.enable_cfg and request.guidance != 1.0:
             warnings.append(f"--guidance {request.guidance} has no effect: this bundle's sampling disables CFG")
@@ -294,6 +294,14 @@ class WanPipeline:
             denoising_step_list=d.denoising_step_list, fps=d.fps, steps=step_plans, warnings=warnings,
             **plan_images,
         )
+
+    def _default_shift(self, area: int) -> float:
+        """The bundle's shift; Wan2.1 `generate.py` uses 3.0 instead of 5.0 for i2v at 832*480 (480p)."""
+        m, d = self.manifest, self.manifest.sampling
+        family_default = m.source.get("config") is None  # not set by a LightX2V config
+        if family_default and m.family == "wan2.1" and m.task == "i2v" and d.shift == 5.0 and area == 832 * 480:
+            return 3.0
+        return d.shift
 
     # ---- stages -----------------------------------------------------------------------------
 

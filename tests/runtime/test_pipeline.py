@@ -234,6 +234,15 @@ def test_prepare_rejects_bad_requests(bundle_factory, kwargs, message):
         pipe.prepare(request)
 
 
+def test_wan21_i2v_480p_default_shift_is_3(bundle_factory, tmp_path):
+    """Wan2.1 generate.py: shift 5.0, but 3.0 for i2v at 832*480 / 480*832 (unless the user sets it)."""
+    pipe = pipeline(bundle_factory("wan21_i2v", family="wan2.1", task="i2v", moe=False, clip_tokens=257))
+    img = _image_file(tmp_path / "in.png", 64, 48)
+    for (h, w), shift in (((480, 832), 3.0), ((832, 480), 3.0), ((720, 1280), 5.0)):
+        assert pipe.prepare(GenerationRequest(prompt="x", image=img, height=h, width=w, frames=5)).shift == shift
+    assert pipe.prepare(GenerationRequest(prompt="x", image=img, height=480, width=832, frames=5, shift=7.0)).shift == 7.0
+
+
 def test_prepare_rejects_bad_image_requests(bundle_factory, tmp_path):
     i2v = pipeline(bundle_factory("wan21_i2v", family="wan2.1", task="i2v", moe=False, clip_tokens=257))
     with pytest.raises(WanrtError, match="i2v model; --image is required"):
