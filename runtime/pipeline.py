@@ -213,7 +213,52 @@ class WanPipeline:
 
     def prepare(self, request: GenerationRequest) -> GenerationPlan:
         """Validate the request against the bundle and resolve defaults; loads images, no engines."""
-        m, task, d = self.manifest, self.manifest.task, self.manifest.sampling
+        self._check_inputs(request)
+        geometry, plan_images, area = self._resolve_size(request)
+        for name in self.experts:
+            check_latent_range(name, geometry, self.component(name).signature.dim_ranges)
+        if plan_images.get("condition_image") is not None:
+            self._require("vae_encoder")
+        if self.dit_takes_clip:
+            self._require("image_encoder")
+
+        m, d = self.manifest, self.manifest.sampling
+        steps = request.steps if request.steps is not None else d.steps
+        if d.sampler == "distill":
+            n = len(d.denoising_step_list or [])
+            if request.steps is not None and request.steps != n:
+                raise WanrtError(
+                    f"--steps {request.steps}: this bundle's step-distilled sampler runs exactly {n} steps"
+                    f" (denoising_step_list {d.denoising_step_list})"
+                )
+        elif steps < 1:
+            raise WanrtError(f"--steps {steps}: expected at least 1")
+        shift = float(request.shift if request.shift is not None else self._default_shift(area))
+        guide = (float(request.guidance),) * 2 if request.guidance is not None else tuple(float(g) for g in d.guide_scale)
+        warnings = []
+        if request.guidance is not None and not d.enable_cfg and request.guidance != 1.0:
+            warnings.append(f"--guidance {request.guidance} has no effect: this bundle's sampling disables CFG")
+        sampler = make_sampler(d.sampler, steps, shift, d.denoising_step_list)
+        kinds = {n: self.component(n).expert for n in self.experts}
+        step_plans = plan_steps(
+            sampler.timesteps, self.experts, kinds, guide, d.enable_cfg, d.boundary, d.boundary_step_index
+        )
+        # as the official code: an empty negative prompt means the default one
+        negative = request.negative_prompt or d.negative_prompt or default_negative_prompt(m.family, m.task)
+        seed = request.seed if request.seed is not None else secrets.randbits(63)
+        if not 0 <= seed < 2**64:
+            raise WanrtError(f"--seed {seed}: expected 0 <= seed < 2**64")
+        return GenerationPlan(
+            task=m.task, family=m.family, prompt=request.prompt, negative_prompt=negative, geometry=geometry,
+            seed=seed, sampler=d.sampler, shift=shift, guide_scale=guide, enable_cfg=d.enable_cfg,
+            boundary=d.boundary, boundary_step_index=d.boundary_step_index,
+            denoising_step_list=d.denoising_step_list, fps=d.fps, steps=step_plans, warnings=warnings,
+            **plan_images,
+        )
+
+    def _check_inputs(self, request: GenerationRequest) -> None:
+        """The prompt and images a task takes."""
+        m, task = self.manifest, self.manifest.task
         if not request.prompt or not request.prompt.strip():
             raise WanrtError("--prompt is empty")
         if task == "t2v" and (request.image is not None or request.last_image is not None):
@@ -227,22 +272,23 @@ class WanPipeline:
         if (request.height is None) != (request.width is None) and (task in IMAGE_TASKS or request.image is not None):
             raise WanrtError("give both --height and --width (their product is the max area of the video)")
 
+    def _resolve_size(self, request: GenerationRequest) -> tuple[VideoGeometry, dict[str, np.ndarray], int]:
+        """Video geometry, conditioning images and the max area, by the official rules of the task."""
+        m, task, d = self.manifest, self.manifest.task, self.manifest.sampling
         stride = m.vae.stride
         frames = check_frames(request.frames if request.frames is not None else d.frames, stride[0])
         multiple = size_multiple(stride)
-        plan_images: dict[str, np.ndarray | None] = {}
-        warnings: list[str] = []
         given_area = request.height * request.width if request.height and request.width else None
         area = given_area or d.max_area or d.height * d.width
+        plan_images: dict[str, np.ndarray] = {}
         if task in IMAGE_TASKS:
             first = images.load_image(request.image)
-            last = images.load_image(request.last_image) if request.last_image is not None else None
             height, width = i2v_size(first.height, first.width, area, stride)
             first_arr = images.image_to_array(first)
             plan_images["first_image"] = first_arr
             plan_images["condition_image"] = images.resize_bicubic(first_arr, height, width)
-            if last is not None:
-                last = images.match_last_frame(first, last)
+            if request.last_image is not None:
+                last = images.match_last_frame(first, images.load_image(request.last_image))
                 last_arr = images.image_to_array(last)
                 plan_images["last_image"] = last_arr
                 plan_images["condition_last"] = images.resize_bicubic(last_arr, height, width)
@@ -254,46 +300,7 @@ class WanPipeline:
             height = request.height if request.height is not None else d.height
             width = request.width if request.width is not None else d.width
             check_size(height, width, multiple)
-        geometry = VideoGeometry(frames, height, width, stride)
-        for name in self.experts:
-            check_latent_range(name, geometry, self.component(name).signature.dim_ranges)
-
-        if task in IMAGE_TASKS or plan_images.get("condition_image") is not None:
-            self._require("vae_encoder")
-        if self.dit_takes_clip:
-            self._require("image_encoder")
-
-        sampler_name = d.sampler
-        steps = request.steps if request.steps is not None else d.steps
-        if sampler_name == "distill":
-            n = len(d.denoising_step_list or [])
-            if request.steps is not None and request.steps != n:
-                raise WanrtError(
-                    f"--steps {request.steps}: this bundle's step-distilled sampler runs exactly {n} steps"
-                    f" (denoising_step_list {d.denoising_step_list})"
-                )
-        elif steps < 1:
-            raise WanrtError(f"--steps {steps}: expected at least 1")
-        shift = float(request.shift if request.shift is not None else self._default_shift(area))
-        guide = (float(request.guidance),) * 2 if request.guidance is not None else tuple(float(g) for g in d.guide_scale)
-        if request.guidance is not None and not d.enable_cfg and request.guidance != 1.0:
-            warnings.append(f"--guidance {request.guidance} has no effect: this bundle's sampling disables CFG")
-        sampler = make_sampler(sampler_name, steps, shift, d.denoising_step_list)
-        kinds = {n: self.component(n).expert for n in self.experts}
-        step_plans = plan_steps(
-            sampler.timesteps, self.experts, kinds, guide, d.enable_cfg, d.boundary, d.boundary_step_index
-        )
-        negative = request.negative_prompt or d.negative_prompt or default_negative_prompt(m.family, task)
-        seed = request.seed if request.seed is not None else secrets.randbits(63)
-        if not 0 <= seed < 2**64:
-            raise WanrtError(f"--seed {seed}: expected 0 <= seed < 2**64")
-        return GenerationPlan(
-            task=task, family=m.family, prompt=request.prompt, negative_prompt=negative, geometry=geometry,
-            seed=seed, sampler=sampler_name, shift=shift, guide_scale=guide, enable_cfg=d.enable_cfg,
-            boundary=d.boundary, boundary_step_index=d.boundary_step_index,
-            denoising_step_list=d.denoising_step_list, fps=d.fps, steps=step_plans, warnings=warnings,
-            **plan_images,
-        )
+        return VideoGeometry(frames, height, width, stride), plan_images, area
 
     def _default_shift(self, area: int) -> float:
         """The bundle's shift; Wan2.1 `generate.py` uses 3.0 instead of 5.0 for i2v at 832*480 (480p)."""
