@@ -27,6 +27,16 @@ two 14B experts, their activations and the weight-streaming scratch inside one V
 
 When even that does not fit, `runtime.residency.ExpertSwitcher` releases one expert before
 loading the other (the residency policy); it uses only the methods below.
+
+How a TensorRT backend fills this interface (tensorrt.md §2, §6):
+    load            deserialize `component.plan` (IStreamReaderV2), set
+                    `weight_streaming_budget_v2`, create the context (USER_MANAGED with a pool)
+    activation_bytes  `engine.device_memory_size_v2`, read after the streaming budget is set
+    allocate_activations / free_activations   cudaMalloc / cudaFree of the pool buffer
+    Engine.run      `check_feeds`, copy host -> device, `set_input_shape` + `set_tensor_address`,
+                    `execute_async_v3`, copy outputs back (latents stay numpy between steps)
+    Engine.release  drop context and engine (frees weights); the pool stays with its owner
+    memory_info     cudaMemGetInfo
 """
 
 from __future__ import annotations

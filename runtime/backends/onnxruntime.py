@@ -184,7 +184,10 @@ class OnnxRuntimeBackend(Backend):
             session = ort.InferenceSession(str(path), sess_options=self.session_options(), providers=self.providers())
         except Exception as e:  # onnxruntime raises its own exception types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BundleError(f"{path}: onnxruntime cannot load component {component.name!r}: {first}") from None
+            hint = ""
+            if component.precision not in ("fp32", "fp16") and not self.use_cuda:
+                hint = f" ({component.precision} engines may need a GPU provider; rebuild with --precision fp32 for the CPU)"
+            raise BundleError(f"{path}: onnxruntime cannot load component {component.name!r}: {first}{hint}") from None
         check_session_matches(component, session, path)
         if activations is not None:
             activations.owners.add(component.name)
