@@ -12,19 +12,23 @@ temporary file that is renamed onto OUT at the end; the metadata records sources
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import sys
 import time
+from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 import torch
+from tqdm import tqdm
 
-from calibration.weights import STORAGE_TO_FORMAT, QuantErrorSummary, quantization_error, quantize_weight
+from calibration.weights import ERROR_ROW_STRIDE, STORAGE_TO_FORMAT, QuantErrorSummary, quantize_measured
 from engines.errors import WanrtError
 from engines.manifest import sha256_file
 from export.checkpoint.safetensors_file import ITEMSIZE
@@ -38,6 +42,7 @@ QUANTIZE_CHOICES = ("fp8", "int8", "bf16")
 FORMAT_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 COMFYUI_MARKER = "scaled_fp8"
 METADATA_KEY = "wanrt_convert"
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
 @dataclass
@@ -136,10 +141,41 @@ def _quantized_tensor(ref: Any, o: OutputTensor, layout: str, errors: QuantError
         # unpatched: copy codes and scales as they are (lossless); patched: MergedRef requantizes
         q, scale = ref.load_stored()
     else:
-        w = ref.load(torch.float32)
-        q, scale = quantize_weight(w, o.fmt, layout)
-        errors.add(o.key, quantization_error(w, q, scale))
+        q, scale, err = quantize_measured(ref.load(torch.float32), o.fmt, layout, overwrite=True, row_stride=ERROR_ROW_STRIDE)
+        errors.add(o.key, err)
     return q, scale.to(torch.float32).reshape(o.scale_shape)
+
+
+def _stream(
+    writer: SafetensorsWriter, view: Mapping[str, Any], plan: list[OutputTensor], layout: str, errors: QuantErrorSummary, bar: tqdm
+) -> None:
+    """Write every planned tensor; a worker computes the next one while this thread writes the last.
+
+    Torch ops and `pwrite` both release the GIL, so reading/merging/quantizing overlaps writing;
+    at most two output tensors are held at once.
+    """
+
+    def produce(o: OutputTensor) -> list[tuple[str, torch.Tensor]]:
+        ref = view[o.key]
+        if o.fmt is None:
+            return [(o.key, ref.load(torch.bfloat16))]
+        q, scale = _quantized_tensor(ref, o, layout, errors)
+        return [(o.key, q), (o.scale_key, scale)]
+
+    def write(item: tuple[OutputTensor, Future]) -> None:
+        o, future = item
+        for key, tensor in future.result():
+            writer.write(key, tensor)
+        bar.update(_stored_bytes(view[o.key]))
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanrt-convert") as pool:
+        pending: deque[tuple[OutputTensor, Future]] = deque()
+        for o in plan:
+            pending.append((o, pool.submit(produce, o)))
+            if len(pending) > 1:
+                write(pending.popleft())
+        while pending:
+            write(pending.popleft())
 
 
 def _metadata(
@@ -201,24 +237,13 @@ def convert_checkpoint(
     metadata = _metadata(src, chosen.view, chosen.name, used, quantize, layout, hash_sources)
     errors = QuantErrorSummary()
     total_in = sum(_stored_bytes(view[o.key]) for o in plan)
-    from tqdm import tqdm
 
-    bar = tqdm(total=total_in, unit="B", unit_scale=True, desc=f"convert {chosen.name}", file=sys.stderr, disable=not progress)
-    try:
+    desc = f"convert {chosen.name}"
+    with tqdm(total=total_in, unit="B", unit_scale=True, desc=desc, file=sys.stderr, disable=not progress) as bar:
         with SafetensorsWriter(output, _specs(plan, comfyui), metadata) as writer:
-            for o in plan:
-                ref = view[o.key]
-                if o.fmt is None:
-                    writer.write(o.key, ref.load(torch.bfloat16))
-                else:
-                    q, scale = _quantized_tensor(ref, o, layout, errors)
-                    writer.write(o.key, q)
-                    writer.write(o.scale_key, scale)
-                bar.update(_stored_bytes(ref))
+            _stream(writer, view, plan, layout, errors, bar)
             if comfyui:
                 writer.write(COMFYUI_MARKER, torch.zeros(2, dtype=torch.float8_e4m3fn))
-    finally:
-        bar.close()
     report = view.report if isinstance(view, MergedView) else None
     return ConvertResult(
         output=output,
@@ -235,6 +260,21 @@ def convert_checkpoint(
         requantization_error=report.requant.to_dict() if report and report.requant_errors else None,
         dropped_keys=list(getattr(chosen.view, "unknown_keys", [])),
     )
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep freed tensor buffers for reuse instead of unmapping them.
+
+    Every streamed tensor needs fresh work buffers of similar sizes; with glibc's defaults each
+    one above 32 MB is a new mmap whose first touch page-faults every page, which dominated the
+    conversion time.  Resident memory stays bounded by the largest few tensors.  No-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    except (OSError, AttributeError):
+        pass
 
 
 def _stored_bytes(ref: Any) -> int:
@@ -265,6 +305,7 @@ def convert_command(
     as_json: bool,
 ) -> None:
     """Merge LoRAs into one DiT expert of SRC and write it as a single LightX2V-layout safetensors file."""
+    keep_freed_memory()
     loras = [parse_lora_arg(a) for a in lora_args]
     result = convert_checkpoint(
         src, output, config, loras, quantize, comfyui, expert, lora_strict, hash_sources, progress=not as_json

@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
-from calibration.weights import STORAGE_TO_FORMAT, QuantError, QuantErrorSummary, dequantize, quantization_error, quantize_weight
+from calibration.weights import (
+    ERROR_ROW_STRIDE, STORAGE_TO_FORMAT, QuantError, QuantErrorSummary, dequantize, quantization_error, quantize_measured,
+)
 from export.checkpoint.safetensors_file import torch_dtype
 from export.checkpoint.view import QUANTIZED_DTYPES, TensorSource, open_source
 
@@ -125,6 +127,11 @@ class MergedRef:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def quantized(self) -> bool:
+        """True when the merged tensor is stored as fp8/int8 codes (like its base)."""
+        return self.dtype in QUANTIZED_DTYPES
+
     def merged_fp32(self) -> torch.Tensor:
         """W + every patch, in float32, before casting back to the stored precision."""
         w = self.base.load(torch.float32)
@@ -135,7 +142,7 @@ class MergedRef:
     def load_stored(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The merged tensor as it would be stored: (tensor in the stored dtype, float32 scale or None)."""
         w = self.merged_fp32()
-        if self.dtype not in QUANTIZED_DTYPES:
+        if not self.quantized:
             return w.to(torch_dtype(self.dtype)), None
         fmt = STORAGE_TO_FORMAT.get(self.dtype)
         if fmt is None:
@@ -146,15 +153,15 @@ class MergedRef:
             q = w.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
             self.report.requant_errors[self.key] = quantization_error(w, q, torch.ones(()))
             return q, None
-        q, scale = quantize_weight(w, fmt, self.scale_layout)
-        self.report.requant_errors[self.key] = quantization_error(w, q, scale)
+        q, scale, err = quantize_measured(w, fmt, self.scale_layout, overwrite=True, row_stride=ERROR_ROW_STRIDE)
+        self.report.requant_errors[self.key] = err
         return q, scale
 
     def load(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The merged, real-valued tensor (requantized and dequantized for fp8/int8 bases) cast to `dtype`."""
         t, scale = self.load_stored()
-        if self.dtype in QUANTIZED_DTYPES:
-            return (dequantize(t, scale) if scale is not None else t.to(torch.float32)).to(dtype)
+        if self.quantized:
+            t = dequantize(t, scale if scale is not None else torch.ones(()))
         return t.to(dtype)
 
 

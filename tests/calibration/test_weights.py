@@ -20,6 +20,7 @@ from calibration.weights import (
     quantize_fp8_per_tensor,
     quantize_int8_per_channel,
     quantize_int8_per_tensor,
+    quantize_measured,
     quantize_weight,
 )
 from engines.errors import WanrtError
@@ -100,3 +101,23 @@ def test_bf16_input_and_unknown_format(w):
         quantize_weight(w, "fp4")
     with pytest.raises(WanrtError, match="'per_block'"):
         quantize_weight(w, "fp8", "per_block")
+
+
+@pytest.mark.parametrize("fmt,layout", [("fp8", "per_channel"), ("int8", "per_channel"), ("fp8", "per_tensor"), ("int8", "per_tensor")])
+def test_quantize_measured_matches_quantize_and_error(w, fmt, layout):
+    q, scale = quantize_weight(w, fmt, layout)
+    work = w.clone()
+    q2, scale2, err = quantize_measured(work, fmt, layout, overwrite=True)
+    assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(scale, scale2)
+    s = scale.double().reshape(-1, 1) if layout == "per_channel" else scale.double()
+    d = q.double() * s - w.double()
+    assert err.max_abs == pytest.approx(float(d.abs().max()), rel=1e-4)
+    assert err.rel_rms == pytest.approx(float(d.norm() / w.double().norm()), rel=1e-4)
+    assert not torch.equal(work, w)  # the work buffer was used
+
+
+def test_quantize_measured_on_every_nth_row(w):
+    q, scale, err = quantize_measured(w, "fp8", "per_channel", row_stride=8)
+    d = (q.double() * scale.double() - w.double())[::8]
+    assert err.rel_rms == pytest.approx(float(d.norm() / w.double()[::8].norm()), rel=1e-4)
+    assert err.max_abs == pytest.approx(float(d.abs().max()), rel=1e-4)
