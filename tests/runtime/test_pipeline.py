@@ -156,6 +156,21 @@ def test_ti2v_per_frame_timesteps_and_first_frame_replacement(bundle_factory):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+def test_ti2v_without_image_is_text_to_video_with_per_frame_timesteps(bundle_factory):
+    sampling = SamplingDefaults(steps=4, shift=5.0, guide_scale=(5.0, 5.0), frames=9, height=32, width=64, fps=24)
+    bundle = bundle_factory("ti2v_t2v", task="ti2v", moe=False, vae_version="2.2", sampling=sampling)
+    pipe = pipeline(bundle)
+    plan = pipe.prepare(GenerationRequest(prompt="a cat", seed=3))
+    assert plan.condition_image is None and "vae_encoder" not in pipe.stages(plan)
+    with pytest.raises(WanrtError, match="multiples of 32"):
+        pipe.prepare(GenerationRequest(prompt="a cat", height=48, width=64))  # 16-multiples are not enough
+    ctx, ctx_null = contexts(6)
+    noise = pipe.initial_noise(plan)
+    out = pipe.denoise(plan, ctx, ctx_null, noise)
+    ref, _ = reference_unipc(noise, ctx, ctx_null, 4, 5.0, lambda t: "dit", lambda n: 5.0)  # every frame at t
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
 def _image_file(path, w, h, seed=0):
     arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
     Image.fromarray(arr).save(path)
