@@ -7,10 +7,13 @@ Parsing headers needs no torch (so `inspect` stays fast); torch is imported on t
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,20 +125,59 @@ class SafetensorsFile:
 
     def read(self, key: str) -> "torch.Tensor":
         """Read one tensor into a new CPU tensor of its stored dtype."""
-        import torch
-
         h = self.header(key)
-        buf = torch.empty(h.nbytes, dtype=torch.uint8)
+        buf = empty_bytes(h.nbytes)
         if h.nbytes:
+            view = memoryview(buf.numpy())
+            got = 0
             try:
-                with open(self.path, "rb") as f:
-                    f.seek(h.begin)
-                    got = f.readinto(memoryview(buf.numpy()))
+                fd = os.open(self.path, os.O_RDONLY)
+                try:
+                    while got < h.nbytes:
+                        n = os.preadv(fd, [view[got:]], h.begin + got)
+                        if n == 0:
+                            break
+                        got += n
+                finally:
+                    os.close(fd)
             except OSError as e:
                 raise CheckpointError(f"{self.path}: cannot read tensor {key!r} ({e.strerror})") from None
             if got != h.nbytes:
                 raise CheckpointError(f"{self.path}: tensor {key!r} ends past the end of the file (truncated)")
         return buf.view(torch_dtype(h.dtype)).reshape(h.shape)
+
+
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE = 14
+
+
+@functools.cache
+def _madvise():
+    """libc's madvise, or None off Linux."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
+def empty_bytes(nbytes: int) -> "torch.Tensor":
+    """A new uint8 CPU buffer; big ones are marked for transparent huge pages.
+
+    Faulting in fresh memory 4 KiB at a time costs more than reading the bytes from the page
+    cache (2-3x on the benchmark machine); with 2 MiB pages a streamed load runs at copy speed.
+    """
+    import torch
+
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    madvise = _madvise() if sys.platform.startswith("linux") and nbytes >= 2 * HUGE_PAGE else None
+    if madvise is not None:
+        start = -(-buf.data_ptr() // HUGE_PAGE) * HUGE_PAGE
+        end = (buf.data_ptr() + nbytes) // HUGE_PAGE * HUGE_PAGE
+        if end > start:
+            madvise(start, end - start, MADV_HUGEPAGE)  # a hint: failure changes nothing
+    return buf
 
 
 def _parse_header(path: Path) -> tuple[dict[str, TensorHeader], dict[str, str]]:

@@ -96,3 +96,13 @@ def test_inspect_never_imports_torch(tiny_model):
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_diffusers_encoder_folders_are_reported(tiny_model, tmp_path):
+    root = tmp_path / "diffusers"
+    shutil.copytree(tiny_model("wan2.1", "t2v", "diffusers"), root)
+    (root / "text_encoder").mkdir()
+    (root / "text_encoder" / "config.json").write_text('{"architectures": ["UMT5EncoderModel"]}')
+    m = resolve_model(root)
+    assert m.text_encoder is None and m.tokenizer == root / "tokenizer"
+    assert any("text_encoder: diffusers-format T5" in n for n in m.notes)

@@ -134,3 +134,13 @@ def test_iter_tensors_streams_every_tensor_once(tiny_model):
         seen[k] = t
     assert set(seen) == set(expert.view)
     assert all(torch.equal(seen[k], expert.view.load(k, torch.float16)) for k in seen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_table_conversion_equals_torch_cast(dtype):
+    from export.checkpoint.view import to_float32
+
+    every = torch.arange(256, dtype=torch.uint8).view(dtype).reshape(4, 64)
+    got, want = to_float32(every), every.to(torch.float32)
+    assert got.dtype == torch.float32 and got.shape == (4, 64)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
