@@ -1,0 +1,455 @@
+"""`cli.py build-engine`: resolve a model, export each component, and write a verifiable bundle.
+
+The steps are small and separate:
+
+1. `resolve_model` reads headers only and describes the model (family, task, experts, companions);
+2. `plan_components` decides which engines the bundle needs and what each is built from;
+3. `build_bundle` stages a new bundle beside the target, reuses every component whose cache key
+   (source file digests + options + tool versions) matches the existing bundle's, exports the
+   others, copies the tokenizer, writes the manifest, then swaps the staged folder into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from engines.errors import WanrtError
+from engines.manifest import (
+    MANIFEST_NAME,
+    Component,
+    Manifest,
+    is_bundle,
+    read_manifest,
+    sha256_file,
+    staging_dir,
+    write_manifest,
+)
+from engines.model import VAEInfo
+from engines.signatures import DIM_RANGES, EngineSignature, TensorSpec, dit_signature
+from engines.vae_contract import check_vae_matches
+
+COMPONENT_GROUPS = ("dit", "text_encoder", "image_encoder", "vae")
+PRECISIONS = ("fp32", "bf16")
+TARGETS = ("onnx",)
+ONNX_NAME = "model.onnx"
+TOKENIZER_DIR = "tokenizer"
+BUILD_FORMAT = 1  # bump when the exported graphs change for the same inputs
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What the user asked `build-engine` for."""
+
+    precision: str = "fp32"
+    components: tuple[str, ...] | None = None  # groups from COMPONENT_GROUPS; None = all the model needs
+    experts: tuple[str, ...] | None = None  # restrict Wan2.2 A14B experts; None = all
+    attention: str = "native"
+    target: str = "onnx"
+    lora_strict: bool = False
+    force: bool = False
+
+
+@dataclass
+class ComponentPlan:
+    """One engine to produce: its name, what it is built from, and how."""
+
+    name: str
+    kind: str
+    precision: str
+    sources: list[Path]
+    export: Callable[[Path], "Exported"]
+    expert: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Exported:
+    """What an exporter wrote into a component folder."""
+
+    files: list[Path]
+    signature: EngineSignature
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# source digests (cached by path, size and mtime so a rebuild does not re-read every weight)
+
+
+def _digest_cache_path() -> Path:
+    root = os.environ.get("WANRT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "wanrt"
+    )
+    return Path(root) / "digests.json"
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, remembered per (absolute path, size, mtime) in the user's cache folder."""
+    path = Path(path).absolute()
+    st = path.stat()
+    stamp = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    cache_file = _digest_cache_path()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if stamp in cache:
+        return cache[stamp]
+    digest = sha256_file(path)
+    cache = {k: v for k, v in cache.items() if not k.startswith(f"{path}|")}
+    cache[stamp] = digest
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # the cache is an optimization only
+    return digest
+
+
+def _versions() -> dict[str, str]:
+    out = {"wanrt": "0.1.0", "build_format": str(BUILD_FORMAT)}
+    for pkg in ("torch", "onnx", "onnxscript", "onnx_ir"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def cache_key(plan: ComponentPlan, loras: list[dict[str, Any]]) -> str:
+    """Key of a component's files: its sources' digests, options, LoRAs and tool versions."""
+    payload = {
+        "name": plan.name,
+        "kind": plan.kind,
+        "precision": plan.precision,
+        "options": plan.options,
+        "sources": [[p.name, file_digest(p)] for p in plan.sources],
+        "loras": loras if plan.kind == "dit" else [],
+        "versions": _versions(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# signatures read back from the exported graph
+
+
+def signature_of_onnx(path: Path, expected: EngineSignature | None = None) -> EngineSignature:
+    """The graph's real inputs/outputs (names, dtypes, named dims) with ranges for its dynamic dims."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+
+    def spec(vi) -> TensorSpec:
+        t = vi.type.tensor_type
+        dims = tuple(d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim)
+        dtype = str(helper.tensor_dtype_to_np_dtype(t.elem_type))
+        return TensorSpec(vi.name, dtype, dims)
+
+    inputs = tuple(spec(v) for v in model.graph.input if v.name not in inits)
+    outputs = tuple(spec(v) for v in model.graph.output)
+    named = {d for t in inputs + outputs for d in t.shape if isinstance(d, str)}
+    ranges = dict(expected.dim_ranges) if expected is not None else {}
+    for d in named:
+        if d not in ranges and d in DIM_RANGES:
+            ranges[d] = DIM_RANGES[d]
+    sig = EngineSignature(inputs, outputs, {k: v for k, v in ranges.items() if k in named})
+    if expected is not None and (sig.input_names != expected.input_names or sig.output_names != expected.output_names):
+        raise WanrtError(
+            f"{path}: exported graph has inputs {sig.input_names} / outputs {sig.output_names}, "
+            f"expected {expected.input_names} / {expected.output_names}"
+        )
+    return sig
+
+
+# --------------------------------------------------------------------------------------------
+# planning
+
+
+def _dit_exporter(view, cfg, precision: str, attention: str) -> Callable[[Path], Exported]:
+    def run(out_dir: Path) -> Exported:
+        from export.onnx_export import export_dit_onnx
+
+        files = export_dit_onnx(view, cfg, out_dir, precision=precision, attention=attention)
+        expected = dit_signature(
+            cfg.in_dim, cfg.out_dim, cfg.text_dim, cfg.clip_tokens, per_frame_timestep=cfg.out_dim == 48,
+            text_len=cfg.text_len, clip_dim=cfg.clip_dim,
+        )
+        return Exported(files, signature_of_onnx(out_dir / ONNX_NAME, expected))
+
+    return run
+
+
+def _text_exporter(path: Path, precision: str, task: str) -> Callable[[Path], Exported]:
+    def run(out_dir: Path) -> Exported:
+        from export.encoders_onnx import export_text_encoder_onnx
+
+        files = export_text_encoder_onnx(path, out_dir, precision, task=task)
+        return Exported(files, signature_of_onnx(out_dir / ONNX_NAME))
+
+    return run
+
+
+def _image_exporter(path: Path, precision: str, task: str) -> Callable[[Path], Exported]:
+    def run(out_dir: Path) -> Exported:
+        from export.encoders_onnx import export_image_encoder_onnx
+
+        files = export_image_encoder_onnx(path, out_dir, precision, task=task)
+        return Exported(files, signature_of_onnx(out_dir / ONNX_NAME))
+
+    return run
+
+
+def _vae_exporter(path: Path, part: str, precision: str) -> Callable[[Path], Exported]:
+    def run(out_dir: Path) -> Exported:
+        from export.vae_onnx import export_vae_onnx
+
+        written = export_vae_onnx(path, out_dir.parent, precision, parts=(part,))[f"vae_{part}"]
+        return Exported(written.files, written.signature, written.attributes)
+
+    return run
+
+
+def _missing(what: str, file_hint: str, task: str, model: Path) -> WanrtError:
+    return WanrtError(f"{model}: no {what} found (expected {file_hint} beside the model); the {task} task needs it")
+
+
+def plan_components(resolved, options: BuildOptions, loras: list) -> list[ComponentPlan]:
+    """The engines a bundle of this model needs, restricted to what the user asked for."""
+    from export.lora import apply_loras
+
+    groups = set(options.components or COMPONENT_GROUPS)
+    unknown = groups - set(COMPONENT_GROUPS)
+    if unknown:
+        raise WanrtError(f"--components: unknown {', '.join(sorted(unknown))}; expected any of {', '.join(COMPONENT_GROUPS)}")
+    task, cfg = resolved.task, resolved.dit
+    names = [e.name for e in resolved.experts]
+    if options.experts:
+        bad = [e for e in options.experts if e not in names]
+        if bad:
+            raise WanrtError(f"--expert {', '.join(bad)}: this model's DiT experts are {', '.join(names)}")
+    plans: list[ComponentPlan] = []
+    if "dit" in groups:
+        lora_opts = {"strict": options.lora_strict}
+        for expert in resolved.experts:
+            if options.experts and expert.name not in options.experts:
+                continue
+            view = apply_loras(expert.view, loras, expert.name, strict=options.lora_strict) if loras else expert.view
+            name = "dit" if expert.name == "dit" else f"dit_{expert.name}"
+            plans.append(
+                ComponentPlan(
+                    name, "dit", options.precision, list(expert.files), _dit_exporter(view, cfg, options.precision, options.attention),
+                    expert=None if expert.name == "dit" else expert.name,
+                    options={"attention": options.attention, **lora_opts, "dit": cfg.to_dict()},
+                )
+            )
+    if "text_encoder" in groups:
+        if resolved.text_encoder is None:
+            raise _missing("T5 text encoder", "models_t5_umt5-xxl-enc-bf16.pth", task, resolved.source)
+        if resolved.tokenizer is None:
+            raise _missing("tokenizer", "google/umt5-xxl/tokenizer.json", task, resolved.source)
+        plans.append(
+            ComponentPlan("text_encoder", "text_encoder", options.precision, [resolved.text_encoder],
+                          _text_exporter(resolved.text_encoder, options.precision, task))  # fmt: skip
+        )
+    if "image_encoder" in groups and cfg.image_branch:
+        if resolved.image_encoder is None:
+            raise _missing("CLIP image encoder", "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", task, resolved.source)
+        clip_precision = "fp32" if options.precision == "fp32" else "fp16"  # the official code runs CLIP in fp16
+        plans.append(
+            ComponentPlan("image_encoder", "image_encoder", clip_precision, [resolved.image_encoder],
+                          _image_exporter(resolved.image_encoder, clip_precision, task))  # fmt: skip
+        )
+    if "vae" in groups:
+        if resolved.vae is None:
+            raise _missing("VAE", "Wan2.1_VAE.pth or Wan2.2_VAE.pth", task, resolved.source)
+        check_vae_matches(resolved.vae_version, cfg.out_dim, where=str(resolved.vae))
+        parts = ["decoder"] + (["encoder"] if task in ("i2v", "flf2v", "ti2v") else [])
+        for part in parts:
+            plans.append(
+                ComponentPlan(f"vae_{part}", f"vae_{part}", "fp32", [resolved.vae], _vae_exporter(resolved.vae, part, "fp32"))
+            )
+    if not plans:
+        raise WanrtError(f"--components {','.join(sorted(groups))}: nothing to build for this {resolved.family} {task} model")
+    return plans
+
+
+# --------------------------------------------------------------------------------------------
+# building
+
+
+def _reusable(old: Manifest | None, old_root: Path, plan: ComponentPlan, key: str) -> Component | None:
+    """The existing bundle's component if it was built from the same inputs and its files are intact."""
+    if old is None or plan.name not in old.components:
+        return None
+    comp = old.components[plan.name]
+    if comp.cache_key != key:
+        return None
+    for rel in comp.files:
+        meta = old.files.get(rel)
+        path = old_root / rel
+        if meta is None or not path.is_file() or path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
+            return None
+    return comp
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _read_old_manifest(output: Path) -> Manifest | None:
+    if not is_bundle(output):
+        return None
+    try:
+        return read_manifest(output)
+    except WanrtError:
+        return None  # an older schema or a damaged manifest: rebuild everything
+
+
+def build_bundle(
+    model: str | os.PathLike,
+    output: str | os.PathLike,
+    config: str | os.PathLike | None = None,
+    lora_args: tuple[str, ...] = (),
+    options: BuildOptions = BuildOptions(),
+    log: Callable[[str], None] = lambda msg: click.echo(msg, err=True),
+) -> tuple[Manifest, dict[str, str]]:
+    """Build (or update) the bundle at `output`; return its manifest and what happened to each component."""
+    from export.checkpoint.resolve import resolve_model
+    from export.lora import lora_records, loras_from_config, parse_lora_arg
+
+    if options.precision not in PRECISIONS:
+        raise WanrtError(f"--precision {options.precision!r}: expected one of {', '.join(PRECISIONS)} "
+                         "(fp8/int8 engines come with calibrated Q/DQ export)")  # fmt: skip
+    if options.target not in TARGETS:
+        raise WanrtError(f"--target {options.target!r}: expected one of {', '.join(TARGETS)}")
+    output = Path(output)
+    resolved = resolve_model(model, config)
+    loras = (loras_from_config(resolved.config, resolved.config_path) if resolved.config else []) + [
+        parse_lora_arg(a) for a in lora_args
+    ]
+    names = {e.name for e in resolved.experts}
+    for spec in loras:
+        if spec.expert is not None and spec.expert not in names:
+            raise WanrtError(f"LoRA {spec.path}: targets expert {spec.expert!r} but this model's experts are {', '.join(sorted(names))}")
+    records = lora_records(loras)
+    lora_keys = [{"sha256": r.sha256, "strength": r.strength, "experts": r.experts, "alpha": r.alpha} for r in records]
+    plans = plan_components(resolved, options, loras)
+    old = _read_old_manifest(output)
+    outcome: dict[str, str] = {}
+    components: dict[str, Component] = {}
+    with staging_dir(output, force=options.force) as tmp:
+        for i, plan in enumerate(plans, 1):
+            key = cache_key(plan, lora_keys)
+            reused = _reusable(old, output, plan, key)
+            if reused is not None:
+                for rel in reused.files:
+                    _link_or_copy(output / rel, tmp / rel)
+                components[plan.name] = reused
+                outcome[plan.name] = "reused"
+                log(f"[{i}/{len(plans)}] {plan.name}: unchanged, reused")
+                continue
+            log(f"[{i}/{len(plans)}] {plan.name}: exporting ({plan.precision})")
+            out_dir = tmp / plan.name
+            out_dir.mkdir(parents=True, exist_ok=True)
+            exported = plan.export(out_dir)
+            rels = [str(Path(f).absolute().relative_to(tmp.absolute())) for f in exported.files]
+            components[plan.name] = Component(
+                name=plan.name,
+                kind=plan.kind,
+                onnx=f"{plan.name}/{ONNX_NAME}",
+                signature=exported.signature,
+                precision=plan.precision,
+                files=sorted(rels),
+                expert=plan.expert,
+                cache_key=key,
+                attributes=exported.attributes,
+            )
+            outcome[plan.name] = "built"
+        tokenizer = None
+        if resolved.tokenizer is not None and any(c.kind == "text_encoder" for c in components.values()):
+            shutil.copytree(resolved.tokenizer, tmp / TOKENIZER_DIR)
+            tokenizer = TOKENIZER_DIR
+        manifest = Manifest(
+            family=resolved.family,
+            task=resolved.task,
+            dit=resolved.dit,
+            vae=VAEInfo.for_version(resolved.vae_version or ("2.2" if resolved.dit.out_dim == 48 else "2.1")),
+            components=components,
+            sampling=resolved.sampling,
+            precision=options.precision,
+            tokenizer=tokenizer,
+            loras=records,
+            source={
+                "model": str(Path(model).absolute()),
+                "config": str(resolved.config_path) if resolved.config_path else None,
+                "experts": {e.name: {"layout": e.layout, "precision": e.view.precision, "files": [str(f) for f in e.files]}
+                            for e in resolved.experts},  # fmt: skip
+            },
+            producer=_versions(),
+        )
+        write_manifest(tmp, manifest)
+    return manifest, outcome
+
+
+@click.command("build-engine")
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Bundle folder to write (replaced atomically).")
+@click.option("--config", type=click.Path(), help="LightX2V JSON config (checkpoint keys, LoRAs, sampling defaults).")
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:STRENGTH][@EXPERT]", help="LoRA to merge (repeatable).")
+@click.option("--lora-strict", is_flag=True, help="Any LoRA key that matches no base weight is an error.")
+@click.option("--precision", default="fp32", show_default=True, help="Engine precision: fp32 or bf16.")
+@click.option("--components", default=None, help="Comma list of dit,text_encoder,image_encoder,vae (default: all the model needs).")
+@click.option("--expert", "experts", multiple=True, help="Only these Wan2.2 experts (high_noise, low_noise).")
+@click.option("--attention", type=click.Choice(["native", "plugin"]), default="native", show_default=True,
+              help="Attention as standard ONNX ops, or as our TensorRT plugin op.")  # fmt: skip
+@click.option("--target", default="onnx", show_default=True, help="What to build: onnx.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT even if it is not a wanrt bundle.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+def build_engine_command(model, output, config, loras, lora_strict, precision, components, experts, attention, target, force, as_json):
+    """Export MODEL's components to ONNX and write a verifiable bundle at OUTPUT."""
+    options = BuildOptions(
+        precision=precision,
+        components=tuple(c.strip() for c in components.split(",") if c.strip()) if components else None,
+        experts=tuple(experts) or None,
+        attention=attention,
+        target=target,
+        lora_strict=lora_strict,
+        force=force,
+    )
+    manifest, outcome = build_bundle(model, output, config, loras, options)
+    summary = {
+        "bundle": str(output),
+        "family": manifest.family,
+        "task": manifest.task,
+        "precision": manifest.precision,
+        "components": {n: {"status": outcome[n], "onnx": c.onnx, "precision": c.precision} for n, c in manifest.components.items()},
+        "loras": [vars(r) for r in manifest.loras],
+        "bytes": sum(f["size"] for f in manifest.files.values()),
+    }
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        built = [n for n, s in outcome.items() if s == "built"]
+        reused = [n for n, s in outcome.items() if s == "reused"]
+        click.echo(
+            f"{output}: {manifest.family} {manifest.task} bundle with {', '.join(manifest.components)}"
+            f" ({summary['bytes'] / 1e6:.1f} MB; built {len(built)}, reused {len(reused)}); manifest {Path(output) / MANIFEST_NAME}"
+        )
