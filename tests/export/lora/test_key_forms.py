@@ -90,9 +90,9 @@ def render(form: str, f, d) -> tuple[dict[str, torch.Tensor], dict[str, float], 
         for m, (up, down) in f.items():
             sd[f"base_model.model.{m}.lora_B.weight"] = up
             sd[f"base_model.model.{m}.lora_A.weight"] = down
-    elif form == "kohya":
+    elif form in ("kohya", "kohya_diffusers_names"):
         for i, (m, (up, down)) in enumerate(f.items()):
-            k = "lora_unet_" + m.replace(".", "_")
+            k = "lora_unet_" + (m if form == "kohya" else LOW_RANK[m]).replace(".", "_")
             alpha = float(2 + i)
             sd[f"{k}.lora_up.weight"] = up
             sd[f"{k}.lora_down.weight"] = down
@@ -128,6 +128,7 @@ FORMS = [
     "peft_default_diffusers",
     "peft_official_names",
     "kohya",
+    "kohya_diffusers_names",
     "comfyui_linear_layer",
     "comfyui_underscore",
     "comfyui_dot",
