@@ -29,7 +29,7 @@ from .video import check_output_path, to_uint8_frames, write_mp4, write_png_fram
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the bundle's).")
 @click.option("--guidance", type=float, default=None, help="CFG scale for every expert (default: the bundle's).")
 @click.option("--shift", type=float, default=None, help="Flow-matching schedule shift (default: the bundle's).")
-@click.option("--seed", type=click.IntRange(min=0), default=None, help="Noise seed (default: random, reported).")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Noise seed (default: random, reported); numpy's generator, so not the official (torch) noise.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True, help="Inference backend.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .mp4 (H.264).")
 @click.option("--frames-dir", type=click.Path(file_okay=False), default=None, help="Also write PNG frames here.")
