@@ -28,12 +28,14 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import torch
 from tqdm import tqdm
 
 from engines.errors import WanrtError
+from engines.model import DiTConfig
 from engines.signatures import EngineSignature
 from plugins_trt.onnx_op import onnx_translations
 
@@ -153,7 +155,8 @@ def trace_to_onnx_ir(
 ) -> ir.Model:
     """The unoptimized ONNX IR of `module(*args)` with the signature's I/O names."""
     module = module.eval()
-    with torch.no_grad(), warnings.catch_warnings():
+    # The fake-tensor dispatch cache costs more than it saves on graphs with symbolic shapes.
+    with torch.no_grad(), warnings.catch_warnings(), torch._dynamo.config.patch(fake_tensor_cache_enabled=False):
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
@@ -313,3 +316,100 @@ def save_with_external_data(model: ir.Model, onnx_path: Path, progress: bool = T
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [onnx_path, onnx_path.parent / data_name]
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def export_dit_onnx(
+    view: Mapping,
+    cfg: DiTConfig | None,
+    out_dir: Path,
+    precision: str = "fp32",
+    attention: str = "native",
+    *,
+    per_frame_timestep: bool | None = None,
+    opset: int = MIN_OPSET,
+    progress: bool = True,
+) -> list[Path]:
+    """Export one DiT expert to `out_dir/model.onnx` + `model.onnx.data`; return the files.
+
+    The module is traced on the `meta` device and each weight is read from `view` (official
+    key -> ref; `view.load(key, dtype)` dequantizes fp8/int8) only while the data file is
+    written, so the export never holds a copy of the model.  I/O is `dit_signature`, float32 in
+    every precision; dynamic batch, latent frames, height and width (height/width in multiples
+    of the patch size).  `precision="bf16"` stores and runs the big linears and attention in
+    bf16 with float32 islands (see `export.models.wan_dit`).
+    """
+    from export.models.wan_dit import WanDiT, check_view, param_dtype
+
+    if precision not in PRECISIONS:
+        raise ExportError(f"unsupported DiT precision {precision!r}; expected one of {sorted(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    if cfg is None:
+        from export.checkpoint.dit_config import infer_dit_config
+
+        cfg = infer_dit_config({k: tuple(view[k].shape) for k in view}, where="DiT checkpoint")
+    check_view(view, cfg)
+    with torch.device("meta"):
+        module = WanDiT(cfg, dtype, attention, per_frame_timestep)
+    signature = module.signature
+    weights = {name: _view_loader(view, name, param_dtype(name, dtype)) for name, _ in module.named_parameters()}
+    example, dims = _dit_example_inputs(cfg, signature)
+    return export_onnx(module, example, Path(out_dir) / "model.onnx", signature, opset,
+                       dynamic_dims=dims, weights=weights, progress=progress)
+
+
+def _view_loader(view: Mapping, key: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    return lambda: view.load(key, dtype)
+
+
+def _dit_example_inputs(cfg: DiTConfig, signature: EngineSignature) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Meta example inputs (batch 2, a 3x3x5-patch grid) and the latent dims as multiples of the patch."""
+    dims: dict[str, Any] = {}
+    sizes = {"batch": 2}
+    for name, patch, patches in zip(("frames", "height", "width"), cfg.patch_size, (3, 3, 5)):
+        lo, hi = signature.dim_ranges[name]
+        sizes[name] = patch * patches
+        if patch > 1:
+            dims[name] = patch * torch.export.Dim(f"{name}_patches", min=max(1, -(-lo // patch)), max=hi // patch)
+    example = {
+        spec.name: torch.empty([sizes[d] if isinstance(d, str) else d for d in spec.shape], device="meta")
+        for spec in signature.inputs
+    }
+    return example, dims
+
+
+def bf16_as_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a bf16 graph that runs where bf16 kernels are missing (ONNX Runtime on CPU).
+
+    bf16 initializers become float32 holding the same values, and every `Cast(to=bfloat16)`
+    is followed by a Cast back to float32, so each tensor the graph rounds to bf16 is still
+    rounded; only the outputs of bf16 ops themselves are not rounded (their arithmetic runs in
+    float32, as a GPU's bf16 GEMM accumulates).  `model` must hold its weights (external data
+    loaded).
+    """
+    from onnx import numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    for init in graph.initializer:
+        if init.data_type == onnx.TensorProto.BFLOAT16:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        to = next((a for a in node.attribute if a.name == "to"), None)
+        if node.op_type == "Cast" and to is not None and to.i == onnx.TensorProto.BFLOAT16:
+            rounded = node.output[0] + "__bf16"
+            back = onnx.helper.make_node("Cast", [rounded], [node.output[0]], to=onnx.TensorProto.FLOAT,
+                                         name=node.name + "__to_fp32")
+            node.output[0] = rounded
+            nodes.append(back)
+        elif any(a.type == onnx.AttributeProto.TENSOR and a.t.data_type == onnx.TensorProto.BFLOAT16 for a in node.attribute):
+            raise ExportError(f"node {node.name}: bf16 tensor attribute ({node.op_type}) is not handled")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]
+    return out

@@ -17,9 +17,9 @@ One module for every released Wan DiT, with parameter names identical to the off
   their frame's embedding (the official code passes the same values per token).
 
 Precision: `WanDiT(cfg, dtype=torch.bfloat16)` stores the big linears (attention, FFN, text and
-image embeddings, patch embedding) in bf16 and runs them in bf16 (inputs cast at each linear),
+image embeddings) in bf16 and runs them in bf16 (inputs cast at each linear),
 attention included; time embedding, modulation, norms (computed in fp32 from fp32 weights),
-RoPE, residual stream and the head stay float32 (`FP32_PREFIXES`).  Inputs and output are
+RoPE, residual stream, patch embedding and the head stay float32 (`FP32_PREFIXES`).  Inputs and output are
 float32 in every precision.
 
 Export: `forward(latent, timestep, context, clip_fea=None) -> noise_pred` is the
@@ -44,8 +44,9 @@ from .attention import ATTENTION_IMPLS, attention
 
 ROPE_THETA = 10000.0
 IMG_EMB_EPS = 1e-5  # img_emb LayerNorms (MLPProj uses torch's default eps)
-# Parameters kept in float32 whatever the model dtype (the official fp32 islands).
-FP32_PREFIXES = ("time_embedding.", "time_projection.", "head.")
+# Parameters kept in float32 whatever the model dtype: the official fp32 islands, and the patch
+# embedding (ONNX Conv has no bf16 before opset 22; it runs once per step).
+FP32_PREFIXES = ("time_embedding.", "time_projection.", "head.", "patch_embedding.")
 FP32_SUFFIXES = ("modulation", "emb_pos", "norm_q.weight", "norm_k.weight", "norm_k_img.weight", "norm3.weight",
                  "norm3.bias", "img_emb.proj.0.weight", "img_emb.proj.0.bias", "img_emb.proj.4.weight", "img_emb.proj.4.bias")
 # Latent channels of the Wan2.2 VAE: only TI2V-5B uses it, and it is the model fed per-frame timesteps.
@@ -78,15 +79,20 @@ def signature_for(cfg: DiTConfig, per_frame_timestep: bool | None = None) -> Eng
     )
 
 
+def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`; no op (and no graph node) when it already is."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 class Linear(nn.Linear):
     """nn.Linear that runs in its weight's dtype (casts its input); output in that dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+        return F.linear(cast(x, self.weight.dtype), self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
-    """Official `WanRMSNorm` over the last dim, computed in float32; returns float32."""
+    """Official `WanRMSNorm` over the last dim, computed in float32 (fp32 weight); returns float32."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -94,24 +100,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight.float()
+        x = cast(x, torch.float32)
+        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 (official `WanLayerNorm`); returns float32."""
+    """LayerNorm computed in float32 (official `WanLayerNorm`; fp32 weights); returns float32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+        return F.layer_norm(cast(x, torch.float32), self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Official `sinusoidal_embedding_1d`: [cos(t*f), sin(t*f)], f = 10000^(-i/half), in float32."""
     half = dim // 2
     freqs = torch.pow(10000.0, -torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    angles = t.float().unsqueeze(-1) * freqs
+    angles = cast(t, torch.float32).unsqueeze(-1) * freqs
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
@@ -134,22 +138,9 @@ def rope_angles(frames: int, height: int, width: int, head_dim: int, device: tor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, L, heads, head_dim] by cos/sin [L, head_dim/2]."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    """Rotate the interleaved pairs (x[2i], x[2i+1]) of x [B, L, heads, head_dim] by cos/sin [L, 1, head_dim/2]."""
+    real, imag = cast(x, torch.float32).unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(-2)
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x * (1 + scale) + shift, with x [B, L, D] and shift/scale [B, T, D] per group of L/T tokens."""
-    groups = shift.shape[1]
-    return (x.unflatten(1, (groups, -1)) * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)).flatten(1, 2)
-
-
-def gate(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """y * g with y [B, L, D] and g [B, T, D] per group of L/T tokens (float32)."""
-    return (y.float().unflatten(1, (g.shape[1], -1)) * g.unsqueeze(2)).flatten(1, 2)
 
 
 class SelfAttention(nn.Module):
@@ -166,15 +157,25 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
-    def heads(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, L, D] -> [B, heads, L, head_dim] in the linears' dtype."""
-        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2).to(self.q.weight.dtype)
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, D] -> [B, L, heads, head_dim]."""
+        return x.unflatten(-1, (self.num_heads, -1))
+
+    def heads_first(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, heads, head_dim] -> [B, heads, L, head_dim] in the linears' dtype (attention's layout)."""
+        return cast(x.transpose(1, 2), self.q.weight.dtype)
+
+    def out(self, attn: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Merge heads, apply `o`, restore the token layout of `like`."""
+        return self.o(attn.transpose(1, 2).flatten(2)).reshape(like.shape)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), cos, sin).flatten(2)
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), cos, sin).flatten(2)
-        out = attention(self.heads(q), self.heads(k), self.heads(self.v(x)), self.attention_impl)
-        return self.o(out.transpose(1, 2).flatten(2))
+        """x [B, T, N, D] (tokens grouped by timestep) -> [B, T, N, D]."""
+        tokens = x.flatten(1, 2)
+        q = apply_rope(self.split(self.norm_q(self.q(tokens))), cos, sin)
+        k = apply_rope(self.split(self.norm_k(self.k(tokens))), cos, sin)
+        v = self.split(self.v(tokens))
+        return self.out(attention(self.heads_first(q), self.heads_first(k), self.heads_first(v), self.attention_impl), x)
 
 
 class CrossAttention(SelfAttention):
@@ -188,12 +189,14 @@ class CrossAttention(SelfAttention):
             self.norm_k_img = RMSNorm(dim, eps)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None = None) -> torch.Tensor:
-        q = self.heads(self.norm_q(self.q(x)))
-        out = attention(q, self.heads(self.norm_k(self.k(context))), self.heads(self.v(context)), self.attention_impl)
+        """x [B, T, N, D], context [B, 512, D], context_img [B, 257|514, D] -> [B, T, N, D]."""
+        q = self.heads_first(self.split(self.norm_q(self.q(x.flatten(1, 2)))))
+        k = self.heads_first(self.split(self.norm_k(self.k(context))))
+        attn = attention(q, k, self.heads_first(self.split(self.v(context))), self.attention_impl)
         if context_img is not None:
-            k_img = self.heads(self.norm_k_img(self.k_img(context_img)))
-            out = out + attention(q, k_img, self.heads(self.v_img(context_img)), self.attention_impl)
-        return self.o(out.transpose(1, 2).flatten(2))
+            k_img = self.heads_first(self.split(self.norm_k_img(self.k_img(context_img))))
+            attn = attn + attention(q, k_img, self.heads_first(self.split(self.v_img(context_img))), self.attention_impl)
+        return self.out(attn, x)
 
 
 class WanBlock(nn.Module):
@@ -214,12 +217,13 @@ class WanBlock(nn.Module):
         self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None,
         cos: torch.Tensor, sin: torch.Tensor,
     ) -> torch.Tensor:
-        """x [B, L, D] float32; e0 [B, T, 6, D] float32 (T = 1, or frames for per-frame timesteps)."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float().unsqueeze(1) + e0).unbind(2)
-        x = x + gate(self.self_attn(modulate(self.norm1(x), shift1, scale1), cos, sin), gate1)
-        x = x + self.cross_attn(self.norm3(x), context, context_img).float()
-        x = x + gate(self.ffn(modulate(self.norm2(x), shift2, scale2)), gate2)
-        return x
+        """x [B, T, N, D] float32 residual stream; e0 [B, T, 1, 6, D] float32."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e0).unbind(-2)
+        y = self.self_attn(self.norm1(x) * (1 + scale1) + shift1, cos, sin)
+        x = x + cast(y, torch.float32) * gate1
+        x = x + cast(self.cross_attn(self.norm3(x), context, context_img), torch.float32)
+        y = self.ffn(self.norm2(x) * (1 + scale2) + shift2)
+        return x + cast(y, torch.float32) * gate2
 
 
 class Head(nn.Module):
@@ -232,9 +236,9 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 2, dim))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """x [B, L, D]; e [B, T, D] -> [B, L, patch*out_dim] float32."""
-        shift, scale = (self.modulation.float().unsqueeze(1) + e.unsqueeze(2)).unbind(2)
-        return self.head(modulate(self.norm(x), shift, scale)).float()
+        """x [B, T, N, D]; e [B, T, 1, D] -> [B, T, N, patch*out_dim] float32."""
+        shift, scale = (self.modulation + e.unsqueeze(-2)).unbind(-2)
+        return self.head(self.norm(x) * (1 + scale) + shift)
 
 
 class ImageEmbedding(nn.Module):
@@ -255,7 +259,12 @@ class ImageEmbedding(nn.Module):
 
 
 class WanDiT(nn.Module):
-    """One Wan DiT expert; `forward(latent, timestep, context, clip_fea=None) -> noise_pred`."""
+    """One Wan DiT expert; `forward(latent, timestep, context, clip_fea=None) -> noise_pred`.
+
+    Inside, the residual stream is [B, T, N, D]: tokens in (frame, row, column) order, grouped
+    by timestep: T = 1 (one timestep per sample) or T = latent frames (per-frame timesteps,
+    N = tokens per frame), so modulation broadcasts instead of being repeated per token.
+    """
 
     def __init__(self, cfg: DiTConfig, dtype: torch.dtype = torch.float32, attention_impl: str = "native",
                  per_frame_timestep: bool | None = None):
@@ -292,14 +301,18 @@ class WanDiT(nn.Module):
         pt, ph, pw = cfg.patch_size
         frames, height, width = latent.shape[2] // pt, latent.shape[3] // ph, latent.shape[4] // pw
 
-        x = self.patch_embedding(latent.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2).float()
-        angles = rope_angles(frames, height, width, cfg.dim // cfg.num_heads, latent.device)
+        x = cast(self.patch_embedding(cast(latent, self.patch_embedding.weight.dtype)), torch.float32)
+        if self.per_frame_timestep:  # [B, F, H*W, D], one timestep per latent frame
+            x = x.flatten(3).permute(0, 2, 3, 1)
+            t = timestep
+        else:  # [B, 1, F*H*W, D]
+            x = x.flatten(2).transpose(1, 2).unsqueeze(1)
+            t = timestep.unsqueeze(1)
+        angles = rope_angles(frames, height, width, cfg.dim // cfg.num_heads, latent.device).unsqueeze(1)
         cos, sin = torch.cos(angles), torch.sin(angles)
 
-        # [B, T, D]: T = 1 for one timestep per sample, T = frames for one per latent frame.
-        t = timestep.reshape(batch, -1)
-        e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim))
-        e0 = self.time_projection(e).unflatten(2, (6, cfg.dim))
+        e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim)).unsqueeze(2)  # [B, T, 1, D]
+        e0 = self.time_projection(e).unflatten(-1, (6, cfg.dim))  # [B, T, 1, 6, D]
 
         context = self.text_embedding(context)
         context_img = None
@@ -311,7 +324,7 @@ class WanDiT(nn.Module):
         for block in self.blocks:
             x = block(x, e0, context, context_img, cos, sin)
 
-        x = self.head(x, e)  # [B, L, patch * out_dim]
+        x = self.head(x, e)  # [B, T, N, patch * out_dim]
         x = x.reshape(batch, frames, height, width, pt, ph, pw, cfg.out_dim)
         return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(batch, cfg.out_dim, frames * pt, height * ph, width * pw)
 

@@ -1,0 +1,139 @@
+"""DiT experts exported to ONNX: ONNX Runtime equals the torch module at two shapes of one export.
+
+Exports are traced on meta with weights streamed from an official-layout safetensors file
+(1-layer tiny models keep the test fast; the block math is the same at any depth).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from export.models.wan_dit import load_dit
+from export.onnx_export import ExportError, bf16_as_fp32, export_dit_onnx
+from export.onnx_lint import lint_onnx
+from plugins_trt import onnx_op
+from tests.export.models.test_wan_dit import CASES, diffusers_model, make_inputs, official_state, rel_err, write_official
+
+SHAPES = [(2, (3, 6, 10)), (1, (2, 10, 4))]  # (batch, latent grid) run against one export
+
+
+class CountingView(dict):
+    """A view wrapper that records every `load` (to prove each weight is read once)."""
+
+    def __init__(self, view):
+        super().__init__({k: view[k] for k in view})
+        self.view, self.loads = view, Counter()
+
+    def load(self, key, dtype=torch.float32):
+        self.loads[key] += 1
+        return self.view.load(key, dtype)
+
+
+def one_layer_view(name: str, tmp_path):
+    case = CASES[name]
+    cfg = replace(case.cfg, num_layers=1)
+    model = diffusers_model(replace(case, cfg=cfg), seed=7)
+    return cfg, write_official(official_state(model), tmp_path / "dit.safetensors")
+
+
+@pytest.fixture(scope="module", params=[("t2v", "fp32"), ("flf2v", "bf16"), ("ti2v", "fp32")], ids=lambda p: "-".join(p))
+def exported(request, tmp_path_factory):
+    name, precision = request.param
+    tmp = tmp_path_factory.mktemp(f"{name}_{precision}")
+    cfg, view = one_layer_view(name, tmp)
+    counting = CountingView(view)
+    files = export_dit_onnx(counting, cfg, tmp / "dit", precision=precision, progress=False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return name, precision, cfg, counting, files, load_dit(view, cfg, dtype=dtype)
+
+
+def ort_session(path, precision: str) -> ort.InferenceSession:
+    if precision == "bf16":  # ONNX Runtime has no bf16 CPU kernels: run the graph with bf16 values in fp32
+        return ort.InferenceSession(bf16_as_fp32(onnx.load(str(path))).SerializeToString(), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_files_signature_and_lint(exported):
+    name, _, cfg, _, files, module = exported
+    assert [f.name for f in files] == ["model.onnx", "model.onnx.data"]
+    assert sorted(p.name for p in files[0].parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert lint_onnx(files[0], module.signature) == []
+    sess = ort.InferenceSession(str(files[0]), providers=["CPUExecutionProvider"]) if name != "flf2v" else None
+    if sess is not None:
+        got = [(i.name, i.shape) for i in sess.get_inputs()]
+        want = [(s.name, list(s.shape)) for s in module.signature.inputs]
+        assert got == want
+    timestep = module.signature.input("timestep").shape
+    assert timestep == (("batch", "frames") if name == "ti2v" else ("batch",))
+
+
+def test_each_weight_read_once_under_its_official_name(exported):
+    _, _, _, counting, files, _ = exported
+    m = onnx.load(str(files[0]), load_external_data=False)
+    names = {t.name for t in m.graph.initializer}
+    assert set(counting) <= names  # initializers keep the official keys
+    big = [k for k in counting if len(counting.view[k].shape) == 2]
+    assert all(counting.loads[k] == 1 for k in big), {k: counting.loads[k] for k in big if counting.loads[k] != 1}
+
+
+def test_bf16_weights_and_fp32_islands(exported):
+    _, precision, _, _, files, _ = exported
+    if precision != "bf16":
+        pytest.skip("fp32 export")
+    dtypes = {t.name: t.data_type for t in onnx.load(str(files[0]), load_external_data=False).graph.initializer}
+    bf16, fp32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
+    assert dtypes["blocks.0.self_attn.q.weight"] == dtypes["blocks.0.ffn.0.weight"] == dtypes["blocks.0.cross_attn.k_img.weight"] == bf16
+    assert dtypes["blocks.0.modulation"] == dtypes["time_embedding.0.weight"] == dtypes["head.head.weight"] == fp32
+    assert dtypes["blocks.0.self_attn.norm_q.weight"] == dtypes["img_emb.emb_pos"] == fp32
+
+
+@pytest.mark.parametrize("batch,grid", SHAPES)
+def test_onnxruntime_matches_torch(exported, batch, grid):
+    name, precision, cfg, _, files, module = exported
+    case = replace(CASES[name], cfg=cfg)
+    inputs = make_inputs(case, batch, grid, seed=11)
+    (got,) = ort_session(files[0], precision).run(None, {k: v.numpy() for k, v in inputs.items()})
+    with torch.no_grad():
+        want = module(*inputs.values())
+    assert got.shape == tuple(want.shape) == (batch, cfg.out_dim, *grid)
+    assert rel_err(torch.from_numpy(got), want) < (2e-2 if precision == "bf16" else 1e-4)
+
+
+def test_plugin_attention_emits_our_node(tmp_path):
+    cfg, view = one_layer_view("t2v", tmp_path)
+    files = export_dit_onnx(view, cfg, tmp_path / "plugin", attention="plugin", progress=False)
+    m = onnx.load(str(files[0]), load_external_data=False)
+    nodes = [n for n in m.graph.node if n.domain == onnx_op.DOMAIN]
+    assert [n.op_type for n in nodes] == [onnx_op.OP_TYPE] * 2  # self- and cross-attention of the one block
+    assert "Softmax" not in {n.op_type for n in m.graph.node}
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    assert attrs == {"scale": pytest.approx(128 ** -0.5), "plugin_version": b"1", "plugin_namespace": b"wanrt"}
+    assert {(o.domain, o.version) for o in m.opset_import} >= {(onnx_op.DOMAIN, onnx_op.OPSET_VERSION)}
+    assert lint_onnx(files[0], load_dit(view, cfg).signature) == []
+    with pytest.raises(Exception, match="WanAttention"):
+        ort.InferenceSession(str(files[0]), providers=["CPUExecutionProvider"])
+
+
+def test_plugin_op_eager_math_is_attention():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5 + i, 16, generator=g) for i in range(3))
+    k, v = k[:, :, :6], v[:, :, :6]
+    q = q[:, :, :5]
+    want = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1) @ v
+    torch.testing.assert_close(onnx_op.plugin_attention(q, k, v, 0.25), want)
+
+
+def test_bad_precision_and_attention_are_refused(tmp_path):
+    cfg, view = one_layer_view("t2v", tmp_path)
+    with pytest.raises(ExportError, match="unsupported DiT precision 'fp16'"):
+        export_dit_onnx(view, cfg, tmp_path / "x", precision="fp16", progress=False)
+    with pytest.raises(Exception, match="unknown attention implementation 'flash'"):
+        export_dit_onnx(view, cfg, tmp_path / "x", attention="flash", progress=False)
+    assert not (tmp_path / "x").exists()
