@@ -44,32 +44,41 @@ def is_block_linear(key: str) -> bool:
 
 
 @functools.cache
-def _fp8_table(dtype: "torch.dtype") -> "np.ndarray":
-    """The fp32 value of each of the 256 bit patterns of an fp8 dtype (as torch converts them)."""
+def _fp8_table(fp8: "torch.dtype", dtype: "torch.dtype") -> "np.ndarray":
+    """Each of the 256 fp8 bit patterns as `dtype` bits (as torch converts them; exact for fp32/bf16/fp16)."""
     import torch
 
-    return torch.arange(256, dtype=torch.uint8).view(dtype).to(torch.float32).numpy()
+    table = torch.arange(256, dtype=torch.uint8).view(fp8).to(dtype)
+    return table.view({4: torch.int32, 2: torch.int16}[table.element_size()]).numpy()
 
 
-def to_float32(stored: "torch.Tensor") -> "torch.Tensor":
-    """A new fp32 copy of a tensor; fp8 goes through a 256-entry table (3-4x torch's CPU cast)."""
+def convert(stored: "torch.Tensor", dtype: "torch.dtype") -> "torch.Tensor":
+    """A new tensor of `dtype` with the stored values; fp8 goes through a 256-entry table (3-4x torch's CPU cast)."""
     import torch
 
-    if stored.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+    if stored.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and dtype in (torch.float32, torch.bfloat16, torch.float16):
         bits = stored.contiguous().view(torch.uint8).numpy()
-        return torch.from_numpy(_fp8_table(stored.dtype)[bits])
-    return stored.to(torch.float32, copy=True)
+        return torch.from_numpy(_fp8_table(stored.dtype, dtype)[bits]).view(dtype)
+    return stored.to(dtype, copy=True)
 
 
-def dequantize(stored: "torch.Tensor", scale: "torch.Tensor | None", scale_layout: str | None) -> "torch.Tensor":
-    """Real values of a stored tensor in fp32: `stored * scale` per output channel or per tensor."""
+def dequantize(stored: "torch.Tensor", scale: "torch.Tensor | None", scale_layout: str | None,
+               dtype: "torch.dtype | None" = None) -> "torch.Tensor":
+    """Real values `stored * scale` (per output channel or per tensor) as `dtype` (default fp32).
+
+    fp32, bf16 and fp16 results are computed directly: fp8/int8 codes are exact in each, and torch
+    multiplies reduced-precision tensors in fp32 and rounds once, so the result equals the fp32
+    product cast to `dtype`, without the fp32 intermediate.  A new tensor; `stored` is untouched."""
     import torch
 
-    t = to_float32(stored)  # a new tensor: the in-place scaling never touches `stored`
-    if scale is None:
-        return t
-    s = scale.to(torch.float32)
-    return t.mul_(s.reshape(-1, *([1] * (t.dim() - 1))) if scale_layout == "per_channel" else s.reshape(()))
+    dtype = torch.float32 if dtype is None else dtype
+    direct = dtype in (torch.float32, torch.bfloat16, torch.float16)
+    t = convert(stored, dtype if direct else torch.float32)
+    if scale is not None:
+        if scale.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            scale = scale.to(torch.float32)
+        t.mul_(scale.reshape(-1, *([1] * (t.dim() - 1))) if scale_layout == "per_channel" else scale.reshape(()))
+    return t if direct else t.to(dtype)
 
 
 @dataclass(frozen=True)
@@ -107,7 +116,7 @@ class TensorRef:
         dtype = torch.float32 if dtype is None else dtype
         t, scale = self.load_stored()
         if self.quantized:
-            t = dequantize(t, scale, self.scale_layout)
+            return dequantize(t, scale, self.scale_layout, dtype)
         return t.to(dtype)
 
 

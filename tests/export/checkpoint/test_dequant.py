@@ -53,7 +53,8 @@ def test_quantized_view_equals_independent_dequantization(tiny_model, layout, qt
             assert scale.shape == (stored.shape[0], 1)  # one scale per output channel
             want = stored.float() * scale
         assert torch.equal(got, want), key
-        assert torch.equal(ref.load(torch.bfloat16), want.to(torch.bfloat16))
+        for dtype in (torch.bfloat16, torch.float16):  # computed directly in dtype: must equal the fp32 product cast
+            assert torch.equal(ref.load(dtype), want.to(dtype)), (key, dtype)
     assert n_quantized == 2 * 12  # 2 layers x (q,k,v,o self + q,k,v,o cross + k_img, v_img + ffn.0, ffn.2)
 
 
@@ -136,11 +137,12 @@ def test_iter_tensors_streams_every_tensor_once(tiny_model):
     assert all(torch.equal(seen[k], expert.view.load(k, torch.float16)) for k in seen)
 
 
-@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
-def test_fp8_table_conversion_equals_torch_cast(dtype):
-    from export.checkpoint.view import to_float32
+@pytest.mark.parametrize("target", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_table_conversion_equals_torch_cast(fp8, target):
+    from export.checkpoint.view import convert
 
-    every = torch.arange(256, dtype=torch.uint8).view(dtype).reshape(4, 64)
-    got, want = to_float32(every), every.to(torch.float32)
-    assert got.dtype == torch.float32 and got.shape == (4, 64)
+    every = torch.arange(256, dtype=torch.uint8).view(fp8).reshape(4, 64)
+    got, want = convert(every, target), every.to(target)
+    assert got.dtype == target and got.shape == (4, 64)
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
