@@ -165,3 +165,19 @@ def test_pth_with_code_executing_pickle(official_copy, tmp_path):
     assert_one_line_error(["inspect", official_copy], t5, "refusing to load", "code")
     assert_one_line_error(["inspect", t5], t5, "refusing to load")
     assert not marker.exists()
+
+
+def test_make_tiny_model_bad_arguments(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    assert_one_line_error(["make-tiny-model", tmp_path / "taken", "--family", "wan2.1", "--task", "t2v"],
+                          tmp_path / "taken", "already exists")
+    assert_one_line_error(["make-tiny-model", tmp_path / "m", "--family", "wan2.1", "--task", "ti2v"], "wan2.1 has no 'ti2v'")
+    assert_one_line_error(["make-tiny-model", tmp_path / "m", "--family", "wan2.2", "--task", "t2v", "--dims", "7B"], "--dims '7B'")
+    assert not (tmp_path / "m").exists()
+
+
+def test_make_tiny_model_writes_atomically(tmp_path):
+    r = run_cli("make-tiny-model", tmp_path / "out", "--family", "wan2.2", "--task", "ti2v", "--layout", "lightx2v-int8", "--seed", "3")
+    assert r.exit_code == 0 and r.stdout.strip() == str(tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left beside it
