@@ -36,7 +36,7 @@ from export.checkpoint.safetensors_writer import SafetensorsWriter, TensorSpec
 from export.checkpoint.resolve import Expert, resolve_model
 from export.checkpoint.view import is_block_linear
 from export.lora import LoraSpec, apply_loras, lora_records, loras_from_config, normalize_expert, parse_lora_arg
-from export.lora.merge import MergedView
+from export.lora.merge import MergedRef, MergedView
 
 QUANTIZE_CHOICES = ("fp8", "int8", "bf16")
 FORMAT_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
@@ -133,6 +133,13 @@ def _specs(plan: list[OutputTensor], comfyui: bool) -> list[TensorSpec]:
     return specs
 
 
+def _real(ref: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The real-valued tensor in `dtype`; a LoRA-patched fp8/int8 weight skips requantization to its stored format."""
+    if isinstance(ref, MergedRef) and ref.quantized:
+        return ref.merged_fp32().to(dtype)
+    return ref.load(dtype)
+
+
 def _quantized_tensor(ref: Any, o: OutputTensor, layout: str, errors: QuantErrorSummary) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, float32 scale) of one block linear in the target format and layout."""
     stored_fmt = STORAGE_TO_FORMAT.get(ref.dtype)
@@ -141,7 +148,7 @@ def _quantized_tensor(ref: Any, o: OutputTensor, layout: str, errors: QuantError
         # unpatched: copy codes and scales as they are (lossless); patched: MergedRef requantizes
         q, scale = ref.load_stored()
     else:
-        q, scale, err = quantize_measured(ref.load(torch.float32), o.fmt, layout, overwrite=True, row_stride=ERROR_ROW_STRIDE)
+        q, scale, err = quantize_measured(_real(ref, torch.float32), o.fmt, layout, overwrite=True, row_stride=ERROR_ROW_STRIDE)
         errors.add(o.key, err)
     return q, scale.to(torch.float32).reshape(o.scale_shape)
 
@@ -158,7 +165,7 @@ def _stream(
     def produce(o: OutputTensor) -> list[tuple[str, torch.Tensor]]:
         ref = view[o.key]
         if o.fmt is None:
-            return [(o.key, ref.load(torch.bfloat16))]
+            return [(o.key, _real(ref, torch.bfloat16))]
         q, scale = _quantized_tensor(ref, o, layout, errors)
         return [(o.key, q), (o.scale_key, scale)]
 

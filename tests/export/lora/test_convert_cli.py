@@ -108,7 +108,7 @@ def test_comfyui_scaled_fp8_layout(base_file, lora, merged_ref, tmp_path):
     assert (view.layout, view.precision, view.scale) == ("comfyui", "fp8_e4m3", "per_tensor")
 
 
-def test_fp8_source_is_copied_losslessly_and_lora_requantizes(base_file, lora, tmp_path):
+def test_fp8_source_is_copied_losslessly_and_lora_requantizes(base_file, lora, tmp_path, assert_close):
     fp8 = tmp_path / "fp8.safetensors"
     assert run(base_file, "-o", fp8, "--quantize", "fp8").exit_code == 0
     again = tmp_path / "again.safetensors"
@@ -118,11 +118,18 @@ def test_fp8_source_is_copied_losslessly_and_lora_requantizes(base_file, lora, t
     assert set(a) == set(b)
     assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a if a[k].dtype == torch.float8_e4m3fn)
     assert all(torch.equal(a[k], b[k]) for k in a if a[k].dtype != torch.float8_e4m3fn)
-    path, _ = lora
+    path, deltas = lora
     r = run(fp8, "-o", tmp_path / "merged.safetensors", "--lora", str(path), "--json")
     assert r.exit_code == 0, r.output
     req = json.loads(r.stdout)["requantization_error"]
     assert req["tensors"] == len(TARGETS) and 0 < req["overall_rel_rms"] < 0.05
+    # to bf16: dequantize, merge, one bf16 rounding (no fp8 requantization in between)
+    out = tmp_path / "merged_bf16.safetensors"
+    assert run(fp8, "-o", out, "--lora", str(path), "--quantize", "bf16").exit_code == 0
+    got = load_file(str(out))
+    assert all(t.dtype == torch.bfloat16 for t in got.values()) and not any(k.endswith("_scale") for k in got)
+    want = {k: a[k].double() * a[k[: -len(".weight")] + ".weight_scale"].double() + deltas[k] for k in TARGETS}
+    assert_close({k: got[k] for k in TARGETS}, want, atol=1e-7, rtol=2**-8)
 
 
 @pytest.fixture(scope="module")
