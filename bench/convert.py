@@ -112,11 +112,13 @@ def main() -> None:
             while f.read(64 << 20):
                 pass
     convert = [sys.executable, str(ROOT / "cli.py"), "convert", str(src), "-o", str(out), "--quantize", "fp8", "--json"]
+    cores = os.cpu_count() or 1
+    threads = max(1, cores - 1)
     runs = [
         Run("`cp` (baseline, same bytes)", ["cp", *map(str, sources), str(cp_out) + "/"]),
-        Run("`convert --lora --quantize fp8`", convert + ["--lora", str(lora)]),
-        Run("`convert --lora --quantize fp8`, OMP_NUM_THREADS=1", convert + ["--lora", str(lora)], {"OMP_NUM_THREADS": "1"}),
-        Run("`convert --quantize fp8` (no LoRA)", convert),
+        Run(f"`convert --lora --quantize fp8` (default: {threads} torch thread(s), one core left for writes)", convert + ["--lora", str(lora)]),
+        Run(f"`convert --lora --quantize fp8`, OMP_NUM_THREADS={cores} (every core)", convert + ["--lora", str(lora)], {"OMP_NUM_THREADS": str(cores)}),
+        Run("`convert --quantize fp8` (no LoRA, default threads)", convert),
     ]
     load = os.getloadavg()[0]
     for _ in range(args.repeats):

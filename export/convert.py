@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import os
 import sys
 import time
 from collections import deque
@@ -284,6 +285,16 @@ def keep_freed_memory() -> None:
         pass
 
 
+def leave_a_core_for_writes() -> None:
+    """Use one torch thread fewer than there are cores (unless OMP_NUM_THREADS says otherwise).
+
+    The writing thread needs a core while torch computes the next tensor; on a 2-core machine
+    shared with other jobs, two spinning OpenMP threads cost 2.8x the CPU time of one (bench/RESULTS.md).
+    """
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - 1)))
+
+
 def _stored_bytes(ref: Any) -> int:
     return math.prod(ref.shape) * ITEMSIZE[ref.dtype]
 
@@ -313,6 +324,7 @@ def convert_command(
 ) -> None:
     """Merge LoRAs into one DiT expert of SRC and write it as a single LightX2V-layout safetensors file."""
     keep_freed_memory()
+    leave_a_core_for_writes()
     loras = [parse_lora_arg(a) for a in lora_args]
     result = convert_checkpoint(
         src, output, config, loras, quantize, comfyui, expert, lora_strict, hash_sources, progress=not as_json
