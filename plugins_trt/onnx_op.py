@@ -19,13 +19,15 @@ PluginFields, so the plugin (a later issue) registers creator "WanAttention" ver
 namespace "wanrt".  ONNX Runtime cannot run this node; graphs that contain it are for
 TensorRT only.
 
-In torch the op is `torch.ops.wanrt.attention(q, k, v, scale)`; its eager implementation is
-the reference math, so a module built with `attention="plugin"` still runs (and traces) in torch.
+In torch the op is `torch.ops.wanrt.attention(q, k, v, scale)` (`torch_op()`); its eager
+implementation is the reference math, so a module built with `attention="plugin"` still runs
+(and traces) in torch.  This module imports torch only when that op is used, so the lint and
+the runtime can name the plugin node without torch.
 """
 
 from __future__ import annotations
 
-import torch
+from functools import lru_cache
 
 DOMAIN = "wanrt"
 OP_TYPE = "WanAttention"
@@ -35,16 +37,30 @@ PLUGIN_NAMESPACE = "wanrt"
 ATTRIBUTES = ("scale", "plugin_version", "plugin_namespace")
 
 
-@torch.library.custom_op("wanrt::attention", mutates_args=())
-def plugin_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Reference math of the plugin: softmax(scale * q @ k^T) @ v over the last two dims."""
-    scores = torch.matmul(q.float() * scale, k.float().transpose(-1, -2))
-    return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype)
+@lru_cache(maxsize=None)
+def torch_op():
+    """`torch.ops.wanrt.attention(q, k, v, scale)`, registered on first use (torch imported lazily).
+
+    Its eager implementation is the reference math, softmax(scale * q @ k^T) @ v over the last
+    two dims (accumulated in float32); under tracing it is one opaque node.
+    """
+    import torch
+
+    @torch.library.custom_op("wanrt::attention", mutates_args=(), schema="(Tensor q, Tensor k, Tensor v, float scale) -> Tensor")
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        scores = torch.matmul(q.float() * scale, k.float().transpose(-1, -2))
+        return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype)
+
+    @attention.register_fake
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        return q.new_empty(q.shape)
+
+    return attention
 
 
-@plugin_attention.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    return q.new_empty(q.shape)
+def plugin_attention(q, k, v, scale: float):
+    """Call the plugin op (eager: reference math; traced: one `wanrt::attention` node)."""
+    return torch_op()(q, k, v, scale)
 
 
 def op_schema():
@@ -78,6 +94,9 @@ def onnx_translations() -> dict:
             q, k, v, scale=scale, plugin_version=PLUGIN_VERSION, plugin_namespace=PLUGIN_NAMESPACE
         )
 
+    import torch
+
+    torch_op()
     return {torch.ops.wanrt.attention.default: wan_attention}
 
 
