@@ -146,7 +146,7 @@ class RunStats:
         return {
             "backend": self.backend,
             "stages": self.stages,
-            "steps": steps,
+            "per_step": steps,
             "step_seconds_mean": float(np.mean([s.seconds for s in self.steps])) if self.steps else None,
             "host_seconds_per_step": float(np.mean([s.host_seconds for s in self.steps])) if self.steps else None,
             "experts": [s.expert for s in self.steps],

@@ -48,7 +48,7 @@ def test_full_run_writes_mp4_frames_and_json(t2v, tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["output"] == str(out) and summary["seed"] == 3 and summary["steps"] == 4
-    assert [s["index"] for s in summary["steps"]] == [0, 1, 2, 3]
+    assert [s["index"] for s in summary["per_step"]] == [0, 1, 2, 3]
     assert summary["experts"][0] == HIGH and summary["experts"][-1] == LOW  # t=999 high ... low at the end
     assert set(summary["stages"]) == {"text_encoder", "denoise", "vae_decoder", "write"}
     assert summary["peak_rss_bytes"] > 0 and summary["host_seconds_per_step"] >= 0
