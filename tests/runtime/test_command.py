@@ -74,6 +74,22 @@ def test_i2v_run(i2v, tmp_path):
     assert (summary["height"], summary["width"]) == (32, 48) and out.is_file()
 
 
+def test_ti2v_run_with_image(bundle_factory, tmp_path):
+    pytest.importorskip("runtime.vae", reason="runtime/vae.py (helper E) not in the tree yet")
+    sampling = SamplingDefaults(steps=3, shift=5.0, guide_scale=(5.0, 5.0), frames=5, height=32, width=64, fps=24,
+                                max_area=32 * 64)  # fmt: skip
+    bundle = bundle_factory("ti2v_cli", task="ti2v", moe=False, vae_version="2.2", sampling=sampling)
+    img = tmp_path / "tall.png"
+    Image.new("RGB", (60, 100), (200, 30, 30)).save(img)
+    out = tmp_path / "ti2v.mp4"
+    result = run(bundle, "--prompt", "a cat", "--image", img, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    # best_output_size(60, 100, 32, 32, 2048): a portrait 32x64 video; the image's latent frame is kept
+    assert (summary["width"], summary["height"], summary["fps"]) == (32, 64, 24)
+    assert "vae_encoder" in summary["stages"] and out.is_file()
+
+
 def test_bad_inputs_are_one_line_exit_2_no_output(t2v, i2v, tmp_path):
     out = tmp_path / "o.mp4"
     img = tmp_path / "in.png"

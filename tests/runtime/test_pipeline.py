@@ -13,7 +13,7 @@ from engines.manifest import read_manifest
 from engines.model import SamplingDefaults
 from runtime.backends import make_backend
 from runtime.pipeline import GenerationRequest, RunStats, WanPipeline
-from tests.runtime.bundles import CLIP_WIDTH, TEXT_DIM, clip_weight, dit_fn, text_table, tokenize
+from tests.runtime.bundles import CLIP_WIDTH, TEXT_DIM, clip_weight, dit_fn, text_table, tokenize, vae_gains
 from tests.runtime.oracles import diffusers_unipc
 
 HIGH, LOW = "dit_high_noise", "dit_low_noise"
@@ -207,6 +207,37 @@ def test_encode_clip_matches_the_graph_on_official_preprocessing(bundle_factory)
         pix = ((x * 0.5 + 0.5) - mean) / std
         expect = (pix.mean(dim=(2, 3)).numpy() @ w).reshape(257, CLIP_WIDTH)
         np.testing.assert_allclose(feats[0, 257 * k : 257 * (k + 1)], expect, rtol=1e-4, atol=1e-5)
+
+
+def test_flf2v_condition_is_mask_then_vae_latents(bundle_factory):
+    """y = [4 mask channels | VAE(first, zeros, last)]: checked with the VAE test graph's numpy twin
+    (a chunk's latent = its mean over channels, frames and 8x8 blocks, times the per-channel gains)."""
+    pytest.importorskip("runtime.vae", reason="runtime/vae.py (helper E) not in the tree yet")
+    bundle = bundle_factory("wan21_flf2v", family="wan2.1", task="flf2v", moe=False, clip_tokens=514)
+    pipe = pipeline(bundle)
+    first = _image_file(bundle.parent / "f1.png", 40, 24, seed=1)
+    last = _image_file(bundle.parent / "f2.png", 40, 24, seed=2)
+    plan = pipe.prepare(GenerationRequest(prompt="a cat", image=first, last_image=last, height=32, width=48, frames=9))
+    g = plan.geometry
+    y = pipe.encode_condition(plan)
+    assert y.shape == (1, 20, 3, g.latent_height, g.latent_width)
+    np.testing.assert_array_equal(y[0, :4], i2v_mask_reference(9, g.latent_height, g.latent_width))
+    gains = vae_gains(16)[:, None, None]
+
+    def block_mean(x):  # [3, H, W] -> [h, w]
+        return x.reshape(3, g.latent_height, 8, g.latent_width, 8).mean(axis=(0, 2, 4))
+
+    np.testing.assert_allclose(y[0, 4:, 0], gains * block_mean(plan.condition_image), rtol=1e-5, atol=1e-6)
+    assert not y[0, 4:, 1].any()  # frames 1..4 are zeros
+    np.testing.assert_allclose(y[0, 4:, 2], gains * block_mean(plan.condition_last) / 4, rtol=1e-5, atol=1e-6)
+
+
+def i2v_mask_reference(frames, h, w):
+    """Latent frame 0 and the last one set (FLF2V), as the official mask gives for 9 frames."""
+    m = np.zeros((4, (frames - 1) // 4 + 1, h, w), np.float32)
+    m[:, 0] = 1
+    m[3, -1] = 1  # the last video frame is the 4th slot of the last latent frame
+    return m
 
 
 def test_prepare_resolves_defaults(bundle_factory):
