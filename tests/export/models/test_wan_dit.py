@@ -8,7 +8,7 @@ split is the official [22, 21, 21] pairs (diffusers splits by head_dim: 44/42/42
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -17,9 +17,12 @@ from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
 from engines.model import DiTConfig
-from export.checkpoint.keys import DIFFUSERS_IGNORED, diffusers_to_official
+from export.checkpoint.keys import DIFFUSERS_IGNORED, diffusers_to_official, official_to_diffusers
+from export.checkpoint.resolve import resolve_model
 from export.checkpoint.view import CheckpointView, SafetensorsSource
+from export.lora import LoraSpec, apply_loras
 from export.models.wan_dit import DiTError, WanDiT, load_dit, signature_for
+from export.tiny import make_tiny_model
 
 TINY = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=32)
 CLIP_DIM = 64  # tiny CLIP width
@@ -27,10 +30,9 @@ CLIP_DIM = 64  # tiny CLIP width
 
 @dataclass(frozen=True)
 class Case:
-    """One Wan DiT variant: our config and the diffusers constructor arguments that build it."""
+    """One Wan DiT variant."""
 
     cfg: DiTConfig
-    diffusers: dict = field(default_factory=dict)
 
     @property
     def per_frame(self) -> bool:
@@ -39,29 +41,32 @@ class Case:
 
 CASES = {
     "t2v": Case(DiTConfig(in_dim=16, out_dim=16, **TINY)),
-    "i2v": Case(
-        DiTConfig(in_dim=36, out_dim=16, image_branch=True, clip_tokens=257, clip_dim=CLIP_DIM, **TINY),
-        dict(image_dim=CLIP_DIM, added_kv_proj_dim=TINY["dim"]),
-    ),
-    "flf2v": Case(
-        DiTConfig(in_dim=36, out_dim=16, image_branch=True, clip_tokens=514, clip_dim=CLIP_DIM, **TINY),
-        dict(image_dim=CLIP_DIM, added_kv_proj_dim=TINY["dim"], pos_embed_seq_len=514),
-    ),
+    "i2v": Case(DiTConfig(in_dim=36, out_dim=16, image_branch=True, clip_tokens=257, clip_dim=CLIP_DIM, **TINY)),
+    "flf2v": Case(DiTConfig(in_dim=36, out_dim=16, image_branch=True, clip_tokens=514, clip_dim=CLIP_DIM, **TINY)),
     "i2v_a14b": Case(DiTConfig(in_dim=36, out_dim=16, **TINY)),  # Wan2.2: 36-channel input, no CLIP branch
     "ti2v": Case(DiTConfig(in_dim=48, out_dim=48, **TINY)),  # Wan2.2 TI2V-5B: per-frame timesteps
 }
 GRIDS = [(3, 6, 10), (2, 10, 4)]  # latent (frames, height, width): odd token grids 3x3x5, 2x5x2
 
 
-def diffusers_model(case: Case, seed: int) -> WanTransformer3DModel:
-    """A tiny random diffusers Wan transformer (norm weights and emb_pos randomized too)."""
-    cfg = case.cfg
-    torch.manual_seed(seed)
-    model = WanTransformer3DModel(
+def diffusers_for(cfg: DiTConfig) -> WanTransformer3DModel:
+    """diffusers' transformer with this architecture (I2V: image_dim/added_kv_proj_dim; FLF2V: pos_embed_seq_len)."""
+    image = {}
+    if cfg.image_branch:
+        image = dict(image_dim=cfg.clip_dim, added_kv_proj_dim=cfg.dim)
+        if cfg.clip_tokens == 514:
+            image["pos_embed_seq_len"] = 514
+    return WanTransformer3DModel(
         num_attention_heads=cfg.num_heads, attention_head_dim=cfg.dim // cfg.num_heads, in_channels=cfg.in_dim,
         out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim,
-        num_layers=cfg.num_layers, eps=cfg.eps, **case.diffusers,
+        num_layers=cfg.num_layers, eps=cfg.eps, **image,
     ).eval()
+
+
+def diffusers_model(case: Case, seed: int) -> WanTransformer3DModel:
+    """A tiny random diffusers Wan transformer (norm weights and emb_pos randomized too)."""
+    torch.manual_seed(seed)
+    model = diffusers_for(case.cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -241,3 +246,54 @@ def test_other_config_rejected_with_the_key(references):
     wider = replace(CASES["t2v"].cfg, ffn_dim=1024)
     with pytest.raises(DiTError, match=r"blocks\.0\.ffn\.0\.weight has shape \[512, 256\]; expected \[1024, 256\]"):
         load_dit(view, wider)
+
+
+def diffusers_from_state(cfg: DiTConfig, state: dict[str, torch.Tensor]) -> WanTransformer3DModel:
+    """diffusers' transformer holding official-named weights (keys mapped with official_to_diffusers)."""
+    model = diffusers_for(cfg)
+    model.load_state_dict({official_to_diffusers(k): v for k, v in state.items()}, strict=True)
+    return model
+
+
+@pytest.mark.parametrize("family,task,layout", [
+    ("wan2.2", "t2v", "official"),  # MoE folder: high_noise_model/ + low_noise_model/, sharded fp32
+    ("wan2.2", "i2v", "lightx2v-fp8"),  # MoE, fp8 e4m3 with per-channel scales, dequantized by the view
+    ("wan2.2", "ti2v", "lightx2v-int8"),  # per-frame timesteps, int8
+    ("wan2.1", "flf2v", "diffusers"),  # diffusers folder, image branch with emb_pos
+])
+def test_real_folders_each_expert_against_its_own_reference(family, task, layout, tmp_path):
+    resolved = resolve_model(make_tiny_model(tmp_path / "model", family, task, layout=layout))
+    case = Case(resolved.dit)
+    inputs = make_inputs(case, batch=2, grid=GRIDS[1], seed=4)
+    outputs = {}
+    for expert in resolved.experts:
+        ours = load_dit(expert.view)  # config inferred from the expert's shapes
+        assert ours.cfg == resolved.dit
+        reference = diffusers_from_state(resolved.dit, expert.view.state_dict())
+        with torch.no_grad():
+            outputs[expert.name] = ours(*inputs.values())
+        assert rel_err(outputs[expert.name], diffusers_forward(reference, case, inputs)) < 1e-4
+    if len(outputs) == 2:  # two experts, two different models
+        assert list(outputs) == ["high_noise", "low_noise"]
+        assert rel_err(outputs["high_noise"], outputs["low_noise"]) > 0.1
+
+
+def test_lora_merged_view_equals_diffusers_with_merged_weights(references, tmp_path):
+    """A MergedView (LoRA merged on read) loads like any view; W + strength * up @ down (alpha = rank)."""
+    _, view = references["t2v"]
+    g = torch.Generator().manual_seed(5)
+    down, up = torch.randn(4, 256, generator=g), torch.randn(256, 4, generator=g) * 0.05
+    save_file({"diffusion_model.blocks.1.self_attn.q.lora_down.weight": down,
+               "diffusion_model.blocks.1.self_attn.q.lora_up.weight": up,
+               "diffusion_model.blocks.1.self_attn.q.alpha": torch.tensor(4.0)}, str(tmp_path / "lora.safetensors"))
+    merged = apply_loras(view, [LoraSpec(tmp_path / "lora.safetensors", strength=0.7)], "dit")
+    state = view.state_dict()
+    state["blocks.1.self_attn.q.weight"] = state["blocks.1.self_attn.q.weight"] + 0.7 * up @ down
+    case = CASES["t2v"]
+    inputs = make_inputs(case, batch=2, grid=GRIDS[0], seed=6)
+    with torch.no_grad():
+        got = load_dit(merged, case.cfg)(*inputs.values())
+        base = load_dit(view, case.cfg)(*inputs.values())
+    want = diffusers_forward(diffusers_from_state(case.cfg, state), case, inputs)
+    assert rel_err(got, want) < 1e-4
+    assert rel_err(base, want) > 1e-3  # the LoRA changed the output
