@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from .keys import KeyMap, normalize_keys
 from .pth import read_pth_header
-from .safetensors_file import CheckpointError, SafetensorsFile, TensorHeader
+from .safetensors_file import CheckpointError, SafetensorsFile, TensorHeader, empty_bytes
 
 if TYPE_CHECKING:
     import numpy as np
@@ -43,23 +43,33 @@ def is_block_linear(key: str) -> bool:
     return key.startswith("blocks.") and key.endswith(BLOCK_LINEAR_SUFFIXES)
 
 
+def _bits_dtype(dtype: "torch.dtype") -> "torch.dtype":
+    """The integer dtype of the same width (to move float bits through numpy)."""
+    import torch
+
+    return {4: torch.int32, 2: torch.int16}[dtype.itemsize]
+
+
 @functools.cache
 def _fp8_table(fp8: "torch.dtype", dtype: "torch.dtype") -> "np.ndarray":
     """Each of the 256 fp8 bit patterns as `dtype` bits (as torch converts them; exact for fp32/bf16/fp16)."""
     import torch
 
-    table = torch.arange(256, dtype=torch.uint8).view(fp8).to(dtype)
-    return table.view({4: torch.int32, 2: torch.int16}[table.element_size()]).numpy()
+    return torch.arange(256, dtype=torch.uint8).view(fp8).to(dtype).view(_bits_dtype(dtype)).numpy()
 
 
 def convert(stored: "torch.Tensor", dtype: "torch.dtype") -> "torch.Tensor":
     """A new tensor of `dtype` with the stored values; fp8 goes through a 256-entry table (3-4x torch's CPU cast)."""
+    import numpy as np
     import torch
 
+    out = empty_bytes(stored.numel() * dtype.itemsize).view(dtype).reshape(stored.shape)
     if stored.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and dtype in (torch.float32, torch.bfloat16, torch.float16):
-        bits = stored.contiguous().view(torch.uint8).numpy()
-        return torch.from_numpy(_fp8_table(stored.dtype, dtype)[bits]).view(dtype)
-    return stored.to(dtype, copy=True)
+        table = _fp8_table(stored.dtype, dtype)
+        np.take(table, stored.contiguous().view(torch.uint8).numpy(), out=out.view(_bits_dtype(dtype)).numpy())
+    else:
+        out.copy_(stored)
+    return out
 
 
 def dequantize(stored: "torch.Tensor", scale: "torch.Tensor | None", scale_layout: str | None,
@@ -117,7 +127,7 @@ class TensorRef:
         t, scale = self.load_stored()
         if self.quantized:
             return dequantize(t, scale, self.scale_layout, dtype)
-        return t.to(dtype)
+        return t if t.dtype == dtype else convert(t, dtype)
 
 
 class TensorSource:
