@@ -86,7 +86,7 @@ def export_onnx(
         attach_lazy_weights(model, weights)
     _require_initializer_data(model)
     try:
-        optimize_keep_initializers(model)
+        optimize_keep_initializers(model, keep={name for name, _ in module.state_dict(keep_vars=True).items()})
         name_io_dims(model, signature)
         return save_with_external_data(model, onnx_path, progress=progress)
     except Exception as e:  # a weight loader's error arrives wrapped in the optimizer's PassError
@@ -234,17 +234,19 @@ def _require_initializer_data(model: ir.Model) -> None:
         raise ExportError(f"no weight data for initializers {missing[:5]}{more} (traced on meta without weights=)")
 
 
-def optimize_keep_initializers(model: ir.Model) -> None:
-    """Fold constants and clean up, leaving every initializer (name, value, layout) untouched."""
+def optimize_keep_initializers(model: ir.Model, keep: set[str]) -> None:
+    """Fold constants and clean up, leaving the initializers named in `keep` (the weights) untouched.
+
+    No node reading a kept initializer is folded, so no weight is copied, transposed or renamed.
+    """
     from onnxscript import rewriter
     from onnxscript.optimizer import _constant_folding
 
     inits = model.graph.initializers
+    kept = {id(inits[n]) for n in keep if n in inits}
 
     def should_fold(node: ir.Node) -> bool | None:
-        if any(v is not None and v.name in inits and inits[v.name] is v for v in node.inputs):
-            return False
-        return None
+        return False if any(id(v) in kept for v in node.inputs if v is not None) else None
 
     ir.passes.Sequential(
         common_passes.InlinePass(),
@@ -355,29 +357,33 @@ def export_dit_onnx(
         module = WanDiT(cfg, dtype, attention, per_frame_timestep)
     signature = module.signature
     weights = {name: _view_loader(view, name, param_dtype(name, dtype)) for name, _ in module.named_parameters()}
-    example, dims = _dit_example_inputs(cfg, signature)
-    return export_onnx(module, example, Path(out_dir) / "model.onnx", signature, opset,
-                       dynamic_dims=dims, weights=weights, progress=progress)
+    return export_onnx(module, dit_example_inputs(signature), Path(out_dir) / "model.onnx", signature, opset,
+                       dynamic_dims=dit_dynamic_dims(cfg, signature), weights=weights, progress=progress)
 
 
 def _view_loader(view: Mapping, key: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
     return lambda: view.load(key, dtype)
 
 
-def _dit_example_inputs(cfg: DiTConfig, signature: EngineSignature) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Meta example inputs (batch 2, a 3x3x5-patch grid) and the latent dims as multiples of the patch."""
+DIT_EXAMPLE_SIZES = {"batch": 2, "frames": 3, "height": 6, "width": 10}  # a 3x3x5-patch grid; batch 2 (not 1)
+
+
+def dit_dynamic_dims(cfg: DiTConfig, signature: EngineSignature) -> dict[str, Any]:
+    """Latent frames/height/width traced as multiples of the patch size (`2 * Dim("height_patches")`)."""
     dims: dict[str, Any] = {}
-    sizes = {"batch": 2}
-    for name, patch, patches in zip(("frames", "height", "width"), cfg.patch_size, (3, 3, 5)):
-        lo, hi = signature.dim_ranges[name]
-        sizes[name] = patch * patches
+    for name, patch in zip(("frames", "height", "width"), cfg.patch_size):
         if patch > 1:
+            lo, hi = signature.dim_ranges[name]
             dims[name] = patch * torch.export.Dim(f"{name}_patches", min=max(1, -(-lo // patch)), max=hi // patch)
-    example = {
-        spec.name: torch.empty([sizes[d] if isinstance(d, str) else d for d in spec.shape], device="meta")
+    return dims
+
+
+def dit_example_inputs(signature: EngineSignature, device: str | torch.device = "meta") -> dict[str, torch.Tensor]:
+    """Zero example inputs of the DiT signature at `DIT_EXAMPLE_SIZES` (empty tensors on meta)."""
+    return {
+        spec.name: torch.zeros([DIT_EXAMPLE_SIZES[d] if isinstance(d, str) else d for d in spec.shape], device=device)
         for spec in signature.inputs
     }
-    return example, dims
 
 
 def bf16_as_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
