@@ -35,12 +35,16 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engines.errors import WanrtError
+
+if TYPE_CHECKING:
+    from export.checkpoint.view import TensorSource
 
 CACHE_T = 2  # frames of history a kernel-3 causal conv reads from the previous chunk
 
@@ -206,13 +210,19 @@ class CausalConv3d(nn.Conv3d):
             return super().forward(x)
         n = self.cache_frames
         padded = torch.cat([state.previous(x, n), x], dim=2)
-        first_cache = padded[:, :, :n] if self.idle_on_first_chunk else padded[:, :, 1 : n + 1]
-        state.keep(state.select(first_cache, padded[:, :, -n:]))
+        if self.idle_on_first_chunk:
+            state.keep(state.select(padded[:, :, :n], padded[:, :, -n:]))
+        elif x.shape[2] == 1:  # a single frame: the first-chunk cache is the usual one
+            state.keep(padded[:, :, -n:])
+        else:
+            state.keep(state.select(padded[:, :, 1 : n + 1], padded[:, :, -n:]))
         return super().forward(padded)
 
 
 class RMSNorm(nn.Module):
-    """L2-normalize over channels, times sqrt(C)·gamma (official `RMS_norm`, no bias)."""
+    """L2-normalize over channels, times sqrt(C)·gamma (official `RMS_norm`: `F.normalize`, eps 1e-12, no bias)."""
+
+    eps = 1e-12
 
     def __init__(self, dim: int, images: bool = True):
         super().__init__()
@@ -220,7 +230,8 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1) * self.scale * self.gamma
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(self.eps)
+        return x / norm * (self.gamma * self.scale)
 
 
 class ResidualBlock(nn.Module):
@@ -573,9 +584,10 @@ class WanVAE(nn.Module):
         return self.cfg.temporal_stride
 
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The official mean and std as [1, z, 1, 1, 1] constants (made on the CPU: real data even when tracing on meta)."""
         shape = (1, self.cfg.z_dim, 1, 1, 1)
-        mean = torch.tensor(self.cfg.latents_mean, dtype=like.dtype, device=like.device).reshape(shape)
-        std = torch.tensor(self.cfg.latents_std, dtype=like.dtype, device=like.device).reshape(shape)
+        mean = torch.tensor(self.cfg.latents_mean, dtype=like.dtype).reshape(shape).to(like.device)
+        std = torch.tensor(self.cfg.latents_std, dtype=like.dtype).reshape(shape).to(like.device)
         return mean, std
 
     def encode_chunk(
@@ -590,14 +602,15 @@ class WanVAE(nn.Module):
     def decode_chunk(
         self, latent: torch.Tensor, first: torch.Tensor, caches: Sequence[torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One decoder call: a normalized latent frame [B, z, 1, h, w] -> (4 frames in [-1, 1], new caches).
+        """One decoder call: a normalized latent frame [B, z, 1, h, w] -> (4 frames, new caches).
 
-        On a clip's first call only frame 0 of the output is meaningful.
+        The frames are not yet clamped to [-1, 1] (a tiled decode blends them first); on a
+        clip's first call only frame 0 is meaningful.
         """
         state = ChunkState(first, caches)
         mean, std = self._latent_stats(latent)
         x = self.decoder(self.conv2(latent * std + mean), state)
-        return unpatchify(x, self.cfg.patch_size).clamp(-1.0, 1.0), state.finish()
+        return unpatchify(x, self.cfg.patch_size), state.finish()
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """Video [B, 3, T, H, W] in [-1, 1], T = 4k+1 -> normalized latent mean [B, z, k+1, H/s, W/s]."""
@@ -619,7 +632,7 @@ class WanVAE(nn.Module):
         for i in range(z.shape[2]):
             out, caches = self.decode_chunk(z[:, :, i : i + 1], _first_flag(i == 0, z.device), caches)
             frames.append(out[:, :, :1] if i == 0 else out)
-        return torch.cat(frames, dim=2)
+        return torch.cat(frames, dim=2).clamp(-1.0, 1.0)
 
 
 def _first_flag(first: bool, device: torch.device | None = None) -> torch.Tensor:
@@ -724,51 +737,55 @@ def vae_config_from_shapes(version: str, shapes: dict[str, tuple[int, ...]], pat
         raise WanrtError(
             f"{path}: 'conv2.weight' has {z_dim} latent channels; the Wan{version} VAE has {official.z_dim}"
         )
+    block = "encoder.downsamples.{}.residual.0.gamma" if version == "2.1" else "encoder.downsamples.0.downsamples.{}.residual.0.gamma"
+    num_res_blocks = next(k for k in range(len(shapes) + 1) if block.format(k) not in shapes)  # blocks of stage 0
     return VAEConfig(
         version,
         dim=shapes["encoder.conv1.weight"][0],
         dec_dim=shapes["decoder.conv1.weight"][0] // official.dim_mult[-1],
         z_dim=z_dim,
+        num_res_blocks=max(num_res_blocks, 1),
     )
 
 
-def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> WanVAE:
-    """Load `Wan2.1_VAE.pth` / `Wan2.2_VAE.pth` (or the same keys in safetensors, or diffusers names).
+def read_vae_checkpoint(
+    path: str | os.PathLike | None, task: str | None = None
+) -> tuple[VAEConfig, dict[str, str], "TensorSource"]:
+    """(config, official name -> stored name, reader) of a VAE file, every key and shape checked.
 
-    The version and widths come from the keys and shapes; a missing, unexpected or misshapen
-    key raises WanrtError naming the file and the key.
+    Accepts the official keys (`.pth` or `.safetensors`) and diffusers `AutoencoderKLWan` names;
+    a missing, unexpected or misshapen key raises WanrtError naming the file and the key.
     """
     from export.checkpoint.view import open_source
+    from export.models.t5 import check_state_shapes, require_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise WanrtError(f"{path}: VAE file not found")
-    source = open_source(path)
-    stored = {k: tuple(source.header(k).shape) for k in source.keys()}
+    path = require_file(path, "VAE", "Wan2.1_VAE.pth or Wan2.2_VAE.pth", task)
+    reader = open_source(path)
+    stored = {k: tuple(reader.header(k).shape) for k in reader.keys()}
     version, layout = _detect_layout(set(stored), path)
     names = {k: k for k in stored}
     if layout == "diffusers":
-        cfg0 = VAEConfig.official(version)
         names = {}
-        for k in stored:
-            official = diffusers_to_official_vae_key(k, cfg0)
+        for key in stored:
+            official = diffusers_to_official_vae_key(key, VAEConfig.official(version))
             if official is None:
-                raise WanrtError(f"{path}: unexpected key {k!r} for a diffusers AutoencoderKLWan (Wan{version})")
-            names[official] = k
-    shapes = {official: stored[k] for official, k in names.items()}
+                raise WanrtError(f"{path}: unexpected key {key!r} for a diffusers AutoencoderKLWan (Wan{version})")
+            names[official] = key
+    shapes = {official: stored[key] for official, key in names.items()}
     cfg = vae_config_from_shapes(version, shapes, path)
     with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in WanVAE(cfg).state_dict().items()}
+    check_state_shapes(shapes, expected, str(path), f"the official Wan{version} VAE keys ({layout} layout)")
+    return cfg, names, reader
+
+
+def load_vae(path: str | os.PathLike | None, dtype: torch.dtype = torch.float32, task: str | None = None) -> WanVAE:
+    """Load `Wan2.1_VAE.pth` / `Wan2.2_VAE.pth` (or the same keys in safetensors, or diffusers names).
+
+    The version and widths come from the keys and shapes (see `read_vae_checkpoint`).
+    """
+    cfg, names, reader = read_vae_checkpoint(path, task)
+    with torch.device("meta"):
         model = WanVAE(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in shapes]
-    if missing:
-        raise WanrtError(f"{path}: missing key {missing[0]!r} ({len(missing)} missing; expected a Wan{version} VAE)")
-    unexpected = [names[k] for k in shapes if k not in expected]
-    if unexpected:
-        raise WanrtError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected for a Wan{version} VAE)")
-    for k, shape in expected.items():
-        if shapes[k] != shape:
-            raise WanrtError(f"{path}: key {names[k]!r} has shape {list(shapes[k])}, expected {list(shape)}")
-    state = {k: source.read(names[k]).to(dtype) for k in expected}
-    model.load_state_dict(state, assign=True)
+    model.load_state_dict({k: reader.read(stored).to(dtype) for k, stored in names.items()}, assign=True)
     return model.eval().requires_grad_(False)

@@ -1,0 +1,175 @@
+"""ONNX export of the Wan VAE chunk engines `vae_encoder` and `vae_decoder`.
+
+Each engine runs one temporal chunk with its causal caches as explicit inputs and outputs
+(the contract is documented in `engines.vae_contract`).  The cache list (channels, frames,
+spatial scale) is read off the module itself by running one chunk on a tiny input, so the
+contract always describes the graph that was exported.
+
+Given a checkpoint path, the module is traced on the `meta` device and every weight is read,
+cast and written one at a time (`export_onnx(weights=...)`).  Precisions: fp32 (the official
+VAE runs in fp32) and bf16; the engine I/O (video, latents, caches) is always float32.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from engines.errors import WanrtError
+from engines.signatures import EngineSignature
+from engines.vae_contract import PARTS, CacheSpec, VAEChunkContract, spatial_dim
+from export.models.vae import WanVAE, read_vae_checkpoint
+from export.onnx_export import export_onnx
+
+ONNX_NAME = "model.onnx"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PROBE_SIZE = 2  # latent rows/columns of the shape probe (any size works; caches scale with it)
+EXAMPLE_HEIGHT, EXAMPLE_WIDTH = 3, 4  # distinct, > 1: torch.export keeps them dynamic
+
+
+@dataclass
+class ComponentFiles:
+    """What an export wrote for one bundle component, and what its manifest entry needs."""
+
+    name: str  # "vae_encoder" / "vae_decoder"
+    kind: str  # the manifest component kind (same as the name for the VAE)
+    files: list[Path]  # model.onnx first, then model.onnx.data
+    signature: EngineSignature
+    precision: str
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def onnx(self) -> Path:
+        return self.files[0]
+
+
+class VAEChunkModule(nn.Module):
+    """One encoder or decoder chunk call: (main input, first, *caches) -> (main output, *caches), float32 I/O.
+
+    `forward` lists every engine input as its own positional parameter (named as in the
+    signature), because `torch.export` binds inputs by the forward signature.
+    """
+
+    def __init__(self, vae: WanVAE, part: str, dtype: torch.dtype, input_names: Sequence[str]):
+        super().__init__()
+        self.vae, self.part, self.dtype = vae, part, dtype
+        forward = lambda *inputs: self.run_chunk(*inputs)  # noqa: E731
+        forward.__signature__ = inspect.Signature(
+            [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in input_names]
+        )
+        self.forward = forward
+
+    def run_chunk(self, x: torch.Tensor, first: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        step = self.vae.encode_chunk if self.part == "encoder" else self.vae.decode_chunk
+        out, new_caches = step(self._cast(x, self.dtype), first, [self._cast(c, self.dtype) for c in caches])
+        return (self._cast(out, torch.float32), *(self._cast(c, torch.float32) for c in new_caches))
+
+    @staticmethod
+    def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return t if t.dtype == dtype else t.to(dtype)  # no cast node in an fp32 graph
+
+
+def chunk_contract(vae: WanVAE, part: str) -> VAEChunkContract:
+    """The chunk contract of `vae`'s encoder or decoder, its caches probed on the module's own device."""
+    if part not in PARTS:
+        raise WanrtError(f"unknown VAE part {part!r}; expected one of {PARTS}")
+    cfg, n = vae.cfg, PROBE_SIZE
+    param = next(vae.parameters())
+    first = torch.ones(1, dtype=torch.bool, device=param.device)
+    with torch.no_grad():
+        if part == "decoder":
+            x = torch.zeros(1, cfg.z_dim, 1, n, n, dtype=param.dtype, device=param.device)
+            _, caches = vae.decode_chunk(x, first)
+        else:
+            s = cfg.spatial_stride
+            x = torch.zeros(1, 3, vae.chunk_frames, n * s, n * s, dtype=param.dtype, device=param.device)
+            _, caches = vae.encode_chunk(x, first)
+    specs = []
+    for c in caches:
+        scale = c.shape[3] // n
+        if c.shape[3] != scale * n or c.shape[4] != scale * n:
+            raise WanrtError(f"VAE {part} cache of shape {list(c.shape)} is not a whole multiple of the latent grid")
+        specs.append(CacheSpec(int(c.shape[1]), int(c.shape[2]), int(scale)))
+    return VAEChunkContract(
+        part, cfg.version, cfg.z_dim, cfg.spatial_stride, vae.chunk_frames, tuple(specs), cfg.patch_size
+    )
+
+
+def example_inputs(contract: VAEChunkContract, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Zero example inputs for tracing (height and width distinct and > 1)."""
+    h, w, s = EXAMPLE_HEIGHT, EXAMPLE_WIDTH, contract.spatial_stride
+    if contract.part == "encoder":
+        main = {"video": torch.zeros(1, 3, contract.chunk_frames, h * s, w * s, device=device)}
+    else:
+        main = {"latent": torch.zeros(1, contract.z_dim, 1, h, w, device=device)}
+    inputs = {**main, "first": torch.ones(1, dtype=torch.bool, device=device)}
+    for i in range(len(contract.caches)):
+        inputs[contract.cache_names(i)[0]] = torch.zeros(contract.cache_shape(i, h, w), device=device)
+    return inputs
+
+
+def derived_dims(signature: EngineSignature) -> dict[str, Any]:
+    """`torch.export` dims for the signature's input dims: `height_xS` is S·height (likewise width)."""
+    dims: dict[str, Any] = {}
+    wanted = {d for spec in signature.inputs for d in spec.shape if isinstance(d, str)}
+    for axis in ("height", "width"):
+        lo, hi = signature.dim_ranges[axis]
+        root = torch.export.Dim(axis, min=lo, max=hi)
+        for name in wanted:
+            if name == axis:
+                dims[name] = root
+            elif name.startswith(axis + "_x"):
+                dims[name] = int(name[len(axis) + 2 :]) * root
+    return {k: v for k, v in dims.items() if k in wanted}
+
+
+def export_vae_onnx(
+    source: str | os.PathLike | WanVAE,
+    out_dir_root: str | os.PathLike,
+    precision: str = "fp32",
+    parts: Sequence[str] = PARTS,
+    *,
+    progress: bool = True,
+) -> dict[str, ComponentFiles]:
+    """Export the VAE's chunk engines to `out_dir_root/vae_{part}/model.onnx` (+ `.data`).
+
+    `source` is a VAE checkpoint (official keys or diffusers names) or a `WanVAE`; returns
+    {"vae_encoder": ..., "vae_decoder": ...} for the requested `parts`.
+    """
+    if precision not in DTYPES:
+        raise WanrtError(f"VAE precision {precision!r}: expected one of {', '.join(DTYPES)}")
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise WanrtError(f"unknown VAE part(s) {unknown}; expected any of {list(PARTS)}")
+    dtype = DTYPES[precision]
+    weights: dict[str, Callable[[], torch.Tensor]] | None = None
+    if isinstance(source, WanVAE):
+        vae = source.to(dtype).eval()
+    else:
+        cfg, stored_names, reader = read_vae_checkpoint(source)
+        with torch.device("meta"):
+            vae = WanVAE(cfg).to(dtype).eval()
+        weights = {f"vae.{name}": (lambda key=key: reader.read(key).to(dtype)) for name, key in stored_names.items()}
+    device = "meta" if weights is not None else "cpu"
+    written: dict[str, ComponentFiles] = {}
+    for part in parts:
+        contract = chunk_contract(vae, part)
+        signature = contract.signature()
+        module = VAEChunkModule(vae, part, dtype, signature.input_names).eval()
+        onnx_path = Path(out_dir_root) / contract.component / ONNX_NAME
+        files = export_onnx(module, example_inputs(contract, device), onnx_path, signature,
+                            dynamic_dims=derived_dims(signature), weights=weights, progress=progress)  # fmt: skip
+        written[contract.component] = ComponentFiles(
+            contract.component, contract.component, files, signature, precision, contract.attributes()
+        )
+    return written
+
+
+__all__ = ["ComponentFiles", "chunk_contract", "export_vae_onnx", "spatial_dim"]
