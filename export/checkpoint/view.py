@@ -60,16 +60,13 @@ def _fp8_table(fp8: "torch.dtype", dtype: "torch.dtype") -> "np.ndarray":
 
 def convert(stored: "torch.Tensor", dtype: "torch.dtype") -> "torch.Tensor":
     """A new tensor of `dtype` with the stored values; fp8 goes through a 256-entry table (3-4x torch's CPU cast)."""
-    import numpy as np
     import torch
 
-    out = empty_bytes(stored.numel() * dtype.itemsize).view(dtype).reshape(stored.shape)
     if stored.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and dtype in (torch.float32, torch.bfloat16, torch.float16):
-        table = _fp8_table(stored.dtype, dtype)
-        np.take(table, stored.contiguous().view(torch.uint8).numpy(), out=out.view(_bits_dtype(dtype)).numpy())
-    else:
-        out.copy_(stored)
-    return out
+        bits = _fp8_table(stored.dtype, dtype)[stored.contiguous().view(torch.uint8).numpy()]  # numpy gather
+        return torch.from_numpy(bits).view(dtype)
+    out = empty_bytes(stored.numel() * dtype.itemsize).view(dtype).reshape(stored.shape)
+    return out.copy_(stored)
 
 
 def dequantize(stored: "torch.Tensor", scale: "torch.Tensor | None", scale_layout: str | None,
