@@ -167,13 +167,15 @@ def _folder_files(folder: Path, expert: str) -> tuple[list[Path], tuple[Path, di
     if indexes:
         files, weight_map = _read_index(indexes[0])
         return files, (indexes[0], weight_map)
-    files = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors" and p.is_file())
+    files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_FILE_SUFFIXES and p.is_file())
     if not files:
         if not any(folder.iterdir()):
             raise CheckpointError(f"{folder}: empty folder: no model files")
-        raise CheckpointError(f"{folder}: no .safetensors DiT weights found")
+        raise CheckpointError(f"{folder}: no DiT weights (.safetensors or .pth) found")
     kinds = {p: _file_kind(p) for p in files}
     dits = [p for p in files if kinds[p] == "dit"]
+    if len(dits) > 1 and any(p.suffix == ".safetensors" for p in dits):
+        dits = [p for p in dits if p.suffix == ".safetensors"]  # a .pth beside safetensors is a leftover export
     if not dits:
         loras = [p for p in files if kinds[p] == "lora"]
         if loras:

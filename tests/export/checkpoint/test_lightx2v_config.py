@@ -138,3 +138,20 @@ def test_paths_inside_a_model_folder(tiny_model):
         assert m.sampling.boundary is None and m.sampling.shift == 12.0
     index = root / "high_noise_model" / "diffusion_pytorch_model.safetensors.index.json"
     assert [e.name for e in resolve_model(index).experts] == ["dit"]
+
+
+def test_pth_dit_in_a_folder(tiny_model, tmp_path):
+    """LightX2V's legacy `distill_model.pt` (a `state_dict` wrapper) is found, typed and read like safetensors."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    src = tiny_model("wan2.1", "t2v", "lightx2v-bf16")
+    state = load_file(next(src.glob("*.safetensors")))
+    torch.save({"state_dict": state}, tmp_path / "distill_model.pt")
+    shutil.copy(src / "models_t5_umt5-xxl-enc-bf16.pth", tmp_path)
+    m = resolve_model(tmp_path)
+    assert m.experts[0].files == [tmp_path / "distill_model.pt"] and m.text_encoder == tmp_path / "models_t5_umt5-xxl-enc-bf16.pth"
+    assert (m.family, m.task, m.experts[0].view.precision) == ("wan2.1", "t2v", "bf16")
+    assert all(torch.equal(m.experts[0].view.load(k, torch.bfloat16), t) for k, t in state.items())
