@@ -17,10 +17,10 @@ One module for every released Wan DiT, with parameter names identical to the off
   their frame's embedding (the official code passes the same values per token).
 
 Precision: `WanDiT(cfg, dtype=torch.bfloat16)` stores the big linears (attention, FFN, text and
-image embeddings) in bf16 and runs them in bf16 (inputs cast at each linear),
-attention included; time embedding, modulation, norms (computed in fp32 from fp32 weights),
-RoPE, residual stream, patch embedding and the head stay float32 (`FP32_PREFIXES`).  Inputs and output are
-float32 in every precision.
+image embeddings) in bf16 and runs them, and attention, in bf16 (each linear casts its input);
+time embedding, modulation, norms (fp32 math, fp32 weights), RoPE, the residual stream, the
+patch embedding and the head stay float32 (`param_dtype`).  Inputs and output are float32 in
+every precision.
 
 Export: `forward(latent, timestep, context, clip_fea=None) -> noise_pred` is the
 `engines.signatures.dit_signature` contract; timesteps arrive as float32 (the runtime truncates
@@ -47,8 +47,10 @@ IMG_EMB_EPS = 1e-5  # img_emb LayerNorms (MLPProj uses torch's default eps)
 # Parameters kept in float32 whatever the model dtype: the official fp32 islands, and the patch
 # embedding (ONNX Conv has no bf16 before opset 22; it runs once per step).
 FP32_PREFIXES = ("time_embedding.", "time_projection.", "head.", "patch_embedding.")
-FP32_SUFFIXES = ("modulation", "emb_pos", "norm_q.weight", "norm_k.weight", "norm_k_img.weight", "norm3.weight",
-                 "norm3.bias", "img_emb.proj.0.weight", "img_emb.proj.0.bias", "img_emb.proj.4.weight", "img_emb.proj.4.bias")
+FP32_SUFFIXES = (
+    "modulation", "emb_pos", "norm_q.weight", "norm_k.weight", "norm_k_img.weight", "norm3.weight", "norm3.bias",
+    "img_emb.proj.0.weight", "img_emb.proj.0.bias", "img_emb.proj.4.weight", "img_emb.proj.4.bias",
+)
 # Latent channels of the Wan2.2 VAE: only TI2V-5B uses it, and it is the model fed per-frame timesteps.
 TI2V_LATENT_CHANNELS = 48
 
@@ -175,7 +177,8 @@ class SelfAttention(nn.Module):
         q = apply_rope(self.split(self.norm_q(self.q(tokens))), cos, sin)
         k = apply_rope(self.split(self.norm_k(self.k(tokens))), cos, sin)
         v = self.split(self.v(tokens))
-        return self.out(attention(self.heads_first(q), self.heads_first(k), self.heads_first(v), self.attention_impl), x)
+        attn = attention(self.heads_first(q), self.heads_first(k), self.heads_first(v), self.attention_impl)
+        return self.out(attn, x)
 
 
 class CrossAttention(SelfAttention):
@@ -192,10 +195,12 @@ class CrossAttention(SelfAttention):
         """x [B, T, N, D], context [B, 512, D], context_img [B, 257|514, D] -> [B, T, N, D]."""
         q = self.heads_first(self.split(self.norm_q(self.q(x.flatten(1, 2)))))
         k = self.heads_first(self.split(self.norm_k(self.k(context))))
-        attn = attention(q, k, self.heads_first(self.split(self.v(context))), self.attention_impl)
-        if context_img is not None:
+        v = self.heads_first(self.split(self.v(context)))
+        attn = attention(q, k, v, self.attention_impl)
+        if context_img is not None:  # the same q attends to the CLIP tokens with its own k/v; outputs summed
             k_img = self.heads_first(self.split(self.norm_k_img(self.k_img(context_img))))
-            attn = attn + attention(q, k_img, self.heads_first(self.split(self.v_img(context_img))), self.attention_impl)
+            v_img = self.heads_first(self.split(self.v_img(context_img)))
+            attn = attn + attention(q, k_img, v_img, self.attention_impl)
         return self.out(attn, x)
 
 
@@ -247,7 +252,8 @@ class ImageEmbedding(nn.Module):
     def __init__(self, clip_dim: int, dim: int, clip_tokens: int | None):
         super().__init__()
         self.proj = nn.Sequential(
-            LayerNorm(clip_dim, IMG_EMB_EPS), Linear(clip_dim, clip_dim), nn.GELU(), Linear(clip_dim, dim), LayerNorm(dim, IMG_EMB_EPS)
+            LayerNorm(clip_dim, IMG_EMB_EPS), Linear(clip_dim, clip_dim), nn.GELU(),
+            Linear(clip_dim, dim), LayerNorm(dim, IMG_EMB_EPS),
         )
         if clip_tokens is not None and clip_tokens != CLIP_TOKENS:  # FLF2V: two images, 514 tokens
             self.emb_pos = nn.Parameter(torch.zeros(1, clip_tokens, clip_dim))
