@@ -13,7 +13,12 @@ The runtime's output is checked against diffusers fp32 (max relative error) so b
 the same step.  Prints a markdown block; `--record` writes it as the `bench/step.py` section of
 bench/RESULTS.md (other sections are kept).
 
-    .venv/bin/python bench/step.py [--dims 1.3b|tiny] [--batch 2] [--repeats 2] [--threads N] [--record]
+    .venv/bin/python bench/step.py [--dims 1.3b|tiny] [--batch 2] [--repeats 2] [--warmup 1] [--threads N]
+                                   [--skip-bf16] [--record]
+
+The exported ONNX is kept in bench/_work/step-<dims>/ (the weights are seeded, so it is reused by
+later runs; `--fresh` re-exports).  Order: diffusers fp32, runtime, then diffusers bf16 (slowest
+on CPUs without bf16 instructions), each printed as it finishes.
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ import re
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -88,7 +92,7 @@ def official_view(model) -> TensorView:
     return TensorView(state)
 
 
-def time_diffusers(model, inputs, guide: float, repeats: int, dtype) -> tuple[list[float], "object"]:
+def time_diffusers(model, inputs, guide: float, repeats: int, warmup: int, dtype) -> tuple[list[float], "object"]:
     """Seconds per guided step (forward, CFG, UniPC step) of diffusers eager; and the last velocity."""
     import torch
     from diffusers import UniPCMultistepScheduler
@@ -99,7 +103,7 @@ def time_diffusers(model, inputs, guide: float, repeats: int, dtype) -> tuple[li
     ts = torch.from_numpy(inputs["timestep"])
     ctx = torch.from_numpy(inputs["context"]).to(dtype)
     times, velocity = [], None
-    for _ in range(repeats + 1):  # the first is a warm-up
+    for _ in range(repeats + warmup):
         sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
         sched.set_timesteps(2)
         start = time.perf_counter()
@@ -109,10 +113,10 @@ def time_diffusers(model, inputs, guide: float, repeats: int, dtype) -> tuple[li
         sched.step(v, sched.timesteps[0], x.float(), return_dict=False)
         times.append(time.perf_counter() - start)
         velocity = out
-    return times[1:], velocity.numpy()
+    return times[warmup:], velocity.numpy()
 
 
-def time_runtime(onnx_dir: Path, signature, inputs, guide: float, repeats: int, threads: int):
+def time_runtime(onnx_dir: Path, signature, inputs, guide: float, repeats: int, warmup: int, threads: int):
     """Per-step wall, engine and host-overhead seconds of the runtime; its raw engine output."""
     import numpy as np
 
@@ -131,7 +135,7 @@ def time_runtime(onnx_dir: Path, signature, inputs, guide: float, repeats: int, 
     step = StepPlan(0, float(inputs["timestep"][0]), "dit", guide, batch == 2)
     x = inputs["latent"][:1]
     walls, engines = [], []
-    for _ in range(repeats + 1):
+    for _ in range(repeats + warmup):
         sampler = make_sampler("unipc", 2, 5.0)
         before = engine.run_seconds
         start = time.perf_counter()
@@ -142,7 +146,7 @@ def time_runtime(onnx_dir: Path, signature, inputs, guide: float, repeats: int, 
         engines.append(engine.run_seconds - before)
     raw = engine.run({k: v for k, v in inputs.items()})["noise_pred"]
     engine.release()
-    return walls[1:], engines[1:], load_s, backend.describe(), np.asarray(raw)
+    return walls[warmup:], engines[warmup:], load_s, backend.describe(), np.asarray(raw)
 
 
 def fmt(xs: list[float]) -> str:
@@ -157,9 +161,10 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=416)
     ap.add_argument("--batch", type=int, choices=(1, 2), default=2, help="2: CFG [cond, uncond] in one call")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
     ap.add_argument("--threads", type=int, default=0, help="0: all cores")
     ap.add_argument("--skip-bf16", action="store_true")
-    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--fresh", action="store_true", help="re-export even if bench/_work holds the ONNX")
     ap.add_argument("--record", action="store_true", help="write the result into bench/RESULTS.md")
     args = ap.parse_args()
 
@@ -183,47 +188,51 @@ def main() -> None:
     }
     guide = 5.0
     result: dict = {"dims": args.dims, "tokens": geo.tokens, "batch": args.batch, "threads": threads}
-    work = Path(tempfile.mkdtemp(prefix="wanrt-bench-step-", dir=args.workdir))
-    try:
-        t0 = time.perf_counter()
-        model = diffusers_model(cfg, seed=0)
-        result["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
-        result["init_s"] = time.perf_counter() - t0
-        print(f"model: {result['params_b']:.3f} B params, {geo.tokens} tokens, batch {args.batch}", file=sys.stderr)
+    onnx_dir = ROOT / "bench" / "_work" / f"step-{args.dims}" / "dit"
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
-        fp32_times, ref = time_diffusers(model, inputs, guide, args.repeats, torch.float32)
-        result["diffusers_fp32_s"] = fp32_times
-        print(f"diffusers fp32 step: {fmt(fp32_times)} s", file=sys.stderr)
+    t0 = time.perf_counter()
+    model = diffusers_model(cfg, seed=0)
+    result["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
+    say(f"model: {result['params_b']:.3f} B params, {geo.tokens} tokens, batch {args.batch} ({time.perf_counter() - t0:.0f} s)")
 
+    fp32_times, ref = time_diffusers(model, inputs, guide, args.repeats, args.warmup, torch.float32)
+    result["diffusers_fp32_s"] = fp32_times
+    say(f"diffusers fp32 step: {fmt(fp32_times)} s")
+
+    if args.fresh or not (onnx_dir / "model.onnx").is_file():
+        shutil.rmtree(onnx_dir, ignore_errors=True)
+        tmp = onnx_dir.with_name("dit.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
         t0 = time.perf_counter()
-        export_dit_onnx(official_view(model), cfg, work / "dit", "fp32", progress=False)
+        export_dit_onnx(official_view(model), cfg, tmp, "fp32", progress=False)
+        os.replace(tmp, onnx_dir)
         result["export_s"] = time.perf_counter() - t0
-        result["onnx_gb"] = sum(p.stat().st_size for p in (work / "dit").iterdir()) / 1e9
-        print(f"exported {result['onnx_gb']:.2f} GB in {result['export_s']:.0f} s", file=sys.stderr)
+    result["onnx_gb"] = sum(p.stat().st_size for p in onnx_dir.iterdir()) / 1e9
+    say(f"ONNX {result['onnx_gb']:.2f} GB" + (f", exported in {result['export_s']:.0f} s" if "export_s" in result else " (cached)"))
+    del model
+    gc.collect()
 
-        if not args.skip_bf16:
-            model.to(torch.bfloat16)
-            gc.collect()
-            bf16_times, _ = time_diffusers(model, inputs, guide, args.repeats, torch.bfloat16)
-            result["diffusers_bf16_s"] = bf16_times
-            print(f"diffusers bf16 step: {fmt(bf16_times)} s", file=sys.stderr)
+    walls, engines, load_s, device, raw = time_runtime(
+        onnx_dir, signature_for(cfg), inputs, guide, args.repeats, args.warmup, threads
+    )
+    result.update(runtime_s=walls, runtime_engine_s=engines, runtime_load_s=load_s, runtime_device=device)
+    result["runtime_host_ms"] = [1e3 * (w - e) for w, e in zip(walls, engines)]
+    result["max_rel_err_vs_diffusers_fp32"] = float(np.abs(raw - ref).max() / np.abs(ref).max())
+    say(f"runtime step: {fmt(walls)} s, host overhead {fmt(result['runtime_host_ms'])} ms")
+    gc.collect()
+
+    if not args.skip_bf16:
+        model = diffusers_model(cfg, seed=0).to(torch.bfloat16)
+        bf16_times, _ = time_diffusers(model, inputs, guide, args.repeats, args.warmup, torch.bfloat16)
+        result["diffusers_bf16_s"] = bf16_times
+        say(f"diffusers bf16 step: {fmt(bf16_times)} s")
         del model
-        gc.collect()
-
-        walls, engines, load_s, device, raw = time_runtime(
-            work / "dit", signature_for(cfg), inputs, guide, args.repeats, threads
-        )
-        result.update(runtime_s=walls, runtime_engine_s=engines, runtime_load_s=load_s, runtime_device=device)
-        result["runtime_host_ms"] = [1e3 * (w - e) for w, e in zip(walls, engines)]
-        result["max_rel_err_vs_diffusers_fp32"] = float(np.abs(raw - ref).max() / np.abs(ref).max())
-        result["peak_rss_gb"] = peak_rss_gb()
-        print(f"runtime step: {fmt(walls)} s, host overhead {fmt(result['runtime_host_ms'])} ms", file=sys.stderr)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    result["peak_rss_gb"] = peak_rss_gb()
 
     block = markdown(result)
     print(block)
-    print(json.dumps(result), file=sys.stderr)
+    say(json.dumps(result))
     if args.record:
         record(block)
 
@@ -244,7 +253,7 @@ def markdown(r: dict) -> str:
         f"({r['params_b']:.3f} B params, random weights), "
         f"5 frames 240x416 = {r['tokens']} tokens, batch {r['batch']} ({'CFG in one call' if r['batch'] == 2 else 'no CFG'}); "
         f"{r['threads']} threads on {cpu} ({os.cpu_count()} cores), {datetime.date.today()}. "
-        f"Min (median) of {len(r['runtime_s'])} runs after a warm-up.",
+        f"Min (median) of {len(r['runtime_s'])} timed runs.",
         "",
         "| path | s / step | vs diffusers fp32 |",
         "|---|---|---|",
@@ -256,8 +265,9 @@ def markdown(r: dict) -> str:
         f"- runtime host overhead per step (wall - engine: binding, CFG arithmetic, UniPC update): "
         f"{fmt(r['runtime_host_ms'])} ms = {100 * min(r['runtime_host_ms']) / 1e3 / best:.2f}% of the step",
         f"- runtime output vs diffusers fp32: max |diff| / max |ref| = {r['max_rel_err_vs_diffusers_fp32']:.1e}",
-        f"- ONNX export {r['export_s']:.0f} s ({r['onnx_gb']:.2f} GB), session load {r['runtime_load_s']:.1f} s, "
-        f"peak RSS {r['peak_rss_gb']:.1f} GB",
+        f"- ONNX {r['onnx_gb']:.2f} GB" + (f" (export {r['export_s']:.0f} s)" if "export_s" in r else "")
+        + f", session load {r['runtime_load_s']:.1f} s, peak RSS {r['peak_rss_gb']:.1f} GB"
+        + ("" if "diffusers_bf16_s" in r else "; diffusers bf16 not run (--skip-bf16)"),
         "",
     ]
     return "\n".join(lines)
