@@ -128,14 +128,14 @@ def _versions() -> dict[str, str]:
 
 
 def cache_key(plan: ComponentPlan, loras: list[dict[str, Any]]) -> str:
-    """Key of a component's files: its sources' digests, options, LoRAs and tool versions."""
+    """Key of a component's files: its sources' digests, options, the LoRAs merged into it, tool versions."""
     payload = {
         "name": plan.name,
         "kind": plan.kind,
         "precision": plan.precision,
         "options": plan.options,
         "sources": [[p.name, file_digest(p)] for p in plan.sources],
-        "loras": loras if plan.kind == "dit" else [],
+        "loras": [l for l in loras if not l["experts"] or plan.expert in l["experts"]] if plan.kind == "dit" else [],
         "versions": _versions(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,183 @@
+"""`build-engine`: complete bundles, cached rebuilds, LoRA records, atomic output, bad input.
+
+Expected components and sampling defaults come from the reference facts (wan-architecture.md
+§1-2): a Wan2.2 T2V-A14B model has two experts run high-noise first, a T5 text encoder, the
+Wan2.1 VAE (decoder only for t2v), shift 12, boundary 0.875, guide (low 3.0, high 4.0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from cli import cli
+from engines.manifest import read_manifest, verify_bundle
+from export.build import BuildOptions, plan_components
+from export.checkpoint.resolve import resolve_model
+from export.onnx_lint import lint_onnx
+from export.tiny import make_tiny_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    """A tiny Wan2.2 T2V-A14B model and its complete bundle, built once by the real command."""
+    root = tmp_path_factory.mktemp("moe")
+    os.environ["WANRT_CACHE_DIR"] = str(root / "cache")
+    model = make_tiny_model(root / "model", "wan2.2", "t2v", seed=5)
+    res = invoke("build-engine", model, "-o", root / "bundle", "--json")
+    assert res.exit_code == 0, res.output
+    return model, root / "bundle", json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_bundle_is_complete_and_verifiable(moe):
+    model, bundle, summary = moe
+    m = verify_bundle(bundle)
+    assert (m.family, m.task) == ("wan2.2", "t2v")
+    assert set(m.components) == {"dit_high_noise", "dit_low_noise", "text_encoder", "vae_decoder"}
+    assert m.experts == ["dit_high_noise", "dit_low_noise"]
+    assert {m.components[n].expert for n in m.experts} == {"high_noise", "low_noise"}
+    assert m.sampling.shift == 12.0 and m.sampling.boundary == 0.875 and m.sampling.guide_scale == (3.0, 4.0)
+    assert m.vae.version == "2.1" and m.vae.z_dim == 16
+    assert (bundle / m.tokenizer / "tokenizer.json").is_file()
+    assert summary["components"]["dit_low_noise"]["status"] == "built"
+    for comp in m.components.values():
+        assert comp.files == sorted([comp.onnx, comp.onnx + ".data"])
+        assert lint_onnx(bundle / comp.onnx, comp.signature) == []
+
+
+def test_dit_engine_runs_with_its_recorded_signature(moe):
+    _, bundle, _ = moe
+    m = read_manifest(bundle)
+    comp = m.components["dit_low_noise"]
+    sess = ort.InferenceSession(str(bundle / comp.onnx), providers=["CPUExecutionProvider"])
+    sizes = {"batch": 2, "frames": 3, "height": 4, "width": 6}
+    rng = np.random.default_rng(0)
+    feeds = {
+        t.name: rng.standard_normal([sizes.get(d, d) if isinstance(d, str) else d for d in t.shape]).astype(t.dtype)
+        for t in comp.signature.inputs
+    }
+    feeds["timestep"] = np.array([900.0, 10.0], np.float32)
+    (out,) = sess.run(None, feeds)
+    assert out.shape == (2, m.dit.out_dim, 3, 4, 6) and np.isfinite(out).all()
+
+
+def test_identical_rebuild_reuses_every_component(moe):
+    model, bundle, _ = moe
+    before = {p: p.stat().st_ino for p in bundle.rglob("*.data")}
+    t0 = time.perf_counter()
+    res = invoke("build-engine", model, "-o", bundle, "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert {c["status"] for c in summary["components"].values()} == {"reused"}
+    assert time.perf_counter() - t0 < 30  # nothing exported
+    verify_bundle(bundle)
+    after = {p: p.stat().st_ino for p in bundle.rglob("*.data")}
+    assert before.keys() == after.keys()
+
+
+def test_lora_for_one_expert_rebuilds_only_that_expert(moe, tmp_path):
+    model, bundle, _ = moe
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    # a LightX2V-style LoRA on one linear of the low-noise expert (rank 2)
+    base = resolve_model(model).expert("low_noise").view["blocks.0.ffn.0.weight"]
+    out_f, in_f = base.shape
+    lora = tmp_path / "style.safetensors"
+    save_file({"diffusion_model.blocks.0.ffn.0.lora_up.weight": torch.randn(out_f, 2),
+               "diffusion_model.blocks.0.ffn.0.lora_down.weight": torch.randn(2, in_f)}, lora)  # fmt: skip
+    res = invoke("build-engine", model, "-o", copy, "--lora", f"{lora}:0.5@low_noise", "--json")
+    assert res.exit_code == 0, res.output
+    status = {n: c["status"] for n, c in json.loads(res.stdout.strip().splitlines()[-1])["components"].items()}
+    assert status == {"dit_high_noise": "reused", "dit_low_noise": "built", "text_encoder": "reused", "vae_decoder": "reused"}
+    m = verify_bundle(copy)
+    (rec,) = m.loras
+    assert rec.strength == 0.5 and rec.experts == ["low_noise"]
+    import hashlib
+
+    assert rec.sha256 == hashlib.sha256(lora.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "family, task, expected",
+    [
+        ("wan2.1", "t2v", {"dit", "text_encoder", "vae_decoder"}),
+        ("wan2.1", "i2v", {"dit", "text_encoder", "image_encoder", "vae_encoder", "vae_decoder"}),
+        ("wan2.1", "flf2v", {"dit", "text_encoder", "image_encoder", "vae_encoder", "vae_decoder"}),
+        ("wan2.2", "i2v", {"dit_high_noise", "dit_low_noise", "text_encoder", "vae_encoder", "vae_decoder"}),
+        ("wan2.2", "ti2v", {"dit", "text_encoder", "vae_encoder", "vae_decoder"}),
+    ],
+)
+def test_each_task_plans_the_components_it_needs(tmp_path, family, task, expected):
+    model = make_tiny_model(tmp_path / "m", family, task)
+    plans = plan_components(resolve_model(model), BuildOptions(), [])
+    assert {p.name for p in plans} == expected
+    only = plan_components(resolve_model(model), BuildOptions(components=("vae",)), [])
+    assert {p.name for p in only} == expected & {"vae_encoder", "vae_decoder"}
+
+
+def test_bad_inputs_exit_2_with_one_clear_line(moe, tmp_path):
+    model, _, _ = moe
+    notbundle = tmp_path / "precious"
+    notbundle.mkdir()
+    (notbundle / "keep.txt").write_text("x")
+    cases = [
+        (["--precision", "fp64"], "--precision 'fp64'"),
+        (["--expert", "mid_noise"], "--expert mid_noise"),
+        (["--components", "dit,unet"], "--components: unknown unet"),
+        (["--lora", f"{tmp_path / 'nope.safetensors'}"], "nope.safetensors"),
+    ]
+    for extra, needle in cases:
+        res = invoke("build-engine", model, "-o", tmp_path / "out", *extra)
+        assert res.exit_code == 2, (extra, res.output)
+        assert needle in res.output and "Traceback" not in res.output
+        assert not (tmp_path / "out").exists()
+    res = invoke("build-engine", model, "-o", notbundle, "--components", "vae")
+    assert res.exit_code == 2 and "not a wanrt bundle; refusing to overwrite" in res.output
+    assert (notbundle / "keep.txt").exists()
+
+
+def test_missing_or_mismatched_companions_are_named(tmp_path):
+    model = make_tiny_model(tmp_path / "m", "wan2.2", "ti2v")
+    (model / "Wan2.2_VAE.pth").unlink()
+    res = invoke("build-engine", model, "-o", tmp_path / "b")
+    assert res.exit_code == 2 and "VAE" in res.output and "ti2v" in res.output
+    other = make_tiny_model(tmp_path / "m21", "wan2.1", "t2v")
+    shutil.copy(other / "Wan2.1_VAE.pth", model / "Wan2.1_VAE.pth")  # 16-channel VAE beside a 48-channel DiT
+    res = invoke("build-engine", model, "-o", tmp_path / "b", "--components", "vae")
+    assert res.exit_code == 2 and "Wan2.1_VAE.pth" in res.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_interrupted_build_leaves_nothing_behind(moe, tmp_path):
+    model, _, _ = moe
+    target = tmp_path / "bundle"
+    env = {**os.environ, "WANRT_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "cli.py", "build-engine", str(model), "-o", str(target)], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.name.startswith(".bundle.tmp-") for p in tmp_path.iterdir()):
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == []
