@@ -243,6 +243,8 @@ class WanPipeline:
         step_plans = plan_steps(
             sampler.timesteps, self.experts, kinds, guide, d.enable_cfg, d.boundary, d.boundary_step_index
         )
+        if request.negative_prompt and not any(p.cfg for p in step_plans):
+            warnings.append("--negative-prompt has no effect: no step uses CFG (guidance 1 or CFG disabled)")
         # as the official code: an empty negative prompt means the default one
         negative = request.negative_prompt or d.negative_prompt or default_negative_prompt(m.family, m.task)
         seed = request.seed if request.seed is not None else secrets.randbits(63)

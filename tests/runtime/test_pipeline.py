@@ -113,8 +113,9 @@ def test_distilled_moe_switches_by_step_index_without_cfg(bundle_factory):
 def test_guidance_one_skips_the_unconditional_pass(bundle_factory):
     bundle = bundle_factory("wan21_t2v", family="wan2.1", moe=False)
     pipe = pipeline(bundle)
-    plan = pipe.prepare(GenerationRequest(prompt="a cat", seed=0, steps=5, guidance=1.0))
+    plan = pipe.prepare(GenerationRequest(prompt="a cat", seed=0, steps=5, guidance=1.0, negative_prompt="bad"))
     assert not plan.cfg and {s.expert for s in plan.steps} == {"dit"}
+    assert plan.warnings == ["--negative-prompt has no effect: no step uses CFG (guidance 1 or CFG disabled)"]
     ctx, _ = contexts(3)
     noise = pipe.initial_noise(plan)
     out = pipe.denoise(plan, ctx, None, noise)
