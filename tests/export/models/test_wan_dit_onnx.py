@@ -105,6 +105,23 @@ def test_onnxruntime_matches_torch(exported, batch, grid):
     assert rel_err(torch.from_numpy(got), want) < (2e-2 if precision == "bf16" else 1e-4)
 
 
+def test_native_attention_is_the_pattern_tensorrt_fuses(exported):
+    """Every Softmax sits between two MatMuls, the first fed by Q already multiplied by the scale."""
+    _, _, cfg, _, files, _ = exported
+    graph = onnx.load(str(files[0]), load_external_data=False).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    softmaxes = [n for n in graph.node if n.op_type == "Softmax"]
+    assert len(softmaxes) == cfg.num_layers * (3 if cfg.image_branch else 2)
+    for sm in softmaxes:
+        bmm1 = producer[sm.input[0]]
+        assert bmm1.op_type == "MatMul" and producer[bmm1.input[0]].op_type == "Mul"
+        assert [c.op_type for c in consumers[sm.output[0]]] == ["MatMul"]
+
+
 def test_plugin_attention_emits_our_node(tmp_path):
     cfg, view = one_layer_view("t2v", tmp_path)
     files = export_dit_onnx(view, cfg, tmp_path / "plugin", attention="plugin", progress=False)
