@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from engines.errors import WanrtError
 
-from .base import ActivationPool, Backend, Engine, EngineInputError, MemoryInfo
+from .base import ActivationPool, Backend, Engine, EngineInputError, EngineRunError, MemoryInfo
 
 BACKENDS = ("auto", "onnxruntime")
 
@@ -18,4 +18,6 @@ def make_backend(name: str = "auto", device: str = "auto", threads: int = 0) -> 
     return OnnxRuntimeBackend(OrtOptions(device=device, intra_op_threads=threads))
 
 
-__all__ = ["ActivationPool", "Backend", "Engine", "EngineInputError", "MemoryInfo", "BACKENDS", "make_backend"]
+__all__ = [
+    "ActivationPool", "Backend", "Engine", "EngineInputError", "EngineRunError", "MemoryInfo", "BACKENDS", "make_backend",
+]

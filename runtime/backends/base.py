@@ -59,6 +59,10 @@ class EngineInputError(WanrtError):
     """Feeds that do not match an engine's signature (names, dtypes, shapes, dim ranges)."""
 
 
+class EngineRunError(WanrtError):
+    """An engine failed while running (most often: not enough memory for this video size)."""
+
+
 @dataclass(frozen=True)
 class MemoryInfo:
     """Free and total bytes of the memory a backend's weights live in."""

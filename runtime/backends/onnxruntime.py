@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 from engines.errors import BundleError, WanrtError
 from engines.manifest import Component
 
-from .base import ActivationPool, Backend, Engine, MemoryInfo, component_file_bytes
+from .base import ActivationPool, Backend, Engine, EngineRunError, MemoryInfo, component_file_bytes
 
 # ONNX tensor type strings as ONNX Runtime reports them -> numpy dtype names.
 _ORT_TYPES = {
@@ -104,7 +105,10 @@ class OrtEngine(Engine):
         return self._session
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self._session.run(self._outputs, feeds)
+        try:
+            values = self._session.run(self._outputs, feeds)
+        except Exception as e:  # onnxruntime's own exception types
+            raise EngineRunError(f"engine {self.name!r} failed in onnxruntime: {describe_ort_failure(e)}") from None
         return dict(zip(self._outputs, values))
 
     def _release(self) -> None:
@@ -199,6 +203,18 @@ class OnnxRuntimeBackend(Backend):
             if info is not None:
                 return info
         return _host_memory()
+
+
+def describe_ort_failure(e: Exception) -> str:
+    """One line for an onnxruntime run failure; out-of-memory gets the size and a hint."""
+    text = " ".join(str(e).split())
+    oom = re.search(r"Failed to allocate memory for requested buffer of size (\d+)", text)
+    if oom:
+        return (
+            f"out of memory allocating {int(oom.group(1)) / 2**30:.1f} GiB; use a smaller video"
+            " (--height/--width/--frames) or a machine with more memory"
+        )
+    return text[:500] or type(e).__name__
 
 
 def check_session_matches(component: Component, session, path: Path) -> None:

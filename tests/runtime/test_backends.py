@@ -8,12 +8,14 @@ import shutil
 import numpy as np
 import pytest
 
+from onnx import TensorProto, helper, numpy_helper
+
 from engines.errors import BundleError, WanrtError
-from engines.manifest import read_manifest
-from engines.signatures import TensorSpec
-from runtime.backends import EngineInputError, make_backend
+from engines.manifest import Component, read_manifest
+from engines.signatures import EngineSignature, TensorSpec
+from runtime.backends import EngineInputError, EngineRunError, make_backend
 from runtime.backends.onnxruntime import OnnxRuntimeBackend, OrtOptions, cuda_available
-from tests.runtime.bundles import TEXT_DIM, dit_fn
+from tests.runtime.bundles import TEXT_DIM, dit_fn, save_graph
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +134,18 @@ def test_backend_choice_and_memory_info():
     so = OnnxRuntimeBackend(OrtOptions(intra_op_threads=1)).session_options()
     assert so.intra_op_num_threads == 1
     assert so.get_session_config_entry("session.use_device_allocator_for_initializers") == "1"
+
+
+def test_run_failure_is_one_clear_line(tmp_path, backend):
+    """A graph asked to allocate 4 TiB: onnxruntime's failure becomes an EngineRunError with the size and a hint."""
+    sig = EngineSignature((TensorSpec("n", "int64", (1,)),), (TensorSpec("out", "float32", ("size",)),), {})
+    nodes = [helper.make_node("ConstantOfShape", ["n"], ["out"], value=numpy_helper.from_array(np.zeros(1, np.float32)))]
+    graph = helper.make_graph(nodes, "alloc", [helper.make_tensor_value_info("n", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["size"])])  # fmt: skip
+    files = save_graph(graph, tmp_path / "alloc" / "model.onnx")
+    comp = Component("alloc", "dit", "alloc/model.onnx", sig, "fp32", files=[str(f.relative_to(tmp_path)) for f in files])
+    engine = backend.load(comp, tmp_path)
+    assert engine.run({"n": np.array([3], np.int64)})["out"].tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(EngineRunError, match=r"engine 'alloc' failed in onnxruntime: out of memory allocating 4096\.0 GiB") as err:
+        engine.run({"n": np.array([2**40], np.int64)})
+    assert "\n" not in str(err.value) and isinstance(err.value, WanrtError)
