@@ -100,16 +100,81 @@ def measure(mode: str, model: Path, out: Path, precision: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def weights_bytes(model: Path, precision: str) -> tuple[int, int]:
-    """(parameter count, bytes of the weights at `precision` as the export stores them)."""
+def weights_bytes(model: Path, precision: str) -> tuple[int, int, str, int]:
+    """(parameter count, bytes of the weights at `precision` as exported, largest tensor, its bytes)."""
     from export.checkpoint.resolve import resolve_model
     from export.models.wan_dit import param_dtype
     from export.onnx_export import PRECISIONS
 
     view = resolve_model(model).experts[0].view
-    n = sum(view[k].numel for k in view)
-    size = sum(view[k].numel * param_dtype(k, PRECISIONS[precision]).itemsize for k in view)
-    return n, size
+    sizes = {k: view[k].numel * param_dtype(k, PRECISIONS[precision]).itemsize for k in view}
+    largest = max(sizes, key=sizes.get)
+    return sum(view[k].numel for k in view), sum(sizes.values()), largest, sizes[largest]
+
+
+def summary(rows: list) -> list[str]:
+    """Plain-language reading of the table: peak vs weights, what sets the peak, CPU per layer."""
+    exports = {(d, p): (size, largest, lsize, r) for d, p, mode, _, size, largest, lsize, r in rows if mode == "export"}
+    lines = []
+    for (dims, precision), (size, largest, lsize, r) in exports.items():
+        if not dims.startswith("14B"):
+            continue
+        extra = (r["peak_rss_kb"] - r["after_imports_kb"]) / 1e6
+        lines.append(
+            f"- {dims} {precision}: streamed export peak RSS {r['peak_rss_kb'] / 1e6:.2f} GB for {size / 1e9:.2f} GB of weights "
+            f"({r['peak_rss_kb'] * 1e3 / size:.0%}, imports included); {extra:.2f} GB above the imports, about the largest "
+            f"tensor (`{largest}`, {lsize / 1e9:.2f} GB as exported; read, cast and written once) plus tracing state."
+        )
+    slopes, peaks = [], []
+    for precision in sorted({p for _, p in exports}):
+        by_layers = sorted((int(d.split(":")[1]), size, r) for (d, p), (size, _, _, r) in exports.items()
+                           if p == precision and d.startswith("1.3B"))
+        if len(by_layers) >= 2:
+            (l0, s0, r0), (l1, s1, r1) = by_layers[0], by_layers[-1]
+            slopes.append(((r1["cpu_seconds"] - r0["cpu_seconds"]) / (l1 - l0), r0["cpu_seconds"], l0, precision))
+            peaks.append(f"{precision} {r0['peak_rss_kb'] / 1e6:.2f} -> {r1['peak_rss_kb'] / 1e6:.2f} GB while the weights "
+                         f"grow {s0 / 1e9:.2f} -> {s1 / 1e9:.2f} GB")
+    if slopes:
+        est = [(base + slope * (40 - l0)) / 60 for slope, base, l0, _ in slopes]
+        lines.append(f"- 1.3B:2 -> 1.3B:4 streamed peak RSS: {'; '.join(peaks)}: the peak follows the largest tensor, "
+                     f"not the depth, so a 40-layer 14B expert (57 GB fp32) should stay near the 14B:2 peak (not run: "
+                     f"its checkpoint and export need ~115 GB of disk).")
+        lines.append(f"- CPU per extra layer: {', '.join(f'{p} ~{s:.0f} s' for s, _, _, p in slopes)} (tracing dominates; "
+                     f"noisy on this shared machine), i.e. roughly {min(est):.0f}-{max(est):.0f} CPU minutes for a "
+                     f"40-layer expert.")
+    return lines
+
+
+def render(rows: list, options: str, load_avg: float, commit: str) -> str:
+    """This benchmark's markdown section for bench/RESULTS.md."""
+    label = {"export": "export_dit_onnx (streamed)", "load": "baseline: load_dit", "eager": "baseline: load_dit + export_onnx"}
+    lines = [
+        BEGIN,
+        "## DiT expert ONNX export (`bench/export_dit.py`, helper C)",
+        "",
+        f"Command: `.venv/bin/python bench/export_dit.py {options}`  ",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+        f"load average at start {load_avg:.1f} (shared with other jobs: wall times are noisy, CPU seconds less so)  ",
+        f"Date: {datetime.date.today().isoformat()}, code of commit {commit}; checkpoints: `make_tiny_model(..., 'wan2.1', 't2v', layout='official', dims=...)` (fp32)",
+        "",
+        "Each row is a fresh process.  Weights GB = the expert's parameters at the export precision (bf16: block",
+        "linears and embeddings bf16, fp32 islands fp32).  Peak RSS = VmHWM, imports included (`after imports`",
+        "= VmHWM just before the measured call); anon / file = the sampled peak split into anonymous memory and",
+        "file-backed pages.  The eager-export baseline runs only below 1 GB of weights.",
+        "",
+        "| dims | precision | what | params | weights GB | peak RSS GB | after imports GB | peak anon / file GB | wall s | CPU s | model.onnx.data GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for dims, precision, mode, n, size, _, _, r in rows:
+        data = f"{r['data_bytes'] / 1e9:.2f}" if r["data_bytes"] else "-"
+        lines.append(
+            f"| {dims} | {precision} | {label[mode]} | {n / 1e9:.3f} B | {size / 1e9:.2f} | {r['peak_rss_kb'] / 1e6:.2f} | "
+            f"{r['after_imports_kb'] / 1e6:.2f} | {r['peak_anon_kb'] / 1e6:.2f} / {r['peak_file_kb'] / 1e6:.2f} | "
+            f"{r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {data} |"
+        )
+    lines += ["", "Reading:", *summary(rows), END]
+    block = "\n".join(lines)
+    return block
 
 
 def main() -> None:
@@ -137,44 +202,20 @@ def main() -> None:
             print(f"writing {model.name} ...", file=sys.stderr)
             make_tiny_model(model, "wan2.1", "t2v", layout="official", dims=dims)
         for precision in args.precisions.split(","):
-            n, size = weights_bytes(model, precision)
+            n, size, largest, lsize = weights_bytes(model, precision)
             modes = ["export", "load"] + (["eager"] if size / 1e9 < args.eager_max_gb else [])
             for mode in modes:
                 print(f"{dims} {precision} {mode} ...", file=sys.stderr)
                 r = measure(mode, model, args.workdir / "out", precision)
-                rows.append((dims, precision, mode, n, size, r))
+                rows.append((dims, precision, mode, n, size, largest, lsize, r))
                 print(f"  {r}", file=sys.stderr)
         if not args.keep:
             shutil.rmtree(model, ignore_errors=True)
     if not args.keep:
         shutil.rmtree(args.workdir / "out", ignore_errors=True)
 
-    label = {"export": "export_dit_onnx (streamed)", "load": "baseline: load_dit", "eager": "baseline: load_dit + export_onnx"}
-    lines = [
-        BEGIN,
-        "## DiT expert ONNX export (`bench/export_dit.py`, helper C)",
-        "",
-        f"Command: `.venv/bin/python bench/export_dit.py --dims {args.dims} --precisions {args.precisions}`  ",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-        f"load average at start {load_avg:.1f} (shared with other jobs: wall times are noisy, CPU seconds less so)  ",
-        f"Date: {datetime.date.today().isoformat()}; checkpoints: `make_tiny_model(..., 'wan2.1', 't2v', layout='official', dims=...)` (fp32)",
-        "",
-        "Each row is a fresh process.  Weights GB = the expert's parameters at the export precision (bf16: block",
-        "linears and embeddings bf16, fp32 islands fp32).  Peak RSS = VmHWM minus nothing (imports included;",
-        "`after imports` is VmHWM before the measured call); anon / file = the sampled peak split.",
-        "",
-        "| dims | precision | what | params | weights GB | peak RSS GB | after imports GB | peak anon / file GB | wall s | CPU s | model.onnx.data GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for dims, precision, mode, n, size, r in rows:
-        data = f"{r['data_bytes'] / 1e9:.2f}" if r["data_bytes"] else "-"
-        lines.append(
-            f"| {dims} | {precision} | {label[mode]} | {n / 1e9:.3f} B | {size / 1e9:.2f} | {r['peak_rss_kb'] / 1e6:.2f} | "
-            f"{r['after_imports_kb'] / 1e6:.2f} | {r['peak_anon_kb'] / 1e6:.2f} / {r['peak_file_kb'] / 1e6:.2f} | "
-            f"{r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {data} |"
-        )
-    lines.append(END)
-    block = "\n".join(lines)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    block = render(rows, f"--dims {args.dims} --precisions {args.precisions}", load_avg, commit)
     print(block)
     if args.write_results:
         text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
