@@ -82,12 +82,14 @@ def test_each_weight_read_once_under_its_official_name(exported):
     assert all(counting.loads[k] == 1 for k in big), {k: counting.loads[k] for k in big if counting.loads[k] != 1}
 
 
-def test_bf16_weights_and_fp32_islands(exported):
+def test_weight_dtypes(exported):
+    """fp32 exports hold no bf16; bf16 exports store the big linears in bf16 and keep the fp32 islands."""
     _, precision, _, _, files, _ = exported
-    if precision != "bf16":
-        pytest.skip("fp32 export")
     dtypes = {t.name: t.data_type for t in onnx.load(str(files[0]), load_external_data=False).graph.initializer}
     bf16, fp32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
+    if precision == "fp32":
+        assert bf16 not in dtypes.values()
+        return
     assert dtypes["blocks.0.self_attn.q.weight"] == dtypes["blocks.0.ffn.0.weight"] == dtypes["blocks.0.cross_attn.k_img.weight"] == bf16
     assert dtypes["blocks.0.modulation"] == dtypes["time_embedding.0.weight"] == dtypes["head.head.weight"] == fp32
     assert dtypes["blocks.0.self_attn.norm_q.weight"] == dtypes["img_emb.emb_pos"] == fp32
