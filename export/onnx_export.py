@@ -8,8 +8,8 @@
 3. optionally replace the initializers by lazy loaders (`weights=`), so a module traced on the
    `meta` device is exported without ever holding its weights: each tensor is read, written to
    the external data file and dropped, one at a time;
-4. fold constants, but never fold (copy or rename) an initializer: initializer names stay the
-   module's parameter names, and no transposed second copy of a weight is made;
+4. fold constants, but never fold (copy, transpose or rename) a weight: initializer names stay
+   the module's state_dict names, and no second copy of a weight is made;
 5. write `model.onnx` plus ONE external data file `model.onnx.data` into a temporary folder
    beside the destination, then rename both into place.
 """
@@ -86,12 +86,11 @@ def export_onnx(
         attach_lazy_weights(model, weights)
     _require_initializer_data(model)
     try:
-        optimize_keep_initializers(model, keep={name for name, _ in module.state_dict(keep_vars=True).items()})
+        optimize_keep_initializers(model, keep=set(module.state_dict(keep_vars=True)))
         name_io_dims(model, signature)
         return save_with_external_data(model, onnx_path, progress=progress)
     except Exception as e:  # a weight loader's error arrives wrapped in the optimizer's PassError
         raise _first_wanrt_error(e) or e
-
 
 
 def _first_wanrt_error(e: BaseException | None) -> WanrtError | None:
