@@ -29,8 +29,15 @@ vae_encoder, one call per chunk k = 0 .. K-1 of a video of 4(K-1)+1 frames:
     Chunk 0 is video frame 0 repeated C times (first = true, all-zero caches); chunk k > 0 is
     frames 1 + C(k-1) .. C·k.
 
-The manifest component's `attributes` hold `VAEChunkContract.attributes()`; the runtime rebuilds
-the contract (cache shapes for any latent size) with `VAEChunkContract.from_attributes`.
+The caches are the tensors the official code keeps between chunks (the last 2 input frames of
+every kernel-3 causal conv, the last frame of every `downsample3d`), in float32: 3.5 GiB for the
+Wan2.1 decoder at 480x832 (32 caches), 6.0 GiB for the Wan2.2 decoder at 704x1280; spatial tiling
+(`runtime.vae.Tiling`) bounds them by the tile size.
+
+The manifest component's `attributes` hold `VAEChunkContract.attributes()` (contract, part,
+version, z_dim, spatial_stride, chunk_frames, patch_size, and caches as [channels, frames, scale]
+triples); the runtime rebuilds the contract (cache shapes for any latent size) with
+`VAEChunkContract.from_attributes`.
 """
 
 from __future__ import annotations

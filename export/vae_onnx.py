@@ -6,8 +6,12 @@ spatial scale) is read off the module itself by running one chunk on a tiny inpu
 contract always describes the graph that was exported.
 
 Given a checkpoint path, the module is traced on the `meta` device and every weight is read,
-cast and written one at a time (`export_onnx(weights=...)`).  Precisions: fp32 (the official
-VAE runs in fp32) and bf16; the engine I/O (video, latents, caches) is always float32.
+cast and written one at a time (`export_onnx(weights=...)`).
+
+Precision: fp32 only, as the official code runs the VAE.  A bf16 graph is not offered: ONNX
+`Conv` has no bfloat16 before opset 22, which TensorRT 10.1's parser (opsets 9-20) does not
+read and ONNX Runtime's CPU kernels cannot run, so it could be neither linted nor tested.  A
+TensorRT build may still pick reduced-precision kernels for the fp32 graph.
 """
 
 from __future__ import annotations
@@ -24,12 +28,12 @@ from torch import nn
 
 from engines.errors import WanrtError
 from engines.signatures import EngineSignature
-from engines.vae_contract import PARTS, CacheSpec, VAEChunkContract, spatial_dim
+from engines.vae_contract import PARTS, CacheSpec, VAEChunkContract
 from export.models.vae import WanVAE, read_vae_checkpoint
 from export.onnx_export import export_onnx
 
 ONNX_NAME = "model.onnx"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = ("fp32",)
 PROBE_SIZE = 2  # latent rows/columns of the shape probe (any size works; caches scale with it)
 EXAMPLE_HEIGHT, EXAMPLE_WIDTH = 3, 4  # distinct, > 1: torch.export keeps them dynamic
 
@@ -51,15 +55,15 @@ class ComponentFiles:
 
 
 class VAEChunkModule(nn.Module):
-    """One encoder or decoder chunk call: (main input, first, *caches) -> (main output, *caches), float32 I/O.
+    """One encoder or decoder chunk call: (main input, first, *caches) -> (main output, *caches).
 
     `forward` lists every engine input as its own positional parameter (named as in the
     signature), because `torch.export` binds inputs by the forward signature.
     """
 
-    def __init__(self, vae: WanVAE, part: str, dtype: torch.dtype, input_names: Sequence[str]):
+    def __init__(self, vae: WanVAE, part: str, input_names: Sequence[str]):
         super().__init__()
-        self.vae, self.part, self.dtype = vae, part, dtype
+        self.vae, self.part = vae, part
         forward = lambda *inputs: self.run_chunk(*inputs)  # noqa: E731
         forward.__signature__ = inspect.Signature(
             [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in input_names]
@@ -68,12 +72,8 @@ class VAEChunkModule(nn.Module):
 
     def run_chunk(self, x: torch.Tensor, first: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
         step = self.vae.encode_chunk if self.part == "encoder" else self.vae.decode_chunk
-        out, new_caches = step(self._cast(x, self.dtype), first, [self._cast(c, self.dtype) for c in caches])
-        return (self._cast(out, torch.float32), *(self._cast(c, torch.float32) for c in new_caches))
-
-    @staticmethod
-    def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return t if t.dtype == dtype else t.to(dtype)  # no cast node in an fp32 graph
+        out, new_caches = step(x, first, list(caches))
+        return (out, *new_caches)
 
 
 def chunk_contract(vae: WanVAE, part: str) -> VAEChunkContract:
@@ -127,7 +127,7 @@ def derived_dims(signature: EngineSignature) -> dict[str, Any]:
                 dims[name] = root
             elif name.startswith(axis + "_x"):
                 dims[name] = int(name[len(axis) + 2 :]) * root
-    return {k: v for k, v in dims.items() if k in wanted}
+    return dims
 
 
 def export_vae_onnx(
@@ -143,26 +143,28 @@ def export_vae_onnx(
     `source` is a VAE checkpoint (official keys or diffusers names) or a `WanVAE`; returns
     {"vae_encoder": ..., "vae_decoder": ...} for the requested `parts`.
     """
-    if precision not in DTYPES:
-        raise WanrtError(f"VAE precision {precision!r}: expected one of {', '.join(DTYPES)}")
+    if precision not in PRECISIONS:
+        raise WanrtError(
+            f"VAE precision {precision!r}: the VAE engines are exported in fp32 only (as the official code runs "
+            "the VAE; ONNX Conv has no bfloat16 before opset 22, beyond TensorRT 10.1's parser)"
+        )
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise WanrtError(f"unknown VAE part(s) {unknown}; expected any of {list(PARTS)}")
-    dtype = DTYPES[precision]
     weights: dict[str, Callable[[], torch.Tensor]] | None = None
     if isinstance(source, WanVAE):
-        vae = source.to(dtype).eval()
+        vae = source.float().eval()  # in place, like nn.Module.float()
     else:
         cfg, stored_names, reader = read_vae_checkpoint(source)
         with torch.device("meta"):
-            vae = WanVAE(cfg).to(dtype).eval()
-        weights = {f"vae.{name}": (lambda key=key: reader.read(key).to(dtype)) for name, key in stored_names.items()}
+            vae = WanVAE(cfg).eval()
+        weights = {f"vae.{name}": (lambda key=key: reader.read(key).float()) for name, key in stored_names.items()}
     device = "meta" if weights is not None else "cpu"
     written: dict[str, ComponentFiles] = {}
     for part in parts:
         contract = chunk_contract(vae, part)
         signature = contract.signature()
-        module = VAEChunkModule(vae, part, dtype, signature.input_names).eval()
+        module = VAEChunkModule(vae, part, signature.input_names).eval()
         onnx_path = Path(out_dir_root) / contract.component / ONNX_NAME
         files = export_onnx(module, example_inputs(contract, device), onnx_path, signature,
                             dynamic_dims=derived_dims(signature), weights=weights, progress=progress)  # fmt: skip
@@ -172,4 +174,4 @@ def export_vae_onnx(
     return written
 
 
-__all__ = ["ComponentFiles", "chunk_contract", "export_vae_onnx", "spatial_dim"]
+__all__ = ["ComponentFiles", "chunk_contract", "export_vae_onnx"]

@@ -66,23 +66,16 @@ def _zero_caches(contract: VAEChunkContract, height: int, width: int) -> dict[st
     }
 
 
-def _run_chunks(engine: Engine, contract: VAEChunkContract, main_name: str, chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
-    """Run the engine on each chunk in turn, threading the caches; yield each call's main output."""
-    caches: dict[str, np.ndarray] | None = None
-    out_name = engine.signature.output_names[0]
+def _run_chunks(
+    engine: Engine, contract: VAEChunkContract, chunks: Iterator[np.ndarray], height: int, width: int
+) -> Iterator[np.ndarray]:
+    """Run the engine on each chunk of a `height` x `width` latent grid, threading the caches; yield each main output."""
+    main_in, main_out = engine.signature.input_names[0], engine.signature.output_names[0]
+    caches = _zero_caches(contract, height, width)
     for index, chunk in enumerate(chunks):
-        if caches is None:
-            caches = _zero_caches(contract, *_latent_grid(contract, chunk.shape[-2:], main_name))
-        outputs = engine.run({main_name: chunk, "first": np.array([index == 0]), **caches})
+        outputs = engine.run({main_in: chunk, "first": np.array([index == 0]), **caches})
         caches = {contract.cache_names(i)[0]: outputs[contract.cache_names(i)[1]] for i in range(len(contract.caches))}
-        yield outputs[out_name]
-
-
-def _latent_grid(contract: VAEChunkContract, spatial: tuple[int, ...], main_name: str) -> tuple[int, int]:
-    h, w = spatial
-    if main_name == "video":
-        return h // contract.spatial_stride, w // contract.spatial_stride
-    return h, w
+        yield outputs[main_out]
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -113,7 +106,7 @@ def _decode_region(engine: Engine, contract: VAEChunkContract, z: np.ndarray, ou
     """Decode latents [1, z, F, h, w] chunk by chunk into `out` [1, 3, T, h·s, w·s] (not clamped)."""
     frames = (np.ascontiguousarray(z[:, :, k : k + 1]) for k in range(z.shape[2]))
     t = 0
-    for k, chunk in enumerate(_run_chunks(engine, contract, "latent", frames)):
+    for k, chunk in enumerate(_run_chunks(engine, contract, frames, z.shape[3], z.shape[4])):
         chunk = chunk[:, :, :1] if k == 0 else chunk  # the first call yields one frame
         out[:, :, t : t + chunk.shape[2]] = chunk
         t += chunk.shape[2]
@@ -214,7 +207,7 @@ def _encode_region(engine: Engine, contract: VAEChunkContract, video: np.ndarray
     n = contract.chunk_frames
     first = np.repeat(video[:, :, :1], n, axis=2)  # chunk 0: frame 0 (only output frame 0 matters)
     chunks = [first] + [np.ascontiguousarray(video[:, :, k : k + n]) for k in range(1, video.shape[2], n)]
-    for k, latent in enumerate(_run_chunks(engine, contract, "video", iter(chunks))):
+    for k, latent in enumerate(_run_chunks(engine, contract, iter(chunks), out.shape[3], out.shape[4])):
         out[:, :, k : k + 1] = latent
 
 

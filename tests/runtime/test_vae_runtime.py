@@ -25,7 +25,7 @@ from export.models.vae import VAEConfig, load_vae
 from export.vae_onnx import export_vae_onnx
 from runtime.backends.onnxruntime import OnnxRuntimeBackend, OrtOptions
 from runtime.vae import Tiling, decode_latents, encode_video
-from tests.export.models.test_vae import diffusers_encode, diffusers_vae, official_state
+from tests.export.models.test_vae import diffusers_encode, diffusers_vae, official_state, one_thread  # noqa: F401
 
 RTOL = 1e-4
 
@@ -42,14 +42,6 @@ class Exported:
     components: dict[str, Component]
     engines: dict[str, object]
     root: Path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=["2.1", "2.2"])

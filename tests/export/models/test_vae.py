@@ -89,6 +89,15 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max())
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: these tiny convolutions only lose time to thread handoffs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=["2.1", "2.2"])
 def pair(request):
     cfg = VAEConfig.tiny(request.param)
@@ -182,6 +191,8 @@ def test_chunk_calls_thread_their_caches(pair):
             out, caches = vae.decode_chunk(z[:, :, k : k + 1], torch.tensor([k == 0]), caches)
             frames.append(out[:, :, :1] if k == 0 else out)
     assert torch.equal(torch.cat(frames, 2).clamp(-1, 1), whole)
+    # the official 33 (2.1) / 34 (2.2) slots, less the 1x1x1 shortcut convs that never cache
+    # (2.1: 192->384; 2.2: 1024->512, 512->256)
     assert len(caches) == 32
 
 
@@ -240,6 +251,13 @@ def test_bad_video_shapes():
         vae.encode(torch.zeros(1, 3, 5, 20, 16))
     with pytest.raises(WanrtError, match=r"expected \[batch, 16"):
         vae.decode(torch.zeros(1, 48, 2, 2, 2))
+
+
+def test_export_precision_is_fp32(tmp_path):
+    from export.vae_onnx import export_vae_onnx
+
+    with pytest.raises(WanrtError, match="VAE precision 'bf16'.*fp32 only"):
+        export_vae_onnx(WanVAE(VAEConfig.tiny("2.1")), tmp_path, "bf16")
 
 
 def test_vae_must_match_the_dit():
