@@ -35,7 +35,7 @@ from engines.manifest import (
     write_manifest,
 )
 from engines.model import VAEInfo
-from engines.signatures import DIM_RANGES, EngineSignature, TensorSpec, dit_signature
+from engines.signatures import DIM_RANGES, EngineSignature, TensorSpec
 from engines.vae_contract import check_vae_matches
 
 COMPONENT_GROUPS = ("dit", "text_encoder", "image_encoder", "vae")
@@ -70,6 +70,9 @@ class ComponentPlan:
     export: Callable[[Path], "Exported"]
     expert: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    # DiT experts of one architecture share a graph: (graph key, export from a template graph)
+    graph_key: str | None = None
+    export_like: Callable[[Path, Path], "Exported"] | None = None
 
 
 @dataclass
@@ -179,18 +182,25 @@ def signature_of_onnx(path: Path, expected: EngineSignature | None = None) -> En
 # planning
 
 
-def _dit_exporter(view, cfg, precision: str, attention: str) -> Callable[[Path], Exported]:
+def _dit_exporters(view, cfg, precision: str, attention: str) -> tuple[Callable[[Path], Exported], Callable[[Path, Path], Exported]]:
+    """(export traced from scratch, export reusing another expert's graph) for one DiT expert."""
+
+    def exported(out_dir: Path, files: list[Path]) -> Exported:
+        from export.models.wan_dit import signature_for
+
+        return Exported(files, signature_of_onnx(out_dir / ONNX_NAME, signature_for(cfg)))
+
     def run(out_dir: Path) -> Exported:
         from export.onnx_export import export_dit_onnx
 
-        files = export_dit_onnx(view, cfg, out_dir, precision=precision, attention=attention)
-        expected = dit_signature(
-            cfg.in_dim, cfg.out_dim, cfg.text_dim, cfg.clip_tokens, per_frame_timestep=cfg.out_dim == 48,
-            text_len=cfg.text_len, clip_dim=cfg.clip_dim,
-        )
-        return Exported(files, signature_of_onnx(out_dir / ONNX_NAME, expected))
+        return exported(out_dir, export_dit_onnx(view, cfg, out_dir, precision=precision, attention=attention))
 
-    return run
+    def run_like(out_dir: Path, template: Path) -> Exported:
+        from export.onnx_export import export_dit_onnx_like
+
+        return exported(out_dir, export_dit_onnx_like(template, view, cfg, out_dir))
+
+    return run, run_like
 
 
 def _text_exporter(path: Path, precision: str, task: str) -> Callable[[Path], Exported]:
@@ -249,13 +259,16 @@ def plan_components(resolved, options: BuildOptions, loras: list) -> list[Compon
                 continue
             view = apply_loras(expert.view, loras, expert.name, strict=options.lora_strict) if loras else expert.view
             name = "dit" if expert.name == "dit" else f"dit_{expert.name}"
+            run, run_like = _dit_exporters(view, cfg, options.precision, options.attention)
+            plan_options = {"attention": options.attention, **lora_opts, "dit": cfg.to_dict()}
             plans.append(
                 ComponentPlan(
-                    name, "dit", options.precision, list(expert.files), _dit_exporter(view, cfg, options.precision, options.attention),
-                    expert=None if expert.name == "dit" else expert.name,
-                    options={"attention": options.attention, **lora_opts, "dit": cfg.to_dict()},
+                    name, "dit", options.precision, list(expert.files), run,
+                    expert=None if expert.name == "dit" else expert.name, options=plan_options,
+                    graph_key=json.dumps([options.precision, options.attention, cfg.to_dict()], sort_keys=True),
+                    export_like=run_like,
                 )
-            )
+            )  # fmt: skip
     if "text_encoder" in groups:
         if resolved.text_encoder is None:
             raise _missing("T5 text encoder", "models_t5_umt5-xxl-enc-bf16.pth", task, resolved.source)
@@ -355,6 +368,7 @@ def build_bundle(
     old = _read_old_manifest(output)
     outcome: dict[str, str] = {}
     components: dict[str, Component] = {}
+    graphs: dict[str, Path] = {}  # graph key -> an expert's model.onnx already in the staged bundle
     with staging_dir(output, force=options.force) as tmp:
         for i, plan in enumerate(plans, 1):
             key = cache_key(plan, lora_keys)
@@ -364,12 +378,21 @@ def build_bundle(
                     _link_or_copy(output / rel, tmp / rel)
                 components[plan.name] = reused
                 outcome[plan.name] = "reused"
+                if plan.graph_key is not None:
+                    graphs[plan.graph_key] = tmp / reused.onnx
                 log(f"[{i}/{len(plans)}] {plan.name}: unchanged, reused")
                 continue
-            log(f"[{i}/{len(plans)}] {plan.name}: exporting ({plan.precision})")
             out_dir = tmp / plan.name
             out_dir.mkdir(parents=True, exist_ok=True)
-            exported = plan.export(out_dir)
+            template = graphs.get(plan.graph_key) if plan.graph_key is not None else None
+            if template is not None and plan.export_like is not None:
+                log(f"[{i}/{len(plans)}] {plan.name}: exporting ({plan.precision}, graph shared with {template.parent.name})")
+                exported = plan.export_like(out_dir, template)
+            else:
+                log(f"[{i}/{len(plans)}] {plan.name}: exporting ({plan.precision})")
+                exported = plan.export(out_dir)
+            if plan.graph_key is not None:
+                graphs[plan.graph_key] = out_dir / ONNX_NAME
             rels = [str(Path(f).absolute().relative_to(tmp.absolute())) for f in exported.files]
             components[plan.name] = Component(
                 name=plan.name,

@@ -418,3 +418,72 @@ def bf16_as_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.node.extend(nodes)
     del graph.value_info[:]
     return out
+
+
+_ONNX_TO_TORCH = {1: torch.float32, 10: torch.float16, 16: torch.bfloat16}  # TensorProto FLOAT, FLOAT16, BFLOAT16
+
+
+def export_dit_onnx_like(template: Path, view: Mapping, cfg: DiTConfig, out_dir: Path, progress: bool = True) -> list[Path]:
+    """Export another expert of the same architecture: `template`'s graph with `view`'s weights.
+
+    Wan2.2 A14B's two experts share one graph and differ only in their weights, so the second
+    need not be traced again.  Each external initializer named after an official key is read
+    from `view` in the template's dtype and written at the template's offset; the others
+    (constants folded from the config) are copied from the template's data file.  The result
+    equals a fresh `export_dit_onnx` of `view` byte for byte.
+    """
+    import onnx
+
+    from export.models.wan_dit import check_view
+
+    check_view(view, cfg)
+    template = Path(template)
+    model = onnx.load(str(template), load_external_data=False)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / template.name
+    data_name = onnx_path.name + ".data"
+    externals = []
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in init.external_data}
+            if info.get("location") != data_name:
+                raise ExportError(f"{template}: initializer {init.name!r} lives in {info.get('location')!r}, expected {data_name!r}")
+            externals.append((int(info.get("offset", 0)), int(info["length"]), init))
+        elif init.name in view:  # a small weight stored inside model.onnx
+            data = _weight_bytes(view, init, template)
+            if not init.HasField("raw_data") or len(init.raw_data) != len(data):
+                raise ExportError(f"{template}: inline weight {init.name!r} is not stored as {len(data)} raw bytes")
+            init.raw_data = data
+    tmp = Path(tempfile.mkdtemp(prefix=f".{onnx_path.name}.", dir=out_dir))
+    try:
+        with open(template.parent / data_name, "rb") as src, open(tmp / data_name, "wb") as dst:
+            for offset, length, init in tqdm(sorted(externals, key=lambda e: e[0]), desc=f"writing {onnx_path.name}",
+                                             unit="tensor", file=sys.stderr, disable=not progress):  # fmt: skip
+                if init.name in view:
+                    data = _weight_bytes(view, init, template)
+                else:
+                    src.seek(offset)
+                    data = src.read(length)
+                if len(data) != length:
+                    raise ExportError(f"weight {init.name!r}: {len(data)} bytes, the template graph expects {length}")
+                dst.seek(offset)
+                dst.write(data)
+            dst.truncate((template.parent / data_name).stat().st_size)
+        onnx.save(model, str(tmp / onnx_path.name))
+        os.replace(tmp / data_name, out_dir / data_name)
+        os.replace(tmp / onnx_path.name, onnx_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [onnx_path, out_dir / data_name]
+
+
+def _weight_bytes(view: Mapping, init, template: Path) -> bytes:
+    """The raw little-endian bytes of `view`'s tensor for the initializer `init`, checked against it."""
+    dtype = _ONNX_TO_TORCH.get(init.data_type)
+    if dtype is None:
+        raise ExportError(f"{template}: weight {init.name!r} has ONNX dtype {init.data_type}, not a float type")
+    t = view.load(init.name, dtype).contiguous()
+    if tuple(t.shape) != tuple(init.dims):
+        raise ExportError(f"weight {init.name!r}: shape {list(t.shape)}, the template graph expects {list(init.dims)}")
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
