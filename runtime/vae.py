@@ -18,10 +18,13 @@ blend strips of the neighbouring tiles.
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm import tqdm
 
 from engines.errors import WanrtError
 from engines.manifest import Component
@@ -34,7 +37,8 @@ from .backends.base import Engine
 class Tiling:
     """Spatial tiles, in latent pixels: `height` x `width` tiles every `stride_height` / `stride_width`.
 
-    The default is diffusers' Wan2.1 default (256-pixel tiles every 192 pixels).
+    The default is diffusers' Wan2.1 default (256-pixel tiles every 192 pixels); with Wan2.2's
+    16 pixels per latent pixel it means 512-pixel tiles.
     """
 
     height: int = 32
@@ -49,6 +53,12 @@ class Tiling:
     def needed(self, height: int, width: int) -> bool:
         """Whether a latent grid of `height` x `width` is larger than one tile."""
         return height > self.height or width > self.width
+
+    def count(self, height: int, width: int) -> int:
+        """Tiles covering a latent grid of `height` x `width` (1 when tiling is not needed)."""
+        if not self.needed(height, width):
+            return 1
+        return math.ceil(height / self.stride_height) * math.ceil(width / self.stride_width)
 
 
 def contract_of(component: Component, part: str) -> VAEChunkContract:
@@ -67,7 +77,7 @@ def _zero_caches(contract: VAEChunkContract, height: int, width: int) -> dict[st
 
 
 def _run_chunks(
-    engine: Engine, contract: VAEChunkContract, chunks: Iterator[np.ndarray], height: int, width: int
+    engine: Engine, contract: VAEChunkContract, chunks: Iterator[np.ndarray], height: int, width: int, bar: tqdm
 ) -> Iterator[np.ndarray]:
     """Run the engine on each chunk of a `height` x `width` latent grid, threading the caches; yield each main output."""
     main_in, main_out = engine.signature.input_names[0], engine.signature.output_names[0]
@@ -75,16 +85,24 @@ def _run_chunks(
     for index, chunk in enumerate(chunks):
         outputs = engine.run({main_in: chunk, "first": np.array([index == 0]), **caches})
         caches = {contract.cache_names(i)[0]: outputs[contract.cache_names(i)[1]] for i in range(len(contract.caches))}
+        bar.update(1)
         yield outputs[main_out]
+
+
+def _bar(total: int, desc: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="call", file=sys.stderr, disable=not enabled, leave=False)
 
 
 # ----------------------------------------------------------------------------- decoding
 
 
 def decode_latents(
-    engine: Engine, component: Component, z: np.ndarray, tiling: Tiling | None = None
+    engine: Engine, component: Component, z: np.ndarray, tiling: Tiling | None = None, progress: bool = False
 ) -> np.ndarray:
-    """Normalized latents [B, z, F, h, w] -> video [B, 3, 4F-3, h·s, w·s] float32 in [-1, 1]."""
+    """Normalized latents [B, z, F, h, w] -> video [B, 3, 4F-3, h·s, w·s] float32 in [-1, 1].
+
+    `progress` shows a bar over the engine calls on stderr.
+    """
     contract = contract_of(component, "decoder")
     if z.ndim != 5 or z.shape[1] != contract.z_dim or z.shape[2] < 1:
         raise WanrtError(
@@ -94,25 +112,29 @@ def decode_latents(
     b, _, f, h, w = z.shape
     s, n = contract.spatial_stride, contract.chunk_frames
     video = np.empty((b, 3, 1 + n * (f - 1), h * s, w * s), np.float32)
-    for i in range(b):
-        if tiling is not None and tiling.needed(h, w):
-            _decode_tiled(engine, contract, z[i : i + 1], tiling, video[i : i + 1])
-        else:
-            _decode_region(engine, contract, z[i : i + 1], video[i : i + 1])
+    tiled = tiling is not None and tiling.needed(h, w)
+    with _bar(b * f * (tiling.count(h, w) if tiled else 1), "vae decode", progress) as bar:
+        for i in range(b):
+            if tiled:
+                _decode_tiled(engine, contract, z[i : i + 1], tiling, video[i : i + 1], bar)
+            else:
+                _decode_region(engine, contract, z[i : i + 1], video[i : i + 1], bar)
     return np.clip(video, -1.0, 1.0, out=video)
 
 
-def _decode_region(engine: Engine, contract: VAEChunkContract, z: np.ndarray, out: np.ndarray) -> None:
+def _decode_region(engine: Engine, contract: VAEChunkContract, z: np.ndarray, out: np.ndarray, bar: tqdm) -> None:
     """Decode latents [1, z, F, h, w] chunk by chunk into `out` [1, 3, T, h·s, w·s] (not clamped)."""
     frames = (np.ascontiguousarray(z[:, :, k : k + 1]) for k in range(z.shape[2]))
     t = 0
-    for k, chunk in enumerate(_run_chunks(engine, contract, frames, z.shape[3], z.shape[4])):
+    for k, chunk in enumerate(_run_chunks(engine, contract, frames, z.shape[3], z.shape[4], bar)):
         chunk = chunk[:, :, :1] if k == 0 else chunk  # the first call yields one frame
         out[:, :, t : t + chunk.shape[2]] = chunk
         t += chunk.shape[2]
 
 
-def _decode_tiled(engine: Engine, contract: VAEChunkContract, z: np.ndarray, tiling: Tiling, out: np.ndarray) -> None:
+def _decode_tiled(
+    engine: Engine, contract: VAEChunkContract, z: np.ndarray, tiling: Tiling, out: np.ndarray, bar: tqdm
+) -> None:
     """diffusers `tiled_decode` for one video, writing the blended tiles into `out`."""
     s, n = contract.spatial_stride, contract.chunk_frames
     h, w = z.shape[-2:]
@@ -127,7 +149,7 @@ def _decode_tiled(engine: Engine, contract: VAEChunkContract, z: np.ndarray, til
             zt = np.ascontiguousarray(z[:, :, :, i : i + tiling.height, j : j + tiling.width])
             _check_tile(zt.shape[-2:], component_name=engine.name)
             tile = np.empty((1, 3, frames, zt.shape[3] * s, zt.shape[4] * s), np.float32)
-            _decode_region(engine, contract, zt, tile)
+            _decode_region(engine, contract, zt, tile, bar)
             if j in above:
                 _blend(above[j], tile, blend_h, unit, axis=3)
             if left is not None:
@@ -179,9 +201,12 @@ def _check_tile(spatial: tuple[int, ...], component_name: str) -> None:
 
 
 def encode_video(
-    engine: Engine, component: Component, video: np.ndarray, tiling: Tiling | None = None
+    engine: Engine, component: Component, video: np.ndarray, tiling: Tiling | None = None, progress: bool = False
 ) -> np.ndarray:
-    """Video [B, 3, T, H, W] in [-1, 1] (T = 4k+1) -> normalized latent means [B, z, k+1, H/s, W/s]."""
+    """Video [B, 3, T, H, W] in [-1, 1] (T = 4k+1) -> normalized latent means [B, z, k+1, H/s, W/s].
+
+    `progress` shows a bar over the engine calls on stderr.
+    """
     contract = contract_of(component, "encoder")
     s, n = contract.spatial_stride, contract.chunk_frames
     if video.ndim != 5 or video.shape[1] != 3:
@@ -194,24 +219,28 @@ def encode_video(
     video = np.asarray(video, dtype=np.float32)
     h, w = hh // s, ww // s
     latents = np.empty((b, contract.z_dim, 1 + (t - 1) // n, h, w), np.float32)
-    for i in range(b):
-        if tiling is not None and tiling.needed(h, w):
-            _encode_tiled(engine, contract, video[i : i + 1], tiling, latents[i : i + 1])
-        else:
-            _encode_region(engine, contract, video[i : i + 1], latents[i : i + 1])
+    tiled = tiling is not None and tiling.needed(h, w)
+    with _bar(b * latents.shape[2] * (tiling.count(h, w) if tiled else 1), "vae encode", progress) as bar:
+        for i in range(b):
+            if tiled:
+                _encode_tiled(engine, contract, video[i : i + 1], tiling, latents[i : i + 1], bar)
+            else:
+                _encode_region(engine, contract, video[i : i + 1], latents[i : i + 1], bar)
     return latents
 
 
-def _encode_region(engine: Engine, contract: VAEChunkContract, video: np.ndarray, out: np.ndarray) -> None:
+def _encode_region(engine: Engine, contract: VAEChunkContract, video: np.ndarray, out: np.ndarray, bar: tqdm) -> None:
     """Encode a video [1, 3, T, H, W] chunk by chunk into `out` [1, z, F, h, w]."""
     n = contract.chunk_frames
     first = np.repeat(video[:, :, :1], n, axis=2)  # chunk 0: frame 0 (only output frame 0 matters)
     chunks = [first] + [np.ascontiguousarray(video[:, :, k : k + n]) for k in range(1, video.shape[2], n)]
-    for k, latent in enumerate(_run_chunks(engine, contract, iter(chunks), out.shape[3], out.shape[4])):
+    for k, latent in enumerate(_run_chunks(engine, contract, iter(chunks), out.shape[3], out.shape[4], bar)):
         out[:, :, k : k + 1] = latent
 
 
-def _encode_tiled(engine: Engine, contract: VAEChunkContract, video: np.ndarray, tiling: Tiling, out: np.ndarray) -> None:
+def _encode_tiled(
+    engine: Engine, contract: VAEChunkContract, video: np.ndarray, tiling: Tiling, out: np.ndarray, bar: tqdm
+) -> None:
     """diffusers `tiled_encode` for one video, writing the blended latent tiles into `out`."""
     s = contract.spatial_stride
     h, w = out.shape[-2:]
@@ -224,7 +253,7 @@ def _encode_tiled(engine: Engine, contract: VAEChunkContract, video: np.ndarray,
             vt = video[:, :, :, i * s : (i + tiling.height) * s, j * s : (j + tiling.width) * s]
             _check_tile((vt.shape[3] // s, vt.shape[4] // s), component_name=engine.name)
             tile = np.empty((*out.shape[:3], vt.shape[3] // s, vt.shape[4] // s), np.float32)
-            _encode_region(engine, contract, vt, tile)
+            _encode_region(engine, contract, vt, tile, bar)
             if j in above:
                 _blend(above[j], tile, blend_h, 1, axis=3)
             if left is not None:

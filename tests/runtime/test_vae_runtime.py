@@ -105,7 +105,7 @@ def test_tiled_decode_equals_diffusers_tiled_decode(exported):
     cfg, reference = exported.cfg, exported.reference
     s, tile = cfg.spatial_stride, Tiling(height=4, width=4, stride_height=3, stride_width=3)
     z = np.random.default_rng(2).standard_normal((1, cfg.z_dim, 2, 6, 8), dtype=np.float32)
-    got = decode_latents(exported.engines["vae_decoder"], exported.components["vae_decoder"], z, tiling=tile)
+    got = decode_latents(exported.engines["vae_decoder"], exported.components["vae_decoder"], z, tiling=tile, progress=True)
     reference.enable_tiling(4 * s, 4 * s, 3 * s, 3 * s)
     try:
         mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)
