@@ -6,7 +6,7 @@ spatial scale) is read off the module itself by running one chunk on a tiny inpu
 contract always describes the graph that was exported.
 
 Given a checkpoint path, the module is traced on the `meta` device and every weight is read,
-cast and written one at a time (`export_onnx(weights=...)`).
+converted to fp32 and written one at a time (`export_onnx(weights=...)`).
 
 Precision: fp32 only, as the official code runs the VAE.  A bf16 graph is not offered: ONNX
 `Conv` has no bfloat16 before opset 22, which TensorRT 10.1's parser (opsets 9-20) does not
