@@ -30,6 +30,10 @@ from .video import check_output_path, to_uint8_frames, write_mp4, write_png_fram
 @click.option("--guidance", type=float, default=None, help="CFG scale for every expert (default: the bundle's).")
 @click.option("--shift", type=float, default=None, help="Flow-matching schedule shift (default: the bundle's).")
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Noise seed (default: random, reported); numpy's generator, so not the official (torch) noise.")
+@click.option(
+    "--vae-tiling", is_flag=True,
+    help="Encode/decode in overlapping spatial tiles (diffusers' tile sizes): bounded VAE memory at large sizes.",
+)
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True, help="Inference backend.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .mp4 (H.264).")
 @click.option("--frames-dir", type=click.Path(file_okay=False), default=None, help="Also write PNG frames here.")
@@ -37,7 +41,7 @@ from .video import check_output_path, to_uint8_frames, write_mp4, write_png_fram
 def run_command(
     bundle: str, prompt: str, negative_prompt: str | None, image: str | None, last_image: str | None,
     frames: int | None, height: int | None, width: int | None, steps: int | None, guidance: float | None,
-    shift: float | None, seed: int | None, backend: str, output: str, frames_dir: str | None, as_json: bool,
+    shift: float | None, seed: int | None, vae_tiling: bool, backend: str, output: str, frames_dir: str | None, as_json: bool,
 ) -> None:
     """Generate a video from a bundle (torch-free runtime)."""
     start = time.perf_counter()
@@ -51,6 +55,7 @@ def run_command(
     request = GenerationRequest(
         prompt=prompt, negative_prompt=negative_prompt, image=image, last_image=last_image, frames=frames,
         height=height, width=width, steps=steps, guidance=guidance, shift=shift, seed=seed,
+        vae_tiling=vae_tiling,
     )
     plan = pipeline.prepare(request)
     result = pipeline.generate(plan)

@@ -41,6 +41,7 @@ from .progress import Progress
 from .residency import ExpertSwitcher
 from .schedulers import make_sampler
 from .sizes import VideoGeometry, best_output_size, check_frames, check_latent_range, check_size, i2v_size, size_multiple
+from .vae import Tiling
 
 IMAGE_TASKS = ("i2v", "flf2v")
 
@@ -60,6 +61,7 @@ class GenerationRequest:
     guidance: float | None = None  # both experts
     shift: float | None = None
     seed: int | None = None  # None: a random seed (reported in the stats)
+    vae_tiling: bool = False  # encode/decode in overlapping spatial tiles (bounded VAE memory at large sizes)
 
 
 @dataclass
@@ -85,6 +87,7 @@ class GenerationPlan:
     last_image: np.ndarray | None = None
     condition_image: np.ndarray | None = None  # [3, h, w] at the video size (VAE input)
     condition_last: np.ndarray | None = None
+    vae_tiling: Tiling | None = None
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -99,6 +102,7 @@ class GenerationPlan:
             "sampler": self.sampler, "steps": len(self.steps), "shift": self.shift,
             "guide_scale": list(self.guide_scale), "enable_cfg": self.enable_cfg, "boundary": self.boundary,
             "boundary_step_index": self.boundary_step_index, "fps": self.fps,
+            "vae_tiles": self.vae_tiling.count(g.latent_height, g.latent_width) if self.vae_tiling else 1,
         }
 
 
@@ -255,7 +259,7 @@ class WanPipeline:
             seed=seed, sampler=d.sampler, shift=shift, guide_scale=guide, enable_cfg=d.enable_cfg,
             boundary=d.boundary, boundary_step_index=d.boundary_step_index,
             denoising_step_list=d.denoising_step_list, fps=d.fps, steps=step_plans, warnings=warnings,
-            **plan_images,
+            vae_tiling=Tiling() if request.vae_tiling else None, **plan_images,
         )
 
     def _check_inputs(self, request: GenerationRequest) -> None:
@@ -355,7 +359,8 @@ class WanPipeline:
         else:
             video = images.conditioning_video(plan.condition_image, g.frames, plan.condition_last)
         with self._load("vae_encoder") as engine:
-            z = encode_video(engine, self.component("vae_encoder"), video).astype(np.float32, copy=False)
+            z = encode_video(engine, self.component("vae_encoder"), video, plan.vae_tiling)
+        z = z.astype(np.float32, copy=False)
         if plan.task == "ti2v":
             return z
         mask = images.i2v_mask(g.frames, g.latent_height, g.latent_width, last=plan.condition_last is not None)
@@ -438,12 +443,12 @@ class WanPipeline:
         if stats.device_min_free_bytes is None or free < stats.device_min_free_bytes:
             stats.device_min_free_bytes = free
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Latents -> video [1, 3, T, H, W] in [-1, 1]."""
+    def decode(self, latents: np.ndarray, tiling: Tiling | None = None) -> np.ndarray:
+        """Latents -> video [1, 3, T, H, W] in [-1, 1], in spatial tiles when `tiling` is given."""
         from .vae import decode_latents
 
         with self._load("vae_decoder") as engine:
-            return decode_latents(engine, self.component("vae_decoder"), latents)
+            return decode_latents(engine, self.component("vae_decoder"), latents, tiling)
 
     # ---- the whole run ----------------------------------------------------------------------
 
@@ -484,7 +489,7 @@ class WanPipeline:
             latents = timed(
                 "denoise", self.denoise, plan, context[:1], context_null, noise, clip_fea, y, image_latent, stats
             )
-            video = timed("vae_decoder", self.decode, latents) if decode else None
+            video = timed("vae_decoder", self.decode, latents, plan.vae_tiling) if decode else None
         finally:
             self.progress.close()
         return GenerationResult(plan, latents, video, stats)

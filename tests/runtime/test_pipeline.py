@@ -12,7 +12,9 @@ from engines.errors import BundleError, WanrtError
 from engines.manifest import read_manifest
 from engines.model import SamplingDefaults
 from runtime.backends import make_backend
+from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.pipeline import GenerationRequest, RunStats, WanPipeline
+from runtime.vae import Tiling
 from tests.runtime.bundles import CLIP_WIDTH, TEXT_DIM, clip_weight, dit_fn, text_table, tokenize, vae_gains
 from tests.runtime.oracles import diffusers_unipc
 
@@ -316,3 +318,35 @@ def test_missing_components_are_named(bundle_factory):
     plan = pipe.prepare(GenerationRequest(prompt="a cat", steps=2))
     with pytest.raises(BundleError, match="component 'vae_decoder' missing"):
         pipe.generate(plan)
+
+
+class _RecordingBackend(OnnxRuntimeBackend):
+    """The real ONNX Runtime backend, keeping the engines it loads so a test can read their call counts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.engines = []
+
+    def load(self, component, bundle_dir, **kw):
+        engine = super().load(component, bundle_dir, **kw)
+        self.engines.append(engine)
+        return engine
+
+
+def test_vae_tiling_decodes_in_tiles_with_the_same_video(bundle_factory):
+    """--vae-tiling: one decoder call per tile and latent frame; the test VAE is pointwise, so tiles blend to the same video."""
+    bundle = bundle_factory("moe_t2v")
+    tiling = Tiling()
+    z = np.random.default_rng(3).standard_normal((1, 16, 2, tiling.height + 10, 12), dtype=np.float32)
+    tiles = tiling.count(z.shape[3], z.shape[4])
+    assert tiles > 1
+    videos, calls = [], []
+    for t in (None, tiling):
+        backend = _RecordingBackend()
+        pipe = WanPipeline(bundle, read_manifest(bundle), backend)
+        videos.append(pipe.decode(z, t))
+        calls.append(sum(e.calls for e in backend.engines if e.name == "vae_decoder"))
+    assert calls == [z.shape[2], z.shape[2] * tiles]
+    np.testing.assert_allclose(videos[1], videos[0], rtol=0, atol=1e-6)
+    plan = pipeline(bundle).prepare(GenerationRequest(prompt="a cat", steps=2, height=8 * (tiling.height + 10), width=96, vae_tiling=True))
+    assert plan.vae_tiling == tiling and plan.summary()["vae_tiles"] == tiles
