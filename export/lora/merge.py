@@ -61,7 +61,7 @@ class DeltaPatch:
     scale: float
 
     def add_to(self, w: torch.Tensor) -> None:
-        w.add_(self.source.read(self.key).to(torch.float32).reshape(w.shape), alpha=self.scale)
+        w.add_(self.source.read(self.key).to(torch.float32).reshape(w.shape), alpha=self.scale)  # same shape up to size-1 dims
 
 
 Patch = LowRankPatch | DeltaPatch
@@ -253,10 +253,19 @@ def _low_rank_patch(spec: LoraSpec, source: TensorSource, term: LowRankTerm, bas
     return LowRankPatch(source, term.up, term.down, scale), scale
 
 
+def _without_unit_dims(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """`shape` with its size-1 dimensions dropped ([1, 6, d] -> [6, d])."""
+    return tuple(d for d in shape if d != 1)
+
+
 def _delta_patch(source: TensorSource, key: str, target: str, base_shape: tuple[int, ...], scale: float) -> DeltaPatch:
+    """A full delta must have the base tensor's shape (size-1 dimensions aside: a [6, d] diff_m fits a [1, 6, d] modulation)."""
     shape = _shape(source, key)
-    if math.prod(shape) != math.prod(base_shape):
-        raise LoraError(f"{source.path}: shape mismatch: {key!r} is {list(shape)} but the base tensor {target!r} is {list(base_shape)}")
+    if _without_unit_dims(shape) != _without_unit_dims(base_shape):
+        raise LoraError(
+            f"{source.path}: shape mismatch: {key!r} is {list(shape)} but the base tensor {target!r} is {list(base_shape)}"
+            " (a full delta must have the base tensor's shape)"
+        )
     return DeltaPatch(source, key, scale)
 
 

@@ -290,6 +290,29 @@ def test_shape_mismatch_names_key_and_both_shapes(view, write_file):
         apply_loras(view, [LoraSpec(path)], "dit")
 
 
+def test_a_transposed_full_delta_is_a_shape_mismatch(base_sd, view, write_file):
+    """Same element count, other shape: a `.diff` of ffn.0 stored [in, out] must not be reshaped onto [out, in]."""
+    w = base_sd["blocks.0.ffn.0.weight"]
+    assert w.shape[0] != w.shape[1]
+    path = write_file({"diffusion_model.blocks.0.ffn.0.diff": torch.zeros(w.shape[1], w.shape[0])})
+    with pytest.raises(LoraError, match=r"'diffusion_model\.blocks\.0\.ffn\.0\.diff' is \[256, 512\].*'blocks\.0\.ffn\.0\.weight' is \[512, 256\]"):
+        apply_loras(view, [LoraSpec(path)], "dit")
+    m = base_sd["blocks.0.modulation"]  # [1, 6, dim]
+    path = write_file({"diffusion_model.blocks.0.diff_m": torch.zeros(m.shape[2], m.shape[1])}, "diff_m.safetensors")
+    with pytest.raises(LoraError, match=r"diff_m' is \[256, 6\].*'blocks\.0\.modulation' is \[1, 6, 256\]"):
+        apply_loras(view, [LoraSpec(path)], "dit")
+
+
+def test_diff_m_without_the_leading_unit_dim_fits_the_modulation(base_sd, view, write_file, assert_close):
+    """A [6, dim] `diff_m` (size-1 dimension dropped) adds to the [1, 6, dim] block modulation."""
+    m = base_sd["blocks.1.modulation"]
+    dm = torch.randn(m.shape[1:], generator=torch.Generator().manual_seed(8))
+    path = write_file({"diffusion_model.blocks.1.diff_m": dm})
+    got = apply_loras(view, [LoraSpec(path, 0.25)], "dit").load("blocks.1.modulation")
+    assert got.shape == m.shape
+    assert_close(got, m.double() + 0.25 * dm.double().unsqueeze(0))
+
+
 def test_rank_mismatch_and_unpaired_factors(view, write_file):
     path = write_file(
         {"diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(256, 4), "diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(5, 256)}
