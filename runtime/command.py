@@ -32,7 +32,7 @@ from .video import check_output_path, to_uint8_frames, write_mp4, write_png_fram
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Noise seed (default: random, reported); numpy's generator, so not the official (torch) noise.")
 @click.option(
     "--vae-tiling", is_flag=True,
-    help="Encode/decode in overlapping spatial tiles (diffusers' tile sizes): bounded VAE memory at large sizes.",
+    help="Encode/decode in overlapping 256-pixel tiles every 192 pixels (as diffusers): bounded VAE memory at large sizes.",
 )
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True, help="Inference backend.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .mp4 (H.264).")

@@ -259,7 +259,7 @@ class WanPipeline:
             seed=seed, sampler=d.sampler, shift=shift, guide_scale=guide, enable_cfg=d.enable_cfg,
             boundary=d.boundary, boundary_step_index=d.boundary_step_index,
             denoising_step_list=d.denoising_step_list, fps=d.fps, steps=step_plans, warnings=warnings,
-            vae_tiling=Tiling() if request.vae_tiling else None, **plan_images,
+            vae_tiling=Tiling.for_stride(m.vae.stride[1]) if request.vae_tiling else None, **plan_images,
         )
 
     def _check_inputs(self, request: GenerationRequest) -> None:

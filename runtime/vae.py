@@ -37,8 +37,8 @@ from .backends.base import Engine
 class Tiling:
     """Spatial tiles, in latent pixels: `height` x `width` tiles every `stride_height` / `stride_width`.
 
-    The default is diffusers' Wan2.1 default (256-pixel tiles every 192 pixels); with Wan2.2's
-    16 pixels per latent pixel it means 512-pixel tiles.
+    The field defaults are diffusers' Wan2.1 tiles (256 pixels every 192 at 8 pixels per latent
+    pixel); `Tiling.for_stride(16)` gives diffusers' Wan2.2 tiles (the same pixels, 16 latent).
     """
 
     height: int = 32
@@ -49,6 +49,12 @@ class Tiling:
     def __post_init__(self) -> None:
         if not (0 < self.stride_height <= self.height and 0 < self.stride_width <= self.width):
             raise WanrtError(f"tiling {self}: strides must be positive and at most the tile size")
+
+    @classmethod
+    def for_stride(cls, spatial_stride: int, tile_pixels: int = 256, stride_pixels: int = 192) -> "Tiling":
+        """diffusers' tiles (`tile_pixels` every `stride_pixels`) in latent pixels of a VAE with `spatial_stride`."""
+        tile, step = tile_pixels // spatial_stride, stride_pixels // spatial_stride
+        return cls(tile, tile, step, step)
 
     def needed(self, height: int, width: int) -> bool:
         """Whether a latent grid of `height` x `width` is larger than one tile."""

@@ -336,7 +336,9 @@ class _RecordingBackend(OnnxRuntimeBackend):
 def test_vae_tiling_decodes_in_tiles_with_the_same_video(bundle_factory):
     """--vae-tiling: one decoder call per tile and latent frame; the test VAE is pointwise, so tiles blend to the same video."""
     bundle = bundle_factory("moe_t2v")
-    tiling = Tiling()
+    tiling = Tiling.for_stride(8)
+    assert tiling == Tiling(32, 32, 24, 24)  # diffusers: 256-pixel tiles every 192 pixels, 8 pixels per latent pixel
+    assert Tiling.for_stride(16) == Tiling(16, 16, 12, 12)  # Wan2.2: the same pixels at 16 per latent pixel
     z = np.random.default_rng(3).standard_normal((1, 16, 2, tiling.height + 10, 12), dtype=np.float32)
     tiles = tiling.count(z.shape[3], z.shape[4])
     assert tiles > 1
