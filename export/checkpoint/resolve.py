@@ -121,26 +121,38 @@ def _str(p: Path | None) -> str | None:
 # Locating one expert's weight files
 
 
-def _read_index(index: Path) -> tuple[list[Path], dict[str, str]]:
-    """The shard files a `*.safetensors.index.json` names (each checked to exist), and its weight_map."""
+def _shard_path(index: Path, shard: str) -> Path | None:
+    """Where a weight_map entry (`name`, `./name`, `sub/name`) points, relative to the index's folder; None if outside it."""
+    rel = os.path.normpath(shard)
+    if os.path.isabs(rel) or rel == ".." or rel.startswith(".." + os.sep) or rel == ".":
+        return None
+    return index.parent / rel
+
+
+def _read_index(index: Path) -> tuple[list[Path], dict[str, Path]]:
+    """The shard files a `*.safetensors.index.json` names (each checked to exist), and its weight_map as key -> shard path."""
     data = lx.read_json(index, "safetensors index")
     weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index}: safetensors index without a weight_map")
-    shards = list(dict.fromkeys(str(v) for v in weight_map.values()))
-    paths = [index.parent / s for s in shards]
-    for p in paths:
-        if not p.is_file():
-            raise CheckpointError(f"{index}: names shard {p.name}, which is missing from {index.parent}")
-    return paths, weight_map
+    shards: dict[str, Path] = {}
+    for name in dict.fromkeys(str(v) for v in weight_map.values()):
+        path = _shard_path(index, name)
+        if path is None:
+            raise CheckpointError(f"{index}: names shard {name}, which is missing from {index.parent} (shards must sit in the index's folder)")
+        if not path.is_file():
+            raise CheckpointError(f"{index}: names shard {name}, which is missing from {index.parent}")
+        shards[name] = path
+    return list(dict.fromkeys(shards.values())), {key: shards[str(v)] for key, v in weight_map.items()}
 
 
-def _check_index(index: Path, weight_map: dict[str, str], sources: list[TensorSource]) -> None:
+def _check_index(index: Path, weight_map: dict[str, Path], sources: list[TensorSource]) -> None:
     """Every key the index lists is in the shard it names."""
-    by_name = {s.path.name: s for s in sources}
+    by_path = {s.path: s for s in sources}
     for key, shard in weight_map.items():
-        if key not in by_name[str(shard)]:
-            raise CheckpointError(f"{index}: lists tensor {key!r} in {shard}, but {shard} has no such tensor")
+        if key not in by_path[shard]:
+            rel = shard.relative_to(index.parent)
+            raise CheckpointError(f"{index}: lists tensor {key!r} in {rel}, but {rel} has no such tensor")
 
 
 def _file_kind(path: Path) -> str:
@@ -159,7 +171,7 @@ def _lora_error(path: Path) -> CheckpointError:
     )
 
 
-def _folder_files(folder: Path, expert: str) -> tuple[list[Path], tuple[Path, dict[str, str]] | None]:
+def _folder_files(folder: Path, expert: str) -> tuple[list[Path], tuple[Path, dict[str, Path]] | None]:
     """The DiT files in a folder (index honoured; one candidate auto-picked), and the index used with its weight_map."""
     indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
     if len(indexes) > 1:
@@ -199,7 +211,7 @@ def _index_listing(shard: Path) -> Path | None:
     """The index beside a file that names it as one of its shards, if any."""
     for index in shard.parent.glob("*" + INDEX_SUFFIX):
         weight_map = lx.read_json(index, "safetensors index").get("weight_map")
-        if isinstance(weight_map, dict) and shard.name in set(map(str, weight_map.values())):
+        if isinstance(weight_map, dict) and shard in {_shard_path(index, str(v)) for v in weight_map.values()}:
             return index
     return None
 

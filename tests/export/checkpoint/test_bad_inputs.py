@@ -45,6 +45,40 @@ def test_missing_shard(official_copy):
     assert_one_line_error(["inspect", official_copy], shard.name, "missing", "index.json")
 
 
+def _rewrite_index(folder: Path, rename) -> Path:
+    """Rewrite the folder's index, naming each shard `rename(name)` instead of its bare file name."""
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"] = {k: rename(v) for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    return index
+
+
+def test_index_shard_paths_resolve_relative_to_the_index(official_copy, tiny_model):
+    """`./name` and `sub/name` in a weight_map are paths relative to the index's folder."""
+    want = run_cli("inspect", tiny_model("wan2.1", "t2v", "official"), "--json").json()
+    (official_copy / "shards").mkdir()
+    second = "diffusion_pytorch_model-00002-of-00002.safetensors"
+    (official_copy / second).rename(official_copy / "shards" / second)
+    _rewrite_index(official_copy, lambda name: f"shards/{name}" if name == second else f"./{name}")
+    r = run_cli("inspect", official_copy, "--json")
+    assert r.exit_code == 0, r.stderr
+    got = r.json()
+    assert got["experts"][0]["files"] == [
+        str(official_copy / "diffusion_pytorch_model-00001-of-00002.safetensors"), str(official_copy / "shards" / second)
+    ]
+    assert got["dit"] == want["dit"] and got["experts"][0]["num_params"] == want["experts"][0]["num_params"]
+
+
+@pytest.mark.parametrize("shard", ["./gone.safetensors", "sub/gone.safetensors", "../diffusion_pytorch_model-00001-of-00002.safetensors"])
+def test_index_naming_a_missing_or_outside_shard(official_copy, shard):
+    """A shard path that is missing, or escapes the index's folder (even to a real file), is the missing-shard error."""
+    outside = official_copy.parent / "diffusion_pytorch_model-00001-of-00002.safetensors"
+    shutil.copy(official_copy / outside.name, outside)
+    index = _rewrite_index(official_copy, lambda name: shard)
+    assert_one_line_error(["inspect", official_copy], index, f"names shard {shard}", "missing from")
+
+
 def test_header_length_past_end(tmp_path):
     p = tmp_path / "bad.safetensors"
     p.write_bytes(struct.pack("<Q", 10_000) + b"{}")
