@@ -185,9 +185,7 @@ def _folder_files(folder: Path, expert: str) -> tuple[list[Path], tuple[Path, di
             raise CheckpointError(f"{folder}: empty folder: no model files")
         raise CheckpointError(f"{folder}: no DiT weights (.safetensors or .pth) found")
     kinds = {p: _file_kind(p) for p in files}
-    dits = [p for p in files if kinds[p] == "dit"]
-    if len(dits) > 1 and any(p.suffix == ".safetensors" for p in dits):
-        dits = [p for p in dits if p.suffix == ".safetensors"]  # a .pth beside safetensors is a leftover export
+    dits = [p for p in files if kinds[p] == "dit"]  # T5 / CLIP / VAE .pth companions are "other"
     if not dits:
         loras = [p for p in files if kinds[p] == "lora"]
         if loras:

@@ -161,6 +161,24 @@ def test_several_candidate_files(tiny_model, tmp_path):
     assert_one_line_error(["inspect", tmp_path], "several candidate", *names, "dit_original_ckpt")
 
 
+def test_safetensors_and_pth_dit_candidates(tiny_model, tmp_path):
+    """A DiT .safetensors beside a DiT .pt (LightX2V distill_model.pt) is a choice for the user, not a silent pick."""
+    src = tiny_model("wan2.1", "t2v", "lightx2v-bf16")
+    st = next(src.glob("*.safetensors"))
+    shutil.copy(st, tmp_path / st.name)
+    torch.save({"state_dict": load_file(st)}, tmp_path / "distill_model.pt")
+    for companion in ("models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth"):
+        shutil.copy(src / companion, tmp_path / companion)
+    line = assert_one_line_error(["inspect", tmp_path], "several candidate", "distill_model.pt", st.name, "dit_original_ckpt")
+    assert ".pth" not in line  # the T5 / VAE companions are not DiT candidates
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"dit_original_ckpt": str(tmp_path / "distill_model.pt")}))
+    r = run_cli("inspect", tmp_path, "--config", cfg, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["experts"][0]["files"] == [str(tmp_path / "distill_model.pt")]
+    assert r.json()["text_encoder"] == str(tmp_path / "models_t5_umt5-xxl-enc-bf16.pth")
+
+
 def _lora(path: Path) -> Path:
     g = torch.Generator().manual_seed(0)
     save_file({
