@@ -34,7 +34,7 @@ from engines.errors import WanrtError
 from engines.manifest import sha256_file
 from export.checkpoint.safetensors_file import ITEMSIZE
 from export.checkpoint.safetensors_writer import SafetensorsWriter, TensorSpec
-from export.checkpoint.resolve import Expert, resolve_model
+from export.checkpoint.resolve import CONVERT_METADATA_KEY, Expert, ResolvedModel, resolve_model
 from export.checkpoint.view import is_block_linear
 from export.lora import LoraSpec, apply_loras, lora_records, loras_from_config, normalize_expert, parse_lora_arg
 from export.lora.merge import MergedRef, MergedView
@@ -42,7 +42,6 @@ from export.lora.merge import MergedRef, MergedView
 QUANTIZE_CHOICES = ("fp8", "int8", "bf16")
 FORMAT_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 COMFYUI_MARKER = "scaled_fp8"
-METADATA_KEY = "wanrt_convert"
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
@@ -188,14 +187,15 @@ def _stream(
 
 def _metadata(
     src: Path,
-    view: Mapping[str, Any],
-    expert: str,
+    model: ResolvedModel,
+    chosen: Expert,
     loras: list[LoraSpec],
     quantize: str | None,
     layout: str,
     hash_sources: bool,
 ) -> dict[str, str]:
-    files = getattr(view, "files", None) or []
+    """The output's safetensors metadata: sources, the expert/family/task it holds, quantization and LoRAs."""
+    files = getattr(chosen.view, "files", None) or []
     sources = []
     for f in files:
         entry: dict[str, Any] = {"path": str(f), "size": Path(f).stat().st_size}
@@ -206,12 +206,14 @@ def _metadata(
         "tool": "wanrt convert",
         "source": str(src),
         "source_files": sources,
-        "expert": expert,
+        "expert": model.moe_expert(chosen) or chosen.name,
+        "family": model.family,
+        "task": model.task,
         "quantize": quantize,
         "scale_layout": layout,
         "loras": [vars(r) for r in lora_records(loras)],
     }
-    return {"format": "pt", METADATA_KEY: json.dumps(info, sort_keys=True)}
+    return {"format": "pt", CONVERT_METADATA_KEY: json.dumps(info, sort_keys=True)}
 
 
 def convert_checkpoint(
@@ -242,7 +244,7 @@ def convert_checkpoint(
     used = [s for s in all_loras if s.expert in (None, chosen.name)]
     layout = "per_tensor" if comfyui else "per_channel"
     plan = plan_output(view, quantize, comfyui)
-    metadata = _metadata(src, chosen.view, chosen.name, used, quantize, layout, hash_sources)
+    metadata = _metadata(src, model, chosen, used, quantize, layout, hash_sources)
     errors = QuantErrorSummary()
     total_in = sum(_stored_bytes(view[o.key]) for o in plan)
 

@@ -15,8 +15,9 @@ def _human(m: ResolvedModel) -> str:
     lines = [f"{m.family} {m.task}  ({m.source})"]
     for e in m.experts:
         scale = f", {e.view.scale} scale" if e.view.scale else ""
+        pair = f" ({m.lone_expert} expert of a Wan2.2 A14B pair)" if e.name == "dit" and m.lone_expert else ""
         lines.append(
-            f"  expert {e.name}: {e.layout} layout, {e.view.precision}{scale}, "
+            f"  expert {e.name}{pair}: {e.layout} layout, {e.view.precision}{scale}, "
             f"{e.view.num_params / 1e9:.3f} B params in {len(e.files)} file(s)"
         )
         for f in e.files[:4]:

@@ -12,6 +12,7 @@ without img_emb -> wan2.2 i2v; in_dim 16 -> wan2.1 t2v.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,6 +33,7 @@ from .view import WEIGHT_FILE_SUFFIXES, CheckpointView, TensorSource, open_sourc
 INDEX_SUFFIX = ".safetensors.index.json"
 MOE_FOLDERS = {"high_noise": "high_noise_model", "low_noise": "low_noise_model"}
 DIFFUSERS_FOLDERS = {"high_noise": "transformer", "low_noise": "transformer_2"}  # diffusers: transformer runs at high noise
+CONVERT_METADATA_KEY = "wanrt_convert"  # safetensors metadata `cli.py convert` writes (JSON: source, expert, family, task, ...)
 
 
 @dataclass
@@ -70,6 +72,11 @@ class ResolvedModel:
     source: Path
     config_path: Path | None = None
     notes: list[str] = field(default_factory=list)  # non-fatal findings worth showing the user
+    lone_expert: str | None = None  # "high_noise"/"low_noise" when the single DiT is one expert of a Wan2.2 A14B pair
+
+    def moe_expert(self, expert: Expert) -> str | None:
+        """Which Wan2.2 A14B expert `expert` holds ("high_noise"/"low_noise"), None for a single-DiT model."""
+        return self.lone_expert if expert.name == "dit" else expert.name
 
     def expert(self, name: str) -> Expert:
         for e in self.experts:
@@ -83,6 +90,7 @@ class ResolvedModel:
         for e in self.experts:
             experts.append({
                 "name": e.name,
+                "moe_expert": self.moe_expert(e),
                 "files": [str(p) for p in e.files],
                 "layout": e.layout,
                 "precision": e.view.precision,
@@ -272,11 +280,15 @@ def resolve_model(path: str | os.PathLike, config: str | os.PathLike | None = No
             raise _lora_error(e.files[0])
     dit = _dit_config(experts)
     family, task = _family_task(experts, dit)
-    lone = _lone_expert_name(experts)
+    record = _convert_record(experts)
+    lone, known_from = _lone_expert_name(experts, record)
     if lone is not None:
         family = "wan2.2"  # one expert of a Wan2.2 A14B pair, used on its own
-        notes.append(f"{experts[0].location} looks like the {lone} expert of a Wan2.2 A14B model used alone;"
+        notes.append(f"{experts[0].location} {known_from} the {lone} expert of a Wan2.2 A14B model used alone;"
                      " pass the model folder (or both experts in a config) to export both experts")
+    if record is not None and (record.get("family"), record.get("task")) not in ((None, None), (family, task)):
+        notes.append(f"{experts[0].files[0]}: its {CONVERT_METADATA_KEY} metadata says {record.get('family')} {record.get('task')},"
+                     f" but the tensor shapes say {family} {task}; the shapes are used")
     if path.is_dir():
         notes += _diffusers_encoder_notes(path)
     for e in experts:
@@ -313,7 +325,7 @@ def resolve_model(path: str | os.PathLike, config: str | os.PathLike | None = No
         vae=vae.path if vae else None,
         vae_version=vae.version if vae else None,
         tokenizer=tokenizer,
-        sampling=sampling, config=cfg, source=path, config_path=cfg_path, notes=notes,
+        sampling=sampling, config=cfg, source=path, config_path=cfg_path, notes=notes, lone_expert=lone,
     )
 
 
@@ -400,15 +412,32 @@ def _family_task(experts: list[Expert], dit: DiTConfig) -> tuple[str, str]:
     raise CheckpointError(f"{where}: in_dim {dit.in_dim}; Wan DiTs take 16 (t2v), 36 (i2v/flf2v) or 48 (ti2v) channels")
 
 
-def _lone_expert_name(experts: list[Expert]) -> str | None:
-    """"high_noise"/"low_noise" when a single expert's folder or file name says it is one of a Wan2.2 pair."""
-    if len(experts) != 1:
+def _convert_record(experts: list[Expert]) -> dict[str, Any] | None:
+    """The `cli.py convert` metadata of a single-file DiT (what it was converted from), if it has readable metadata."""
+    if len(experts) != 1 or len(experts[0].view.sources) != 1:
         return None
+    raw = experts[0].view.sources[0].metadata.get(CONVERT_METADATA_KEY)
+    try:
+        record = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _lone_expert_name(experts: list[Expert], record: dict[str, Any] | None) -> tuple[str | None, str]:
+    """("high_noise"/"low_noise", how it is known) when a single expert is one of a Wan2.2 pair, else (None, "").
+
+    The convert metadata's expert decides; without it, the folder or file name does.
+    """
+    if len(experts) != 1:
+        return None, ""
+    if record is not None and record.get("expert") in MOE_FOLDERS:
+        return record["expert"], f"is, by its {CONVERT_METADATA_KEY} metadata,"
     names = [*(p.name for p in experts[0].files), *(p.parent.name for p in experts[0].files)]
     for expert in MOE_FOLDERS:
         if any(expert in n for n in names):
-            return expert
-    return None
+            return expert, "looks like"
+    return None, ""
 
 
 def _diffusers_encoder_notes(root: Path) -> list[str]:

@@ -212,3 +212,49 @@ def test_bad_inputs_exit_2_with_one_line(kind, extra, message, base_file, base_s
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert re.search(message, lines[0]), lines[0]
     assert list(out_dir.iterdir()) == []
+
+
+def _inspect(path) -> dict:
+    r = CliRunner().invoke(cli, ["inspect", str(path), "--json"])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def test_a_converted_moe_expert_is_inspected_as_that_expert(moe, tmp_path):
+    """Wan2.2 A14B t2v experts have Wan2.1 14B t2v shapes: the convert metadata, not the shapes, says which model it is."""
+    out = tmp_path / "converted" / "dit.safetensors"  # a name that says nothing about the expert
+    out.parent.mkdir()
+    assert run(moe, "-o", out, "--expert", "low_noise").exit_code == 0
+    with safe_open(str(out), "pt") as f:
+        meta = json.loads(f.metadata()["wanrt_convert"])
+    assert (meta["expert"], meta["family"], meta["task"]) == ("low_noise", "wan2.2", "t2v")
+    got = _inspect(out)
+    assert (got["family"], got["task"]) == ("wan2.2", "t2v")
+    assert [(e["name"], e["moe_expert"]) for e in got["experts"]] == [("dit", "low_noise")]
+    assert got["sampling"]["boundary"] is None  # one expert: nothing to switch to
+    r = CliRunner().invoke(cli, ["inspect", str(out)])
+    assert "expert dit (low_noise expert of a Wan2.2 A14B pair)" in r.stdout
+
+    again = tmp_path / "again.safetensors"  # converting the converted file keeps what it is
+    assert run(out, "-o", again, "--quantize", "fp8").exit_code == 0
+    got = _inspect(again)
+    assert (got["family"], got["experts"][0]["moe_expert"], got["experts"][0]["precision"]) == ("wan2.2", "low_noise", "fp8_e4m3")
+
+    bare = tmp_path / "bare" / "dit.safetensors"  # the same tensors without the metadata: the shapes decide
+    bare.parent.mkdir()
+    save_file(load_file(str(out)), str(bare))
+    got = _inspect(bare)
+    assert (got["family"], got["task"], got["experts"][0]["moe_expert"]) == ("wan2.1", "t2v", None)
+    named = tmp_path / "bare" / "wan2.2_t2v_low_noise_bf16.safetensors"  # ... or the file name, as before
+    bare.rename(named)
+    assert (_inspect(named)["family"], _inspect(named)["experts"][0]["moe_expert"]) == ("wan2.2", "low_noise")
+
+
+def test_a_converted_single_dit_records_its_family_and_task(base_file, tmp_path):
+    out = tmp_path / "t2v.safetensors"
+    assert run(base_file, "-o", out).exit_code == 0
+    with safe_open(str(out), "pt") as f:
+        meta = json.loads(f.metadata()["wanrt_convert"])
+    assert (meta["expert"], meta["family"], meta["task"]) == ("dit", "wan2.1", "t2v")  # in_dim 16, no img_emb: Wan2.1 t2v
+    got = _inspect(out)
+    assert (got["family"], got["task"], got["experts"][0]["moe_expert"]) == ("wan2.1", "t2v", None)
