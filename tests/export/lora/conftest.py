@@ -13,17 +13,18 @@ import torch
 from safetensors.torch import save_file
 
 DIM, FFN, LAYERS, IN_DIM, OUT_DIM, TEXT_DIM, FREQ_DIM = 256, 512, 2, 16, 16, 64, 256
+I2V_IN_DIM, CLIP_DIM = 36, 128  # Wan2.1 i2v: 16 noise + 4 mask + 16 image-latent channels; CLIP width (1280 in the real model)
 
 
 def official_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, i2v: bool = False) -> dict[str, torch.Tensor]:
-    """Every key of an official Wan2.1 t2v (or i2v) `WanModel` with tiny shapes and random values."""
+    """Every key of an official Wan2.1 t2v (or i2v: k_img/v_img/norm_k_img and the `img_emb` MLPProj) `WanModel`, tiny and random."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) * 0.05).to(dtype)
 
     sd = {
-        "patch_embedding.weight": r(DIM, IN_DIM, 1, 2, 2),
+        "patch_embedding.weight": r(DIM, I2V_IN_DIM if i2v else IN_DIM, 1, 2, 2),
         "patch_embedding.bias": r(DIM),
         "text_embedding.0.weight": r(DIM, TEXT_DIM),
         "text_embedding.0.bias": r(DIM),
@@ -39,6 +40,13 @@ def official_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, i2v: 
         "head.head.bias": r(OUT_DIM * 4),
         "head.modulation": r(1, 2, DIM),
     }
+    if i2v:  # img_emb.proj: LayerNorm(clip), Linear(clip, clip), GELU, Linear(clip, dim), LayerNorm(dim)
+        sd.update({
+            "img_emb.proj.0.weight": r(CLIP_DIM), "img_emb.proj.0.bias": r(CLIP_DIM),
+            "img_emb.proj.1.weight": r(CLIP_DIM, CLIP_DIM), "img_emb.proj.1.bias": r(CLIP_DIM),
+            "img_emb.proj.3.weight": r(DIM, CLIP_DIM), "img_emb.proj.3.bias": r(DIM),
+            "img_emb.proj.4.weight": r(DIM), "img_emb.proj.4.bias": r(DIM),
+        })
     for n in range(LAYERS):
         p = f"blocks.{n}."
         sd[p + "modulation"] = r(1, 6, DIM)

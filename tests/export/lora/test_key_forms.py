@@ -10,9 +10,12 @@ import logging
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from export.checkpoint.view import CheckpointView, open_source
 from export.lora import LoraError, LoraSpec, apply_loras
+
+from .conftest import official_state_dict
 
 RANK = 4
 # official module -> diffusers module (peer-formats.md, convert_wan_to_diffusers rename table)
@@ -334,3 +337,64 @@ def test_dora_is_refused_clearly(view, write_file):
     )
     with pytest.raises(LoraError, match="DoRA.*not supported"):
         apply_loras(view, [LoraSpec(path)], "dit")
+
+
+# I2V base (Wan2.1 i2v/flf2v): official module -> diffusers module, typed from peer-formats.md
+# (`attn2.to_k_img -> attn2.add_k_proj`, `img_emb.proj.1 -> condition_embedder.image_embedder.ff.net.0.proj`, ...).
+I2V_LOW_RANK = {
+    "blocks.0.cross_attn.k_img": "blocks.0.attn2.add_k_proj",
+    "blocks.1.cross_attn.v_img": "blocks.1.attn2.add_v_proj",
+    "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
+    "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
+}
+I2V_BIAS = ["blocks.0.cross_attn.k_img", "img_emb.proj.1"]  # PEFT lora_B.bias
+# official tensor -> diffusers name of its full delta
+I2V_DELTAS = {
+    "blocks.1.cross_attn.norm_k_img.weight": "blocks.1.attn2.norm_added_k.diff",
+    "img_emb.proj.0.bias": "condition_embedder.image_embedder.norm1.diff_b",
+    "img_emb.proj.4.weight": "condition_embedder.image_embedder.norm2.diff",
+}
+
+
+@pytest.fixture(scope="module")
+def i2v_sd() -> dict[str, torch.Tensor]:
+    return official_state_dict(seed=7, i2v=True)
+
+
+@pytest.fixture(scope="module")
+def i2v_view(tmp_path_factory, i2v_sd) -> CheckpointView:
+    path = tmp_path_factory.mktemp("i2v") / "wan_i2v_fp32.safetensors"
+    save_file(i2v_sd, str(path))
+    return CheckpointView([open_source(path)])
+
+
+@pytest.mark.parametrize("form", ["peft_transformer", "peft_default", "kohya_diffusers_names"])
+def test_diffusers_added_kv_and_image_embedder_on_an_i2v_base(form, i2v_sd, i2v_view, write_file, assert_close):
+    """`attn2.add_k_proj`/`add_v_proj` patch `cross_attn.k_img`/`v_img`; `condition_embedder.image_embedder.*` patches `img_emb.proj.*`."""
+    g = torch.Generator().manual_seed(12)
+    low_rank, full, lora = {}, {}, {}
+    prefix, infix = {"peft_transformer": ("transformer.", ""), "peft_default": ("base_model.model.", ".default")}.get(form, ("", ""))
+    for i, (m, diffusers) in enumerate(I2V_LOW_RANK.items()):
+        o, n = i2v_sd[m + ".weight"].shape
+        up, down = torch.randn(o, RANK, generator=g) * 0.1, torch.randn(RANK, n, generator=g) * 0.1
+        if form == "kohya_diffusers_names":
+            k = "lora_unet_" + diffusers.replace(".", "_")
+            lora |= {f"{k}.lora_up.weight": up, f"{k}.lora_down.weight": down, f"{k}.alpha": torch.tensor(float(i + 1))}
+            low_rank[m] = (up, down, (i + 1) / RANK)
+            continue
+        lora |= {f"{prefix}{diffusers}.lora_B{infix}.weight": up, f"{prefix}{diffusers}.lora_A{infix}.weight": down}
+        low_rank[m] = (up, down, 1.0)
+        if m in I2V_BIAS:
+            full[m + ".bias"] = torch.randn(o, generator=g) * 0.1
+            lora[f"{prefix}{diffusers}.lora_B{infix}.bias"] = full[m + ".bias"]
+    if form == "peft_transformer":
+        for official, key in I2V_DELTAS.items():
+            full[official] = torch.randn(i2v_sd[official].shape, generator=g) * 0.1
+            lora["transformer." + key] = full[official]
+    strength = 0.8
+    merged = apply_loras(i2v_view, [LoraSpec(write_file(lora), strength)], "dit")
+    assert merged.report.loras[0].skipped == []
+    got = merged.state_dict(torch.float32)
+    assert_close(got, reference_merge(i2v_sd, low_rank, full, strength))
+    changed = {k for k in i2v_sd if not torch.equal(got[k], i2v_sd[k])}
+    assert changed == {m + ".weight" for m in I2V_LOW_RANK} | set(full)
