@@ -14,7 +14,7 @@ from engines.manifest import verify_bundle
 from .backends import BACKENDS, make_backend
 from .pipeline import GenerationRequest, WanPipeline
 from .progress import Progress
-from .video import check_output_path, to_uint8_frames, write_mp4, write_png_frames
+from .video import check_frames_dir, check_output_path, to_uint8_frames, write_mp4, write_png_frames
 
 
 @click.command("run")
@@ -46,8 +46,8 @@ def run_command(
     """Generate a video from a bundle (torch-free runtime)."""
     start = time.perf_counter()
     out = check_output_path(output)
-    if frames_dir is not None and Path(frames_dir).exists() and not Path(frames_dir).is_dir():
-        raise WanrtError(f"{frames_dir}: exists and is not a folder")
+    if frames_dir is not None:
+        check_frames_dir(frames_dir)  # before any work: a bad folder must not cost a whole generation
     manifest = verify_bundle(bundle)
     verify_seconds = time.perf_counter() - start
     engine_backend = make_backend(backend)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.errors import WanrtError
+from engines.files import give_default_mode
 
 
 def to_uint8_frames(video: np.ndarray) -> np.ndarray:
@@ -62,6 +63,7 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int, crf: int = 
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        give_default_mode(tmp)
         with av.open(str(tmp), mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=int(fps))
             stream.width, stream.height = w, h
@@ -79,18 +81,25 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int, crf: int = 
     return dest
 
 
-def write_png_frames(frames: np.ndarray, folder: str | os.PathLike) -> list[Path]:
-    """Write frames as `frame_00000.png`, ... into `folder` (created, or replaced if it holds only our PNGs)."""
-    from PIL import Image
-
+def check_frames_dir(folder: str | os.PathLike) -> Path:
+    """The absolute frames folder, if it is absent or holds only our `frame_*.png` files (so it may be replaced)."""
     dest = Path(folder).absolute()
     if dest.exists() and not dest.is_dir():
         raise WanrtError(f"{dest}: exists and is not a folder")
     if dest.is_dir() and any(not p.name.startswith("frame_") or p.suffix != ".png" for p in dest.iterdir()):
         raise WanrtError(f"{dest}: folder holds other files; refusing to replace it with frames")
+    return dest
+
+
+def write_png_frames(frames: np.ndarray, folder: str | os.PathLike) -> list[Path]:
+    """Write frames as `frame_00000.png`, ... into `folder` (created, or replaced if it holds only our PNGs)."""
+    from PIL import Image
+
+    dest = check_frames_dir(folder)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
+        give_default_mode(tmp, directory=True)
         names = []
         for i, frame in enumerate(frames):
             name = f"frame_{i:05d}.png"

@@ -41,7 +41,6 @@ def i2v(bundle_factory):
 
 
 def test_full_run_writes_mp4_frames_and_json(t2v, tmp_path):
-    pytest.importorskip("runtime.vae", reason="runtime/vae.py (helper E) not in the tree yet")
     out, frames = tmp_path / "fox.mp4", tmp_path / "frames"
     result = run(t2v, "--prompt", "a red fox runs in snow", "--seed", 3, "--steps", 4, "-o", out,
                  "--frames-dir", frames, "--json")  # fmt: skip
@@ -51,7 +50,10 @@ def test_full_run_writes_mp4_frames_and_json(t2v, tmp_path):
     assert [s["index"] for s in summary["per_step"]] == [0, 1, 2, 3]
     assert summary["experts"][0] == HIGH and summary["experts"][-1] == LOW  # t=999 high ... low at the end
     assert set(summary["stages"]) == {"text_encoder", "denoise", "vae_decoder", "write"}
-    assert summary["peak_rss_bytes"] > 0 and summary["host_seconds_per_step"] >= 0
+    assert summary["peak_rss_bytes"] > 0 and summary["vae_tiles"] == 1
+    host = [s["seconds"] - s["engine_seconds"] for s in summary["per_step"]]
+    assert summary["host_seconds_per_step"] == pytest.approx(np.mean([max(h, 0.0) for h in host]))
+    assert all(0 < s["engine_seconds"] <= s["seconds"] for s in summary["per_step"])
     with av.open(str(out)) as c:
         stream = c.streams.video[0]
         assert stream.codec_context.name == "h264" and stream.average_rate == 8  # the bundle's fps
@@ -63,7 +65,6 @@ def test_full_run_writes_mp4_frames_and_json(t2v, tmp_path):
 
 
 def test_i2v_run(i2v, tmp_path):
-    pytest.importorskip("runtime.vae", reason="runtime/vae.py (helper E) not in the tree yet")
     img = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(img)
     out = tmp_path / "i2v.mp4"
@@ -75,7 +76,6 @@ def test_i2v_run(i2v, tmp_path):
 
 
 def test_ti2v_run_with_image(bundle_factory, tmp_path):
-    pytest.importorskip("runtime.vae", reason="runtime/vae.py (helper E) not in the tree yet")
     sampling = SamplingDefaults(steps=3, shift=5.0, guide_scale=(5.0, 5.0), frames=5, height=32, width=64, fps=24,
                                 max_area=32 * 64)  # fmt: skip
     bundle = bundle_factory("ti2v_cli", task="ti2v", moe=False, vae_version="2.2", sampling=sampling)
@@ -103,6 +103,11 @@ def test_bad_inputs_are_one_line_exit_2_no_output(t2v, i2v, tmp_path):
     assert_clean_error(run(t2v, "--prompt", "x", "-o", tmp_path / "o.gif"), "must be an .mp4 file", tmp_path)
     assert_clean_error(run(t2v, "--prompt", "x", "-o", tmp_path / "no" / "o.mp4"), "output folder does not exist", tmp_path)
     assert_clean_error(run(tmp_path / "nowhere", "--prompt", "x", "-o", out), "not a bundle folder", tmp_path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    result = run(t2v, "--prompt", "x", "-o", out, "--frames-dir", tmp_path / "mine", "--json")
+    assert_clean_error(result, "mine: folder holds other files", tmp_path)
+    assert "denoise" not in result.stderr  # refused before any engine ran
 
 
 def test_bundle_failing_verification_is_refused_before_loading(t2v, tmp_path):

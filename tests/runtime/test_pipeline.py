@@ -215,7 +215,6 @@ def test_encode_clip_matches_the_graph_on_official_preprocessing(bundle_factory)
 def test_flf2v_condition_is_mask_then_vae_latents(bundle_factory):
     """y = [4 mask channels | VAE(first, zeros, last)]: checked with the VAE test graph's numpy twin
     (a chunk's latent = its mean over channels, frames and 8x8 blocks, times the per-channel gains)."""
-    pytest.importorskip("runtime.vae", reason="runtime/vae.py (helper E) not in the tree yet")
     bundle = bundle_factory("wan21_flf2v", family="wan2.1", task="flf2v", moe=False, clip_tokens=514)
     pipe = pipeline(bundle)
     first = _image_file(bundle.parent / "f1.png", 40, 24, seed=1)

@@ -51,7 +51,6 @@ def test_runtime_modules_import_and_run_help_without_torch():
 
 
 def test_cli_run_end_to_end_without_torch(bundle_factory, tmp_path):
-    pytest.importorskip("runtime.vae", reason="runtime/vae.py (helper E) not in the tree yet")
     bundle = bundle_factory("moe_t2v")
     out = tmp_path / "video.mp4"
     code = (

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import av
 import numpy as np
 import pytest
@@ -77,3 +80,16 @@ def test_png_frames(tmp_path):
     with pytest.raises(WanrtError, match="holds other files"):
         write_png_frames(frames, tmp_path / "mine")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_outputs_get_the_permissions_of_a_plain_write(tmp_path):
+    """Temp names are private (0600/0700); the finished mp4 and frames folder get 0666/0777 less the umask."""
+    frames = to_uint8_frames(gradient_video(t=2))
+    old = os.umask(0o027)
+    try:
+        write_mp4(frames, tmp_path / "v.mp4", fps=8)
+        write_png_frames(frames, tmp_path / "frames")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "v.mp4").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "frames").stat().st_mode) == 0o750
