@@ -7,7 +7,11 @@ the checkpoint file, or from a module passed in), cast and written one at a time
 besides the graph.
 
 Precisions (graph I/O always int64 / float32):
-- text encoder: fp32, bf16 (fp16 is refused: umt5-xxl overflows it);
+- text encoder: fp32, bf16 (fp16 is refused: umt5-xxl overflows it).  The token table is stored
+  in bf16 whenever the source holds it in bf16 (the official file does: nothing is lost) and
+  gathered rows are cast to the compute dtype: umt5-xxl's 256384 x 4096 table is 3.9 GiB in
+  fp32, over TensorRT's 2 GiB per weight (a wider table that size is rounded to bf16 for that
+  reason); Gather is in TensorRT's bf16 list and ONNX Runtime's CPU Gather takes any type;
 - image encoder: fp32, bf16, fp16 (the official pipeline runs the CLIP tower in fp16).
 """
 
@@ -22,9 +26,10 @@ import torch
 from engines.errors import WanrtError
 from engines.signatures import image_encoder_signature, text_encoder_signature
 from export.checkpoint.view import TensorSource
-from export.models.clip import CLIPVisionEncoder, open_clip_checkpoint
-from export.models.t5 import T5Encoder, open_t5_checkpoint, relative_bucket_table
+from export.models.clip import CLIPVisionConfig, CLIPVisionEncoder, open_clip_checkpoint
+from export.models.t5 import T5Config, T5Encoder, open_t5_checkpoint, relative_bucket_table
 from export.onnx_export import export_onnx
+from export.onnx_lint import MAX_INITIALIZER_BYTES
 
 ONNX_NAME = "model.onnx"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,13 +58,17 @@ def export_text_encoder_onnx(
     """
     dtype = _dtype(precision, TEXT_PRECISIONS, "text encoder")
     if isinstance(source, T5Encoder):
-        cfg, weights = source.config, _cast_loaders(source.state_dict(), dtype)
+        cfg, state = source.config, source.state_dict()
+        table_dtype = token_table_dtype(cfg, dtype, holds_bf16_values(state[TOKEN_TABLE], cfg))
+        weights = _cast_loaders(state, dtype) | _cast_loaders({TOKEN_TABLE: state[TOKEN_TABLE]}, table_dtype)
     else:
         cfg, reader = open_t5_checkpoint(source, task)
+        table_dtype = token_table_dtype(cfg, dtype, reader.header(TOKEN_TABLE).dtype == "bf16")
         weights = _read_loaders(reader, {k: k for k in reader.keys()}, dtype)
+        weights |= _read_loaders(reader, {TOKEN_TABLE: TOKEN_TABLE}, table_dtype)
     weights["bucket_table"] = lambda: relative_bucket_table(cfg, device="cpu")
+    module = text_encoder_graph_module(cfg, dtype, table_dtype)
     with torch.device("meta"):
-        module = T5Encoder(cfg).to(dtype)
         example = {  # batch 2, 7 tokens: neither dim is 0/1, so torch.export keeps both dynamic
             "input_ids": torch.zeros(2, 7, dtype=torch.int64),
             "attention_mask": torch.ones(2, 7, dtype=torch.int64),
@@ -87,11 +96,43 @@ def export_image_encoder_onnx(
     else:
         cfg, reader, names = open_clip_checkpoint(source, task)
         weights = _read_loaders(reader, names, dtype)
+    module = image_encoder_graph_module(cfg, dtype)
     with torch.device("meta"):
-        module = CLIPVisionEncoder(cfg).to(dtype)
         example = {"pixel_values": torch.zeros(2, 3, cfg.image_size, cfg.image_size)}
     signature = image_encoder_signature(cfg.width, cfg.image_size, cfg.tokens)
     return export_onnx(module.eval(), example, Path(out_dir) / ONNX_NAME, signature, weights=weights, progress=progress)
+
+
+TOKEN_TABLE = "token_embedding.weight"
+
+
+def token_table_dtype(cfg: T5Config, dtype: torch.dtype, source_is_bf16: bool) -> torch.dtype:
+    """The dtype the text-encoder graph stores its token table in (see the module docstring)."""
+    too_big = cfg.vocab_size * cfg.dim * dtype.itemsize > MAX_INITIALIZER_BYTES
+    return torch.bfloat16 if source_is_bf16 or too_big else dtype
+
+
+def holds_bf16_values(table: torch.Tensor, cfg: T5Config) -> bool:
+    """True when a token table is bf16 or holds only bf16 values (e.g. loaded from the bf16 file)."""
+    if table.dtype == torch.bfloat16:
+        return True
+    if cfg.vocab_size * cfg.dim * 4 > MAX_INITIALIZER_BYTES:
+        return False  # not worth a pass over the table: token_table_dtype rounds it anyway
+    return bool(torch.equal(table.detach().to(torch.bfloat16).to(table.dtype), table.detach()))
+
+
+def text_encoder_graph_module(cfg: T5Config, dtype: torch.dtype, table_dtype: torch.dtype) -> T5Encoder:
+    """The umt5 encoder as traced for export, on `meta`: weights in `dtype`, token table in `table_dtype`."""
+    with torch.device("meta"):
+        module = T5Encoder(cfg).to(dtype)
+    module.token_embedding.to(table_dtype)
+    return module
+
+
+def image_encoder_graph_module(cfg: CLIPVisionConfig, dtype: torch.dtype) -> CLIPVisionEncoder:
+    """The CLIP vision tower as traced for export, on `meta`, weights in `dtype`."""
+    with torch.device("meta"):
+        return CLIPVisionEncoder(cfg).to(dtype)
 
 
 def _read_loaders(reader: TensorSource, names: dict[str, str], dtype: torch.dtype) -> dict[str, Loader]:

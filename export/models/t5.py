@@ -171,6 +171,8 @@ class T5Encoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         x = self.token_embedding(input_ids)
+        if x.dtype != self.norm.weight.dtype:  # a bf16 token table (export) feeds the compute dtype
+            x = x.to(self.norm.weight.dtype)
         buckets = self.relative_buckets(input_ids.shape[1])
         keep = (attention_mask != 0)[:, None, None, :]  # [B,1,1,Lk]
         for block in self.blocks:

@@ -11,7 +11,7 @@ from onnx.reference import ReferenceEvaluator
 
 from engines.errors import WanrtError
 from engines.signatures import text_encoder_signature
-from export.encoders_onnx import export_text_encoder_onnx
+from export.encoders_onnx import export_text_encoder_onnx, holds_bf16_values, token_table_dtype
 from export.models.t5 import T5Config, T5Encoder
 from export.onnx_lint import lint_onnx
 
@@ -31,15 +31,21 @@ def batch(b: int, length: int, lengths: list[int], seed: int) -> tuple[torch.Ten
 
 @pytest.fixture(scope="module")
 def model() -> T5Encoder:
+    """A random encoder whose token table holds bf16 values, as the official file stores it."""
     torch.manual_seed(1)
-    return T5Encoder(CFG).eval()
+    model = T5Encoder(CFG).eval()
+    with torch.no_grad():
+        model.token_embedding.weight.copy_(model.token_embedding.weight.to(torch.bfloat16))
+    return model
 
 
 @pytest.fixture(scope="module")
 def fp32_export(model, tmp_path_factory):
-    """Export from an official-layout .pth: traced on meta, weights streamed from the file."""
+    """Export from an official-layout .pth (bf16 token table, fp32 rest): traced on meta, weights streamed."""
     root = tmp_path_factory.mktemp("t5onnx")
-    torch.save(model.state_dict(), root / "models_t5_umt5-xxl-enc-bf16.pth")
+    state = model.state_dict()
+    state["token_embedding.weight"] = state["token_embedding.weight"].to(torch.bfloat16)
+    torch.save(state, root / "models_t5_umt5-xxl-enc-bf16.pth")
     out = root / "text_encoder"
     return out, export_text_encoder_onnx(root / "models_t5_umt5-xxl-enc-bf16.pth", out, "fp32", progress=False)
 
@@ -53,6 +59,29 @@ def test_files_names_and_lint(fp32_export, model):
     assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
     assert [o.name for o in graph.output] == ["context"]
     assert set(model.state_dict()) <= {t.name for t in graph.initializer}  # official names survive
+
+
+def test_fp32_graph_keeps_the_bf16_token_table_and_casts_gathered_rows(fp32_export):
+    """umt5-xxl's table is 3.9 GiB in fp32 (over TensorRT's 2 GiB per weight): it stays bf16 as stored."""
+    _, files = fp32_export
+    graph = onnx.load(files[0], load_external_data=False).graph
+    dtypes = {t.name: t.data_type for t in graph.initializer}
+    assert dtypes["token_embedding.weight"] == onnx.TensorProto.BFLOAT16
+    assert dtypes["blocks.0.attn.q.weight"] == onnx.TensorProto.FLOAT
+    gather = next(n for n in graph.node if n.op_type == "Gather" and n.input[0] == "token_embedding.weight")
+    (cast,) = [n for n in graph.node if gather.output[0] in n.input]
+    assert cast.op_type == "Cast" and onnx.helper.get_attribute_value(cast.attribute[0]) == onnx.TensorProto.FLOAT
+
+
+def test_token_table_dtype_rule(model):
+    """bf16 when the source is bf16 (lossless) or when fp32 would pass 2 GiB; otherwise the export dtype."""
+    real = T5Config()
+    assert token_table_dtype(real, torch.float32, source_is_bf16=True) == torch.bfloat16
+    assert token_table_dtype(real, torch.float32, source_is_bf16=False) == torch.bfloat16  # 3.9 GiB in fp32
+    assert token_table_dtype(CFG, torch.float32, source_is_bf16=False) == torch.float32  # never rounded when it fits
+    assert token_table_dtype(CFG, torch.bfloat16, source_is_bf16=False) == torch.bfloat16
+    table = model.token_embedding.weight
+    assert holds_bf16_values(table, CFG) and not holds_bf16_values(table + 1e-3, CFG)
 
 
 def test_onnxruntime_equals_torch_at_two_shapes(fp32_export, model):
