@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from export.models.clip import CLIPVisionConfig
 from export.models.t5 import T5Config
@@ -147,3 +149,24 @@ def test_inspect_human_output(tiny_model):
     assert lines[0].startswith("wan2.2 t2v")
     assert any("expert high_noise" in ln and "fp8_e4m3" in ln and "per_channel" in ln for ln in lines)
     assert any(ln.strip().startswith("dit: dim 256") for ln in lines)
+
+
+def test_unknown_keys_are_reported(tiny_model, tmp_path):
+    """Tensors no Wan DiT has (a VACE branch, a stray block key) are listed, not used, and do not change the model."""
+    src = next(tiny_model("wan2.1", "t2v", "lightx2v-bf16").glob("*.safetensors"))
+    state = load_file(src)
+    extra = {"vace_blocks.0.proj.weight": torch.zeros(4, 4, dtype=torch.bfloat16), "blocks.0.foo": torch.zeros(3, dtype=torch.bfloat16)}
+    path = tmp_path / src.name
+    save_file({**state, **extra}, path)
+    want = run_cli("inspect", src, "--json").json()
+    r = run_cli("inspect", path, "--json")
+    assert r.exit_code == 0, r.stderr
+    got = r.json()
+    assert sorted(got["experts"][0]["unknown_keys"]) == sorted(extra)
+    assert got["experts"][0]["num_tensors"] == len(state)
+    assert (got["dit"], got["family"], got["task"]) == (want["dit"], want["family"], want["task"])
+    assert got["experts"][0]["num_params"] == want["experts"][0]["num_params"]
+    notes = [ln.strip() for ln in run_cli("inspect", path).stdout.splitlines() if ln.strip().startswith("note:") and "unknown" in ln]
+    assert len(notes) == 1 and notes[0].startswith("note: dit: 2 unknown tensor(s)"), notes
+    assert all(k in notes[0] for k in extra)
+    assert run_cli("inspect", src, "--json").json()["experts"][0]["unknown_keys"] == []
