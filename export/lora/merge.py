@@ -306,13 +306,10 @@ def match_lora(spec: LoraSpec, base: Mapping[str, Any], strict: bool = False) ->
             f" its keys look like: {_examples(match.skipped)}"
         )
     if match.skipped:
-        msg = (
-            f"LoRA {spec.path}: {len(match.skipped)} of {len(keys)} keys match nothing in the base and are skipped,"
-            f" e.g. {_examples(match.skipped)}"
-        )
+        unmatched = f"LoRA {spec.path}: {len(match.skipped)} of {len(keys)} keys match nothing in the base model"
         if strict:
-            raise LoraError(msg + " (--lora-strict)")
-        log.warning("warning: %s", msg)
+            raise LoraError(f"{unmatched}, e.g. {_examples(match.skipped)}; with --lora-strict every key must match a base tensor")
+        log.warning("warning: %s and are skipped, e.g. %s", unmatched, _examples(match.skipped))
     return match, patches
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from export.tiny import make_tiny_model
 
 from .conftest import lightx2v_lora
 
+REPO = Path(__file__).resolve().parents[3]
 BLOCK_LINEAR = re.compile(r"^blocks\.\d+\.((self_attn|cross_attn)\.[qkvo]|ffn\.[02])\.weight$")
 TARGETS = ["blocks.0.self_attn.q.weight", "blocks.1.cross_attn.v.weight", "blocks.0.ffn.2.weight"]
 RANK = 4
@@ -258,3 +262,39 @@ def test_a_converted_single_dit_records_its_family_and_task(base_file, tmp_path)
     assert (meta["expert"], meta["family"], meta["task"]) == ("dit", "wan2.1", "t2v")  # in_dim 16, no img_emb: Wan2.1 t2v
     got = _inspect(out)
     assert (got["family"], got["task"], got["experts"][0]["moe_expert"]) == ("wan2.1", "t2v", None)
+
+
+@pytest.fixture
+def lora_with_extra_key(base_sd, tmp_path):
+    """A LoRA on one base linear plus one key for a module the base lacks (an I2V `k_img` on a T2V base)."""
+    sd, _ = lightx2v_lora(base_sd, TARGETS[:1], RANK, seed=5)
+    sd["diffusion_model.blocks.0.cross_attn.k_img.diff_b"] = torch.zeros(base_sd["blocks.0.self_attn.q.bias"].shape)
+    path = tmp_path / "extra_key_lora.safetensors"
+    save_file(sd, str(path))
+    return path
+
+
+def test_lora_strict_makes_an_unmatched_key_an_error(base_file, lora_with_extra_key, tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    r = run(base_file, "-o", out_dir / "out.safetensors", "--lora", lora_with_extra_key, "--lora-strict")
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert str(lora_with_extra_key) in lines[0] and "1 of 3 keys match nothing in the base model" in lines[0], lines[0]
+    assert "diffusion_model.blocks.0.cross_attn.k_img.diff_b" in lines[0] and "--lora-strict" in lines[0]
+    assert "skipped" not in lines[0]
+    assert list(out_dir.iterdir()) == []
+
+
+def test_unmatched_lora_keys_warn_on_stderr_with_count_and_examples(base_file, lora_with_extra_key, tmp_path):
+    """Without --lora-strict the real CLI (a subprocess: no test logging handlers) warns once and converts."""
+    out = tmp_path / "out.safetensors"
+    cmd = [sys.executable, str(REPO / "cli.py"), "convert", str(base_file), "-o", str(out), "--lora", str(lora_with_extra_key), "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("warning: ")]
+    assert len(warnings) == 1, r.stderr
+    assert str(lora_with_extra_key) in warnings[0] and "1 of 3 keys match nothing in the base model and are skipped" in warnings[0]
+    assert "diffusion_model.blocks.0.cross_attn.k_img.diff_b" in warnings[0]
+    assert json.loads(r.stdout)["loras"][0]["skipped_keys"] == 1 and out.is_file()
