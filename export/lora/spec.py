@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from engines.model import EXPERT_NAMES, LoraRecord
 # Wan2.2 `lora_configs[].name` values and their expert names.
 EXPERT_ALIASES = {"high_noise": "high_noise", "low_noise": "low_noise", "high_noise_model": "high_noise", "low_noise_model": "low_noise"}
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+LORA_ARG_FORM = "PATH[:STRENGTH][@high_noise|@low_noise]"
+EXPERT_BEFORE_STRENGTH = re.compile(r"(?P<path>.+)@(?P<expert>[A-Za-z_]+):(?P<strength>[^:/\\]*)")  # x.safetensors@high_noise:0.5
 
 
 class LoraError(WanrtError):
@@ -57,7 +60,11 @@ def parse_lora_arg(arg: str) -> LoraSpec:
     """Parse `PATH[:STRENGTH][@high_noise|@low_noise]` (the `--lora` option)."""
     text = arg.strip()
     if not text:
-        raise LoraError("--lora: empty value; expected PATH[:STRENGTH][@high_noise|@low_noise]")
+        raise LoraError(f"--lora: empty value; expected {LORA_ARG_FORM}")
+    swapped = EXPERT_BEFORE_STRENGTH.fullmatch(text)
+    if swapped and not Path(text).exists():
+        path, expert, strength = swapped.group("path", "expert", "strength")
+        raise LoraError(f"--lora {arg!r}: the expert comes last; expected {LORA_ARG_FORM}, e.g. {path}:{strength}@{expert}")
     expert = None
     head, sep, tail = text.rpartition("@")
     if sep and head and not any(c in tail for c in "/\\.:"):
@@ -70,7 +77,7 @@ def parse_lora_arg(arg: str) -> LoraSpec:
             strength = float(tail)
         except ValueError:
             raise LoraError(
-                f"--lora {arg!r}: strength {tail!r} is not a number; expected PATH[:STRENGTH][@high_noise|@low_noise]"
+                f"--lora {arg!r}: strength {tail!r} is not a number; expected {LORA_ARG_FORM}"
             ) from None
         if not math.isfinite(strength):
             raise LoraError(f"--lora {arg!r}: strength {tail!r} is not a finite number")

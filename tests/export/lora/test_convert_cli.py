@@ -195,6 +195,7 @@ def _bad_lora(kind: str, tmp_path, base_sd) -> str:
         ("dora", [], r"DoRA"),
         ("strength", [], r"strength 'strong' is not a number"),
         ("expert_at", [], r"unknown expert 'medium_noise'"),
+        ("expert_first", [], r"the expert comes last; expected PATH\[:STRENGTH\]\[@high_noise\|@low_noise\]"),
         ("expert_opt", ["--expert", "medium_noise"], r"--expert: unknown expert 'medium_noise'"),
         ("quantize", ["--quantize", "fp4"], r"--quantize 'fp4'"),
         ("missing", [], r"nothing_here\.safetensors"),
@@ -206,6 +207,7 @@ def test_bad_inputs_exit_2_with_one_line(kind, extra, message, base_file, base_s
     arg = {
         "strength": str(base_file.parent / "any.safetensors") + ":strong",
         "expert_at": str(base_file.parent / "any.safetensors") + "@medium_noise",
+        "expert_first": str(base_file.parent / "any.safetensors") + "@high_noise:0.5",
         "missing": str(tmp_path / "nothing_here.safetensors"),
     }.get(kind) or _bad_lora(kind if kind in ("corrupt", "rank", "shape", "dora") else "ok", lora_dir, base_sd)
     out_dir = tmp_path / "out"

@@ -34,6 +34,9 @@ def test_parse_lora_arg(arg, path, strength, expert):
         ("style.safetensors:strong", "strength 'strong' is not a number"),
         ("style.safetensors:nan", "not a finite number"),
         ("style.safetensors@medium_noise", "unknown expert 'medium_noise'"),
+        ("style.safetensors@high_noise:0.5",
+         r"the expert comes last; expected PATH\[:STRENGTH\]\[@high_noise\|@low_noise\], e\.g\. style\.safetensors:0\.5@high_noise"),
+        ("/loras/x.safetensors@low_noise_model:-1", r"expert comes last.*e\.g\. /loras/x\.safetensors:-1@low_noise_model"),
         ("", "empty value"),
     ],
 )
@@ -46,6 +49,8 @@ def test_a_path_holding_a_colon_that_exists_is_a_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("odd:name").write_bytes(b"x")
     assert parse_lora_arg("odd:name") == LoraSpec(Path("odd:name"))
+    Path("lora@high_noise:v2").write_bytes(b"x")  # looks like expert-before-strength, but it is a file
+    assert parse_lora_arg("lora@high_noise:v2") == LoraSpec(Path("lora@high_noise:v2"))
 
 
 def test_loras_from_config(tmp_path):
