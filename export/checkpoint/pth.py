@@ -134,11 +134,36 @@ def read_pth_header(path: str | Path) -> dict[str, PthTensorInfo]:
     return infos
 
 
+MAX_REASON_CHARS = 200
+
+
+def first_sentence(line: str, limit: int = MAX_REASON_CHARS) -> str:
+    """The first sentence of `line` without its full stop; past `limit` characters, cut at a word and marked "..."."""
+    end = line.find(". ")
+    sentence = (line if end < 0 else line[:end]).strip().rstrip(".")
+    if len(sentence) > limit:
+        sentence = sentence[:limit].rsplit(" ", 1)[0] + " ..."
+    return sentence
+
+
 def _blocked_reason(message: str) -> str:
-    """The line of torch's weights_only error that names what was blocked."""
+    """The sentence of torch's weights_only error that names what was blocked."""
     lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
     named = [ln for ln in lines if "GLOBAL" in ln or "global" in ln.lower()]
-    return (named[0] if named else lines[-1] if lines else "disallowed pickle content")[:200]
+    return first_sentence(named[0] if named else lines[-1]) if lines else "disallowed pickle content"
+
+
+def _unreadable_reason(error: Exception) -> str:
+    """Why torch could not read a `.pth` file, in our words where we know the case, else torch's first sentence."""
+    message = str(error)
+    if "_use_new_zipfile_serialization" in message:  # torch's mmap loader met something that is not a zip archive
+        return "not a zip-format torch checkpoint (the torch.save format since PyTorch 1.6); legacy and non-torch files are not read"
+    line = next((ln.strip() for ln in message.splitlines() if ln.strip()), "")
+    if not line:
+        return type(error).__name__
+    if "zip archive" in line:
+        return f"truncated or corrupt zip archive: {first_sentence(line)}"
+    return first_sentence(line)
 
 
 def load_pth_state_dict(path: str | Path) -> dict[str, "torch.Tensor"]:
@@ -156,8 +181,7 @@ def load_pth_state_dict(path: str | Path) -> dict[str, "torch.Tensor"]:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
-        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable .pth file ({msg})") from None
+        raise CheckpointError(f"{path}: not a readable .pth file: {_unreadable_reason(e)}") from None
     state = unwrap_state_dict(obj, path)
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a dict of named tensors")

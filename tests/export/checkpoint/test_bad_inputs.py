@@ -219,6 +219,31 @@ def test_pth_with_code_executing_pickle(official_copy, tmp_path):
     assert not marker.exists()
 
 
+def test_truncated_or_foreign_pth_says_why_in_whole_sentences(official_copy, tmp_path):
+    """torch's long loader errors become one clear reason, never a sentence cut off mid-word."""
+    t5 = official_copy / "models_t5_umt5-xxl-enc-bf16.pth"
+    data = t5.read_bytes()
+    t5.write_bytes(data[: len(data) // 2])
+    line = assert_one_line_error(["inspect", official_copy], t5, "not a readable .pth file", "truncated or corrupt zip archive: ")
+    with pytest.raises(RuntimeError) as torch_error:
+        torch.load(t5, map_location="cpu", weights_only=True, mmap=True)
+    said, torch_line = line.split("truncated or corrupt zip archive: ", 1)[1], str(torch_error.value).splitlines()[0]
+    assert torch_line.startswith(said) and torch_line[len(said):][:2] in ("", ".", ". ")  # torch's first sentence, whole
+    t5.write_bytes(b"not a checkpoint at all\n" * 4)
+    assert_one_line_error(["inspect", t5], t5, "not a zip-format torch checkpoint")
+
+
+def test_first_sentence_cuts_at_sentence_or_word_boundaries():
+    from export.checkpoint.pth import first_sentence
+
+    assert first_sentence("Failed reading zip archive: no central directory. This is an internal error. Retry.") == (
+        "Failed reading zip archive: no central directory"
+    )
+    long = " ".join(f"word{i}" for i in range(100))  # one 590-character sentence
+    cut = first_sentence(long, limit=50)
+    assert cut.endswith(" ...") and len(cut) <= 54 and long.startswith(cut[: -len(" ...")] + " ")
+
+
 def test_make_tiny_model_bad_arguments(tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")
