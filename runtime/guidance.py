@@ -90,6 +90,13 @@ def engine_max_batch(engine: Engine) -> int:
     return lo_hi[1] if lo_hi else 1
 
 
+def pair_static_inputs(
+    context: np.ndarray, context_null: np.ndarray, extra: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """The batch-2 [cond, uncond] inputs that do not change between steps: contexts and `extra` twice."""
+    return {"context": np.concatenate([context, context_null]), **{k: np.concatenate([v, v]) for k, v in (extra or {}).items()}}
+
+
 def predict_velocity(
     engine: Engine,
     step: StepPlan,
@@ -98,13 +105,15 @@ def predict_velocity(
     context: np.ndarray,
     context_null: np.ndarray | None,
     extra: dict[str, np.ndarray] | None = None,
+    paired: dict[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, int]:
     """Guided velocity for one step and the number of engine calls it took.
 
     `latent` [1, in_dim, F, H, W] (conditioning channels included), `timestep` [1] or [1, F],
     `context` / `context_null` [1, text_len, D], `extra` other batch-1 inputs (`clip_fea`),
     shared by both passes.  With CFG and an engine that takes batch 2, one call runs
-    [cond, uncond]; otherwise two calls, conditional first.
+    [cond, uncond]; otherwise two calls, conditional first.  `paired` is
+    `pair_static_inputs(...)`, built once per run so a step does not copy the contexts again.
     """
     extra = extra or {}
     feeds = {"latent": latent, "timestep": timestep, "context": context, **extra}
@@ -113,8 +122,9 @@ def predict_velocity(
     if context_null is None:
         raise ValueError("CFG step without a negative context")
     if engine_max_batch(engine) >= 2:
-        batched = {k: np.concatenate([v, v]) for k, v in feeds.items()}
-        batched["context"] = np.concatenate([context, context_null])
+        if paired is None:
+            paired = pair_static_inputs(context, context_null, extra)
+        batched = {"latent": np.concatenate([latent, latent]), "timestep": np.concatenate([timestep, timestep]), **paired}
         out = engine.run(batched)["noise_pred"]
         return combine_cfg(out[:1], out[1:], step.guide_scale), 1
     cond = engine.run(feeds)["noise_pred"]

@@ -28,3 +28,11 @@ def diffusers_euler(steps: int, shift: float) -> FlowMatchEulerDiscreteScheduler
     sched.set_timesteps(sigmas=official_unshifted_sigmas(steps))
     sched.set_begin_index(0)
     return sched
+
+
+def diffusers_distill(denoising_step_list: list[int], shift: float) -> FlowMatchEulerDiscreteScheduler:
+    """LightX2V's step-distilled schedule as diffusers' flow Euler: the unshifted list / 1000 as sigmas, shift applied."""
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    sched.set_timesteps(sigmas=[t / 1000 for t in denoising_step_list])
+    sched.set_begin_index(0)
+    return sched

@@ -10,7 +10,7 @@ import torch
 from engines.errors import WanrtError
 from runtime.guidance import plan_steps
 from runtime.schedulers import FlowUniPC, distill_schedule, make_sampler, wan_schedule
-from tests.runtime.oracles import diffusers_euler, diffusers_unipc, official_unshifted_sigmas
+from tests.runtime.oracles import diffusers_distill, diffusers_euler, diffusers_unipc, official_unshifted_sigmas
 
 
 def run_both(ours, theirs, shape, seed: int):
@@ -79,6 +79,17 @@ def test_distill_updates_match_independent_euler(steps, shift):
     # the last step lands on the x0 prediction: x_T - sigma_T * v
     with pytest.raises(RuntimeError, match="already taken"):
         sampler.step(v, x)
+
+
+@pytest.mark.parametrize("steps,shift", [([1000, 750, 500, 250], 5.0), ([1000, 500], 3.0), ([999, 800, 600, 400, 200, 1], 8.0)])
+def test_distill_matches_diffusers_flow_euler(steps, shift):
+    """diffusers' FlowMatchEulerDiscreteScheduler(shift) on sigmas = list / 1000 is the same sampler."""
+    theirs = diffusers_distill(steps, shift)
+    ours = make_sampler("distill", len(steps), shift, steps)
+    np.testing.assert_allclose(ours.timesteps, theirs.timesteps.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(ours.sigmas, theirs.sigmas.numpy(), rtol=0, atol=2e-7)
+    x, ref = run_both(ours, theirs, (1, 4, 2, 3, 5), seed=len(steps))
+    np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
 def test_moe_step_split_matches_reference_counts():
