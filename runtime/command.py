@@ -14,6 +14,7 @@ from engines.manifest import verify_bundle
 from .backends import BACKENDS, make_backend
 from .pipeline import GenerationRequest, WanPipeline
 from .progress import Progress
+from .schedulers import SAMPLERS
 from .video import check_frames_dir, check_output_path, to_uint8_frames, write_mp4, write_png_frames
 
 
@@ -29,6 +30,10 @@ from .video import check_frames_dir, check_output_path, to_uint8_frames, write_m
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the bundle's).")
 @click.option("--guidance", type=float, default=None, help="CFG scale for every expert (default: the bundle's).")
 @click.option("--shift", type=float, default=None, help="Flow-matching schedule shift (default: the bundle's).")
+@click.option(
+    "--sampler", type=click.Choice(SAMPLERS), default=None,
+    help="unipc (Wan's default), euler, or distill (LightX2V's step-distilled schedule; needs a distill bundle). Default: the bundle's.",
+)
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Noise seed (default: random, reported); numpy's generator, so not the official (torch) noise.")
 @click.option(
     "--vae-tiling", is_flag=True,
@@ -41,7 +46,7 @@ from .video import check_frames_dir, check_output_path, to_uint8_frames, write_m
 def run_command(
     bundle: str, prompt: str, negative_prompt: str | None, image: str | None, last_image: str | None,
     frames: int | None, height: int | None, width: int | None, steps: int | None, guidance: float | None,
-    shift: float | None, seed: int | None, vae_tiling: bool, backend: str, output: str, frames_dir: str | None, as_json: bool,
+    shift: float | None, sampler: str | None, seed: int | None, vae_tiling: bool, backend: str, output: str, frames_dir: str | None, as_json: bool,
 ) -> None:
     """Generate a video from a bundle (torch-free runtime)."""
     start = time.perf_counter()
@@ -55,7 +60,7 @@ def run_command(
     request = GenerationRequest(
         prompt=prompt, negative_prompt=negative_prompt, image=image, last_image=last_image, frames=frames,
         height=height, width=width, steps=steps, guidance=guidance, shift=shift, seed=seed,
-        vae_tiling=vae_tiling,
+        sampler=sampler, vae_tiling=vae_tiling,
     )
     plan = pipeline.prepare(request)
     result = pipeline.generate(plan)

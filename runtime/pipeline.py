@@ -36,7 +36,7 @@ from engines.manifest import Component, Manifest
 
 from . import image as images
 from .backends.base import Backend, Engine
-from .guidance import StepPlan, engine_max_batch, plan_steps, predict_velocity
+from .guidance import StepPlan, engine_max_batch, pair_static_inputs, plan_steps, predict_velocity
 from .progress import Progress
 from .residency import ExpertSwitcher
 from .schedulers import make_sampler
@@ -61,6 +61,7 @@ class GenerationRequest:
     guidance: float | None = None  # both experts
     shift: float | None = None
     seed: int | None = None  # None: a random seed (reported in the stats)
+    sampler: str | None = None  # "unipc", "euler" or "distill" (needs the bundle's denoising_step_list)
     vae_tiling: bool = False  # encode/decode in overlapping spatial tiles (bounded VAE memory at large sizes)
 
 
@@ -137,6 +138,7 @@ class RunStats:
     residency_mode: str | None = None
     memory_budget_bytes: int | None = None
     device_min_free_bytes: int | None = None
+    device_start_free_bytes: int | None = None  # free device memory before the first engine loaded
     warnings: list[str] = field(default_factory=list)
 
     @staticmethod
@@ -159,6 +161,11 @@ class RunStats:
             "memory_budget_bytes": self.memory_budget_bytes,
             "peak_rss_bytes": self.peak_rss_bytes(),
             "device_min_free_bytes": self.device_min_free_bytes,
+            # device memory this run took at its peak (free at start minus the lowest free seen); None on CPU
+            "device_peak_bytes": (
+                self.device_start_free_bytes - self.device_min_free_bytes
+                if self.device_start_free_bytes is not None and self.device_min_free_bytes is not None else None
+            ),
             "warnings": self.warnings,
         }
 
@@ -190,6 +197,13 @@ class WanPipeline:
         self.experts = manifest.experts
         if not self.experts:
             raise BundleError(f"{self.bundle}: the bundle has no DiT component")
+        kinds = {manifest.components[n].expert for n in self.experts}
+        if kinds & {"high_noise", "low_noise"} and kinds != {"high_noise", "low_noise"}:
+            missing = ({"high_noise", "low_noise"} - kinds).pop()
+            raise BundleError(
+                f"{self.bundle}: holds only the {kinds.pop()} expert; a Wan2.2 A14B model needs both"
+                f" (dit_{missing} is missing: build it into this bundle with build-engine)"
+            )
 
     # ---- components -------------------------------------------------------------------------
 
@@ -228,7 +242,10 @@ class WanPipeline:
 
         m, d = self.manifest, self.manifest.sampling
         steps = request.steps if request.steps is not None else d.steps
-        if d.sampler == "distill":
+        sampler_name = request.sampler or d.sampler
+        if sampler_name == "distill" and not d.denoising_step_list:
+            raise WanrtError("--sampler distill: this bundle has no denoising_step_list (build it with a LightX2V distill config)")
+        if sampler_name == "distill":
             n = len(d.denoising_step_list or [])
             if request.steps is not None and request.steps != n:
                 raise WanrtError(
@@ -242,7 +259,7 @@ class WanPipeline:
         warnings = []
         if request.guidance is not None and not d.enable_cfg and request.guidance != 1.0:
             warnings.append(f"--guidance {request.guidance} has no effect: this bundle's sampling disables CFG")
-        sampler = make_sampler(d.sampler, steps, shift, d.denoising_step_list)
+        sampler = make_sampler(sampler_name, steps, shift, d.denoising_step_list)
         kinds = {n: self.component(n).expert for n in self.experts}
         step_plans = plan_steps(
             sampler.timesteps, self.experts, kinds, guide, d.enable_cfg, d.boundary, d.boundary_step_index
@@ -256,7 +273,7 @@ class WanPipeline:
             raise WanrtError(f"--seed {seed}: expected 0 <= seed < 2**64")
         return GenerationPlan(
             task=m.task, family=m.family, prompt=request.prompt, negative_prompt=negative, geometry=geometry,
-            seed=seed, sampler=d.sampler, shift=shift, guide_scale=guide, enable_cfg=d.enable_cfg,
+            seed=seed, sampler=sampler_name, shift=shift, guide_scale=guide, enable_cfg=d.enable_cfg,
             boundary=d.boundary, boundary_step_index=d.boundary_step_index,
             denoising_step_list=d.denoising_step_list, fps=d.fps, steps=step_plans, warnings=warnings,
             vae_tiling=Tiling.for_stride(m.vae.stride[1]) if request.vae_tiling else None, **plan_images,
@@ -359,7 +376,7 @@ class WanPipeline:
         else:
             video = images.conditioning_video(plan.condition_image, g.frames, plan.condition_last)
         with self._load("vae_encoder") as engine:
-            z = encode_video(engine, self.component("vae_encoder"), video, plan.vae_tiling)
+            z = encode_video(engine, self.component("vae_encoder"), video, plan.vae_tiling, self.progress.enabled)
         z = z.astype(np.float32, copy=False)
         if plan.task == "ti2v":
             return z
@@ -393,6 +410,7 @@ class WanPipeline:
         if image_latent is not None:
             latents[:, :, :1] = image_latent
         extra = {"clip_fea": clip_fea} if clip_fea is not None else {}
+        paired = pair_static_inputs(context, context_null, extra) if context_null is not None and plan.cfg else None
         budget = self.memory_budget_bytes
         if budget is None:
             budget = int(self.backend.memory_info().free_bytes * 0.9)
@@ -409,7 +427,7 @@ class WanPipeline:
                     engine_before = engine.run_seconds
                     x_in = latents if y is None else np.concatenate([latents, y], axis=1)
                     timestep = self._timestep(step.timestep, latents.shape[2], image_latent is not None)
-                    velocity, calls = predict_velocity(engine, step, x_in, timestep, context, context_null, extra)
+                    velocity, calls = predict_velocity(engine, step, x_in, timestep, context, context_null, extra, paired)
                     latents = sampler.step(velocity, latents)
                     if image_latent is not None:
                         latents[:, :, :1] = image_latent
@@ -440,6 +458,8 @@ class WanPipeline:
         if self.backend.device == "cpu":
             return
         free = self.backend.memory_info().free_bytes
+        if stats.device_start_free_bytes is None:
+            stats.device_start_free_bytes = free
         if stats.device_min_free_bytes is None or free < stats.device_min_free_bytes:
             stats.device_min_free_bytes = free
 
@@ -448,7 +468,7 @@ class WanPipeline:
         from .vae import decode_latents
 
         with self._load("vae_decoder") as engine:
-            return decode_latents(engine, self.component("vae_decoder"), latents, tiling)
+            return decode_latents(engine, self.component("vae_decoder"), latents, tiling, self.progress.enabled)
 
     # ---- the whole run ----------------------------------------------------------------------
 
@@ -468,6 +488,7 @@ class WanPipeline:
         stats = RunStats(self.backend.describe(), warnings=list(plan.warnings))
         names = self.stages(plan, decode)
         self._require(*(n for n in names if n != "denoise"))
+        self._sample_device_memory(stats)  # the baseline, before any engine is loaded
         self.progress.start(names)
 
         def timed(name: str, fn, *args):

@@ -1,4 +1,4 @@
-"""Progress bars on stderr: one over the pipeline's stages, one over the denoising steps (with ETA)."""
+"""Progress bars on stderr: one over the pipeline's stages, one over the denoising steps and the VAE calls (with ETA)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class Progress:
         self._stages = tqdm(
             total=len(stages), desc="stages", unit="stage", file=sys.stderr, disable=not self.enabled,
             dynamic_ncols=True, position=0, leave=True,
-            bar_format="{desc}: {n_fmt}/{total_fmt} stages [{elapsed}<{remaining}]",
+            bar_format="{desc}: {n_fmt}/{total_fmt} stages [{elapsed}]",  # stages differ in length: no ETA
         )
 
     @contextmanager

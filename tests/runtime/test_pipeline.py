@@ -16,7 +16,7 @@ from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.pipeline import GenerationRequest, RunStats, WanPipeline
 from runtime.vae import Tiling
 from tests.runtime.bundles import CLIP_WIDTH, TEXT_DIM, clip_weight, dit_fn, text_table, tokenize, vae_gains
-from tests.runtime.oracles import diffusers_unipc
+from tests.runtime.oracles import diffusers_euler, diffusers_unipc
 
 HIGH, LOW = "dit_high_noise", "dit_low_noise"
 DISTILL = SamplingDefaults(
@@ -309,6 +309,36 @@ def test_prepare_rejects_bad_image_requests(bundle_factory, tmp_path):
     distill = pipeline(bundle_factory("moe_distill", sampling=DISTILL))
     with pytest.raises(WanrtError, match="runs exactly 4 steps"):
         distill.prepare(GenerationRequest(prompt="a cat", steps=8))
+
+
+def test_sampler_override(bundle_factory):
+    """--sampler euler on a UniPC bundle runs flow Euler (vs diffusers); distill needs a denoising_step_list."""
+    pipe = pipeline(bundle_factory("wan21_t2v", family="wan2.1", moe=False))
+    plan = pipe.prepare(GenerationRequest(prompt="a cat", seed=2, steps=5, sampler="euler"))
+    assert plan.sampler == "euler"
+    ctx, ctx_null = contexts()
+    noise = pipe.initial_noise(plan)
+    out = pipe.denoise(plan, ctx, ctx_null, noise)
+    sched, x = diffusers_euler(5, plan.shift), torch.from_numpy(noise.copy())
+    fn, g = dit_fn("dit", noise.shape[1]), plan.guide_scale[0]
+    for t in sched.timesteps:
+        ts = np.array([np.trunc(float(t) + 1e-3)], np.float32)  # the official loop feeds int timesteps
+        cond, uncond = fn(x.numpy(), ts, ctx), fn(x.numpy(), ts, ctx_null)
+        x = sched.step(torch.from_numpy((uncond + g * (cond - uncond)).astype(np.float32)), t, x, return_dict=False)[0]
+    np.testing.assert_allclose(out, x.numpy(), rtol=1e-5, atol=1e-5 * np.abs(x.numpy()).max())
+    with pytest.raises(WanrtError, match="--sampler distill: this bundle has no denoising_step_list"):
+        pipe.prepare(GenerationRequest(prompt="a cat", sampler="distill"))
+    distill = pipeline(bundle_factory("moe_distill", sampling=DISTILL))
+    assert distill.prepare(GenerationRequest(prompt="a cat", sampler="euler", steps=6)).sampler == "euler"
+
+
+def test_a_lone_moe_expert_is_refused(bundle_factory):
+    """One A14B expert alone would run every step with the wrong expert: an error, not a silent fallback."""
+    bundle = bundle_factory("moe_t2v")
+    manifest = read_manifest(bundle)
+    del manifest.components[HIGH]
+    with pytest.raises(BundleError, match="holds only the low_noise expert; .*dit_high_noise is missing"):
+        WanPipeline(bundle, manifest, make_backend())
 
 
 def test_missing_components_are_named(bundle_factory):
