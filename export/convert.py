@@ -108,9 +108,7 @@ def plan_output(view: Mapping[str, Any], quantize: str | None, comfyui: bool) ->
             if quantize in FORMAT_DTYPES:
                 fmt = quantize
             elif quantize is None:
-                fmt = STORAGE_TO_FORMAT.get(ref.dtype)
-                if fmt is None and ref.dtype == "fp8_e5m2":
-                    raise WanrtError(f"{key}: fp8_e5m2 weights cannot be kept as they are; pass --quantize fp8|int8|bf16")
+                fmt = STORAGE_TO_FORMAT.get(ref.dtype)  # fp8_e4m3 / int8 (resolve_model refuses other quantized dtypes)
         if fmt is None:
             plan.append(OutputTensor(key, torch.bfloat16, tuple(ref.shape)))
             continue

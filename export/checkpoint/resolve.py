@@ -28,11 +28,12 @@ from .companions import (
 from .dit_config import check_config_json, describe, infer_dit_config, is_dit_config_json
 from .keys import looks_like_lora, normalize_keys
 from .safetensors_file import CheckpointError, SafetensorsFile
-from .view import WEIGHT_FILE_SUFFIXES, CheckpointView, TensorSource, open_source
+from .view import WEIGHT_FILE_SUFFIXES, CheckpointView, TensorSource, is_block_linear, open_source
 
 INDEX_SUFFIX = ".safetensors.index.json"
 MOE_FOLDERS = {"high_noise": "high_noise_model", "low_noise": "low_noise_model"}
 DIFFUSERS_FOLDERS = {"high_noise": "transformer", "low_noise": "transformer_2"}  # diffusers: transformer runs at high noise
+STORAGE_PRECISIONS = ("fp32", "fp16", "bf16", "fp8_e4m3", "int8")  # what block linear weights may be stored as
 CONVERT_METADATA_KEY = "wanrt_convert"  # safetensors metadata `cli.py convert` writes (JSON: source, expert, family, task, ...)
 
 
@@ -279,6 +280,8 @@ def resolve_model(path: str | os.PathLike, config: str | os.PathLike | None = No
         if looks_like_lora(e.view.keymap.unknown) and not e.view.keymap.to_source:
             raise _lora_error(e.files[0])
     dit = _dit_config(experts)
+    for e in experts:
+        _check_storage(e)
     family, task = _family_task(experts, dit)
     record = _convert_record(experts)
     lone, known_from = _lone_expert_name(experts, record)
@@ -386,6 +389,20 @@ def _dit_config(experts: list[Expert]) -> DiTConfig:
             f" ({_where(experts[1])}: {describe(configs[1])}) have different architectures"
         )
     return configs[0]
+
+
+def _check_storage(expert: Expert) -> None:
+    """Every block linear weight is stored in one of STORAGE_PRECISIONS (fp8_e5m2, fp64, ... are refused by key)."""
+    for key, ref in expert.view.items():
+        if is_block_linear(key) and ref.dtype not in STORAGE_PRECISIONS:
+            raise CheckpointError(
+                f"{ref.source.path}: {ref.source_key!r} is stored as {ref.dtype}, an unsupported storage dtype for block linear"
+                f" weights; expected one of {', '.join(STORAGE_PRECISIONS)} (fp8 as float8_e4m3fn)"
+            )
+    if expert.view.precision not in STORAGE_PRECISIONS:
+        raise CheckpointError(
+            f"{_where(expert)}: weights stored as {expert.view.precision}; expected one of {', '.join(STORAGE_PRECISIONS)}"
+        )
 
 
 def _family_task(experts: list[Expert], dit: DiTConfig) -> tuple[str, str]:

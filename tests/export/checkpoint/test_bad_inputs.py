@@ -148,6 +148,23 @@ def test_unsupported_quant_scheme(tiny_model, tmp_path):
         assert scheme in line
 
 
+@pytest.mark.parametrize("layout, dtype, name", [
+    ("lightx2v-fp8", torch.float8_e5m2, "fp8_e5m2"),  # scaled e5m2: not a LightX2V / ComfyUI storage format
+    ("lightx2v-bf16", torch.float64, "fp64"),
+])
+def test_unsupported_block_linear_storage_dtype(tiny_model, tmp_path, layout, dtype, name):
+    """Block linears are fp32/fp16/bf16/fp8_e4m3/int8 (issue 2's precision list); anything else is refused by key."""
+    src = next(tiny_model("wan2.1", "t2v", layout).glob("*.safetensors"))
+    state = load_file(src)
+    key = "blocks.1.ffn.2.weight"
+    state[key] = state[key].to(torch.float32).to(dtype)
+    p = tmp_path / src.name
+    save_file(state, p)
+    assert_one_line_error(["inspect", p], p, repr(key), name, "unsupported storage dtype", "fp8_e4m3")
+    assert_one_line_error(["convert", p, "-o", tmp_path / "out.safetensors", "--quantize", "bf16"], p, repr(key), name)
+    assert sorted(x.name for x in tmp_path.iterdir()) == [src.name]
+
+
 def test_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     assert_one_line_error(["inspect", tmp_path / "empty"], tmp_path / "empty", "empty folder")
