@@ -283,9 +283,14 @@ def name_io_dims(model: ir.Model, signature: EngineSignature) -> None:
             if value.shape is not None and len(value.shape) != len(spec.shape):
                 raise ExportError(f"{spec.name}: graph rank {len(value.shape)}, signature {list(spec.shape)}")
             if value.shape is not None:
-                for got, want in zip(value.shape, spec.shape):
+                for axis, (got, want) in enumerate(zip(value.shape, spec.shape)):
                     if isinstance(want, int) and isinstance(got, int) and got != want:
                         raise ExportError(f"{spec.name}: graph shape {list(value.shape)}, signature {list(spec.shape)}")
+                    if isinstance(want, str) and isinstance(got, int):
+                        raise ExportError(
+                            f"{spec.name}: dim {axis} is fixed at {got} in the traced graph (shape {list(value.shape)}), "
+                            f"but the signature declares it dynamic {want!r}; the module specializes on that size"
+                        )
             want_dtype = ir.DataType.from_numpy(np.dtype(spec.dtype))
             if value.dtype is not None and value.dtype != want_dtype:
                 raise ExportError(f"{spec.name}: graph dtype {value.dtype.name}, signature {spec.dtype}")

@@ -134,3 +134,29 @@ def test_example_inputs_must_fit_the_signature(tmp_path):
         export_onnx(Tiny(), {"x": torch.randn(3, 5, 8), "bias": torch.randn(4)}, tmp_path / "m.onnx", SIG, progress=False)
     with pytest.raises(ExportError, match="opset"):
         export_onnx(Tiny(), {"x": torch.randn(2, 5, 8), "bias": torch.randn(4)}, tmp_path / "m.onnx", SIG, opset=17, progress=False)
+
+
+def _identity_like_graph(x_shape: list, y_shape: list) -> "onnx_ir.Model":
+    """A hand-made graph y = MatMul(x, w) + bias with the given I/O shapes (ints fixed, strings symbolic)."""
+    import onnx_ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.zeros((8, 4), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "bias"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape), helper.make_tensor_value_info("bias", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], [w],
+    )  # fmt: skip
+    return onnx_ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]))
+
+
+def test_name_io_dims_names_symbolic_dims_and_refuses_a_fixed_dim_declared_dynamic():
+    from export.onnx_export import name_io_dims
+
+    model = _identity_like_graph(["s0", "s1", 8], ["s0", "s1", 4])
+    name_io_dims(model, SIG)
+    assert [list(v.shape) for v in model.graph.inputs][0] == ["batch", "tokens", 8]
+    assert list(model.graph.outputs[0].shape) == ["batch", "tokens", 4]
+    specialized = _identity_like_graph(["s0", 5, 8], ["s0", 5, 4])  # traced with the token count baked in
+    with pytest.raises(ExportError, match=r"x: dim 1 is fixed at 5 in the traced graph .* declares it dynamic 'tokens'"):
+        name_io_dims(specialized, SIG)
