@@ -22,6 +22,7 @@ from engines.errors import BundleError, WanrtError
 from engines.manifest import Component
 from engines.vae_contract import VAEChunkContract
 from export.models.vae import VAEConfig, load_vae
+from export.onnx_lint import lint_onnx
 from export.vae_onnx import export_vae_onnx
 from runtime.backends.onnxruntime import OnnxRuntimeBackend, OrtOptions
 from runtime.vae import Tiling, decode_latents, encode_video
@@ -67,8 +68,10 @@ def exported(request, tmp_path_factory) -> Exported:
 
 
 def test_graphs_have_the_contract_io(exported):
-    """Inputs/outputs, with named dynamic spatial dims and one cache in/out pair per causal cache."""
+    """Inputs/outputs, with named dynamic spatial dims and one cache in/out pair per causal cache; lint clean."""
+    assert set(exported.components) == {"vae_encoder", "vae_decoder"}
     for name, comp in exported.components.items():
+        assert lint_onnx(exported.root / comp.onnx, comp.signature) == [], name
         contract = VAEChunkContract.from_attributes(comp.attributes)
         model = onnx.load(exported.root / comp.onnx, load_external_data=False)
         inputs = [(i.name, [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]) for i in model.graph.input]
