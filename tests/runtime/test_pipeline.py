@@ -142,6 +142,24 @@ def test_wan21_i2v_conditioning_channels_and_clip(bundle_factory):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+def test_wan22_i2v_moe_has_no_clip_and_swaps_experts_with_the_condition(bundle_factory):
+    """Wan2.2 I2V-A14B: 16 noise + 20 condition channels, no CLIP stage, both experts at the boundary."""
+    bundle = bundle_factory("wan22_i2v", family="wan2.2", task="i2v", moe=True)
+    pipe = pipeline(bundle)
+    plan = pipe.prepare(GenerationRequest(prompt="a cat", seed=4, steps=8, image=_image_file(bundle.parent / "i.png", 48, 32)))
+    assert not pipe.dit_takes_clip and pipe.stages(plan) == ["text_encoder", "vae_encoder", "denoise", "vae_decoder"]
+    g = plan.geometry
+    y = np.random.default_rng(6).standard_normal((1, 20, g.latent_frames, g.latent_height, g.latent_width), dtype=np.float32)
+    ctx, ctx_null = contexts(5)
+    noise = pipe.initial_noise(plan)
+    stats = RunStats("test")
+    out = pipe.denoise(plan, ctx, ctx_null, noise, y=y, stats=stats)
+    ref, experts = reference_unipc(noise, ctx, ctx_null, 8, plan.shift, lambda t: HIGH if t >= 875 else LOW,
+                                   lambda n: 4.0 if n == HIGH else 3.0, y=y)  # fmt: skip
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    assert [s.expert for s in stats.steps] == experts and set(experts) == {HIGH, LOW}
+
+
 def test_ti2v_per_frame_timesteps_and_first_frame_replacement(bundle_factory):
     sampling = SamplingDefaults(steps=5, shift=5.0, guide_scale=(5.0, 5.0), frames=9, height=32, width=64, fps=24,
                                 max_area=32 * 64)  # fmt: skip
