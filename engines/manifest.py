@@ -234,16 +234,21 @@ def is_bundle(path: str | os.PathLike) -> bool:
         return False
 
 
+def _is_empty_dir(path: Path) -> bool:
+    """True for a folder with nothing in it (what `mkdir OUT` leaves)."""
+    return path.is_dir() and next(path.iterdir(), None) is None
+
+
 @contextmanager
 def staging_dir(target: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; on success it replaces `target` atomically.
 
-    An existing `target` is replaced only if it is a bundle or `force` is set; on any
-    error the temporary folder is removed and `target` is left as it was.
+    An existing `target` is replaced only if it is a bundle, an empty folder, or `force` is set;
+    on any error the temporary folder is removed and `target` is left as it was.
     """
     target = Path(target).absolute()
-    if target.exists() and not (force or is_bundle(target)):
-        raise BundleError(f"{target}: exists and is not a wanrt bundle; refusing to overwrite (use --force)")
+    if target.exists() and not (force or is_bundle(target) or _is_empty_dir(target)):
+        raise BundleError(f"{target}: exists, is not empty and is not a wanrt bundle; refusing to overwrite (use --force)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

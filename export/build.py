@@ -6,7 +6,9 @@ The steps are small and separate:
 2. `plan_components` decides which engines the bundle needs and what each is built from;
 3. `build_bundle` stages a new bundle beside the target, reuses every component whose cache key
    (source file digests + options + tool versions) matches the existing bundle's, exports the
-   others, copies the tokenizer, writes the manifest, then swaps the staged folder into place.
+   others and lints each new graph (`export.onnx_lint`), keeps the existing bundle's components
+   that `--components`/`--expert` left out when a full build would reuse them, copies the
+   tokenizer, writes the manifest, then swaps the staged folder into place.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,6 +46,12 @@ TARGETS = ("onnx",)
 ONNX_NAME = "model.onnx"
 TOKENIZER_DIR = "tokenizer"
 BUILD_FORMAT = 1  # bump when the exported graphs change for the same inputs
+# Why a component is built in another precision than the bundle's (component kind -> reason).
+PRECISION_REASONS = {
+    "vae_encoder": "ONNX Conv has no bfloat16 before opset 22, beyond TensorRT 10.1's ONNX parser (opsets 9-20)",
+    "vae_decoder": "ONNX Conv has no bfloat16 before opset 22, beyond TensorRT 10.1's ONNX parser (opsets 9-20)",
+    "image_encoder": "the official code runs the CLIP tower in fp16",
+}
 
 
 @dataclass(frozen=True)
@@ -237,6 +245,23 @@ def _missing(what: str, file_hint: str, task: str, model: Path) -> WanrtError:
     return WanrtError(f"{model}: no {what} found (expected {file_hint} beside the model); the {task} task needs it")
 
 
+def vae_file_for(out_dim: int) -> str:
+    """The official VAE file a DiT with `out_dim` latent channels needs (16: Wan2.1, 48: Wan2.2)."""
+    from export.checkpoint.companions import VAE_FILES, VAE_Z_DIMS
+
+    version = VAE_Z_DIMS.get(out_dim)
+    return VAE_FILES[version] if version else f"a VAE with {out_dim} latent channels"
+
+
+def precision_notes(precision: str, components: list) -> list[str]:
+    """One line per component (plan or manifest entry) built in another precision than `precision`, with why."""
+    return [
+        f"{c.name} is built in {c.precision}, not {precision}: {PRECISION_REASONS.get(c.kind, 'its exporter supports no other')}"
+        for c in components
+        if c.precision != precision
+    ]
+
+
 def plan_components(resolved, options: BuildOptions, loras: list) -> list[ComponentPlan]:
     """The engines a bundle of this model needs, restricted to what the user asked for."""
     from export.lora import apply_loras
@@ -288,7 +313,7 @@ def plan_components(resolved, options: BuildOptions, loras: list) -> list[Compon
         )
     if "vae" in groups:
         if resolved.vae is None:
-            raise _missing("VAE", "Wan2.1_VAE.pth or Wan2.2_VAE.pth", task, resolved.source)
+            raise _missing("VAE", vae_file_for(cfg.out_dim), task, resolved.source)
         check_vae_matches(resolved.vae_version, cfg.out_dim, where=str(resolved.vae))
         parts = ["decoder"] + (["encoder"] if task in ("i2v", "flf2v", "ti2v") else [])
         for part in parts:
@@ -317,6 +342,46 @@ def _reusable(old: Manifest | None, old_root: Path, plan: ComponentPlan, key: st
         if meta is None or not path.is_file() or path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
             return None
     return comp
+
+
+def unrequested_plans(resolved, options: BuildOptions, loras: list, plans: list[ComponentPlan]) -> list[ComponentPlan]:
+    """What a full build of this model would add to `plans` (the components `--components`/`--expert` left out)."""
+    if options.components is None and options.experts is None:
+        return []
+    names = {p.name for p in plans}
+    others: list[ComponentPlan] = []
+    for group in COMPONENT_GROUPS:
+        try:
+            full = plan_components(resolved, replace(options, components=(group,), experts=None), loras)
+        except WanrtError:
+            continue  # the model lacks what this group needs, or needs nothing from it
+        others += [p for p in full if p.name not in names]
+    return others
+
+
+def lint_exported(name: str, onnx_path: Path, signature: EngineSignature) -> None:
+    """Raise a WanrtError naming the component and its first problems unless the graph passes the TensorRT lint."""
+    from export.onnx_lint import lint_onnx
+
+    problems = lint_onnx(onnx_path, signature)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise WanrtError(f"{name}: the exported graph {onnx_path} fails the TensorRT-compatibility lint: {'; '.join(problems[:3])}{more}")
+
+
+def _carry_over(comp: Component, plan: ComponentPlan, old_root: Path, tmp: Path, graphs: dict[str, Path]) -> Component:
+    """Link an existing bundle's component files into the staged bundle (and register its graph); return it."""
+    for rel in comp.files:
+        _link_or_copy(old_root / rel, tmp / rel)
+    if plan.graph_key is not None:
+        graphs[plan.graph_key] = tmp / comp.onnx
+    return comp
+
+
+def _component_rank(kind: str, name: str) -> tuple[int, str]:
+    """Manifest order: DiT experts, text encoder, image encoder, VAE parts (by name within a group)."""
+    group = "vae" if kind.startswith("vae_") else kind
+    return COMPONENT_GROUPS.index(group) if group in COMPONENT_GROUPS else len(COMPONENT_GROUPS), name
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -365,21 +430,29 @@ def build_bundle(
     records = lora_records(loras)
     lora_keys = [{"sha256": r.sha256, "strength": r.strength, "experts": r.experts, "alpha": r.alpha} for r in records]
     plans = plan_components(resolved, options, loras)
+    for note in precision_notes(options.precision, plans):
+        log(f"note: {note}")
     old = _read_old_manifest(output)
     outcome: dict[str, str] = {}
     components: dict[str, Component] = {}
     graphs: dict[str, Path] = {}  # graph key -> an expert's model.onnx already in the staged bundle
     with staging_dir(output, force=options.force) as tmp:
+        for plan in unrequested_plans(resolved, options, loras, plans) if old is not None else []:
+            if plan.name not in old.components:
+                continue
+            kept = _reusable(old, output, plan, cache_key(plan, lora_keys))
+            if kept is None:
+                log(f"{plan.name}: not requested; the existing one was built from other inputs, so it is dropped")
+                continue
+            components[plan.name] = _carry_over(kept, plan, output, tmp, graphs)
+            outcome[plan.name] = "kept"
+            log(f"{plan.name}: not requested, kept from the existing bundle")
         for i, plan in enumerate(plans, 1):
             key = cache_key(plan, lora_keys)
             reused = _reusable(old, output, plan, key)
             if reused is not None:
-                for rel in reused.files:
-                    _link_or_copy(output / rel, tmp / rel)
-                components[plan.name] = reused
+                components[plan.name] = _carry_over(reused, plan, output, tmp, graphs)
                 outcome[plan.name] = "reused"
-                if plan.graph_key is not None:
-                    graphs[plan.graph_key] = tmp / reused.onnx
                 log(f"[{i}/{len(plans)}] {plan.name}: unchanged, reused")
                 continue
             out_dir = tmp / plan.name
@@ -391,6 +464,7 @@ def build_bundle(
             else:
                 log(f"[{i}/{len(plans)}] {plan.name}: exporting ({plan.precision})")
                 exported = plan.export(out_dir)
+            lint_exported(plan.name, out_dir / ONNX_NAME, exported.signature)
             if plan.graph_key is not None:
                 graphs[plan.graph_key] = out_dir / ONNX_NAME
             rels = [str(Path(f).absolute().relative_to(tmp.absolute())) for f in exported.files]
@@ -406,6 +480,7 @@ def build_bundle(
                 attributes=exported.attributes,
             )
             outcome[plan.name] = "built"
+        components = dict(sorted(components.items(), key=lambda item: _component_rank(item[1].kind, item[0])))
         tokenizer = None
         if resolved.tokenizer is not None and any(c.kind == "text_encoder" for c in components.values()):
             shutil.copytree(resolved.tokenizer, tmp / TOKENIZER_DIR)
@@ -434,13 +509,17 @@ def build_bundle(
 
 @click.command("build-engine")
 @click.argument("model", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(), help="Bundle folder to write (replaced atomically).")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="Bundle folder to write (replaced atomically); may be an empty folder.")
 @click.option("--config", type=click.Path(), help="LightX2V JSON config (checkpoint keys, LoRAs, sampling defaults).")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:STRENGTH][@EXPERT]", help="LoRA to merge (repeatable).")
 @click.option("--lora-strict", is_flag=True, help="Any LoRA key that matches no base weight is an error.")
 @click.option("--precision", default="fp32", show_default=True, help="Engine precision: fp32 or bf16.")
-@click.option("--components", default=None, help="Comma list of dit,text_encoder,image_encoder,vae (default: all the model needs).")
-@click.option("--expert", "experts", multiple=True, help="Only these Wan2.2 experts (high_noise, low_noise).")
+@click.option("--components", default=None,
+              help="Comma list of dit,text_encoder,image_encoder,vae (default: all the model needs). Components of an "
+                   "existing bundle at OUTPUT that are left out are kept when a full build would reuse them, else dropped.")
+@click.option("--expert", "experts", multiple=True,
+              help="Only these Wan2.2 experts (high_noise, low_noise); other components are kept as with --components.")
 @click.option("--attention", type=click.Choice(["native", "plugin"]), default="native", show_default=True,
               help="Attention as standard ONNX ops, or as our TensorRT plugin op.")  # fmt: skip
 @click.option("--target", default="onnx", show_default=True, help="What to build: onnx.")
@@ -466,13 +545,13 @@ def build_engine_command(model, output, config, loras, lora_strict, precision, c
         "components": {n: {"status": outcome[n], "onnx": c.onnx, "precision": c.precision} for n, c in manifest.components.items()},
         "loras": [vars(r) for r in manifest.loras],
         "bytes": sum(f["size"] for f in manifest.files.values()),
+        "notes": precision_notes(manifest.precision, list(manifest.components.values())),
     }
     if as_json:
         click.echo(json.dumps(summary))
     else:
-        built = [n for n, s in outcome.items() if s == "built"]
-        reused = [n for n, s in outcome.items() if s == "reused"]
+        counts = ", ".join(f"{status} {list(outcome.values()).count(status)}" for status in ("built", "reused", "kept"))
         click.echo(
             f"{output}: {manifest.family} {manifest.task} bundle with {', '.join(manifest.components)}"
-            f" ({summary['bytes'] / 1e6:.1f} MB; built {len(built)}, reused {len(reused)}); manifest {Path(output) / MANIFEST_NAME}"
+            f" ({summary['bytes'] / 1e6:.1f} MB; {counts}); manifest {Path(output) / MANIFEST_NAME}"
         )

@@ -155,16 +155,87 @@ def test_bad_inputs_exit_2_with_one_clear_line(moe, tmp_path):
     assert (notbundle / "keep.txt").exists()
 
 
+def test_force_replaces_a_folder_that_is_not_a_bundle_and_an_empty_folder_needs_no_force(moe, tmp_path):
+    model, _, _ = moe
+    notbundle, empty = tmp_path / "precious", tmp_path / "empty"
+    notbundle.mkdir()
+    empty.mkdir()
+    (notbundle / "keep.txt").write_text("x")
+    res = invoke("build-engine", model, "-o", notbundle, "--components", "text_encoder", "--force")
+    assert res.exit_code == 0, res.output
+    assert not (notbundle / "keep.txt").exists()
+    assert set(verify_bundle(notbundle).components) == {"text_encoder"}
+    res = invoke("build-engine", model, "-o", empty, "--components", "text_encoder", "--json")
+    assert res.exit_code == 0, res.output  # `mkdir out` then build into it
+    assert set(verify_bundle(empty).components) == {"text_encoder"}
+
+
 def test_missing_or_mismatched_companions_are_named(tmp_path):
     model = make_tiny_model(tmp_path / "m", "wan2.2", "ti2v")
     (model / "Wan2.2_VAE.pth").unlink()
     res = invoke("build-engine", model, "-o", tmp_path / "b")
-    assert res.exit_code == 2 and "VAE" in res.output and "ti2v" in res.output
+    assert res.exit_code == 2 and "no VAE found (expected Wan2.2_VAE.pth beside the model)" in res.output
+    assert "the ti2v task needs it" in res.output and "Wan2.1_VAE.pth" not in res.output
     other = make_tiny_model(tmp_path / "m21", "wan2.1", "t2v")
     shutil.copy(other / "Wan2.1_VAE.pth", model / "Wan2.1_VAE.pth")  # 16-channel VAE beside a 48-channel DiT
     res = invoke("build-engine", model, "-o", tmp_path / "b", "--components", "vae")
     assert res.exit_code == 2 and "Wan2.1_VAE.pth" in res.output
+    (other / "models_t5_umt5-xxl-enc-bf16.pth").unlink()
+    res = invoke("build-engine", other, "-o", tmp_path / "b")
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "models_t5_umt5-xxl-enc-bf16.pth" in res.output and "the t2v task needs it" in res.output
     assert not (tmp_path / "b").exists()
+
+
+def test_one_expert_over_an_existing_bundle_keeps_the_other_components(moe, tmp_path):
+    """--expert/--components rebuild only what they name; the rest is kept if a full build would reuse it."""
+    model, bundle, _ = moe
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    res = invoke("build-engine", model, "-o", copy, "--expert", "low_noise", "--json")
+    assert res.exit_code == 0, res.output
+    status = {n: c["status"] for n, c in json.loads(res.stdout.strip().splitlines()[-1])["components"].items()}
+    assert status == {"dit_high_noise": "kept", "dit_low_noise": "reused", "text_encoder": "reused", "vae_decoder": "reused"}
+    assert verify_bundle(copy).experts == ["dit_high_noise", "dit_low_noise"]
+    (copy / "dit_high_noise" / "model.onnx.data").write_bytes(b"damaged")  # no longer what a full build would reuse
+    res = invoke("build-engine", model, "-o", copy, "--expert", "low_noise", "--components", "dit", "--json")
+    assert res.exit_code == 0, res.output
+    status = {n: c["status"] for n, c in json.loads(res.stdout.strip().splitlines()[-1])["components"].items()}
+    assert status == {"dit_low_noise": "reused", "text_encoder": "kept", "vae_decoder": "kept"}
+    assert "dit_high_noise: not requested; the existing one was built from other inputs, so it is dropped" in res.stderr
+    verify_bundle(copy)
+
+
+def test_bf16_build_says_the_vae_stays_fp32(moe, tmp_path):
+    model, bundle, _ = moe
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    res = invoke("build-engine", model, "-o", copy, "--precision", "bf16", "--components", "vae", "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    note = ("vae_decoder is built in fp32, not bf16: ONNX Conv has no bfloat16 before opset 22, "
+            "beyond TensorRT 10.1's ONNX parser (opsets 9-20)")  # fmt: skip
+    assert summary["notes"] == [note] and f"note: {note}\n" in res.stderr
+    assert summary["precision"] == "bf16" and summary["components"]["vae_decoder"] == {
+        "status": "reused", "onnx": "vae_decoder/model.onnx", "precision": "fp32"}  # fmt: skip
+    assert set(verify_bundle(copy).components) == {"vae_decoder"}  # the fp32 DiT/T5 are not what bf16 builds
+
+
+def test_a_graph_that_fails_the_lint_fails_the_build(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from engines.signatures import EngineSignature, TensorSpec
+    from engines.errors import WanrtError
+    from export.build import lint_exported
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [2])])  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), tmp_path / "model.onnx")
+    sig = EngineSignature((TensorSpec("x", "float64", (2,)),), (TensorSpec("y", "float64", (2,)),))
+    with pytest.raises(WanrtError, match=r"dit: the exported graph .*model.onnx fails the TensorRT-compatibility lint: input x: float64"):
+        lint_exported("dit", tmp_path / "model.onnx", sig)
 
 
 def test_interrupted_build_leaves_nothing_behind(moe, tmp_path):
