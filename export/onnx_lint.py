@@ -6,6 +6,10 @@ Checks, each reported as one line naming the node / tensor at fault:
 - the default-domain opset is inside the parser's range, and every op is in the operator list
   of TensorRT's ONNX parser (`export/data/trt_onnx_ops_10.1.json`, derived from onnx-tensorrt's
   docs/operators.md at 10.1 GA; ops added by later parsers are named in the message);
+- each op runs on a tensor type that list names for it (`TYPE_NAMES`): the element types (by
+  ONNX shape inference) of the tensors bound to the op's data type constraint, i.e. that of its
+  first input (`TYPED_OPERANDS` for the ops where it is another one), so Gather's indices or
+  Greater's bool output are not held to the list;
 - the input that TensorRT requires to be an initializer (`axes` of Squeeze/Unsqueeze/Reduce*/
   Slice/Pad, `axis` of CumSum) is one;
 - no custom-domain op except our attention plugin (`plugins_trt.onnx_op`);
@@ -48,6 +52,23 @@ CONSTANT_INPUTS: dict[str, tuple[int, str]] = {
     "CumSum": (1, "axis"),
 }
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+# The operator list's type names -> ONNX element types.  "INF64" is a typo of the upstream table
+# (ConstantOfShape); FP8 in TensorRT 10.1 is e4m3.
+TYPE_NAMES: dict[str, int] = {
+    "FP32": onnx.TensorProto.FLOAT, "FP16": onnx.TensorProto.FLOAT16, "BF16": onnx.TensorProto.BFLOAT16,
+    "FP8": onnx.TensorProto.FLOAT8E4M3FN, "INT4": onnx.TensorProto.INT4, "INT8": onnx.TensorProto.INT8,
+    "UINT8": onnx.TensorProto.UINT8, "INT32": onnx.TensorProto.INT32, "INT64": onnx.TensorProto.INT64,
+    "INF64": onnx.TensorProto.INT64, "BOOL": onnx.TensorProto.BOOL,
+}  # fmt: skip
+# Ops whose listed types are not those of their first input's constraint: ("input"|"output", index)
+# of each operand whose constraint the list describes; () = not checked (control flow: its bodies are).
+TYPED_OPERANDS: dict[str, tuple[tuple[str, int], ...]] = {
+    "Where": (("input", 1),),  # input 0 is the bool condition
+    "ConstantOfShape": (("output", 0),),  # input 0 is the int64 shape
+    "Cast": (("input", 0), ("output", 0)),  # both ends of a cast
+    "CastLike": (("input", 0), ("input", 1)),
+    "If": (), "Loop": (), "Scan": (),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -143,6 +164,7 @@ def lint_onnx(path: str | os.PathLike, signature: EngineSignature | None = None,
         problems.append(f"onnx.checker: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
     problems += _check_opsets(model, support)
     problems += _check_nodes(model, support)
+    problems += _check_types(model, support)
     problems += _check_initializers(model, path)
     problems += _check_io(model, signature)
     return problems
@@ -188,6 +210,70 @@ def _check_nodes(model: onnx.ModelProto, support: TrtOpSupport) -> list[str]:
             problems.append(
                 f"{where}: custom op {node.domain}::{node.op_type} needs a TensorRT plugin that is not ours "
                 f"(only {PLUGIN_DOMAIN}::{PLUGIN_OP})"
+            )
+    return problems
+
+
+def _element_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor name -> ONNX element type, for every tensor whose type shape inference can tell."""
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # the checker reports what is wrong; check what is known
+        pass
+    types: dict[str, int] = {}
+    for g in _iter_graphs(model.graph):
+        types |= {t.name: t.data_type for t in g.initializer}
+        for vi in [*g.input, *g.output, *g.value_info]:
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+                types[vi.name] = vi.type.tensor_type.elem_type
+    return types
+
+
+def _typed_operands(node: onnx.NodeProto, schema: onnx.defs.OpSchema) -> list[str]:
+    """The names of the node's inputs/outputs bound to the type constraint its TensorRT type list describes."""
+    def formal(params: list, index: int):
+        if index < len(params):
+            return params[index]
+        last = params[-1] if params else None
+        return last if last is not None and last.option == onnx.defs.OpSchema.FormalParameterOption.Variadic else None
+
+    picks = TYPED_OPERANDS.get(node.op_type, (("input", 0),))
+    wanted = set()
+    for side, index in picks:
+        param = formal(schema.inputs if side == "input" else schema.outputs, index)
+        if param is not None:
+            wanted.add(param.type_str)
+    names = []
+    for actual, params in ((node.input, schema.inputs), (node.output, schema.outputs)):
+        for i, name in enumerate(actual):
+            param = formal(params, i)
+            if name and param is not None and param.type_str in wanted:
+                names.append(name)
+    return names
+
+
+def _check_types(model: onnx.ModelProto, support: TrtOpSupport) -> list[str]:
+    problems: list[str] = []
+    opset = next((i.version for i in model.opset_import if i.domain in _DEFAULT_DOMAINS), None)
+    types = _element_types(model)
+    reported: set[tuple[str, int]] = set()
+    for node in (n for g in _iter_graphs(model.graph) for n in g.node):
+        listed = support.supported.get(node.op_type, {}).get("types")
+        if node.domain not in _DEFAULT_DOMAINS or not listed or opset is None:
+            continue
+        try:
+            schema = onnx.defs.get_schema(node.op_type, opset, "")
+        except onnx.defs.SchemaError:
+            continue  # an unknown op: _check_nodes reports it
+        allowed = {TYPE_NAMES[t] for t in listed if t in TYPE_NAMES}
+        for name in _typed_operands(node, schema):
+            elem = types.get(name)
+            if elem is None or elem in allowed or (node.op_type, elem) in reported:
+                continue
+            reported.add((node.op_type, elem))
+            problems.append(
+                f"node {node.name or '(unnamed)'}: {node.op_type} on {_dtype_name(elem)} tensor {name!r}; TensorRT "
+                f"{support.tensorrt}'s ONNX parser supports {node.op_type} on {', '.join(listed)}"
             )
     return problems
 

@@ -114,6 +114,25 @@ def test_axes_must_be_an_initializer(tmp_path):
     assert not any("Squeeze `axes`" in p for p in problems)
 
 
+def test_op_types_must_be_in_the_tensorrt_list(tmp_path):
+    """Clip/MatMul on int64 are not in TensorRT 10.1's type list; index, condition and bool result types are not held to it."""
+    inits = [numpy_helper.from_array(np.array([3, 2, 1, 0], np.int64), "idx"),
+             numpy_helper.from_array(np.array(0, np.int64), "lo"), numpy_helper.from_array(np.array(2, np.int64), "hi"),
+             numpy_helper.from_array(np.ones((4, 4), np.int64), "m")]  # fmt: skip
+    m = graph_model([
+        helper.make_node("Gather", ["x", "idx"], ["g"], axis=1, name="gather"),  # fp32 data, int64 indices
+        helper.make_node("Greater", ["g", "x"], ["b"], name="greater"),  # fp32 in, bool out
+        helper.make_node("Where", ["b", "g", "x"], ["y"], name="where"),  # bool condition, fp32 values
+        helper.make_node("Clip", ["idx", "lo", "hi"], ["clipped"], name="clamp_ids"),  # torch.clamp on indices
+        helper.make_node("MatMul", ["m", "m"], ["mm"], name="int_matmul"),
+        helper.make_node("MatMul", ["m", "m"], ["mm2"], name="int_matmul_again"),  # one line per op and type
+    ], inits)
+    assert problems_of(m, tmp_path) == [
+        "node clamp_ids: Clip on int64 tensor 'idx'; TensorRT 10.1's ONNX parser supports Clip on FP32, FP16, BF16",
+        "node int_matmul: MatMul on int64 tensor 'm'; TensorRT 10.1's ONNX parser supports MatMul on FP32, FP16, BF16",
+    ]
+
+
 def test_float64_and_unnamed_dims(tmp_path):
     d = numpy_helper.from_array(np.ones(4, np.float64), "d")
     m = graph_model([helper.make_node("Cast", ["d"], ["df"], to=TensorProto.FLOAT), helper.make_node("Add", ["x", "df"], ["y"])], [d],
