@@ -127,7 +127,9 @@ def test_load_pth_and_safetensors_infers_config(hf_pair, tmp_path):
         assert bf16.token_embedding.weight.dtype == torch.bfloat16
         out = bf16(ids, mask)
     assert out.dtype == torch.float32
-    # bf16 activations only; the unscaled logits of these O(1) random weights amplify rounding
+    # bf16 against fp32 compute of the same bf16 weights, not two bf16 implementations (what the
+    # ONNX checks bound by 2e-2): the unscaled logits of these O(1) random weights amplify rounding,
+    # and over seeds 0-5 this measures 0.024-0.072, so 2e-2 does not hold; 0.1 does
     assert float((out - want).norm() / want.norm()) < 0.1
 
 
