@@ -12,7 +12,6 @@ A bundle is a folder:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from .digests import cached_sha256, remember_sha256, sha256_file
 from .errors import BundleError
+from .files import give_default_mode
 from .model import FAMILIES, TASKS, DiTConfig, LoraRecord, SamplingDefaults, VAEInfo
 from .signatures import EngineSignature
 
@@ -148,15 +149,6 @@ class Manifest:
             raise BundleError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 16 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_manifest(bundle: str | os.PathLike) -> Manifest:
     """Read and parse `BUNDLE/manifest.json`; BundleError names what is wrong."""
     path = Path(bundle) / MANIFEST_NAME
@@ -173,8 +165,12 @@ def read_manifest(bundle: str | os.PathLike) -> Manifest:
     return Manifest.from_dict(data, str(path))
 
 
-def verify_bundle(bundle: str | os.PathLike, check_hashes: bool = True) -> Manifest:
-    """Check the schema and every listed file (existence, size, sha256); raise BundleError naming each problem."""
+def verify_bundle(bundle: str | os.PathLike, check_hashes: bool = True, remembered: bool = False) -> Manifest:
+    """Check the schema and every listed file (existence, size, sha256); raise BundleError naming each problem.
+
+    With `remembered`, a file whose state (inode, size, mtime) was hashed before is not read
+    again (`engines.digests`); `run` uses that, `verify` reads every byte.
+    """
     root = Path(bundle)
     manifest = read_manifest(root)
     problems: list[str] = []
@@ -186,6 +182,7 @@ def verify_bundle(bundle: str | os.PathLike, check_hashes: bool = True) -> Manif
             referenced.add(comp.plan)
     for rel in sorted(referenced - set(manifest.files)):
         problems.append(f"{rel}: referenced by a component but not listed in manifest files")
+    to_hash = []
     for rel, meta in sorted(manifest.files.items()):
         path = root / rel
         if not path.is_file():
@@ -194,7 +191,15 @@ def verify_bundle(bundle: str | os.PathLike, check_hashes: bool = True) -> Manif
         size = path.stat().st_size
         if size != meta.get("size"):
             problems.append(f"{path}: size {size} bytes, manifest says {meta.get('size')} (truncated or replaced)")
-        elif check_hashes and sha256_file(path) != meta.get("sha256"):
+        elif check_hashes:
+            to_hash.append((path, meta.get("sha256")))
+    if remembered:
+        digests = cached_sha256([p for p, _ in to_hash])
+    else:
+        digests = {str(p): sha256_file(p) for p, _ in to_hash}
+        remember_sha256({p: digests[str(p)] for p, _ in to_hash})
+    for path, want in to_hash:
+        if digests[str(path)] != want:
             problems.append(f"{path}: sha256 mismatch (corrupted or modified)")
     if problems:
         raise BundleError(f"{root}: bundle verification failed: " + "; ".join(problems))
@@ -204,7 +209,9 @@ def verify_bundle(bundle: str | os.PathLike, check_hashes: bool = True) -> Manif
 def list_files(root: str | os.PathLike, rels: list[str]) -> dict[str, dict[str, Any]]:
     """`{relpath: {size, sha256}}` for the given files under `root`."""
     root = Path(root)
-    return {rel: {"size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)} for rel in sorted(rels)}
+    digests = {root / rel: sha256_file(root / rel) for rel in sorted(rels)}
+    remember_sha256(digests)  # so the first `run` after the build need not hash the files again
+    return {rel: {"size": (root / rel).stat().st_size, "sha256": digests[root / rel]} for rel in sorted(rels)}
 
 
 def write_manifest(root: str | os.PathLike, manifest: Manifest) -> None:
@@ -241,10 +248,12 @@ def _is_empty_dir(path: Path) -> bool:
 
 @contextmanager
 def staging_dir(target: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; on success it replaces `target` atomically.
+    """Yield a temporary folder beside `target`; on success it replaces `target`.
 
     An existing `target` is replaced only if it is a bundle, an empty folder, or `force` is set;
-    on any error the temporary folder is removed and `target` is left as it was.
+    on any error the temporary folder is removed and `target` is left as it was. Replacing is
+    two renames (old aside, new in place): a crash between them leaves the finished bundle at
+    `.NAME.tmp-*` and the old one at `.NAME.old-PID`, never a half-written `target`.
     """
     target = Path(target).absolute()
     if target.exists() and not (force or is_bundle(target) or _is_empty_dir(target)):
@@ -252,6 +261,7 @@ def staging_dir(target: str | os.PathLike, force: bool = False) -> Iterator[Path
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        give_default_mode(tmp, directory=True)  # mkdtemp makes it private (0700)
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

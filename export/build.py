@@ -13,10 +13,12 @@ The steps are small and separate:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
 import os
+import platform
 import shutil
 import sys
 from dataclasses import dataclass, field, replace
@@ -25,6 +27,7 @@ from typing import Any, Callable
 
 import click
 
+from engines.digests import cached_sha256
 from engines.errors import WanrtError
 from engines.manifest import (
     MANIFEST_NAME,
@@ -32,7 +35,6 @@ from engines.manifest import (
     Manifest,
     is_bundle,
     read_manifest,
-    sha256_file,
     staging_dir,
     write_manifest,
 )
@@ -46,6 +48,7 @@ TARGETS = ("onnx",)
 ONNX_NAME = "model.onnx"
 TOKENIZER_DIR = "tokenizer"
 BUILD_FORMAT = 1  # bump when the exported graphs change for the same inputs
+WANRT_VERSION = "0.1.0"  # as pyproject.toml
 # Why a component is built in another precision than the bundle's (component kind -> reason).
 PRECISION_REASONS = {
     "vae_encoder": "ONNX Conv has no bfloat16 before opset 22, beyond TensorRT 10.1's ONNX parser (opsets 9-20)",
@@ -93,44 +96,31 @@ class Exported:
 
 
 # --------------------------------------------------------------------------------------------
-# source digests (cached by path, size and mtime so a rebuild does not re-read every weight)
-
-
-def _digest_cache_path() -> Path:
-    root = os.environ.get("WANRT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "wanrt"
-    )
-    return Path(root) / "digests.json"
+# source digests (remembered per file state so a rebuild does not re-read every weight)
 
 
 def file_digest(path: Path) -> str:
-    """sha256 of a file, remembered per (absolute path, size, mtime) in the user's cache folder."""
-    path = Path(path).absolute()
-    st = path.stat()
-    stamp = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    cache_file = _digest_cache_path()
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if stamp in cache:
-        return cache[stamp]
-    digest = sha256_file(path)
-    cache = {k: v for k, v in cache.items() if not k.startswith(f"{path}|")}
-    cache[stamp] = digest
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_file)
-    except OSError:
-        pass  # the cache is an optimization only
-    return digest
+    """sha256 of a source file, remembered per file state (`engines.digests`) so rebuilds skip re-reading weights."""
+    return cached_sha256([path])[str(path)]
+
+
+@functools.lru_cache(maxsize=1)
+def _source_digest() -> str:
+    """sha256 over the exporter's own code and data (engines/, export/, calibration/, plugins_trt/)."""
+    repo = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for folder in ("engines", "export", "calibration", "plugins_trt"):
+        for path in sorted((repo / folder).rglob("*")):
+            if path.suffix in (".py", ".json") and "__pycache__" not in path.parts:
+                h.update(str(path.relative_to(repo)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def _versions() -> dict[str, str]:
-    out = {"wanrt": "0.1.0", "build_format": str(BUILD_FORMAT)}
-    for pkg in ("torch", "onnx", "onnxscript", "onnx_ir"):
+    """What produced the files: wanrt (version and source digest), Python and the libraries on the export path."""
+    out = {"wanrt": WANRT_VERSION, "wanrt_source": _source_digest(), "build_format": str(BUILD_FORMAT),
+           "python": platform.python_version()}  # fmt: skip
+    for pkg in ("torch", "onnx", "onnxscript", "onnx_ir", "numpy", "safetensors", "onnxruntime"):
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
@@ -339,7 +329,7 @@ def _reusable(old: Manifest | None, old_root: Path, plan: ComponentPlan, key: st
     for rel in comp.files:
         meta = old.files.get(rel)
         path = old_root / rel
-        if meta is None or not path.is_file() or path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
+        if meta is None or not path.is_file() or path.stat().st_size != meta["size"] or cached_sha256([path])[str(path)] != meta["sha256"]:
             return None
     return comp
 

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from calibration.weights import ERROR_ROW_STRIDE, STORAGE_TO_FORMAT, QuantErrorSummary, quantize_measured
 from engines.errors import WanrtError
-from engines.manifest import sha256_file
+from engines.digests import sha256_file
 from export.checkpoint.safetensors_file import ITEMSIZE
 from export.checkpoint.safetensors_writer import SafetensorsWriter, TensorSpec
 from export.checkpoint.resolve import CONVERT_METADATA_KEY, Expert, ResolvedModel, resolve_model

@@ -39,6 +39,10 @@ from .video import check_frames_dir, check_output_path, to_uint8_frames, write_m
     "--vae-tiling", is_flag=True,
     help="Encode/decode in overlapping 256-pixel tiles every 192 pixels (as diffusers): bounded VAE memory at large sizes.",
 )
+@click.option(
+    "--rehash", is_flag=True,
+    help="Re-read every bundle file for its sha256 check (default: files already hashed in their current state are not re-read).",
+)
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True, help="Inference backend.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .mp4 (H.264).")
 @click.option("--frames-dir", type=click.Path(file_okay=False), default=None, help="Also write PNG frames here.")
@@ -46,14 +50,14 @@ from .video import check_frames_dir, check_output_path, to_uint8_frames, write_m
 def run_command(
     bundle: str, prompt: str, negative_prompt: str | None, image: str | None, last_image: str | None,
     frames: int | None, height: int | None, width: int | None, steps: int | None, guidance: float | None,
-    shift: float | None, sampler: str | None, seed: int | None, vae_tiling: bool, backend: str, output: str, frames_dir: str | None, as_json: bool,
+    shift: float | None, sampler: str | None, seed: int | None, vae_tiling: bool, rehash: bool, backend: str, output: str, frames_dir: str | None, as_json: bool,
 ) -> None:
     """Generate a video from a bundle (torch-free runtime)."""
     start = time.perf_counter()
     out = check_output_path(output)
     if frames_dir is not None:
         check_frames_dir(frames_dir)  # before any work: a bad folder must not cost a whole generation
-    manifest = verify_bundle(bundle)
+    manifest = verify_bundle(bundle, remembered=not rehash)
     verify_seconds = time.perf_counter() - start
     engine_backend = make_backend(backend)
     pipeline = WanPipeline(bundle, manifest, engine_backend, progress=Progress(enabled=True))

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.errors import WanrtError
-from engines.manifest import sha256_file
+from engines.digests import sha256_file
 from engines.model import EXPERT_NAMES, LoraRecord
 
 # Wan2.2 `lora_configs[].name` values and their expert names.
