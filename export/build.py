@@ -504,7 +504,8 @@ def build_bundle(
 @click.option("--config", type=click.Path(), help="LightX2V JSON config (checkpoint keys, LoRAs, sampling defaults).")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:STRENGTH][@EXPERT]", help="LoRA to merge (repeatable).")
 @click.option("--lora-strict", is_flag=True, help="Any LoRA key that matches no base weight is an error.")
-@click.option("--precision", default="fp32", show_default=True, help="Engine precision: fp32 or bf16.")
+@click.option("--precision", default="fp32", show_default=True,
+              help="Engine precision: fp32 or bf16 (at bf16 the VAE stays fp32 and CLIP runs fp16; a note says why).")
 @click.option("--components", default=None,
               help="Comma list of dit,text_encoder,image_encoder,vae (default: all the model needs). Components of an "
                    "existing bundle at OUTPUT that are left out are kept when a full build would reuse them, else dropped.")
