@@ -40,6 +40,11 @@ from .video import check_frames_dir, check_output_path, to_uint8_frames, write_m
     help="Encode/decode in overlapping 256-pixel tiles every 192 pixels (as diffusers): bounded VAE memory at large sizes.",
 )
 @click.option(
+    "--memory-budget", type=click.FloatRange(min=0, min_open=True), default=None, metavar="GIB",
+    help="GiB the DiT experts may occupy (weights + activations); default: 90% of free device (or host) memory."
+    " Two experts that fit stay loaded; otherwise one is released before the other loads.",
+)
+@click.option(
     "--rehash", is_flag=True,
     help="Re-read every bundle file for its sha256 check (default: files already hashed in their current state are not re-read).",
 )
@@ -50,7 +55,7 @@ from .video import check_frames_dir, check_output_path, to_uint8_frames, write_m
 def run_command(
     bundle: str, prompt: str, negative_prompt: str | None, image: str | None, last_image: str | None,
     frames: int | None, height: int | None, width: int | None, steps: int | None, guidance: float | None,
-    shift: float | None, sampler: str | None, seed: int | None, vae_tiling: bool, rehash: bool, backend: str, output: str, frames_dir: str | None, as_json: bool,
+    shift: float | None, sampler: str | None, seed: int | None, vae_tiling: bool, memory_budget: float | None, rehash: bool, backend: str, output: str, frames_dir: str | None, as_json: bool,
 ) -> None:
     """Generate a video from a bundle (torch-free runtime)."""
     start = time.perf_counter()
@@ -60,7 +65,8 @@ def run_command(
     manifest = verify_bundle(bundle, remembered=not rehash)
     verify_seconds = time.perf_counter() - start
     engine_backend = make_backend(backend)
-    pipeline = WanPipeline(bundle, manifest, engine_backend, progress=Progress(enabled=True))
+    budget = int(memory_budget * 2**30) if memory_budget is not None else None
+    pipeline = WanPipeline(bundle, manifest, engine_backend, memory_budget_bytes=budget, progress=Progress(enabled=True))
     request = GenerationRequest(
         prompt=prompt, negative_prompt=negative_prompt, image=image, last_image=last_image, frames=frames,
         height=height, width=width, steps=steps, guidance=guidance, shift=shift, seed=seed,

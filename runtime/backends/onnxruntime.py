@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,6 +203,11 @@ class OnnxRuntimeBackend(Backend):
             info = _cuda_memory(self.options.device_id)
             if info is not None:
                 return info
+            warnings.warn(
+                "CUDA memory cannot be queried (no loadable libcudart): memory budgets use host memory;"
+                " set run --memory-budget to the GPU memory the experts may use",
+                stacklevel=2,
+            )
         return _host_memory()
 
 

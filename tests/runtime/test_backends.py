@@ -108,7 +108,8 @@ def test_activation_pool_ownership(bundle, backend):
     manifest = read_manifest(bundle)
     comps = [manifest.components[n] for n in manifest.experts]
     pool = backend.allocate_activations(comps, bundle)
-    assert pool.components == ("dit_high_noise", "dit_low_noise") and pool.size_bytes >= 0
+    assert pool.components == ("dit_high_noise", "dit_low_noise")
+    assert pool.size_bytes == 0  # ONNX Runtime allocates its own scratch; the pool only tracks ownership here
     high = backend.load(comps[0], bundle, activations=pool)
     low = backend.load(comps[1], bundle, activations=pool, weight_budget_bytes=0)
     assert pool.owners == {"dit_high_noise", "dit_low_noise"}

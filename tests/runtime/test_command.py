@@ -64,6 +64,19 @@ def test_full_run_writes_mp4_frames_and_json(t2v, tmp_path):
     assert "stages" in result.stderr and "vae decode" in result.stderr  # the progress bars went to stderr
 
 
+def test_memory_budget_decides_expert_residency(t2v, tmp_path):
+    """Both experts stay loaded by default; a budget smaller than both makes the run release one before loading the other."""
+    modes = {}
+    for budget in (None, "0.000001"):
+        args = ["--memory-budget", budget] if budget else []
+        result = run(t2v, "--prompt", "a cat", "--steps", 4, "-o", tmp_path / f"{budget}.mp4", "--json", *args)
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.stdout)
+        modes[budget] = summary["residency_mode"], [(e["action"], e["name"]) for e in summary["residency"]]
+    assert modes[None] == ("keep_all", [("load", HIGH), ("load", LOW), ("release", HIGH), ("release", LOW)])
+    assert modes["0.000001"] == ("swap", [("load", HIGH), ("release", HIGH), ("load", LOW), ("release", LOW)])
+
+
 def test_i2v_run(i2v, tmp_path):
     img = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(img)
