@@ -83,15 +83,13 @@ def test_dit_engine_runs_with_its_recorded_signature(moe):
 def test_identical_rebuild_reuses_every_component(moe):
     model, bundle, _ = moe
     before = {p: p.stat().st_ino for p in bundle.rglob("*.data")}
-    t0 = time.perf_counter()
     res = invoke("build-engine", model, "-o", bundle, "--json")
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert {c["status"] for c in summary["components"].values()} == {"reused"}
-    assert time.perf_counter() - t0 < 30  # nothing exported
     verify_bundle(bundle)
     after = {p: p.stat().st_ino for p in bundle.rglob("*.data")}
-    assert before.keys() == after.keys()
+    assert before == after  # the same files, hard-linked into the new bundle: nothing was exported again
 
 
 def test_lora_for_one_expert_rebuilds_only_that_expert(moe, tmp_path):
