@@ -8,6 +8,7 @@ edit or a truncation changes it, and the file is hashed again. `verify` never us
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -51,34 +52,39 @@ def _store(entries: dict[str, str]) -> None:
     path = cache_file()
     if len(entries) > MAX_ENTRIES:
         entries = dict(list(entries.items())[-MAX_ENTRIES:])
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
         tmp.write_text(json.dumps(entries))
         os.replace(tmp, path)
-    except OSError:
-        pass  # the cache only saves time
+    except OSError:  # the cache only saves time
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
-def remember_sha256(paths_and_digests: dict[str | os.PathLike, str]) -> None:
-    """Record digests just computed for files in their current state."""
+def hash_and_remember(paths: list[str | os.PathLike], use_remembered: bool = True) -> dict[str, str]:
+    """`{str(path): sha256}`; with `use_remembered`, files whose state was hashed before are not read again.
+
+    A file's state is taken before it is read, so one that changes while being hashed is hashed again next time.
+    """
+    if not paths:
+        return {}
     entries = _load()
-    for path, digest in paths_and_digests.items():
+    out, changed = {}, False
+    for path in paths:
         stamp = file_stamp(path)
-        entries.pop(stamp, None)
-        entries[stamp] = digest
-    _store(entries)
+        digest = entries.get(stamp) if use_remembered else None
+        if digest is None:
+            digest = sha256_file(path)
+            entries.pop(stamp, None)
+            entries[stamp] = digest
+            changed = True
+        out[str(path)] = digest
+    if changed:
+        _store(entries)
+    return out
 
 
 def cached_sha256(paths: list[str | os.PathLike]) -> dict[str, str]:
     """`{str(path): sha256}`, hashing only files whose state has no remembered digest."""
-    entries = _load()
-    out, fresh = {}, {}
-    for path in paths:
-        digest = entries.get(file_stamp(path))
-        if digest is None:
-            digest = fresh[path] = sha256_file(path)
-        out[str(path)] = digest
-    if fresh:
-        remember_sha256(fresh)
-    return out
+    return hash_and_remember(paths, use_remembered=True)

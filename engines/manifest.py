@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .digests import cached_sha256, remember_sha256, sha256_file
+from .digests import cached_sha256, hash_and_remember
 from .errors import BundleError
 from .files import give_default_mode
 from .model import FAMILIES, TASKS, DiTConfig, LoraRecord, SamplingDefaults, VAEInfo
@@ -193,11 +193,7 @@ def verify_bundle(bundle: str | os.PathLike, check_hashes: bool = True, remember
             problems.append(f"{path}: size {size} bytes, manifest says {meta.get('size')} (truncated or replaced)")
         elif check_hashes:
             to_hash.append((path, meta.get("sha256")))
-    if remembered:
-        digests = cached_sha256([p for p, _ in to_hash])
-    else:
-        digests = {str(p): sha256_file(p) for p, _ in to_hash}
-        remember_sha256({p: digests[str(p)] for p, _ in to_hash})
+    digests = hash_and_remember([p for p, _ in to_hash], use_remembered=remembered)
     for path, want in to_hash:
         if digests[str(path)] != want:
             problems.append(f"{path}: sha256 mismatch (corrupted or modified)")
@@ -209,9 +205,9 @@ def verify_bundle(bundle: str | os.PathLike, check_hashes: bool = True, remember
 def list_files(root: str | os.PathLike, rels: list[str]) -> dict[str, dict[str, Any]]:
     """`{relpath: {size, sha256}}` for the given files under `root`."""
     root = Path(root)
-    digests = {root / rel: sha256_file(root / rel) for rel in sorted(rels)}
-    remember_sha256(digests)  # so the first `run` after the build need not hash the files again
-    return {rel: {"size": (root / rel).stat().st_size, "sha256": digests[root / rel]} for rel in sorted(rels)}
+    # remembered: files carried over by hard link are not read again, and the first `run` need not hash any
+    digests = cached_sha256([root / rel for rel in sorted(rels)])
+    return {rel: {"size": (root / rel).stat().st_size, "sha256": digests[str(root / rel)]} for rel in sorted(rels)}
 
 
 def write_manifest(root: str | os.PathLike, manifest: Manifest) -> None:

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import cli
-from engines.digests import cache_file, cached_sha256, file_stamp, remember_sha256
+from engines.digests import cache_file, cached_sha256, file_stamp, hash_and_remember
 from engines.errors import BundleError
 from engines.manifest import Component, Manifest, staging_dir, verify_bundle, write_manifest
 from engines.model import DiTConfig, SamplingDefaults, VAEInfo
@@ -45,12 +45,15 @@ def test_digest_is_the_file_sha256_and_is_remembered_per_state(tmp_path):
 def test_a_rename_keeps_the_remembered_digest(tmp_path):
     f = tmp_path / "staged.bin"
     f.write_bytes(b"weights" * 1000)
-    remember_sha256({f: "d" * 64})  # what a build records while the bundle is staged
+    staged = hash_and_remember([f])[str(f)]  # what a build records while the bundle is staged
+    flip_first_byte_keeping_mtime(f)
     moved = tmp_path / "final.bin"
     os.rename(f, moved)
-    assert cached_sha256([moved]) == {str(moved): "d" * 64}  # not re-read
+    assert cached_sha256([moved]) == {str(moved): staged}  # not re-read (it would differ now)
+    assert hash_and_remember([moved], use_remembered=False)[str(moved)] != staged
     shutil.copy2(moved, tmp_path / "copy.bin")  # a copy is a new file: hashed for real
-    assert cached_sha256([tmp_path / "copy.bin"])[str(tmp_path / "copy.bin")] == hashlib.sha256(b"weights" * 1000).hexdigest()
+    copy = tmp_path / "copy.bin"
+    assert cached_sha256([copy])[str(copy)] == hashlib.sha256(copy.read_bytes()).hexdigest()
 
 
 def test_unwritable_cache_is_only_slower(tmp_path, monkeypatch):
