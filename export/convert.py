@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from calibration.weights import ERROR_ROW_STRIDE, STORAGE_TO_FORMAT, QuantErrorSummary, quantize_measured
 from engines.errors import WanrtError
-from engines.digests import sha256_file
+from engines.digests import cached_sha256
 from export.checkpoint.safetensors_file import ITEMSIZE
 from export.checkpoint.safetensors_writer import SafetensorsWriter, TensorSpec
 from export.checkpoint.resolve import CONVERT_METADATA_KEY, Expert, ResolvedModel, resolve_model
@@ -198,7 +198,7 @@ def _metadata(
     for f in files:
         entry: dict[str, Any] = {"path": str(f), "size": Path(f).stat().st_size}
         if hash_sources:
-            entry["sha256"] = sha256_file(f)
+            entry["sha256"] = cached_sha256([f])[str(f)]
         sources.append(entry)
     info = {
         "tool": "wanrt convert",
@@ -308,7 +308,7 @@ def _stored_bytes(ref: Any) -> int:
 @click.option("--comfyui", is_flag=True, help="ComfyUI scaled-fp8 layout: per-tensor scale_weight and the scaled_fp8 marker.")
 @click.option("--expert", metavar="high_noise|low_noise", help="Which Wan2.2 MoE expert to convert.")
 @click.option("--lora-strict", is_flag=True, help="Fail on any LoRA key that matches nothing in the base.")
-@click.option("--hash-sources", is_flag=True, help="Record the sha256 of every source file in the metadata (reads them twice).")
+@click.option("--hash-sources", is_flag=True, help="Record the sha256 of every source file in the metadata (an extra read of each file not hashed before).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 def convert_command(
     src: Path,

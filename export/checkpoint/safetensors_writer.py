@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from engines.files import current_umask
+
 from .safetensors_file import NAME_TO_ST, CheckpointError, dtype_name
 
 
@@ -101,9 +103,7 @@ class SafetensorsWriter:
         self.tmp_path = Path(tmp)
         self._fd: int | None = fd
         try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the output ordinary permissions
+            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; give the output ordinary permissions
             os.ftruncate(fd, self.size)
             self._pwrite(memoryview(head), 0)
         except BaseException:

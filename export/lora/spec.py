@@ -9,14 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from engines.errors import WanrtError
-from engines.digests import sha256_file
+from engines.digests import cached_sha256
 from engines.model import EXPERT_NAMES, LoraRecord
 
 # Wan2.2 `lora_configs[].name` values and their expert names.
 EXPERT_ALIASES = {"high_noise": "high_noise", "low_noise": "low_noise", "high_noise_model": "high_noise", "low_noise_model": "low_noise"}
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 LORA_ARG_FORM = "PATH[:STRENGTH][@high_noise|@low_noise]"
-EXPERT_BEFORE_STRENGTH = re.compile(r"(?P<path>.+)@(?P<expert>[A-Za-z_]+):(?P<strength>[^:/\\]*)")  # x.safetensors@high_noise:0.5
+EXPERT_BEFORE_STRENGTH = re.compile(
+    rf"(?P<path>.+)@(?P<expert>{'|'.join(EXPERT_ALIASES)}):(?P<strength>[^:/\\]*)"
+)  # x.safetensors@high_noise:0.5
 
 
 class LoraError(WanrtError):
@@ -132,7 +134,7 @@ def lora_records(loras: list[LoraSpec]) -> list[LoraRecord]:
         records.append(
             LoraRecord(
                 path=str(spec.path),
-                sha256=sha256_file(spec.path),
+                sha256=cached_sha256([spec.path])[str(spec.path)],
                 strength=spec.strength,
                 experts=[spec.expert] if spec.expert else [],
                 alpha=spec.alpha,

@@ -22,6 +22,7 @@ from export.lora import LoraError, LoraSpec, lora_records, loras_from_config, pa
         ("/loras/a@b/x@2x.safetensors:0.3", "/loras/a@b/x@2x.safetensors", 0.3, None),
         ("C:\\loras\\x.safetensors:2", "C:\\loras\\x.safetensors", 2.0, None),
         ("dist.safetensors:1e-1@low_noise_model", "dist.safetensors", 0.1, "low_noise"),
+        ("/loras/lora@style:0.5", "/loras/lora@style", 0.5, None),  # '@style' is no expert name: part of the path
     ],
 )
 def test_parse_lora_arg(arg, path, strength, expert):
