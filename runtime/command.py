@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 
-from engines.errors import WanrtError
 from engines.manifest import verify_bundle
 
 from .backends import BACKENDS, make_backend

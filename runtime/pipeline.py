@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.defaults import default_negative_prompt
+from engines.defaults import default_negative_prompt, default_sampling
 from engines.errors import BundleError, WanrtError
 from engines.manifest import Component, Manifest
 
@@ -244,9 +244,15 @@ class WanPipeline:
         steps = request.steps if request.steps is not None else d.steps
         sampler_name = request.sampler or d.sampler
         if sampler_name == "distill" and not d.denoising_step_list:
-            raise WanrtError("--sampler distill: this bundle has no denoising_step_list (build it with a LightX2V distill config)")
+            raise WanrtError("sampler 'distill': this bundle has no denoising_step_list (build it with a LightX2V distill config)")
+        boundary, boundary_step_index = d.boundary, d.boundary_step_index
+        if sampler_name != "distill" and boundary_step_index is not None:
+            # a step index splits the distilled step list only; other schedules switch experts by timestep
+            boundary_step_index = None
+            if boundary is None and len(self.experts) == 2:
+                boundary = default_sampling(m.family, m.task, moe=True).boundary
         if sampler_name == "distill":
-            n = len(d.denoising_step_list or [])
+            n = len(d.denoising_step_list)
             if request.steps is not None and request.steps != n:
                 raise WanrtError(
                     f"--steps {request.steps}: this bundle's step-distilled sampler runs exactly {n} steps"
@@ -262,7 +268,7 @@ class WanPipeline:
         sampler = make_sampler(sampler_name, steps, shift, d.denoising_step_list)
         kinds = {n: self.component(n).expert for n in self.experts}
         step_plans = plan_steps(
-            sampler.timesteps, self.experts, kinds, guide, d.enable_cfg, d.boundary, d.boundary_step_index
+            sampler.timesteps, self.experts, kinds, guide, d.enable_cfg, boundary, boundary_step_index
         )
         if request.negative_prompt and not any(p.cfg for p in step_plans):
             warnings.append("--negative-prompt has no effect: no step uses CFG (guidance 1 or CFG disabled)")
@@ -274,7 +280,7 @@ class WanPipeline:
         return GenerationPlan(
             task=m.task, family=m.family, prompt=request.prompt, negative_prompt=negative, geometry=geometry,
             seed=seed, sampler=sampler_name, shift=shift, guide_scale=guide, enable_cfg=d.enable_cfg,
-            boundary=d.boundary, boundary_step_index=d.boundary_step_index,
+            boundary=boundary, boundary_step_index=boundary_step_index,
             denoising_step_list=d.denoising_step_list, fps=d.fps, steps=step_plans, warnings=warnings,
             vae_tiling=Tiling.for_stride(m.vae.stride[1]) if request.vae_tiling else None, **plan_images,
         )
@@ -455,9 +461,10 @@ class WanPipeline:
         return ts
 
     def _sample_device_memory(self, stats: RunStats) -> None:
-        if self.backend.device == "cpu":
+        info = self.backend.memory_info()
+        if info.device == "cpu":  # also a GPU backend that cannot query its memory: host RAM is not device memory
             return
-        free = self.backend.memory_info().free_bytes
+        free = info.free_bytes
         if stats.device_start_free_bytes is None:
             stats.device_start_free_bytes = free
         if stats.device_min_free_bytes is None or free < stats.device_min_free_bytes:

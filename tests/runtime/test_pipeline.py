@@ -344,10 +344,14 @@ def test_sampler_override(bundle_factory):
         cond, uncond = fn(x.numpy(), ts, ctx), fn(x.numpy(), ts, ctx_null)
         x = sched.step(torch.from_numpy((uncond + g * (cond - uncond)).astype(np.float32)), t, x, return_dict=False)[0]
     np.testing.assert_allclose(out, x.numpy(), rtol=1e-5, atol=1e-5 * np.abs(x.numpy()).max())
-    with pytest.raises(WanrtError, match="--sampler distill: this bundle has no denoising_step_list"):
+    with pytest.raises(WanrtError, match="sampler 'distill': this bundle has no denoising_step_list"):
         pipe.prepare(GenerationRequest(prompt="a cat", sampler="distill"))
     distill = pipeline(bundle_factory("moe_distill", sampling=DISTILL))
-    assert distill.prepare(GenerationRequest(prompt="a cat", sampler="euler", steps=6)).sampler == "euler"
+    plan = distill.prepare(GenerationRequest(prompt="a cat", sampler="euler", steps=6))
+    # boundary_step_index 2 splits the 4-step distilled list; 6 Euler steps switch at Wan2.2 T2V's t >= 875 instead
+    assert (plan.sampler, plan.boundary, plan.boundary_step_index) == ("euler", 0.875, None)
+    assert [s.expert for s in plan.steps] == [HIGH if s.timestep >= 875 else LOW for s in plan.steps]
+    assert {s.expert for s in plan.steps} == {HIGH, LOW}
 
 
 def test_a_lone_moe_expert_is_refused(bundle_factory):
