@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -99,11 +98,6 @@ class Exported:
 # source digests (remembered per file state so a rebuild does not re-read every weight)
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a source file, remembered per file state (`engines.digests`) so rebuilds skip re-reading weights."""
-    return cached_sha256([path])[str(path)]
-
-
 @functools.lru_cache(maxsize=1)
 def _source_digest() -> str:
     """sha256 over the exporter's own code and data (engines/, export/, calibration/, plugins_trt/)."""
@@ -116,11 +110,12 @@ def _source_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def _versions() -> dict[str, str]:
-    """What produced the files: wanrt (version and source digest), Python and the libraries on the export path."""
-    out = {"wanrt": WANRT_VERSION, "wanrt_source": _source_digest(), "build_format": str(BUILD_FORMAT),
-           "python": platform.python_version()}  # fmt: skip
-    for pkg in ("torch", "onnx", "onnxscript", "onnx_ir", "numpy", "safetensors", "onnxruntime"):
+EXPORT_PACKAGES = ("torch", "onnx", "onnxscript", "onnx_ir", "numpy")  # their versions can change the graphs
+
+
+def _package_versions(packages: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for pkg in packages:
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
@@ -128,16 +123,29 @@ def _versions() -> dict[str, str]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _export_versions() -> dict[str, str]:
+    """What the exported files depend on beyond their inputs: wanrt's code and the export-path libraries."""
+    return {"wanrt": WANRT_VERSION, "wanrt_source": _source_digest(), "build_format": str(BUILD_FORMAT),
+            **_package_versions(EXPORT_PACKAGES)}  # fmt: skip
+
+
+def _versions() -> dict[str, str]:
+    """What produced the bundle (the manifest's producer): the export versions, Python, and the runtime libraries."""
+    return {**_export_versions(), "python": platform.python_version(), **_package_versions(("safetensors", "onnxruntime"))}
+
+
 def cache_key(plan: ComponentPlan, loras: list[dict[str, Any]]) -> str:
     """Key of a component's files: its sources' digests, options, the LoRAs merged into it, tool versions."""
+    digests = cached_sha256(list(plan.sources))
     payload = {
         "name": plan.name,
         "kind": plan.kind,
         "precision": plan.precision,
         "options": plan.options,
-        "sources": [[p.name, file_digest(p)] for p in plan.sources],
+        "sources": [[p.name, digests[str(p)]] for p in plan.sources],
         "loras": [l for l in loras if not l["experts"] or plan.expert in l["experts"]] if plan.kind == "dit" else [],
-        "versions": _versions(),
+        "versions": _export_versions(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -326,25 +334,32 @@ def _reusable(old: Manifest | None, old_root: Path, plan: ComponentPlan, key: st
     comp = old.components[plan.name]
     if comp.cache_key != key:
         return None
-    for rel in comp.files:
-        meta = old.files.get(rel)
-        path = old_root / rel
-        if meta is None or not path.is_file() or path.stat().st_size != meta["size"] or cached_sha256([path])[str(path)] != meta["sha256"]:
-            return None
-    return comp
+    metas = [(old_root / rel, old.files.get(rel)) for rel in comp.files]
+    if any(meta is None or not path.is_file() or path.stat().st_size != meta["size"] for path, meta in metas):
+        return None
+    digests = cached_sha256([path for path, _ in metas])
+    return comp if all(digests[str(path)] == meta["sha256"] for path, meta in metas) else None
 
 
-def unrequested_plans(resolved, options: BuildOptions, loras: list, plans: list[ComponentPlan]) -> list[ComponentPlan]:
-    """What a full build of this model would add to `plans` (the components `--components`/`--expert` left out)."""
+def unrequested_plans(
+    resolved, options: BuildOptions, plans: list[ComponentPlan], old: Manifest, log: Callable[[str], None]
+) -> list[ComponentPlan]:
+    """What a full build would add to `plans` among the existing bundle's components (those `--components`/`--expert` left out).
+
+    Planned without LoRAs: these plans are never exported, and `cache_key` takes the LoRA records separately.
+    """
     if options.components is None and options.experts is None:
         return []
     names = {p.name for p in plans}
     others: list[ComponentPlan] = []
     for group in COMPONENT_GROUPS:
+        if not any(_group_of(c.kind) == group and c.name not in names for c in old.components.values()):
+            continue
         try:
-            full = plan_components(resolved, replace(options, components=(group,), experts=None), loras)
-        except WanrtError:
-            continue  # the model lacks what this group needs, or needs nothing from it
+            full = plan_components(resolved, replace(options, components=(group,), experts=None), [])
+        except WanrtError as e:
+            log(f"{group}: the existing bundle's components are dropped: this model cannot plan them ({e})")
+            continue
         others += [p for p in full if p.name not in names]
     return others
 
@@ -368,9 +383,14 @@ def _carry_over(comp: Component, plan: ComponentPlan, old_root: Path, tmp: Path,
     return comp
 
 
+def _group_of(kind: str) -> str:
+    """The `--components` group of a component kind (the VAE parts are one group)."""
+    return "vae" if kind.startswith("vae_") else kind
+
+
 def _component_rank(kind: str, name: str) -> tuple[int, str]:
     """Manifest order: DiT experts, text encoder, image encoder, VAE parts (by name within a group)."""
-    group = "vae" if kind.startswith("vae_") else kind
+    group = _group_of(kind)
     return COMPONENT_GROUPS.index(group) if group in COMPONENT_GROUPS else len(COMPONENT_GROUPS), name
 
 
@@ -427,7 +447,7 @@ def build_bundle(
     components: dict[str, Component] = {}
     graphs: dict[str, Path] = {}  # graph key -> an expert's model.onnx already in the staged bundle
     with staging_dir(output, force=options.force) as tmp:
-        for plan in unrequested_plans(resolved, options, loras, plans) if old is not None else []:
+        for plan in unrequested_plans(resolved, options, plans, old, log) if old is not None else []:
             if plan.name not in old.components:
                 continue
             kept = _reusable(old, output, plan, cache_key(plan, lora_keys))
