@@ -185,9 +185,16 @@ def clip_config_from_shapes(shapes: dict[str, tuple[int, ...]], where: str = "CL
 def open_clip_checkpoint(
     path: str | os.PathLike | None, task: str | None = None
 ) -> tuple[CLIPVisionConfig, TensorSource, dict[str, str]]:
-    """The tower config (inferred and checked), lazy reader and module key -> stored `visual.*` key of a CLIP file."""
+    """The tower config (inferred and checked), lazy reader and module key -> `visual.*` key of a CLIP file.
+
+    Accepts the official open-clip keys and transformers `CLIPVisionModelWithProjection` names."""
+    from export.checkpoint.companion_keys import MappedSource, hf_clip_plan, is_hf_clip
+
     p = require_file(path, "image encoder (CLIP ViT-H/14)", OFFICIAL_CLIP_FILE, task)
     source = open_source(p)
+    if is_hf_clip(set(source.keys())):  # diffusers image_encoder/: transformers CLIP vision names
+        plan = hf_clip_plan({k: tuple(source.header(k).shape) for k in source.keys()}, str(p))
+        source = MappedSource(source, {VISUAL_PREFIX + k: m for k, m in plan.items()})
     keys = {k[len(VISUAL_PREFIX) :]: k for k in source.keys() if k.startswith(VISUAL_PREFIX)}
     if not keys:
         raise CheckpointError(f"{p}: no 'visual.*' keys; expected the official CLIP checkpoint {OFFICIAL_CLIP_FILE}")

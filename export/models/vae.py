@@ -712,6 +712,52 @@ def diffusers_to_official_vae_key(key: str, cfg: VAEConfig) -> str | None:
     return None
 
 
+def _official_resnet(rest: str) -> str:
+    """Official `ResidualBlock` names -> diffusers `WanResidualBlock` names (other tails unchanged)."""
+    for theirs, ours in (("residual.0.", "norm1."), ("residual.2.", "conv1."), ("residual.3.", "norm2."),
+                         ("residual.6.", "conv2."), ("shortcut.", "conv_shortcut.")):  # fmt: skip
+        if rest.startswith(theirs):
+            return ours + rest[len(theirs) :]
+    return rest
+
+
+def official_to_diffusers_vae_key(key: str, cfg: VAEConfig) -> str:
+    """Map an official VAE key to the `AutoencoderKLWan` key (the inverse of `diffusers_to_official_vae_key`)."""
+    for official, prefix in (("conv1.", "quant_conv."), ("conv2.", "post_quant_conv.")):
+        if key.startswith(official):
+            return prefix + key[len(official) :]
+    part, _, rest = key.partition(".")
+    for theirs, ours in (("conv1.", "conv_in."), ("head.0.", "norm_out."), ("head.2.", "conv_out.")):
+        if rest.startswith(theirs):
+            return f"{part}.{ours}{rest[len(theirs):]}"
+    fields = rest.split(".")
+    if fields[0] == "middle":
+        j, tail = int(fields[1]), ".".join(fields[2:])
+        if j == 1:
+            return f"{part}.mid_block.attentions.0.{tail}"
+        return f"{part}.mid_block.resnets.{j // 2}.{_official_resnet(tail)}"
+    per_stage = cfg.num_res_blocks + 1
+    if fields[0] == "downsamples" and cfg.version == "2.1":
+        return f"encoder.down_blocks.{fields[1]}.{_official_resnet('.'.join(fields[2:]))}"
+    if fields[0] == "downsamples":
+        i, k, tail = fields[1], int(fields[3]), ".".join(fields[4:])
+        if k == cfg.num_res_blocks:
+            return f"encoder.down_blocks.{i}.downsampler.{tail}"
+        return f"encoder.down_blocks.{i}.resnets.{k}.{_official_resnet(tail)}"
+    if fields[0] == "upsamples" and cfg.version == "2.1":
+        i, r = divmod(int(fields[1]), per_stage + 1)
+        tail = ".".join(fields[2:])
+        if r == per_stage:
+            return f"decoder.up_blocks.{i}.upsamplers.0.{tail}"
+        return f"decoder.up_blocks.{i}.resnets.{r}.{_official_resnet(tail)}"
+    if fields[0] == "upsamples":
+        i, k, tail = fields[1], int(fields[3]), ".".join(fields[4:])
+        if k == per_stage:
+            return f"decoder.up_blocks.{i}.upsampler.{tail}"
+        return f"decoder.up_blocks.{i}.resnets.{k}.{_official_resnet(tail)}"
+    raise WanrtError(f"official Wan{cfg.version} VAE key {key!r} has no diffusers AutoencoderKLWan name")
+
+
 def _detect_layout(keys: set[str], path: Path) -> tuple[str, str]:
     """(version, layout) of a VAE state dict: layout "official" or "diffusers"."""
     if "encoder.downsamples.0.downsamples.0.residual.0.gamma" in keys:

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from engines.errors import WanrtError
 from export.checkpoint.safetensors_file import CheckpointError
+from export.checkpoint.companion_keys import hf_clip_plan, official_clip_to_hf
 from export.models.clip import CLIPVisionConfig, CLIPVisionEncoder, load_clip_vision
 
 transformers = pytest.importorskip("transformers")
@@ -45,29 +46,12 @@ def test_real_size_visual_keys_and_params_on_meta():
     assert round(sum(math.prod(s) for s in state.values()) / 1e6) == 632  # ViT-H/14 vision tower
 
 
-def hf_to_official(hf_state: dict[str, torch.Tensor], out_dim: int) -> dict[str, torch.Tensor]:
-    """Map transformers CLIPVisionModel names to the official open-clip `visual.*` names (written in the test)."""
-    hf = {k.removeprefix("vision_model."): v for k, v in hf_state.items()}
-    width = hf["pre_layrnorm.weight"].shape[0]
-    out = {
-        "patch_embedding.weight": hf["embeddings.patch_embedding.weight"],
-        "cls_embedding": hf["embeddings.class_embedding"].reshape(1, 1, width),
-        "pos_embedding": hf["embeddings.position_embedding.weight"].unsqueeze(0),
-        "pre_norm.weight": hf["pre_layrnorm.weight"], "pre_norm.bias": hf["pre_layrnorm.bias"],
-        "post_norm.weight": hf["post_layernorm.weight"], "post_norm.bias": hf["post_layernorm.bias"],
-        "head": torch.randn(width, out_dim),
-    }  # fmt: skip
-    layers = 1 + max(int(k.split(".")[2]) for k in hf if k.startswith("encoder.layers."))
-    for n in range(layers):
-        src, dst = f"encoder.layers.{n}.", f"transformer.{n}."
-        for kind in ("weight", "bias"):
-            out[dst + f"attn.to_qkv.{kind}"] = torch.cat([hf[src + f"self_attn.{m}_proj.{kind}"] for m in "qkv"])
-            out[dst + f"attn.proj.{kind}"] = hf[src + f"self_attn.out_proj.{kind}"]
-            out[dst + f"norm1.{kind}"] = hf[src + f"layer_norm1.{kind}"]
-            out[dst + f"norm2.{kind}"] = hf[src + f"layer_norm2.{kind}"]
-            out[dst + f"mlp.0.{kind}"] = hf[src + f"mlp.fc1.{kind}"]
-            out[dst + f"mlp.2.{kind}"] = hf[src + f"mlp.fc2.{kind}"]
-    return out
+def hf_to_official(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers CLIPVisionModelWithProjection weights under the official `visual.*` names (the production map)."""
+    plan = hf_clip_plan({k: tuple(v.shape) for k, v in hf_state.items()}, "test")
+    used = {k for m in plan.values() for k in m.stored}
+    assert used == set(hf_state) - {"vision_model.embeddings.position_ids"}
+    return {k: m.combine([hf_state[s] for s in m.stored]) for k, m in plan.items()}
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +62,14 @@ def hf_pair():
     hf_cfg = transformers.CLIPVisionConfig(
         hidden_size=cfg.width, intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, image_size=224, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5,
+        projection_dim=cfg.out_dim,
     )  # fmt: skip
-    hf = transformers.CLIPVisionModel(hf_cfg).eval()
+    hf = transformers.CLIPVisionModelWithProjection(hf_cfg).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():  # O(1) activations so every path matters
             scale = 0.5 if p.dim() == 1 or "embedding" in name else 1.0 / math.sqrt(p[0].numel())
             p.copy_(torch.randn_like(p) * scale + (1.0 if name.endswith("norm1.weight") or name.endswith("norm2.weight") else 0.0))
-    state = hf_to_official(hf.state_dict(), cfg.out_dim)
+    state = hf_to_official(hf.state_dict())
     with torch.device("meta"):
         ours = CLIPVisionEncoder(cfg)
     ours.load_state_dict(state, strict=True, assign=True)
@@ -132,6 +117,26 @@ def test_load_reads_visual_keys_of_full_checkpoint(hf_pair, tmp_path):
     rounded.load_state_dict({k: v.to(torch.float16).float() for k, v in state.items()}, assign=True)
     with torch.no_grad():
         assert close(loaded(pixels), rounded(pixels), 1e-6)
+
+
+def test_load_transformers_file_computes_like_transformers(hf_pair, tmp_path):
+    hf, ours, state = hf_pair
+    hf.save_pretrained(tmp_path)  # model.safetensors + config.json, as a diffusers image_encoder/
+    loaded = load_clip_vision(tmp_path / "model.safetensors")
+    assert loaded.config == ours.config
+    pixels = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        hidden = hf(pixel_values=pixels, output_hidden_states=True).hidden_states
+        assert close(loaded(pixels), hidden[-2])
+        # the projection head too: image_embeds = post_norm(CLS of the last layer) @ head
+        cls = loaded.post_norm(hidden[-1][:, 0])
+        assert close(cls @ loaded.head, hf(pixel_values=pixels).image_embeds)
+    back: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        back |= official_clip_to_hf(k, v)
+    hf_state = hf.state_dict()
+    assert set(back) == set(hf_state) - {"vision_model.embeddings.position_ids"}
+    assert all(torch.equal(back[k], hf_state[k]) for k in back)
 
 
 def test_load_rejects_bad_checkpoints(hf_pair, tmp_path):

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from engines.errors import WanrtError
 from export.checkpoint.safetensors_file import CheckpointError
+from export.checkpoint.companion_keys import hf_t5_key_to_official, official_t5_key_to_hf
 from export.models.t5 import T5Config, T5Encoder, load_t5_encoder
 
 transformers = pytest.importorskip("transformers")
@@ -49,25 +50,10 @@ def test_real_size_keys_and_params_on_meta():
 
 
 def hf_to_official(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map transformers UMT5EncoderModel names to Wan's official T5 names (written in the test)."""
-    out = {"token_embedding.weight": hf_state["shared.weight"], "norm.weight": hf_state["encoder.final_layer_norm.weight"]}
-    ffn = {"wi_0": "gate.0", "wi_1": "fc1", "wo": "fc2"}
-    for key, value in hf_state.items():
-        parts = key.split(".")
-        if parts[:2] != ["encoder", "block"]:
-            continue
-        n, layer, rest = parts[2], parts[4], ".".join(parts[5:])
-        if layer == "0" and rest == "layer_norm.weight":
-            out[f"blocks.{n}.norm1.weight"] = value
-        elif layer == "0" and rest == "SelfAttention.relative_attention_bias.weight":
-            out[f"blocks.{n}.pos_embedding.embedding.weight"] = value
-        elif layer == "0":
-            out[f"blocks.{n}.attn.{parts[6]}.weight"] = value
-        elif rest == "layer_norm.weight":
-            out[f"blocks.{n}.norm2.weight"] = value
-        else:
-            out[f"blocks.{n}.ffn.{ffn[parts[6]]}.weight"] = value
-    return out
+    """transformers UMT5EncoderModel weights under Wan's official T5 names (the production map)."""
+    mapped = {k: hf_t5_key_to_official(k) for k in hf_state}
+    assert [k for k, o in mapped.items() if o is None] == ["encoder.embed_tokens.weight"]  # tied to shared.weight
+    return {o: hf_state[k] for k, o in mapped.items() if o is not None}
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +119,18 @@ def test_load_pth_and_safetensors_infers_config(hf_pair, tmp_path):
     assert float((out - want).norm() / want.norm()) < 0.1
 
 
+def test_load_transformers_file_computes_like_transformers(hf_pair, tmp_path):
+    hf, ours, state = hf_pair
+    hf.save_pretrained(tmp_path)  # model.safetensors + config.json, as a diffusers text_encoder/
+    ids = torch.randint(3, 300, (1, 20))
+    mask = torch.ones_like(ids)
+    loaded = load_t5_encoder(tmp_path / "model.safetensors")
+    assert loaded.config == ours.config
+    with torch.no_grad():
+        assert close(loaded(ids, mask), hf(input_ids=ids, attention_mask=mask).last_hidden_state)
+    assert {official_t5_key_to_hf(k) for k in state} == set(hf.state_dict()) - {"encoder.embed_tokens.weight"}
+
+
 def test_load_rejects_bad_checkpoints(hf_pair, tmp_path):
     _, _, state = hf_pair
     cases = {
@@ -141,7 +139,9 @@ def test_load_rejects_bad_checkpoints(hf_pair, tmp_path):
         "shape": ({**state, "blocks.1.norm2.weight": torch.zeros(65)}, r"blocks.1.norm2.weight has shape \[65\], expected \[64\]"),
         "shared": ({"pos_embedding.embedding.weight": torch.zeros(32, 2),
                     **{k: v for k, v in state.items() if "pos_embedding" not in k}}, "shared position bias"),
-        "hf": ({"encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(64, 64)}, "Hugging Face UMT5"),
+        "hf_partial": ({"encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(64, 64)}, "missing key 'token_embedding.weight'"),
+        "hf_unexpected": ({"shared.weight": torch.zeros(300, 64), "encoder.block.0.layer.0.SelfAttention.q.bias": torch.zeros(64)},
+                          "unexpected key 'encoder.block.0.layer.0.SelfAttention.q.bias' for a transformers UMT5EncoderModel"),
     }  # fmt: skip
     for name, (bad, pattern) in cases.items():
         path = tmp_path / f"{name}.safetensors"

@@ -22,6 +22,7 @@ from export.models.vae import (
     WanVAE,
     diffusers_to_official_vae_key,
     load_vae,
+    official_to_diffusers_vae_key,
 )
 
 RTOL = 1e-4
@@ -215,6 +216,13 @@ def test_load_official_pth_and_diffusers_safetensors(tmp_path, pair):
             loaded = load_vae(path)
             assert loaded.cfg == cfg
             assert torch.equal(loaded.decode(z), want)
+
+
+def test_official_to_diffusers_names_every_diffusers_key(pair):
+    cfg, model, ours = pair
+    names = {official_to_diffusers_vae_key(k, cfg) for k in ours.state_dict()}
+    assert names == set(model.state_dict())  # diffusers' own key list is the reference
+    assert all(diffusers_to_official_vae_key(official_to_diffusers_vae_key(k, cfg), cfg) == k for k in ours.state_dict())
 
 
 def test_load_infers_the_number_of_residual_blocks(tmp_path):
