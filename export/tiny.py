@@ -14,11 +14,14 @@ What each layout writes (file names from the Wan-AI / LightX2V / diffusers relea
   loader accept both bare and `model.diffusion_model.` keys, and so does `inspect`.
 - `diffusers`: `model_index.json`, `transformer/` (+ `transformer_2/` = low-noise expert for
   Wan2.2 A14B) holding `WanTransformer3DModel` weights (fp32, sharded + index) and config,
-  `scheduler/`, `tokenizer/`.  The diffusers-format `text_encoder/`, `vae/`, `image_encoder/`
-  are not written (see the report: no loader reads them).
+  `scheduler/`, `tokenizer/` (tokenizer.json as below), `text_encoder/` (transformers
+  `UMT5EncoderModel` names), `vae/` (diffusers `AutoencoderKLWan` names), and for Wan2.1
+  i2v/flf2v `image_encoder/` (`CLIPVisionModelWithProjection` names), each one fp32
+  `model.safetensors` / `diffusion_pytorch_model.safetensors` + `config.json`.  They hold the
+  official layout's companion values (bf16 T5, fp16 CLIP, fp32 VAE) exactly, in fp32.
 
 Wan2.2 A14B writes `high_noise_model/` and `low_noise_model/` (official and LightX2V layouts).
-Companions (all but diffusers): `models_t5_umt5-xxl-enc-bf16.pth` (bf16), for Wan2.1 i2v/flf2v
+Companions (official and LightX2V layouts): `models_t5_umt5-xxl-enc-bf16.pth` (bf16), for Wan2.1 i2v/flf2v
 `models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth` (fp16, `visual.*` + `log_scale`),
 `Wan2.1_VAE.pth` / `Wan2.2_VAE.pth` (fp32), and `google/umt5-xxl/` (tokenizer.json: Unigram +
 Metaspace with `<pad>`=0, `</s>`=1, `<unk>`=2, `</s>` appended).
@@ -361,53 +364,122 @@ def make_tiny_model(out: Path, family: str, task: str, layout: str = "official",
 # Companions: T5, CLIP, VAE, tokenizer
 
 
-def _save_pth(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, seed: int, component: str,
-              extra: dict[str, torch.Tensor] | None = None) -> None:
-    state = {k: random_tensor(k, s, seed, component).to(dtype) for k, s in shapes.items()}
-    state.update(extra or {})
-    torch.save(state, path)
+def _official_state(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, seed: int, component: str) -> dict[str, torch.Tensor]:
+    """The official tensors of one companion: random values from (seed, component, key), stored in `dtype`."""
+    return {k: random_tensor(k, s, seed, component).to(dtype) for k, s in shapes.items()}
+
+
+def _save_pth(path: Path, state: dict[str, torch.Tensor], extra: dict[str, torch.Tensor] | None = None) -> None:
+    torch.save({**state, **(extra or {})}, path)
+
+
+def _save_diffusers(folder: Path, file_name: str, state: dict[str, torch.Tensor], config: dict) -> None:
+    """One diffusers/transformers component folder: a single fp32 safetensors file and its config.json."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: t.to(torch.float32).contiguous() for k, t in state.items()}, str(folder / file_name), metadata={"format": "pt"})
+    _write_json(folder / "config.json", config)
+
+
+def companion_configs(cfg: DiTConfig, task: str, real_widths: bool, vocab_size: int):
+    """(T5Config, CLIPVisionConfig or None, VAEConfig) of the companions a tiny model gets."""
+    from export.models.clip import CLIPVisionConfig
+    from export.models.t5 import T5Config
+    from export.models.vae import VAEConfig
+
+    t5 = T5Config.tiny(vocab_size=embedding_rows(vocab_size))
+    if real_widths:  # match the real text_dim; one narrow layer keeps the file small
+        t5 = replace(t5, dim=REAL_TEXT_DIM, dim_attn=REAL_TEXT_DIM, num_heads=64, dim_ffn=512, num_layers=1)
+    clip = None
+    if cfg.image_branch:
+        clip = replace(CLIPVisionConfig(), num_layers=2) if real_widths else CLIPVisionConfig.tiny()
+    return t5, clip, VAEConfig.tiny("2.2" if task == "ti2v" else "2.1")
 
 
 def write_companions(root: Path, family: str, task: str, layout: str, seed: int, cfg: DiTConfig, real_widths: bool) -> None:
-    """T5 / CLIP / VAE files and the tokenizer folder a real model folder has."""
-    if layout == "diffusers":
-        write_tokenizer(root / "tokenizer")
+    """T5 / CLIP / VAE files and the tokenizer folder a real model folder has.
+
+    Official tensors (T5 bf16, CLIP fp16, VAE fp32) are drawn once; the diffusers layout stores
+    exactly those values in fp32 under transformers / diffusers names."""
+    from export.models.clip import clip_state_shapes
+    from export.models.t5 import t5_state_shapes
+    from export.models.vae import WanVAE
+
+    diffusers = layout == "diffusers"
+    vocab = write_tokenizer(root / ("tokenizer" if diffusers else "google/umt5-xxl"))
+    t5_cfg, clip_cfg, vae_cfg = companion_configs(cfg, task, real_widths, vocab)
+    t5 = _official_state(t5_state_shapes(t5_cfg), torch.bfloat16, seed, "t5")
+    clip = None
+    if clip_cfg is not None:
+        shapes = {"visual." + k: s for k, s in clip_state_shapes(clip_cfg).items()}
+        clip = _official_state(shapes, torch.float16, seed, "clip")
+    with torch.device("meta"):
+        vae_shapes = {k: tuple(t.shape) for k, t in WanVAE(vae_cfg).state_dict().items()}
+    vae = _official_state(vae_shapes, torch.float32, seed, "vae")
+    if diffusers:
+        _write_diffusers_companions(root, t5, t5_cfg, clip, clip_cfg, vae, vae_cfg)
         _write_diffusers_pipeline(root, family, task)
         return
-    from export.models.clip import CLIPVisionConfig, clip_state_shapes
-    from export.models.t5 import T5Config, t5_state_shapes
-    from export.models.vae import VAEConfig, WanVAE
-
-    vocab = write_tokenizer(root / "google" / "umt5-xxl")
-    t5 = T5Config.tiny(vocab_size=embedding_rows(vocab))
-    if real_widths:  # match the real text_dim; one narrow layer keeps the file small
-        t5 = replace(t5, dim=REAL_TEXT_DIM, dim_attn=REAL_TEXT_DIM, num_heads=64, dim_ffn=512, num_layers=1)
-    _save_pth(root / T5_FILE, t5_state_shapes(t5), torch.bfloat16, seed, "t5")
-    if cfg.image_branch:
-        clip = CLIPVisionConfig.tiny()
-        if real_widths:
-            clip = replace(CLIPVisionConfig(), num_layers=2)
-        shapes = {"visual." + k: s for k, s in clip_state_shapes(clip).items()}
+    _save_pth(root / T5_FILE, t5)
+    if clip is not None:
         log_scale = torch.tensor(math.log(1 / 0.07), dtype=torch.float16)  # XLMRobertaCLIP.log_scale
-        _save_pth(root / CLIP_FILE, shapes, torch.float16, seed, "clip", {"log_scale": log_scale})
-    version = "2.2" if task == "ti2v" else "2.1"
-    with torch.device("meta"):
-        vae = WanVAE(VAEConfig.tiny(version))
-    shapes = {k: tuple(t.shape) for k, t in vae.state_dict().items()}
-    _save_pth(root / f"Wan{version}_VAE.pth", shapes, torch.float32, seed, "vae")
+        _save_pth(root / CLIP_FILE, clip, {"log_scale": log_scale})
+    _save_pth(root / f"Wan{vae_cfg.version}_VAE.pth", vae)
+
+
+def _write_diffusers_companions(root: Path, t5: dict, t5_cfg, clip: dict | None, clip_cfg, vae: dict, vae_cfg) -> None:
+    """text_encoder/, image_encoder/ (Wan2.1 i2v/flf2v) and vae/ of a diffusers Wan pipeline folder."""
+    from export.checkpoint.companion_keys import official_clip_to_hf, official_t5_key_to_hf
+    from export.models.vae import official_to_diffusers_vae_key
+
+    _save_diffusers(root / "text_encoder", "model.safetensors", {official_t5_key_to_hf(k): t for k, t in t5.items()}, {
+        "architectures": ["UMT5EncoderModel"], "model_type": "umt5", "d_model": t5_cfg.dim,
+        "d_kv": t5_cfg.dim_attn // t5_cfg.num_heads, "d_ff": t5_cfg.dim_ffn, "num_heads": t5_cfg.num_heads,
+        "num_layers": t5_cfg.num_layers, "vocab_size": t5_cfg.vocab_size, "feed_forward_proj": "gated-gelu",
+        "relative_attention_num_buckets": t5_cfg.num_buckets, "relative_attention_max_distance": 128,
+        "layer_norm_epsilon": 1e-6, "dense_act_fn": "gelu_new", "is_gated_act": True, "torch_dtype": "float32",
+    })  # fmt: skip
+    if clip is not None:
+        hf: dict[str, torch.Tensor] = {}
+        for k, t in clip.items():
+            hf.update(official_clip_to_hf(k.removeprefix("visual."), t))
+        _save_diffusers(root / "image_encoder", "model.safetensors", hf, {
+            "architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model",
+            "hidden_size": clip_cfg.width, "intermediate_size": clip_cfg.mlp_dim,
+            "num_hidden_layers": clip_cfg.num_layers, "num_attention_heads": clip_cfg.num_heads,
+            "image_size": clip_cfg.image_size, "patch_size": clip_cfg.patch_size, "projection_dim": clip_cfg.out_dim,
+            "hidden_act": "gelu", "layer_norm_eps": 1e-5, "torch_dtype": "float32",
+        })  # fmt: skip
+    residual = vae_cfg.version == "2.2"
+    _save_diffusers(root / "vae", "diffusion_pytorch_model.safetensors",
+                    {official_to_diffusers_vae_key(k, vae_cfg): t for k, t in vae.items()}, {
+        "_class_name": "AutoencoderKLWan", "_diffusers_version": "0.35.0", "base_dim": vae_cfg.dim,
+        "decoder_base_dim": vae_cfg.dec_dim, "z_dim": vae_cfg.z_dim, "dim_mult": list(vae_cfg.dim_mult),
+        "num_res_blocks": vae_cfg.num_res_blocks, "temperal_downsample": list(vae_cfg.temporal_downsample),
+        "latents_mean": list(vae_cfg.latents_mean), "latents_std": list(vae_cfg.latents_std),
+        "is_residual": residual, "in_channels": vae_cfg.io_channels, "out_channels": vae_cfg.io_channels,
+        "patch_size": vae_cfg.patch_size if residual else None, "scale_factor_spatial": vae_cfg.spatial_stride,
+        "scale_factor_temporal": vae_cfg.temporal_stride,
+    })  # fmt: skip
 
 
 def _write_diffusers_pipeline(root: Path, family: str, task: str) -> None:
-    """model_index.json and scheduler config of a diffusers Wan pipeline (components this writer makes)."""
+    """model_index.json and scheduler config of a diffusers Wan pipeline (the components this writer makes)."""
     moe = family == "wan2.2" and task in ("t2v", "i2v")
     image = task in ("i2v", "flf2v")
     index = {
         "_class_name": "WanImageToVideoPipeline" if image else "WanPipeline",
         "_diffusers_version": "0.35.0",
         "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
         "tokenizer": ["transformers", "T5TokenizerFast"],
         "transformer": ["diffusers", "WanTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
     }
+    if family == "wan2.1" and image:
+        index["image_encoder"] = ["transformers", "CLIPVisionModelWithProjection"]
+        index["image_processor"] = ["transformers", "CLIPImageProcessor"]
     if moe:
         index["transformer_2"] = ["diffusers", "WanTransformer3DModel"]
         index["boundary_ratio"] = 0.9 if task == "i2v" else 0.875

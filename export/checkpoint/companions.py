@@ -2,7 +2,9 @@
 
 Files are typed by their tensor names (headers only), not their file names; official names
 (`models_t5_umt5-xxl-enc-bf16.pth`, ...) only break ties.  Keys follow the official modules
-(`wan/modules/t5.py`, `clip.py`, `vae.py` / `vae2_2.py`).
+(`wan/modules/t5.py`, `clip.py`, `vae.py` / `vae2_2.py`), or their diffusers-folder forms:
+`text_encoder/` (transformers UMT5), `image_encoder/` (transformers CLIP vision), `vae/`
+(diffusers `AutoencoderKLWan`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .companion_keys import HF_PROJECTION, HF_T5_Q, HF_VISION
 from .safetensors_file import CheckpointError
 from .view import QUANTIZED_DTYPES, open_source
 
@@ -20,6 +23,8 @@ VAE_FILES = {"2.1": "Wan2.1_VAE.pth", "2.2": "Wan2.2_VAE.pth"}
 TOKENIZER_DIRS = ("google/umt5-xxl", "tokenizer")
 # Where LightX2V also looks for companions (`find_torch_model_path`).
 LIGHTX2V_SUBDIRS = ("original", "fp8", "int8", "distill_models", "distill_fp8", "distill_int8")
+# diffusers pipeline folders: the component subfolders holding the companions
+DIFFUSERS_SUBDIRS = ("text_encoder", "image_encoder", "vae")
 COMPANION_SUFFIXES = (".pth", ".pt", ".safetensors")
 VAE_Z_DIMS = {16: "2.1", 48: "2.2"}
 VAE_IN_CHANNELS = {"2.1": 3, "2.2": 12}  # Wan2.2 patchifies 2x2 pixels into 12 channels
@@ -41,6 +46,14 @@ def classify_companion(path: Path, shapes: Mapping[str, tuple[int, ...]], dtypes
         if dtypes["blocks.0.attn.q.weight"] in QUANTIZED_DTYPES:
             return None  # LightX2V's fp8/int8 T5 exports need their own kernels; only float T5 files are used
         return Companion("t5", path, shapes["token_embedding.weight"][1])
+    if "shared.weight" in shapes and HF_T5_Q in shapes:  # a diffusers text_encoder/ (transformers UMT5)
+        if dtypes[HF_T5_Q] in QUANTIZED_DTYPES:
+            return None
+        return Companion("t5", path, shapes["shared.weight"][1])
+    if HF_VISION + "embeddings.patch_embedding.weight" in shapes and HF_PROJECTION in shapes:
+        return Companion("clip", path, shapes[HF_VISION + "embeddings.patch_embedding.weight"][0])
+    if "encoder.conv_in.weight" in shapes and "post_quant_conv.weight" in shapes and "decoder.conv_in.weight" in shapes:
+        return _diffusers_vae(path, shapes)
     if "visual.patch_embedding.weight" in shapes and "visual.transformer.0.attn.to_qkv.weight" in shapes:
         return Companion("clip", path, shapes["visual.patch_embedding.weight"][0])
     if "decoder.middle.0.residual.0.gamma" in shapes and "conv2.weight" in shapes and "encoder.conv1.weight" in shapes:
@@ -55,6 +68,19 @@ def classify_companion(path: Path, shapes: Mapping[str, tuple[int, ...]], dtypes
     return None
 
 
+def _diffusers_vae(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> Companion:
+    """A diffusers `AutoencoderKLWan` file: the version from z_dim (post_quant_conv input) and input channels."""
+    z_dim = shapes["post_quant_conv.weight"][1]
+    version = VAE_Z_DIMS.get(z_dim)
+    channels = shapes["encoder.conv_in.weight"][1]
+    if version is None or channels != VAE_IN_CHANNELS[version]:
+        raise CheckpointError(
+            f"{path}: a diffusers AutoencoderKLWan with z_dim {z_dim} and {channels} input channels;"
+            " expected the Wan2.1 VAE (z 16, 3 channels) or the Wan2.2 VAE (z 48, 12 channels)"
+        )
+    return Companion("vae", path, z_dim, version)
+
+
 def read_companion(path: Path) -> Companion | None:
     """Type one weights file from its header (no tensor data is read)."""
     src = open_source(path)
@@ -66,10 +92,10 @@ def read_companion(path: Path) -> Companion | None:
 
 
 def candidate_files(roots: list[Path], skip: set[Path]) -> list[Path]:
-    """Weights files directly inside the roots and LightX2V's companion subfolders."""
+    """Weights files directly inside the roots, LightX2V's companion subfolders and diffusers component folders."""
     seen: list[Path] = []
     for root in roots:
-        for folder in (root, *(root / s for s in LIGHTX2V_SUBDIRS)):
+        for folder in (root, *(root / s for s in LIGHTX2V_SUBDIRS + DIFFUSERS_SUBDIRS)):
             if not folder.is_dir():
                 continue
             for p in sorted(folder.iterdir()):
@@ -90,9 +116,18 @@ def pick(kind: str, found: list[Companion], official_name: str | None, config_ke
 
 
 def find_tokenizer(roots: list[Path]) -> Path | None:
-    """The first `google/umt5-xxl/` or `tokenizer/` folder holding a tokenizer.json."""
+    """The first `google/umt5-xxl/` or `tokenizer/` folder holding a tokenizer.json.
+
+    A folder with only a sentencepiece model is an error: the runtime reads tokenizer.json."""
     for root in roots:
         for sub in TOKENIZER_DIRS:
             if (root / sub / "tokenizer.json").is_file():
                 return root / sub
+    for root in roots:
+        for sub in TOKENIZER_DIRS:
+            if (root / sub / "spiece.model").is_file():
+                raise CheckpointError(
+                    f"{root / sub}: holds spiece.model but no tokenizer.json; the runtime tokenizer reads tokenizer.json"
+                    " (the `tokenizers` format): add the tokenizer.json of google/umt5-xxl to that folder"
+                )
     return None

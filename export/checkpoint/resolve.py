@@ -292,8 +292,6 @@ def resolve_model(path: str | os.PathLike, config: str | os.PathLike | None = No
     if record is not None and (record.get("family"), record.get("task")) not in ((None, None), (family, task)):
         notes.append(f"{experts[0].files[0]}: its {CONVERT_METADATA_KEY} metadata says {record.get('family')} {record.get('task')},"
                      f" but the tensor shapes say {family} {task}; the shapes are used")
-    if path.is_dir():
-        notes += _diffusers_encoder_notes(path)
     for e in experts:
         if e.config_json is not None:
             check_config_json(dit, lx.read_json(e.config_json, "config.json"), e.config_json, _where(e), task, e.view.precision)
@@ -455,15 +453,6 @@ def _lone_expert_name(experts: list[Expert], record: dict[str, Any] | None) -> t
         if any(expert in n for n in names):
             return expert, "looks like"
     return None, ""
-
-
-def _diffusers_encoder_notes(root: Path) -> list[str]:
-    """Diffusers-format encoder folders are not read (the exporters load the official .pth files)."""
-    notes = []
-    for sub, what in (("text_encoder", "T5"), ("image_encoder", "CLIP"), ("vae", "VAE")):
-        if (root / sub / "config.json").is_file():
-            notes.append(f"{root / sub}: diffusers-format {what} folders are not supported; put the official .pth beside the model")
-    return notes
 
 
 def _check_scheme(experts: list[Expert], scheme: str, cfg_path: Path) -> None:

@@ -98,11 +98,43 @@ def test_inspect_never_imports_torch(tiny_model):
     assert out.stdout.strip() == "False"
 
 
-def test_diffusers_encoder_folders_are_reported(tiny_model, tmp_path):
+def test_diffusers_companion_folders_are_found(tiny_model, tmp_path):
+    root = tiny_model("wan2.1", "i2v", "diffusers")
+    m = resolve_model(root)
+    assert m.text_encoder == root / "text_encoder" / "model.safetensors"
+    assert m.image_encoder == root / "image_encoder" / "model.safetensors"
+    assert (m.vae, m.vae_version) == (root / "vae" / "diffusion_pytorch_model.safetensors", "2.1")
+    assert m.tokenizer == root / "tokenizer" and m.notes == []
+
+
+def test_diffusers_tokenizer_without_tokenizer_json_is_an_error(tiny_model, tmp_path):
     root = tmp_path / "diffusers"
     shutil.copytree(tiny_model("wan2.1", "t2v", "diffusers"), root)
-    (root / "text_encoder").mkdir()
-    (root / "text_encoder" / "config.json").write_text('{"architectures": ["UMT5EncoderModel"]}')
-    m = resolve_model(root)
-    assert m.text_encoder is None and m.tokenizer == root / "tokenizer"
-    assert any("text_encoder: diffusers-format T5" in n for n in m.notes)
+    (root / "tokenizer" / "tokenizer.json").unlink()
+    (root / "tokenizer" / "spiece.model").write_bytes(b"sentencepiece")
+    with pytest.raises(WanrtError, match=f"{root / 'tokenizer'}: holds spiece.model but no tokenizer.json"):
+        resolve_model(root)
+
+
+@pytest.mark.parametrize("family, task", [("wan2.1", "i2v"), ("wan2.2", "ti2v")])
+def test_diffusers_companions_load_the_official_tensors(tiny_model, family, task):
+    """Both layouts of one seed, read through the exporters' loaders, hold the same tensors (official dtype)."""
+    from export.models.clip import open_clip_checkpoint
+    from export.models.t5 import open_t5_checkpoint
+    from export.models.vae import read_vae_checkpoint
+
+    official, diffusers = resolve_model(tiny_model(family, task)), resolve_model(tiny_model(family, task, "diffusers"))
+    (t5_cfg, t5_a), (t5_cfg_b, t5_b) = open_t5_checkpoint(official.text_encoder), open_t5_checkpoint(diffusers.text_encoder)
+    assert t5_cfg == t5_cfg_b and sorted(t5_a.keys()) == sorted(t5_b.keys())
+    assert all(torch.equal(t5_a.read(k), t5_b.read(k).to(torch.bfloat16)) for k in t5_a.keys())
+    vae_cfg, names_a, vae_a = read_vae_checkpoint(official.vae)
+    vae_cfg_b, names_b, vae_b = read_vae_checkpoint(diffusers.vae)
+    assert vae_cfg == vae_cfg_b and set(names_a) == set(names_b)
+    assert all(torch.equal(vae_a.read(names_a[k]), vae_b.read(names_b[k])) for k in names_a)
+    if official.image_encoder is None:
+        assert diffusers.image_encoder is None
+        return
+    clip_cfg, clip_a, keys_a = open_clip_checkpoint(official.image_encoder)
+    clip_cfg_b, clip_b, keys_b = open_clip_checkpoint(diffusers.image_encoder)
+    assert clip_cfg == clip_cfg_b and set(keys_a) == set(keys_b)
+    assert all(torch.equal(clip_a.read(keys_a[k]), clip_b.read(keys_b[k]).to(torch.float16)) for k in keys_a)

@@ -127,8 +127,12 @@ def test_inspect_recognizes_layout(tiny_model, family, task, layout):
         else:
             assert len(names) == 1 and lightx2v_name_re(family, task, layout, e["name"]).match(names[0]), names
 
-    if layout == "diffusers":  # the diffusers-format encoders are not written (no loader reads them)
-        assert (got["text_encoder"], got["image_encoder"], got["vae"]) == (None, None, None)
+    vae_version = "2.2" if task == "ti2v" else "2.1"  # A14B uses the Wan2.1 VAE; only TI2V-5B the Wan2.2 VAE
+    assert got["vae_version"] == vae_version
+    if layout == "diffusers":  # the pipeline's component folders (transformers / diffusers names)
+        assert got["text_encoder"].endswith("/text_encoder/model.safetensors")
+        assert got["image_encoder"] == (str(root / "image_encoder" / "model.safetensors") if image else None)
+        assert got["vae"].endswith("/vae/diffusion_pytorch_model.safetensors")
         assert got["tokenizer"].endswith("/tokenizer")
         return
     assert got["text_encoder"].endswith("/models_t5_umt5-xxl-enc-bf16.pth")
@@ -136,8 +140,6 @@ def test_inspect_recognizes_layout(tiny_model, family, task, layout):
         assert got["image_encoder"].endswith("/models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
     else:
         assert got["image_encoder"] is None
-    vae_version = "2.2" if task == "ti2v" else "2.1"  # A14B uses the Wan2.1 VAE; only TI2V-5B the Wan2.2 VAE
-    assert got["vae_version"] == vae_version
     assert got["vae"].endswith(f"/Wan{vae_version}_VAE.pth")
     assert got["tokenizer"].endswith("/google/umt5-xxl")
 
