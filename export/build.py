@@ -262,6 +262,7 @@ def precision_notes(precision: str, components: list) -> list[str]:
 
 def plan_components(resolved, options: BuildOptions, loras: list) -> list[ComponentPlan]:
     """The engines a bundle of this model needs, restricted to what the user asked for."""
+    from export.checkpoint.companions import companion_files
     from export.lora import apply_loras
 
     groups = set(options.components or COMPONENT_GROUPS)
@@ -298,7 +299,7 @@ def plan_components(resolved, options: BuildOptions, loras: list) -> list[Compon
         if resolved.tokenizer is None:
             raise _missing("tokenizer", "google/umt5-xxl/tokenizer.json", task, resolved.source)
         plans.append(
-            ComponentPlan("text_encoder", "text_encoder", options.precision, [resolved.text_encoder],
+            ComponentPlan("text_encoder", "text_encoder", options.precision, companion_files(resolved.text_encoder),
                           _text_exporter(resolved.text_encoder, options.precision, task))  # fmt: skip
         )
     if "image_encoder" in groups and cfg.image_branch:
@@ -306,7 +307,7 @@ def plan_components(resolved, options: BuildOptions, loras: list) -> list[Compon
             raise _missing("CLIP image encoder", "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", task, resolved.source)
         clip_precision = "fp32" if options.precision == "fp32" else "fp16"  # the official code runs CLIP in fp16
         plans.append(
-            ComponentPlan("image_encoder", "image_encoder", clip_precision, [resolved.image_encoder],
+            ComponentPlan("image_encoder", "image_encoder", clip_precision, companion_files(resolved.image_encoder),
                           _image_exporter(resolved.image_encoder, clip_precision, task))  # fmt: skip
         )
     if "vae" in groups:
@@ -316,7 +317,8 @@ def plan_components(resolved, options: BuildOptions, loras: list) -> list[Compon
         parts = ["decoder"] + (["encoder"] if task in ("i2v", "flf2v", "ti2v") else [])
         for part in parts:
             plans.append(
-                ComponentPlan(f"vae_{part}", f"vae_{part}", "fp32", [resolved.vae], _vae_exporter(resolved.vae, part, "fp32"))
+                ComponentPlan(f"vae_{part}", f"vae_{part}", "fp32", companion_files(resolved.vae),
+                              _vae_exporter(resolved.vae, part, "fp32"))  # fmt: skip
             )
     if not plans:
         raise WanrtError(f"--components {','.join(sorted(groups))}: nothing to build for this {resolved.family} {task} model")

@@ -4,7 +4,7 @@ Files are typed by their tensor names (headers only), not their file names; offi
 (`models_t5_umt5-xxl-enc-bf16.pth`, ...) only break ties.  Keys follow the official modules
 (`wan/modules/t5.py`, `clip.py`, `vae.py` / `vae2_2.py`), or their diffusers-folder forms:
 `text_encoder/` (transformers UMT5), `image_encoder/` (transformers CLIP vision), `vae/`
-(diffusers `AutoencoderKLWan`).
+(diffusers `AutoencoderKLWan`); a sharded one is read through its `*.safetensors.index.json`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 
 from .companion_keys import HF_PROJECTION, HF_T5_Q, HF_VISION
 from .safetensors_file import CheckpointError
-from .view import QUANTIZED_DTYPES, open_source
+from .safetensors_file import TensorHeader
+from .view import QUANTIZED_DTYPES, TensorSource, open_source
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
@@ -26,6 +27,7 @@ LIGHTX2V_SUBDIRS = ("original", "fp8", "int8", "distill_models", "distill_fp8", 
 # diffusers pipeline folders: the component subfolders holding the companions
 DIFFUSERS_SUBDIRS = ("text_encoder", "image_encoder", "vae")
 COMPANION_SUFFIXES = (".pth", ".pt", ".safetensors")
+INDEX_SUFFIX = ".safetensors.index.json"  # a sharded transformers text_encoder/ (model.safetensors.index.json)
 VAE_Z_DIMS = {16: "2.1", 48: "2.2"}
 VAE_IN_CHANNELS = {"2.1": 3, "2.2": 12}  # Wan2.2 patchifies 2x2 pixels into 12 channels
 
@@ -81,9 +83,54 @@ def _diffusers_vae(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> Compani
     return Companion("vae", path, z_dim, version)
 
 
+class ShardedSource(TensorSource):
+    """The tensors of a `*.safetensors.index.json` and its shards, read on demand."""
+
+    def __init__(self, index: Path):
+        from .resolve import _read_index
+
+        self.path, self.metadata = index, {}
+        shards, weight_map = _read_index(index)
+        self.shards = shards
+        sources = {p: open_source(p) for p in shards}
+        self.where = {key: sources[shard] for key, shard in weight_map.items()}
+        for key, src in self.where.items():
+            if key not in src:
+                raise CheckpointError(f"{index}: lists tensor {key!r} in {src.path.name}, but {src.path.name} has no such tensor")
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def header(self, key: str) -> TensorHeader:
+        return self._source(key).header(key)
+
+    def read(self, key: str):
+        return self._source(key).read(key)
+
+    def _source(self, key: str) -> TensorSource:
+        try:
+            return self.where[key]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named {key!r}") from None
+
+
+def open_companion(path: str | Path) -> TensorSource:
+    """A companion's tensors: one weights file, or an index with its shards."""
+    p = Path(path)
+    return ShardedSource(p) if p.name.endswith(INDEX_SUFFIX) else open_source(p)
+
+
+def companion_files(path: Path) -> list[Path]:
+    """The files a companion is read from (an index and its shards, or the one file): what its digest covers."""
+    return [path, *open_companion(path).shards] if path.name.endswith(INDEX_SUFFIX) else [path]
+
+
 def read_companion(path: Path) -> Companion | None:
-    """Type one weights file from its header (no tensor data is read)."""
-    src = open_source(path)
+    """Type one weights file (or sharded index) from its header (no tensor data is read)."""
+    src = open_companion(path)
     shapes, dtypes = {}, {}
     for k in src.keys():
         h = src.header(k)
@@ -97,6 +144,10 @@ def candidate_files(roots: list[Path], skip: set[Path]) -> list[Path]:
     for root in roots:
         for folder in (root, *(root / s for s in LIGHTX2V_SUBDIRS + DIFFUSERS_SUBDIRS)):
             if not folder.is_dir():
+                continue
+            indexes = sorted(folder.glob("*" + INDEX_SUFFIX)) if folder.name in DIFFUSERS_SUBDIRS else []
+            if indexes:  # a sharded diffusers component: its index stands for the shards
+                seen += [p for p in indexes if p not in seen]
                 continue
             for p in sorted(folder.iterdir()):
                 if p.suffix in COMPANION_SUFFIXES and p.is_file() and p.resolve() not in skip and p not in seen:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from export.checkpoint.safetensors_file import CheckpointError
-from export.checkpoint.view import TensorSource, open_source
+from export.checkpoint.view import TensorSource
 from export.models.t5 import check_state_shapes, require_file
 
 OFFICIAL_CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
@@ -188,10 +188,11 @@ def open_clip_checkpoint(
     """The tower config (inferred and checked), lazy reader and module key -> `visual.*` key of a CLIP file.
 
     Accepts the official open-clip keys and transformers `CLIPVisionModelWithProjection` names."""
+    from export.checkpoint.companions import open_companion
     from export.checkpoint.companion_keys import MappedSource, hf_clip_plan, is_hf_clip
 
     p = require_file(path, "image encoder (CLIP ViT-H/14)", OFFICIAL_CLIP_FILE, task)
-    source = open_source(p)
+    source = open_companion(p)
     if is_hf_clip(set(source.keys())):  # diffusers image_encoder/: transformers CLIP vision names
         plan = hf_clip_plan({k: tuple(source.header(k).shape) for k in source.keys()}, str(p))
         source = MappedSource(source, {VISUAL_PREFIX + k: m for k, m in plan.items()})

@@ -27,7 +27,7 @@ from torch import nn
 
 from engines.errors import WanrtError
 from export.checkpoint.safetensors_file import CheckpointError
-from export.checkpoint.view import TensorSource, open_source
+from export.checkpoint.view import TensorSource
 
 OFFICIAL_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 
@@ -243,10 +243,11 @@ def open_t5_checkpoint(path: str | os.PathLike | None, task: str | None = None) 
     """The config (inferred and checked from the key shapes) and lazy reader (official names) of a T5 file.
 
     Accepts the official keys and transformers `UMT5EncoderModel` names (a diffusers `text_encoder/`)."""
+    from export.checkpoint.companions import open_companion
     from export.checkpoint.companion_keys import MappedSource, hf_t5_plan, is_hf_t5
 
     p = require_file(path, "text encoder (umt5-xxl T5)", OFFICIAL_T5_FILE, task)
-    source = open_source(p)
+    source = open_companion(p)
     if is_hf_t5(set(source.keys())):  # diffusers text_encoder/: transformers UMT5EncoderModel names
         source = MappedSource(source, hf_t5_plan(source))
     return t5_config_from_shapes({k: tuple(source.header(k).shape) for k in source.keys()}, where=str(p)), source

@@ -802,11 +802,11 @@ def read_vae_checkpoint(
     Accepts the official keys (`.pth` or `.safetensors`) and diffusers `AutoencoderKLWan` names;
     a missing, unexpected or misshapen key raises WanrtError naming the file and the key.
     """
-    from export.checkpoint.view import open_source
+    from export.checkpoint.companions import open_companion
     from export.models.t5 import check_state_shapes, require_file
 
     path = require_file(path, "VAE", "Wan2.1_VAE.pth or Wan2.2_VAE.pth", task)
-    reader = open_source(path)
+    reader = open_companion(path)
     stored = {k: tuple(reader.header(k).shape) for k in reader.keys()}
     version, layout = _detect_layout(set(stored), path)
     names = {k: k for k in stored}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -138,3 +139,33 @@ def test_diffusers_companions_load_the_official_tensors(tiny_model, family, task
     clip_cfg_b, clip_b, keys_b = open_clip_checkpoint(diffusers.image_encoder)
     assert clip_cfg == clip_cfg_b and set(keys_a) == set(keys_b)
     assert all(torch.equal(clip_a.read(keys_a[k]), clip_b.read(keys_b[k]).to(torch.float16)) for k in keys_a)
+
+def test_sharded_diffusers_text_encoder_is_read_through_its_index(tiny_model, tmp_path):
+    """A transformers text_encoder/ in shards + model.safetensors.index.json (as the released umt5-xxl) reads as one."""
+    from safetensors.torch import load_file, save_file
+
+    from export.build import BuildOptions, plan_components
+    from export.models.t5 import open_t5_checkpoint
+
+    root = tmp_path / "diffusers"
+    shutil.copytree(tiny_model("wan2.1", "t2v", "diffusers"), root)
+    folder = root / "text_encoder"
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    keys = sorted(state)
+    names = {key: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, key in enumerate(keys)}
+    for shard in sorted(set(names.values())):
+        save_file({k: state[k] for k in keys if names[k] == shard}, folder / shard)
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": names}))
+    m = resolve_model(root)
+    assert m.text_encoder == index
+    single = open_t5_checkpoint(tiny_model("wan2.1", "t2v", "diffusers") / "text_encoder" / "model.safetensors")[1]
+    cfg, sharded = open_t5_checkpoint(index)
+    assert sorted(sharded.keys()) == sorted(single.keys())
+    assert all(torch.equal(sharded.read(k), single.read(k)) for k in single.keys())
+    plan = plan_components(m, BuildOptions(components=("text_encoder",)), [])
+    assert plan[0].sources == [index, folder / "model-00001-of-00002.safetensors", folder / "model-00002-of-00002.safetensors"]
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(WanrtError, match="names shard model-00002-of-00002.safetensors, which is missing"):
+        resolve_model(root)
