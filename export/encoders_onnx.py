@@ -60,11 +60,12 @@ def export_text_encoder_onnx(
     if isinstance(source, T5Encoder):
         cfg, state = source.config, source.state_dict()
         table_dtype = token_table_dtype(cfg, dtype, holds_bf16_values(state[TOKEN_TABLE], cfg))
-        weights = _cast_loaders(state, dtype) | _cast_loaders({TOKEN_TABLE: state[TOKEN_TABLE]}, table_dtype)
+        others = {k: v for k, v in state.items() if k != TOKEN_TABLE}
+        weights = _cast_loaders(others, dtype) | _cast_loaders({TOKEN_TABLE: state[TOKEN_TABLE]}, table_dtype)
     else:
         cfg, reader = open_t5_checkpoint(source, task)
         table_dtype = token_table_dtype(cfg, dtype, reader.header(TOKEN_TABLE).dtype == "bf16")
-        weights = _read_loaders(reader, {k: k for k in reader.keys()}, dtype)
+        weights = _read_loaders(reader, {k: k for k in reader.keys() if k != TOKEN_TABLE}, dtype)
         weights |= _read_loaders(reader, {TOKEN_TABLE: TOKEN_TABLE}, table_dtype)
     weights["bucket_table"] = lambda: relative_bucket_table(cfg, device="cpu")
     module = text_encoder_graph_module(cfg, dtype, table_dtype)

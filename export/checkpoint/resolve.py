@@ -397,10 +397,6 @@ def _check_storage(expert: Expert) -> None:
                 f"{ref.source.path}: {ref.source_key!r} is stored as {ref.dtype}, an unsupported storage dtype for block linear"
                 f" weights; expected one of {', '.join(STORAGE_PRECISIONS)} (fp8 as float8_e4m3fn)"
             )
-    if expert.view.precision not in STORAGE_PRECISIONS:
-        raise CheckpointError(
-            f"{_where(expert)}: weights stored as {expert.view.precision}; expected one of {', '.join(STORAGE_PRECISIONS)}"
-        )
 
 
 def _family_task(experts: list[Expert], dit: DiTConfig) -> tuple[str, str]:
