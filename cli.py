@@ -1,28 +1,66 @@
 #!/usr/bin/env python3
 """wanrt command line: a thin click layer.  Each command lives in the package that owns it.
 
-Commands are imported only when invoked, so `run` and `verify` never import torch.
+Commands are imported only when invoked, so `run` and `verify` never import torch.  Installed,
+this is `wanrt.cli:main` (the `wanrt` command); from a checkout, `python cli.py` first binds the
+package name `wanrt` to the checkout, so the two forms run the same code.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
-import click
 
-from engines.errors import WanrtError
+def bind_checkout() -> None:
+    """Make `import wanrt` mean the folder this file is in (a checkout), ahead of any installed copy."""
+    root = Path(__file__).resolve().parent
+    bound = sys.modules.get("wanrt")
+    if bound is not None and Path(bound.__file__).resolve().parent == root:
+        return
+    spec = importlib.util.spec_from_file_location("wanrt", root / "__init__.py", submodule_search_locations=[str(root)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["wanrt"] = module
+    spec.loader.exec_module(module)
 
-# name -> (module:attribute, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "make-tiny-model": ("export.tiny:make_tiny_model_command", "Write a tiny random Wan checkpoint in a real on-disk layout."),
-    "inspect": ("export.checkpoint.command:inspect_command", "Detect a checkpoint's layout, precision and components (headers only)."),
-    "convert": ("export.convert:convert_command", "Merge LoRAs / quantize into a single LightX2V-layout safetensors file."),
-    "build-engine": ("export.build:build_engine_command", "Export a model's components to ONNX (and TensorRT) as a verifiable bundle."),
-    "lint-onnx": ("export.onnx_lint:lint_onnx_command", "Check an ONNX file against what TensorRT's ONNX parser accepts."),
-    "verify": ("engines.command:verify_command", "Check a bundle's schema and the sha256 of every file."),
-    "run": ("runtime.command:run_command", "Generate a video from a bundle (torch-free runtime)."),
+
+if __package__ != "wanrt":  # `python cli.py` or `import cli` from a checkout
+    bind_checkout()
+
+import click  # noqa: E402
+
+from wanrt.engines.errors import WanrtError  # noqa: E402
+
+# What the `export` extra installs (`pip install .` alone is the torch-free runtime side).
+EXPORT_EXTRA = ("torch", "safetensors", "onnx", "onnxscript", "ml_dtypes")
+
+
+@dataclass(frozen=True)
+class CommandEntry:
+    """Where a command lives, its one-line help, and the modules it needs beyond the runtime install."""
+
+    target: str  # "module:attribute"
+    help: str
+    needs: tuple[str, ...] = ()
+
+
+COMMANDS: dict[str, CommandEntry] = {
+    "make-tiny-model": CommandEntry("wanrt.export.tiny:make_tiny_model_command", "Write a tiny random Wan checkpoint in a real on-disk layout.", EXPORT_EXTRA),
+    "inspect": CommandEntry("wanrt.export.checkpoint.command:inspect_command", "Detect a checkpoint's layout, precision and components (headers only)."),
+    "convert": CommandEntry("wanrt.export.convert:convert_command", "Merge LoRAs / quantize into a single LightX2V-layout safetensors file.", EXPORT_EXTRA),
+    "build-engine": CommandEntry("wanrt.export.build:build_engine_command", "Export a model's components to ONNX (and TensorRT) as a verifiable bundle.", EXPORT_EXTRA),
+    "lint-onnx": CommandEntry("wanrt.export.onnx_lint:lint_onnx_command", "Check an ONNX file against what TensorRT's ONNX parser accepts.", ("onnx",)),
+    "verify": CommandEntry("wanrt.engines.command:verify_command", "Check a bundle's schema and the sha256 of every file."),
+    "run": CommandEntry("wanrt.runtime.command:run_command", "Generate a video from a bundle (torch-free runtime)."),
 }
+
+
+def missing_modules(names: tuple[str, ...]) -> list[str]:
+    """Those of `names` that cannot be imported here (found without importing them)."""
+    return [n for n in names if importlib.util.find_spec(n) is None]
 
 
 class LazyGroup(click.Group):
@@ -34,10 +72,15 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
             return None
+        entry = COMMANDS[name]
         if ctx.resilient_parsing or "--help" in sys.argv[1:2]:
             # `cli.py --help` lists commands without importing them.
-            return click.Command(name, help=COMMANDS[name][1], short_help=COMMANDS[name][1])
-        module, attr = COMMANDS[name][0].split(":")
+            return click.Command(name, help=entry.help, short_help=entry.help)
+        missing = missing_modules(entry.needs)
+        if missing:
+            click.echo(f"error: '{name}' needs {', '.join(missing)}, not installed here: pip install \"wanrt[export]\"", err=True)
+            ctx.exit(2)
+        module, attr = entry.target.split(":")
         return getattr(importlib.import_module(module), attr)
 
     def invoke(self, ctx: click.Context):
@@ -53,5 +96,10 @@ def cli() -> None:
     """wanrt: compiled engines and a thin runtime for Wan2.1 / Wan2.2 video models."""
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """Entry point of the installed `wanrt` command."""
     cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import cli  # noqa: F401,E402  (binds the package name `wanrt` to this checkout)
 
 LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
            "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
@@ -31,8 +32,8 @@ def write_rank64_lora(base_file: Path, out: Path, rank: int = 64) -> None:
     """A LightX2V-style distill LoRA on every block linear (bf16 up/down) plus diff_b / diff_m deltas."""
     import torch
 
-    from export.checkpoint.safetensors_writer import SafetensorsWriter, TensorSpec
-    from export.checkpoint.view import CheckpointView, open_source
+    from wanrt.export.checkpoint.safetensors_writer import SafetensorsWriter, TensorSpec
+    from wanrt.export.checkpoint.view import CheckpointView, open_source
 
     view = CheckpointView([open_source(base_file)])
     tensors: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -91,7 +92,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="best of N for both convert and cp")
     args = ap.parse_args()
 
-    from export.tiny import make_tiny_model
+    from wanrt.export.tiny import make_tiny_model
 
     work = args.workdir
     model = work / f"wan21-1.3B-{args.layers}L-{args.layout}"
@@ -129,7 +130,7 @@ def main() -> None:
             run.once()
             load = max(load, os.getloadavg()[0])
     shutil.rmtree(cp_out, ignore_errors=True)
-    imports = Run("imports", [sys.executable, "-c", "import torch, export.convert"])
+    imports = Run("imports", [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import cli, torch, wanrt.export.convert"])
     imports.once()
 
     cp, main_run = runs[0], runs[1]

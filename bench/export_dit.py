@@ -32,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import cli  # noqa: F401,E402  (binds the package name `wanrt` to this checkout)
 RESULTS = ROOT / "bench" / "RESULTS.md"
 BEGIN, END = "<!-- export_dit:begin -->", "<!-- export_dit:end -->"
 
@@ -60,9 +61,9 @@ class Sampler(threading.Thread):
 
 def child(mode: str, model: str, out: str, precision: str) -> None:
     """Run one measurement in this (fresh) process and print a JSON line."""
-    from export.checkpoint.resolve import resolve_model
-    from export.models.wan_dit import load_dit
-    from export.onnx_export import PRECISIONS, dit_dynamic_dims, dit_example_inputs, export_dit_onnx, export_onnx
+    from wanrt.export.checkpoint.resolve import resolve_model
+    from wanrt.export.models.wan_dit import load_dit
+    from wanrt.export.onnx_export import PRECISIONS, dit_dynamic_dims, dit_example_inputs, export_dit_onnx, export_onnx
 
     resolved = resolve_model(Path(model))
     view, cfg = resolved.experts[0].view, resolved.dit
@@ -102,9 +103,9 @@ def measure(mode: str, model: Path, out: Path, precision: str) -> dict:
 
 def weights_bytes(model: Path, precision: str) -> tuple[int, int, str, int]:
     """(parameter count, bytes of the weights at `precision` as exported, largest tensor, its bytes)."""
-    from export.checkpoint.resolve import resolve_model
-    from export.models.wan_dit import param_dtype
-    from export.onnx_export import PRECISIONS
+    from wanrt.export.checkpoint.resolve import resolve_model
+    from wanrt.export.models.wan_dit import param_dtype
+    from wanrt.export.onnx_export import PRECISIONS
 
     view = resolve_model(model).experts[0].view
     sizes = {k: view[k].numel * param_dtype(k, PRECISIONS[precision]).itemsize for k in view}
@@ -191,7 +192,7 @@ def main() -> None:
         child(*args.child)
         return
 
-    from export.tiny import make_tiny_model
+    from wanrt.export.tiny import make_tiny_model
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     load_avg = os.getloadavg()[0]

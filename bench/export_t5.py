@@ -29,6 +29,7 @@ import click
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+import cli  # noqa: F401,E402  (binds the package name `wanrt` to this checkout)
 
 WORK = ROOT / "bench" / "_work" / "export_t5"
 
@@ -37,7 +38,7 @@ def write_checkpoint(path: Path, layers: int) -> dict:
     """An official-layout bf16 T5 file with real widths and `layers` blocks (small random values)."""
     import torch
 
-    from export.models.t5 import T5Config, t5_state_shapes
+    from wanrt.export.models.t5 import T5Config, t5_state_shapes
 
     cfg = T5Config(num_layers=layers)
     gen = torch.Generator().manual_seed(0)
@@ -79,8 +80,8 @@ class PeakMemory:
 
 def child(mode: str, precision: str, ckpt: Path, out: Path) -> dict:
     """One measured export, run in this (fresh) process."""
-    from export.encoders_onnx import DTYPES, export_text_encoder_onnx
-    from export.models.t5 import load_t5_encoder
+    from wanrt.export.encoders_onnx import DTYPES, export_text_encoder_onnx
+    from wanrt.export.models.t5 import load_t5_encoder
 
     with PeakMemory() as mem:
         start = time.perf_counter()
@@ -112,10 +113,10 @@ def main(layers: int, precisions: tuple[str, ...], as_json: bool, child_run: tup
     info = {"layers": layers, "checkpoint": str(ckpt.relative_to(ROOT))}
     if not ckpt.is_file():
         print(f"writing {ckpt} ...", file=sys.stderr)
-        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import cli; "
                         f"from bench.export_t5 import write_checkpoint; from pathlib import Path; "
                         f"write_checkpoint(Path({str(ckpt)!r}), {layers})"], check=True)  # fmt: skip
-    from export.models.t5 import T5Config, t5_state_shapes
+    from wanrt.export.models.t5 import T5Config, t5_state_shapes
 
     info["params"] = sum(math.prod(s) for s in t5_state_shapes(T5Config(num_layers=layers)).values())
     info["checkpoint_gb"] = round(ckpt.stat().st_size / 2**30, 2)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import cli  # noqa: F401,E402  (binds the package name `wanrt` to this checkout)
 
 MARK_BEGIN, MARK_END = "<!-- inspect_load:begin -->", "<!-- inspect_load:end -->"
 NOTES = [
@@ -43,6 +44,7 @@ NOTES = [
 CHILD = r"""
 import json, os, sys, time
 sys.path.insert(0, {repo!r})
+import cli  # binds `wanrt` to the checkout
 import torch
 
 def hwm_kb():  # peak RSS of this process image (ru_maxrss would include the parent's, kept across exec)
@@ -60,7 +62,7 @@ if method == "sequential":
             while n := fh.readinto(view):
                 nbytes += n
 else:
-    from export.checkpoint.resolve import resolve_model
+    from wanrt.export.checkpoint.resolve import resolve_model
     dtype = {{"stream-fp32": None, "stream-bf16": torch.bfloat16}}[method]
     for expert in resolve_model(root).experts:
         for key, t in expert.view.iter_tensors(dtype):
@@ -99,7 +101,7 @@ def timed_process(args: list[str], repeat: int) -> list[float]:
 
 
 def ensure_model(path: Path, family: str, task: str, layout: str, dims: str, sparse: bool = False) -> Path:
-    from export.tiny import make_tiny_model
+    from wanrt.export.tiny import make_tiny_model
 
     if not path.exists():
         t0 = time.perf_counter()
@@ -111,7 +113,7 @@ def ensure_model(path: Path, family: str, task: str, layout: str, dims: str, spa
 def bench_inspect(work: Path, repeat: int) -> list[dict]:
     from safetensors import safe_open
 
-    from export.checkpoint.resolve import resolve_model
+    from wanrt.export.checkpoint.resolve import resolve_model
 
     rows = []
     floor = timed_process([sys.executable, "-c", "import click"], repeat)
@@ -144,7 +146,7 @@ def bench_inspect(work: Path, repeat: int) -> list[dict]:
 
 
 def bench_load(work: Path, repeat: int) -> list[dict]:
-    from export.checkpoint.resolve import resolve_model
+    from wanrt.export.checkpoint.resolve import resolve_model
 
     cases = [
         (ensure_model(work / "wan21-t2v-1.3B-official", "wan2.1", "t2v", "official", "1.3B"), ("stream-fp32", "stream-bf16")),

@@ -39,6 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import cli  # noqa: F401,E402  (binds the package name `wanrt` to this checkout)
 
 DIMS = {
     "1.3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, text_dim=4096),
@@ -83,7 +84,7 @@ def diffusers_model(cfg, seed: int):
 
 
 def official_view(model) -> TensorView:
-    from export.checkpoint.keys import DIFFUSERS_IGNORED, diffusers_to_official
+    from wanrt.export.checkpoint.keys import DIFFUSERS_IGNORED, diffusers_to_official
 
     state = {}
     for key, t in model.state_dict().items():
@@ -120,10 +121,10 @@ def time_runtime(onnx_dir: Path, signature, inputs, guide: float, repeats: int, 
     """Per-step wall, engine and host-overhead seconds of the runtime; its raw engine output."""
     import numpy as np
 
-    from engines.manifest import Component
-    from runtime.backends.onnxruntime import OnnxRuntimeBackend, OrtOptions
-    from runtime.guidance import StepPlan, predict_velocity
-    from runtime.schedulers import make_sampler
+    from wanrt.engines.manifest import Component
+    from wanrt.runtime.backends.onnxruntime import OnnxRuntimeBackend, OrtOptions
+    from wanrt.runtime.guidance import StepPlan, predict_velocity
+    from wanrt.runtime.schedulers import make_sampler
 
     files = sorted(str(p.relative_to(onnx_dir)) for p in onnx_dir.iterdir())
     comp = Component("dit", "dit", "model.onnx", signature, "fp32", files=files)
@@ -171,10 +172,10 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from engines.model import DiTConfig
-    from export.onnx_export import export_dit_onnx
-    from export.models.wan_dit import signature_for
-    from runtime.sizes import VideoGeometry
+    from wanrt.engines.model import DiTConfig
+    from wanrt.export.onnx_export import export_dit_onnx
+    from wanrt.export.models.wan_dit import signature_for
+    from wanrt.runtime.sizes import VideoGeometry
 
     threads = args.threads or os.cpu_count()
     torch.set_num_threads(threads)

@@ -28,6 +28,7 @@ import click
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+import cli  # noqa: F401,E402  (binds the package name `wanrt` to this checkout)
 
 WORK = ROOT / "bench" / "_work" / "vae_decode"
 METHODS = ("whole-clip torch", "chunked torch", "chunked engine")
@@ -44,7 +45,7 @@ def real_vae():
     """The released Wan2.1 VAE architecture with seeded random weights."""
     import torch
 
-    from export.models.vae import VAEConfig, WanVAE
+    from wanrt.export.models.vae import VAEConfig, WanVAE
 
     torch.manual_seed(0)
     return WanVAE(VAEConfig.official("2.1")).eval().requires_grad_(False)
@@ -52,7 +53,7 @@ def real_vae():
 
 def export_engine(out: Path) -> None:
     """Export the real-dimension decoder engine (once; reused by later runs)."""
-    from export.vae_onnx import export_vae_onnx
+    from wanrt.export.vae_onnx import export_vae_onnx
 
     written = export_vae_onnx(real_vae(), out, "fp32", parts=("decoder",))["vae_decoder"]
     (out / "component.json").write_text(json.dumps({
@@ -70,10 +71,10 @@ def child(method: str, frames: int, size: int) -> dict:
     latent = size // 8
     z = np.random.default_rng(0).standard_normal((1, 16, frames, latent, latent), dtype=np.float32)
     if method == "chunked engine":
-        from engines.manifest import Component
-        from engines.signatures import EngineSignature
-        from runtime.backends.onnxruntime import OnnxRuntimeBackend, OrtOptions
-        from runtime.vae import decode_latents
+        from wanrt.engines.manifest import Component
+        from wanrt.engines.signatures import EngineSignature
+        from wanrt.runtime.backends.onnxruntime import OnnxRuntimeBackend, OrtOptions
+        from wanrt.runtime.vae import decode_latents
 
         meta = json.loads((WORK / "engine" / "component.json").read_text())
         comp = Component("vae_decoder", "vae_decoder", meta["onnx"], EngineSignature.from_dict(meta["signature"]),
@@ -118,7 +119,7 @@ def main(size: int, frames: str, methods: tuple[str, ...], as_json: bool, child_
         return
     if "chunked engine" in methods and not (WORK / "engine" / "component.json").is_file():
         print("exporting the real-dimension vae_decoder engine ...", file=sys.stderr)
-        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import cli; "
                         f"from bench.vae_decode import export_engine; from pathlib import Path; "
                         f"export_engine(Path({str(WORK / 'engine')!r}))"], check=True)  # fmt: skip
     runs = []

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engines.errors import WanrtError
+from wanrt.engines.errors import WanrtError
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 INT8_MAX = 127.0

@@ -26,9 +26,9 @@ from typing import Any, Callable
 
 import click
 
-from engines.digests import cached_sha256
-from engines.errors import WanrtError
-from engines.manifest import (
+from wanrt.engines.digests import cached_sha256
+from wanrt.engines.errors import WanrtError
+from wanrt.engines.manifest import (
     MANIFEST_NAME,
     Component,
     Manifest,
@@ -37,9 +37,9 @@ from engines.manifest import (
     staging_dir,
     write_manifest,
 )
-from engines.model import VAEInfo
-from engines.signatures import DIM_RANGES, EngineSignature, TensorSpec
-from engines.vae_contract import check_vae_matches
+from wanrt.engines.model import VAEInfo
+from wanrt.engines.signatures import DIM_RANGES, EngineSignature, TensorSpec
+from wanrt.engines.vae_contract import check_vae_matches
 
 COMPONENT_GROUPS = ("dit", "text_encoder", "image_encoder", "vae")
 PRECISIONS = ("fp32", "bf16")
@@ -192,17 +192,17 @@ def _dit_exporters(view, cfg, precision: str, attention: str) -> tuple[Callable[
     """(export traced from scratch, export reusing another expert's graph) for one DiT expert."""
 
     def exported(out_dir: Path, files: list[Path]) -> Exported:
-        from export.models.wan_dit import signature_for
+        from wanrt.export.models.wan_dit import signature_for
 
         return Exported(files, signature_of_onnx(out_dir / ONNX_NAME, signature_for(cfg)))
 
     def run(out_dir: Path) -> Exported:
-        from export.onnx_export import export_dit_onnx
+        from wanrt.export.onnx_export import export_dit_onnx
 
         return exported(out_dir, export_dit_onnx(view, cfg, out_dir, precision=precision, attention=attention))
 
     def run_like(out_dir: Path, template: Path) -> Exported:
-        from export.onnx_export import export_dit_onnx_like
+        from wanrt.export.onnx_export import export_dit_onnx_like
 
         return exported(out_dir, export_dit_onnx_like(template, view, cfg, out_dir))
 
@@ -211,7 +211,7 @@ def _dit_exporters(view, cfg, precision: str, attention: str) -> tuple[Callable[
 
 def _text_exporter(path: Path, precision: str, task: str) -> Callable[[Path], Exported]:
     def run(out_dir: Path) -> Exported:
-        from export.encoders_onnx import export_text_encoder_onnx
+        from wanrt.export.encoders_onnx import export_text_encoder_onnx
 
         files = export_text_encoder_onnx(path, out_dir, precision, task=task)
         return Exported(files, signature_of_onnx(out_dir / ONNX_NAME))
@@ -221,7 +221,7 @@ def _text_exporter(path: Path, precision: str, task: str) -> Callable[[Path], Ex
 
 def _image_exporter(path: Path, precision: str, task: str) -> Callable[[Path], Exported]:
     def run(out_dir: Path) -> Exported:
-        from export.encoders_onnx import export_image_encoder_onnx
+        from wanrt.export.encoders_onnx import export_image_encoder_onnx
 
         files = export_image_encoder_onnx(path, out_dir, precision, task=task)
         return Exported(files, signature_of_onnx(out_dir / ONNX_NAME))
@@ -231,7 +231,7 @@ def _image_exporter(path: Path, precision: str, task: str) -> Callable[[Path], E
 
 def _vae_exporter(path: Path, part: str, precision: str) -> Callable[[Path], Exported]:
     def run(out_dir: Path) -> Exported:
-        from export.vae_onnx import export_vae_onnx
+        from wanrt.export.vae_onnx import export_vae_onnx
 
         written = export_vae_onnx(path, out_dir.parent, precision, parts=(part,))[f"vae_{part}"]
         return Exported(written.files, written.signature, written.attributes)
@@ -245,7 +245,7 @@ def _missing(what: str, file_hint: str, task: str, model: Path) -> WanrtError:
 
 def vae_file_for(out_dim: int) -> str:
     """The official VAE file a DiT with `out_dim` latent channels needs (16: Wan2.1, 48: Wan2.2)."""
-    from export.checkpoint.companions import VAE_FILES, VAE_Z_DIMS
+    from wanrt.export.checkpoint.companions import VAE_FILES, VAE_Z_DIMS
 
     version = VAE_Z_DIMS.get(out_dim)
     return VAE_FILES[version] if version else f"a VAE with {out_dim} latent channels"
@@ -262,8 +262,8 @@ def precision_notes(precision: str, components: list) -> list[str]:
 
 def plan_components(resolved, options: BuildOptions, loras: list) -> list[ComponentPlan]:
     """The engines a bundle of this model needs, restricted to what the user asked for."""
-    from export.checkpoint.companions import companion_files
-    from export.lora import apply_loras
+    from wanrt.export.checkpoint.companions import companion_files
+    from wanrt.export.lora import apply_loras
 
     groups = set(options.components or COMPONENT_GROUPS)
     unknown = groups - set(COMPONENT_GROUPS)
@@ -368,7 +368,7 @@ def unrequested_plans(
 
 def lint_exported(name: str, onnx_path: Path, signature: EngineSignature) -> None:
     """Raise a WanrtError naming the component and its first problems unless the graph passes the TensorRT lint."""
-    from export.onnx_lint import lint_onnx
+    from wanrt.export.onnx_lint import lint_onnx
 
     problems = lint_onnx(onnx_path, signature)
     if problems:
@@ -422,8 +422,8 @@ def build_bundle(
     log: Callable[[str], None] = lambda msg: click.echo(msg, err=True),
 ) -> tuple[Manifest, dict[str, str]]:
     """Build (or update) the bundle at `output`; return its manifest and what happened to each component."""
-    from export.checkpoint.resolve import resolve_model
-    from export.lora import lora_records, loras_from_config, parse_lora_arg
+    from wanrt.export.checkpoint.resolve import resolve_model
+    from wanrt.export.lora import lora_records, loras_from_config, parse_lora_arg
 
     if options.precision not in PRECISIONS:
         raise WanrtError(f"--precision {options.precision!r}: expected one of {', '.join(PRECISIONS)} "

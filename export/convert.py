@@ -29,15 +29,15 @@ import click
 import torch
 from tqdm import tqdm
 
-from calibration.weights import ERROR_ROW_STRIDE, STORAGE_TO_FORMAT, QuantErrorSummary, quantize_measured
-from engines.errors import WanrtError
-from engines.digests import cached_sha256
-from export.checkpoint.safetensors_file import ITEMSIZE
-from export.checkpoint.safetensors_writer import SafetensorsWriter, TensorSpec
-from export.checkpoint.resolve import CONVERT_METADATA_KEY, Expert, ResolvedModel, resolve_model
-from export.checkpoint.view import is_block_linear
-from export.lora import LoraSpec, apply_loras, lora_records, loras_from_config, normalize_expert, parse_lora_arg
-from export.lora.merge import MergedRef, MergedView
+from wanrt.calibration.weights import ERROR_ROW_STRIDE, STORAGE_TO_FORMAT, QuantErrorSummary, quantize_measured
+from wanrt.engines.errors import WanrtError
+from wanrt.engines.digests import cached_sha256
+from wanrt.export.checkpoint.safetensors_file import ITEMSIZE
+from wanrt.export.checkpoint.safetensors_writer import SafetensorsWriter, TensorSpec
+from wanrt.export.checkpoint.resolve import CONVERT_METADATA_KEY, Expert, ResolvedModel, resolve_model
+from wanrt.export.checkpoint.view import is_block_linear
+from wanrt.export.lora import LoraSpec, apply_loras, lora_records, loras_from_config, normalize_expert, parse_lora_arg
+from wanrt.export.lora.merge import MergedRef, MergedView
 
 QUANTIZE_CHOICES = ("fp8", "int8", "bf16")
 FORMAT_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from engines.errors import WanrtError
-from engines.signatures import image_encoder_signature, text_encoder_signature
-from export.checkpoint.view import TensorSource
-from export.models.clip import CLIPVisionConfig, CLIPVisionEncoder, open_clip_checkpoint
-from export.models.t5 import T5Config, T5Encoder, open_t5_checkpoint, relative_bucket_table
-from export.onnx_export import export_onnx
-from export.onnx_lint import MAX_INITIALIZER_BYTES
+from wanrt.engines.errors import WanrtError
+from wanrt.engines.signatures import image_encoder_signature, text_encoder_signature
+from wanrt.export.checkpoint.view import TensorSource
+from wanrt.export.models.clip import CLIPVisionConfig, CLIPVisionEncoder, open_clip_checkpoint
+from wanrt.export.models.t5 import T5Config, T5Encoder, open_t5_checkpoint, relative_bucket_table
+from wanrt.export.onnx_export import export_onnx
+from wanrt.export.onnx_lint import MAX_INITIALIZER_BYTES
 
 ONNX_NAME = "model.onnx"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

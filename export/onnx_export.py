@@ -34,10 +34,10 @@ import onnx_ir.passes.common as common_passes
 import torch
 from tqdm import tqdm
 
-from engines.errors import WanrtError
-from engines.model import DiTConfig
-from engines.signatures import EngineSignature
-from plugins_trt.onnx_op import onnx_translations
+from wanrt.engines.errors import WanrtError
+from wanrt.engines.model import DiTConfig
+from wanrt.engines.signatures import EngineSignature
+from wanrt.plugins_trt.onnx_op import onnx_translations
 
 MIN_OPSET = 19
 # Initializers up to this size stay inside model.onnx: shape/axes constants must be readable
@@ -347,13 +347,13 @@ def export_dit_onnx(
     of the patch size).  `precision="bf16"` stores and runs the big linears and attention in
     bf16 with float32 islands (see `export.models.wan_dit`).
     """
-    from export.models.wan_dit import WanDiT, check_view, param_dtype
+    from wanrt.export.models.wan_dit import WanDiT, check_view, param_dtype
 
     if precision not in PRECISIONS:
         raise ExportError(f"unsupported DiT precision {precision!r}; expected one of {sorted(PRECISIONS)}")
     dtype = PRECISIONS[precision]
     if cfg is None:
-        from export.checkpoint.dit_config import infer_dit_config
+        from wanrt.export.checkpoint.dit_config import infer_dit_config
 
         cfg = infer_dit_config({k: tuple(view[k].shape) for k in view}, where="DiT checkpoint")
     check_view(view, cfg)
@@ -439,7 +439,7 @@ def export_dit_onnx_like(template: Path, view: Mapping, cfg: DiTConfig, out_dir:
     """
     import onnx
 
-    from export.models.wan_dit import check_view
+    from wanrt.export.models.wan_dit import check_view
 
     check_view(view, cfg)
     template = Path(template)

@@ -33,11 +33,11 @@ import click
 import onnx
 from onnx import helper
 
-from engines.errors import WanrtError
-from engines.signatures import EngineSignature
-from plugins_trt.onnx_op import DOMAIN as PLUGIN_DOMAIN
-from plugins_trt.onnx_op import OP_TYPE as PLUGIN_OP
-from plugins_trt.onnx_op import is_plugin_node
+from wanrt.engines.errors import WanrtError
+from wanrt.engines.signatures import EngineSignature
+from wanrt.plugins_trt.onnx_op import DOMAIN as PLUGIN_DOMAIN
+from wanrt.plugins_trt.onnx_op import OP_TYPE as PLUGIN_OP
+from wanrt.plugins_trt.onnx_op import is_plugin_node
 
 TRT_OPS_FILE = Path(__file__).parent / "data" / "trt_onnx_ops_10.1.json"
 MAX_INITIALIZER_BYTES = 2 << 30
@@ -353,7 +353,7 @@ def _check_io(model: onnx.ModelProto, signature: EngineSignature | None) -> list
 
 def _bundle_signature(onnx_path: Path) -> EngineSignature | None:
     """The signature of the bundle component whose ONNX file this is, if it lies in a bundle."""
-    from engines.manifest import MANIFEST_NAME, read_manifest
+    from wanrt.engines.manifest import MANIFEST_NAME, read_manifest
 
     for root in onnx_path.resolve().parents:
         if (root / MANIFEST_NAME).is_file():

@@ -46,13 +46,13 @@ import click
 import torch
 from tqdm import tqdm
 
-from engines.defaults import NEGATIVE_PROMPT
-from engines.errors import WanrtError
-from engines.model import DiTConfig
-from export.checkpoint.dit_config import CLIP_TOKENS_FLF2V, CLIP_TOKENS_I2V, HEAD_DIM, expected_shapes
-from export.checkpoint.keys import official_to_diffusers
-from export.checkpoint.safetensors_writer import SafetensorsWriter, TensorSpec, build_header
-from export.checkpoint.view import is_block_linear
+from wanrt.engines.defaults import NEGATIVE_PROMPT
+from wanrt.engines.errors import WanrtError
+from wanrt.engines.model import DiTConfig
+from wanrt.export.checkpoint.dit_config import CLIP_TOKENS_FLF2V, CLIP_TOKENS_I2V, HEAD_DIM, expected_shapes
+from wanrt.export.checkpoint.keys import official_to_diffusers
+from wanrt.export.checkpoint.safetensors_writer import SafetensorsWriter, TensorSpec, build_header
+from wanrt.export.checkpoint.view import is_block_linear
 
 FAMILY_TASKS = {"wan2.1": ("t2v", "i2v", "flf2v"), "wan2.2": ("t2v", "i2v", "ti2v")}
 LAYOUTS = ("official", "lightx2v-bf16", "lightx2v-fp8", "lightx2v-int8", "comfyui-fp8", "diffusers")
@@ -135,8 +135,8 @@ def check_family_task(family: str, task: str) -> None:
 
 def tiny_dit_config(family: str, task: str, dims: str | None = None) -> DiTConfig:
     """The DiT a tiny model of this family/task gets (text/CLIP widths match the written companions)."""
-    from export.models.clip import CLIPVisionConfig
-    from export.models.t5 import T5Config
+    from wanrt.export.models.clip import CLIPVisionConfig
+    from wanrt.export.models.t5 import T5Config
 
     check_family_task(family, task)
     dim, ffn, layers = parse_dims(dims)
@@ -384,9 +384,9 @@ def _save_diffusers(folder: Path, file_name: str, state: dict[str, torch.Tensor]
 
 def companion_configs(cfg: DiTConfig, task: str, real_widths: bool, vocab_size: int):
     """(T5Config, CLIPVisionConfig or None, VAEConfig) of the companions a tiny model gets."""
-    from export.models.clip import CLIPVisionConfig
-    from export.models.t5 import T5Config
-    from export.models.vae import VAEConfig
+    from wanrt.export.models.clip import CLIPVisionConfig
+    from wanrt.export.models.t5 import T5Config
+    from wanrt.export.models.vae import VAEConfig
 
     t5 = T5Config.tiny(vocab_size=embedding_rows(vocab_size))
     if real_widths:  # match the real text_dim; one narrow layer keeps the file small
@@ -402,9 +402,9 @@ def write_companions(root: Path, family: str, task: str, layout: str, seed: int,
 
     Official tensors (T5 bf16, CLIP fp16, VAE fp32) are drawn once; the diffusers layout stores
     exactly those values in fp32 under transformers / diffusers names."""
-    from export.models.clip import clip_state_shapes
-    from export.models.t5 import t5_state_shapes
-    from export.models.vae import WanVAE
+    from wanrt.export.models.clip import clip_state_shapes
+    from wanrt.export.models.t5 import t5_state_shapes
+    from wanrt.export.models.vae import WanVAE
 
     diffusers = layout == "diffusers"
     vocab = write_tokenizer(root / ("tokenizer" if diffusers else "google/umt5-xxl"))
@@ -430,8 +430,8 @@ def write_companions(root: Path, family: str, task: str, layout: str, seed: int,
 
 def _write_diffusers_companions(root: Path, t5: dict, t5_cfg, clip: dict | None, clip_cfg, vae: dict, vae_cfg) -> None:
     """text_encoder/, image_encoder/ (Wan2.1 i2v/flf2v) and vae/ of a diffusers Wan pipeline folder."""
-    from export.checkpoint.companion_keys import official_clip_to_hf, official_t5_key_to_hf
-    from export.models.vae import official_to_diffusers_vae_key
+    from wanrt.export.checkpoint.companion_keys import official_clip_to_hf, official_t5_key_to_hf
+    from wanrt.export.models.vae import official_to_diffusers_vae_key
 
     _save_diffusers(root / "text_encoder", "model.safetensors", {official_t5_key_to_hf(k): t for k, t in t5.items()}, {
         "architectures": ["UMT5EncoderModel"], "model_type": "umt5", "d_model": t5_cfg.dim,

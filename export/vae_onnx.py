@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from engines.errors import WanrtError
-from engines.signatures import EngineSignature
-from engines.vae_contract import PARTS, CacheSpec, VAEChunkContract
-from export.models.vae import WanVAE, read_vae_checkpoint
-from export.onnx_export import export_onnx
+from wanrt.engines.errors import WanrtError
+from wanrt.engines.signatures import EngineSignature
+from wanrt.engines.vae_contract import PARTS, CacheSpec, VAEChunkContract
+from wanrt.export.models.vae import WanVAE, read_vae_checkpoint
+from wanrt.export.onnx_export import export_onnx
 
 ONNX_NAME = "model.onnx"
 PRECISIONS = ("fp32",)

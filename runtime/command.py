@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from engines.manifest import verify_bundle
+from wanrt.engines.manifest import verify_bundle
 
 from .backends import BACKENDS, make_backend
 from .pipeline import GenerationRequest, WanPipeline

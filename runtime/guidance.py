@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from engines.errors import WanrtError
+from wanrt.engines.errors import WanrtError
 
 from .backends.base import Engine
 

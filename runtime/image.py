@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.errors import WanrtError
+from wanrt.engines.errors import WanrtError
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)

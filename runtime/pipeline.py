@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from engines.defaults import default_negative_prompt, default_sampling
-from engines.errors import BundleError, WanrtError
-from engines.manifest import Component, Manifest
+from wanrt.engines.defaults import default_negative_prompt, default_sampling
+from wanrt.engines.errors import BundleError, WanrtError
+from wanrt.engines.manifest import Component, Manifest
 
 from . import image as images
 from .backends.base import Backend, Engine

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from engines.manifest import Component
+from wanrt.engines.manifest import Component
 
 from .backends.base import ActivationPool, Backend, Engine
 

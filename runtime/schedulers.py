@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engines.errors import WanrtError
+from wanrt.engines.errors import WanrtError
 
 NUM_TRAIN_TIMESTEPS = 1000
 SAMPLERS = ("unipc", "euler", "distill")

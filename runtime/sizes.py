@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from engines.errors import WanrtError
+from wanrt.engines.errors import WanrtError
 
 PATCH = (1, 2, 2)
 

@@ -20,7 +20,7 @@ import ftfy
 import numpy as np
 import tokenizers
 
-from engines.errors import WanrtError
+from wanrt.engines.errors import WanrtError
 
 TOKENIZER_FILE = "tokenizer.json"
 TEXT_LEN = 512  # Wan's text_len: tokens per prompt, and rows of the DiT's context

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from engines.errors import WanrtError
-from engines.manifest import Component
-from engines.vae_contract import VAEChunkContract
+from wanrt.engines.errors import WanrtError
+from wanrt.engines.manifest import Component
+from wanrt.engines.vae_contract import VAEChunkContract
 
 from .backends.base import Engine
 

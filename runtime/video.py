@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.errors import WanrtError
-from engines.files import give_default_mode
+from wanrt.engines.errors import WanrtError
+from wanrt.engines.files import give_default_mode
 
 
 def to_uint8_frames(video: np.ndarray) -> np.ndarray:

@@ -1,10 +1,12 @@
-"""Suite-wide: remembered digests go to a temporary cache, never the user's ~/.cache/wanrt."""
+"""Suite-wide: `wanrt` is this checkout; remembered digests go to a temporary cache, never ~/.cache/wanrt."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+
+import cli  # noqa: F401  (binds the package name `wanrt` to this checkout, ahead of an installed copy)
 
 
 @pytest.fixture(scope="session", autouse=True)

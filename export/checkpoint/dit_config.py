@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from engines.model import DiTConfig
+from wanrt.engines.model import DiTConfig
 
 from .safetensors_file import CheckpointError
 

@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from engines.model import SamplingDefaults
+from wanrt.engines.model import SamplingDefaults
 
 from .safetensors_file import CheckpointError
 

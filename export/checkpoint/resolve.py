@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from engines.defaults import default_sampling
-from engines.model import DiTConfig, SamplingDefaults
+from wanrt.engines.defaults import default_sampling
+from wanrt.engines.model import DiTConfig, SamplingDefaults
 
 from . import lightx2v_config as lx
 from .companions import (

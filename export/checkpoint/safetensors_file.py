@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engines.errors import WanrtError
+from wanrt.engines.errors import WanrtError
 
 if TYPE_CHECKING:
     import torch

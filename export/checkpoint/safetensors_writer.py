@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from engines.files import current_umask
+from wanrt.engines.files import current_umask
 
 from .safetensors_file import NAME_TO_ST, CheckpointError, dtype_name
 

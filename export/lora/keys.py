@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from export.checkpoint.keys import diffusers_to_official, is_official_key, official_to_diffusers
+from wanrt.export.checkpoint.keys import diffusers_to_official, is_official_key, official_to_diffusers
 
 from .spec import LoraError
 

@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from calibration.weights import (
+from wanrt.calibration.weights import (
     ERROR_ROW_STRIDE, STORAGE_TO_FORMAT, QuantError, QuantErrorSummary, dequantize, quantization_error, quantize_measured,
 )
-from export.checkpoint.safetensors_file import torch_dtype
-from export.checkpoint.view import QUANTIZED_DTYPES, TensorSource, open_source
+from wanrt.export.checkpoint.safetensors_file import torch_dtype
+from wanrt.export.checkpoint.view import QUANTIZED_DTYPES, TensorSource, open_source
 
 from .keys import DeltaTerm, LowRankTerm, resolve_terms
 from .spec import LoraError, LoraSpec

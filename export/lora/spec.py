@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engines.errors import WanrtError
-from engines.digests import cached_sha256
-from engines.model import EXPERT_NAMES, LoraRecord
+from wanrt.engines.errors import WanrtError
+from wanrt.engines.digests import cached_sha256
+from wanrt.engines.model import EXPERT_NAMES, LoraRecord
 
 # Wan2.2 `lora_configs[].name` values and their expert names.
 EXPERT_ALIASES = {"high_noise": "high_noise", "low_noise": "low_noise", "high_noise_model": "high_noise", "low_noise_model": "low_noise"}

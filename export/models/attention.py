@@ -16,8 +16,8 @@ import math
 
 import torch
 
-from engines.errors import WanrtError
-from plugins_trt.onnx_op import plugin_attention
+from wanrt.engines.errors import WanrtError
+from wanrt.plugins_trt.onnx_op import plugin_attention
 
 ATTENTION_IMPLS = ("native", "plugin")
 

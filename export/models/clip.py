@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.checkpoint.safetensors_file import CheckpointError
-from export.checkpoint.view import TensorSource
-from export.models.t5 import check_state_shapes, require_file
+from wanrt.export.checkpoint.safetensors_file import CheckpointError
+from wanrt.export.checkpoint.view import TensorSource
+from wanrt.export.models.t5 import check_state_shapes, require_file
 
 OFFICIAL_CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 VISUAL_PREFIX = "visual."
@@ -188,8 +188,8 @@ def open_clip_checkpoint(
     """The tower config (inferred and checked), lazy reader and module key -> `visual.*` key of a CLIP file.
 
     Accepts the official open-clip keys and transformers `CLIPVisionModelWithProjection` names."""
-    from export.checkpoint.companions import open_companion
-    from export.checkpoint.companion_keys import MappedSource, hf_clip_plan, is_hf_clip
+    from wanrt.export.checkpoint.companions import open_companion
+    from wanrt.export.checkpoint.companion_keys import MappedSource, hf_clip_plan, is_hf_clip
 
     p = require_file(path, "image encoder (CLIP ViT-H/14)", OFFICIAL_CLIP_FILE, task)
     source = open_companion(p)

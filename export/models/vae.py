@@ -41,10 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.errors import WanrtError
+from wanrt.engines.errors import WanrtError
 
 if TYPE_CHECKING:
-    from export.checkpoint.view import TensorSource
+    from wanrt.export.checkpoint.view import TensorSource
 
 CACHE_T = 2  # frames of history a kernel-3 causal conv reads from the previous chunk
 
@@ -802,8 +802,8 @@ def read_vae_checkpoint(
     Accepts the official keys (`.pth` or `.safetensors`) and diffusers `AutoencoderKLWan` names;
     a missing, unexpected or misshapen key raises WanrtError naming the file and the key.
     """
-    from export.checkpoint.companions import open_companion
-    from export.models.t5 import check_state_shapes, require_file
+    from wanrt.export.checkpoint.companions import open_companion
+    from wanrt.export.models.t5 import check_state_shapes, require_file
 
     path = require_file(path, "VAE", "Wan2.1_VAE.pth or Wan2.2_VAE.pth", task)
     reader = open_companion(path)

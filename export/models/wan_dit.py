@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.errors import WanrtError
-from engines.model import DiTConfig
-from engines.signatures import CLIP_TOKENS, EngineSignature, dit_signature
+from wanrt.engines.errors import WanrtError
+from wanrt.engines.model import DiTConfig
+from wanrt.engines.signatures import CLIP_TOKENS, EngineSignature, dit_signature
 
 from .attention import ATTENTION_IMPLS, attention
 
@@ -343,7 +343,7 @@ def load_dit(view: Mapping, cfg: DiTConfig | None = None, dtype: torch.dtype = t
     be in the view with its shape, and the view must hold nothing else.
     """
     if cfg is None:
-        from export.checkpoint.dit_config import infer_dit_config
+        from wanrt.export.checkpoint.dit_config import infer_dit_config
 
         cfg = infer_dit_config({k: tuple(view[k].shape) for k in view}, where=_where(view))
     check_view(view, cfg)

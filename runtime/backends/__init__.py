@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engines.errors import WanrtError
+from wanrt.engines.errors import WanrtError
 
 from .base import ActivationPool, Backend, Engine, EngineInputError, EngineRunError, MemoryInfo
 

@@ -50,9 +50,9 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from engines.errors import BundleError, WanrtError
-from engines.manifest import Component
-from engines.signatures import EngineSignature
+from wanrt.engines.errors import BundleError, WanrtError
+from wanrt.engines.manifest import Component
+from wanrt.engines.signatures import EngineSignature
 
 
 class EngineInputError(WanrtError):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.errors import BundleError, WanrtError
-from engines.manifest import Component
+from wanrt.engines.errors import BundleError, WanrtError
+from wanrt.engines.manifest import Component
 
 from .base import ActivationPool, Backend, Engine, EngineRunError, MemoryInfo, component_file_bytes
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from calibration.weights import (
+from wanrt.calibration.weights import (
     QuantErrorSummary,
     dequantize,
     quantization_error,
@@ -23,7 +23,7 @@ from calibration.weights import (
     quantize_measured,
     quantize_weight,
 )
-from engines.errors import WanrtError
+from wanrt.engines.errors import WanrtError
 
 
 @pytest.fixture(scope="module")

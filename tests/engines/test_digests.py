@@ -11,11 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 from cli import cli
-from engines.digests import cache_file, cached_sha256, file_stamp, hash_and_remember
-from engines.errors import BundleError
-from engines.manifest import Component, Manifest, staging_dir, verify_bundle, write_manifest
-from engines.model import DiTConfig, SamplingDefaults, VAEInfo
-from engines.signatures import text_encoder_signature
+from wanrt.engines.digests import cache_file, cached_sha256, file_stamp, hash_and_remember
+from wanrt.engines.errors import BundleError
+from wanrt.engines.manifest import Component, Manifest, staging_dir, verify_bundle, write_manifest
+from wanrt.engines.model import DiTConfig, SamplingDefaults, VAEInfo
+from wanrt.engines.signatures import text_encoder_signature
 
 
 @pytest.fixture(autouse=True)

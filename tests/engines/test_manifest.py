@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from engines.defaults import default_sampling
-from engines.errors import BundleError
-from engines.manifest import (
+from wanrt.engines.defaults import default_sampling
+from wanrt.engines.errors import BundleError
+from wanrt.engines.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
     Component,
@@ -22,8 +22,8 @@ from engines.manifest import (
     verify_bundle,
     write_manifest,
 )
-from engines.model import DiTConfig, LoraRecord, VAEInfo
-from engines.signatures import dit_signature
+from wanrt.engines.model import DiTConfig, LoraRecord, VAEInfo
+from wanrt.engines.signatures import dit_signature
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -24,11 +24,11 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from cli import cli
-from engines.manifest import read_manifest, verify_bundle
-from export.build import BuildOptions, plan_components
-from export.checkpoint.resolve import resolve_model
-from export.onnx_lint import lint_onnx
-from export.tiny import make_tiny_model
+from wanrt.engines.manifest import read_manifest, verify_bundle
+from wanrt.export.build import BuildOptions, plan_components
+from wanrt.export.checkpoint.resolve import resolve_model
+from wanrt.export.onnx_lint import lint_onnx
+from wanrt.export.tiny import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -223,9 +223,9 @@ def test_a_graph_that_fails_the_lint_fails_the_build(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from engines.signatures import EngineSignature, TensorSpec
-    from engines.errors import WanrtError
-    from export.build import lint_exported
+    from wanrt.engines.signatures import EngineSignature, TensorSpec
+    from wanrt.engines.errors import WanrtError
+    from wanrt.export.build import lint_exported
 
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2])],
@@ -256,7 +256,7 @@ def test_second_expert_from_the_shared_graph_equals_a_fresh_export(moe, tmp_path
     """The low-noise expert was written from the high-noise graph; a fresh trace gives the same bytes."""
     import hashlib
 
-    from export.onnx_export import export_dit_onnx
+    from wanrt.export.onnx_export import export_dit_onnx
 
     model, bundle, _ = moe
     resolved = resolve_model(model)
@@ -277,7 +277,7 @@ def _run_engine(bundle: Path, name: str, feeds: dict[str, np.ndarray]) -> list[n
 
 def test_diffusers_folder_builds_the_same_text_encoder_and_vae_as_the_official_layout(moe, tmp_path):
     """text_encoder/ and vae/ of a diffusers folder give the graphs the official .pth files of the same seed give."""
-    from engines.vae_contract import VAEChunkContract
+    from wanrt.engines.vae_contract import VAEChunkContract
 
     _, official, _ = moe  # the official layout, seed 5
     model = make_tiny_model(tmp_path / "diffusers", "wan2.2", "t2v", "diffusers", seed=5)

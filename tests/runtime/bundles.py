@@ -23,10 +23,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.manifest import Component, Manifest, write_manifest
-from engines.model import DiTConfig, SamplingDefaults, VAEInfo
-from engines.signatures import EngineSignature, dit_signature, image_encoder_signature, text_encoder_signature
-from engines.vae_contract import VAEChunkContract
+from wanrt.engines.manifest import Component, Manifest, write_manifest
+from wanrt.engines.model import DiTConfig, SamplingDefaults, VAEInfo
+from wanrt.engines.signatures import EngineSignature, dit_signature, image_encoder_signature, text_encoder_signature
+from wanrt.engines.vae_contract import VAEChunkContract
 
 OPSET = 17
 TEXT_DIM = 8

@@ -10,11 +10,11 @@ import pytest
 
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.errors import BundleError, WanrtError
-from engines.manifest import Component, read_manifest
-from engines.signatures import EngineSignature, TensorSpec
-from runtime.backends import EngineInputError, EngineRunError, make_backend
-from runtime.backends.onnxruntime import OnnxRuntimeBackend, OrtOptions, cuda_available
+from wanrt.engines.errors import BundleError, WanrtError
+from wanrt.engines.manifest import Component, read_manifest
+from wanrt.engines.signatures import EngineSignature, TensorSpec
+from wanrt.runtime.backends import EngineInputError, EngineRunError, make_backend
+from wanrt.runtime.backends.onnxruntime import OnnxRuntimeBackend, OrtOptions, cuda_available
 from tests.runtime.bundles import TEXT_DIM, dit_fn, save_graph
 
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli import cli
-from engines.model import SamplingDefaults
+from wanrt.engines.model import SamplingDefaults
 
 HIGH, LOW = "dit_high_noise", "dit_low_noise"
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engines.errors import WanrtError
-from runtime.image import (
+from wanrt.engines.errors import WanrtError
+from wanrt.runtime.image import (
     clip_pixel_values, conditioning_video, i2v_mask, image_to_array, load_image, match_last_frame, resize_bicubic,
     ti2v_image,
 )  # fmt: skip

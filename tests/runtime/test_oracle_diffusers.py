@@ -17,12 +17,12 @@ from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DMode
 from safetensors.torch import load_file
 
 from cli import cli
-from engines.manifest import verify_bundle
-from export.checkpoint.keys import official_to_diffusers
-from export.tiny import make_tiny_model
-from runtime.backends import make_backend
-from runtime.pipeline import GenerationRequest, RunStats
-from runtime.pipeline import WanPipeline as RuntimePipeline
+from wanrt.engines.manifest import verify_bundle
+from wanrt.export.checkpoint.keys import official_to_diffusers
+from wanrt.export.tiny import make_tiny_model
+from wanrt.runtime.backends import make_backend
+from wanrt.runtime.pipeline import GenerationRequest, RunStats
+from wanrt.runtime.pipeline import WanPipeline as RuntimePipeline
 from tests.runtime.oracles import official_unshifted_sigmas
 
 pytestmark = pytest.mark.slow  # two tiny models exported to ONNX: about a minute of CPU

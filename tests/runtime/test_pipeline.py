@@ -7,14 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from engines.defaults import default_negative_prompt
-from engines.errors import BundleError, WanrtError
-from engines.manifest import read_manifest
-from engines.model import SamplingDefaults
-from runtime.backends import make_backend
-from runtime.backends.onnxruntime import OnnxRuntimeBackend
-from runtime.pipeline import GenerationRequest, RunStats, WanPipeline
-from runtime.vae import Tiling
+from wanrt.engines.defaults import default_negative_prompt
+from wanrt.engines.errors import BundleError, WanrtError
+from wanrt.engines.manifest import read_manifest
+from wanrt.engines.model import SamplingDefaults
+from wanrt.runtime.backends import make_backend
+from wanrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from wanrt.runtime.pipeline import GenerationRequest, RunStats, WanPipeline
+from wanrt.runtime.vae import Tiling
 from tests.runtime.bundles import CLIP_WIDTH, TEXT_DIM, clip_weight, dit_fn, text_table, tokenize, vae_gains
 from tests.runtime.oracles import diffusers_euler, diffusers_unipc
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engines.manifest import read_manifest
-from runtime.backends import make_backend
-from runtime.residency import ExpertSwitcher, plan_residency
+from wanrt.engines.manifest import read_manifest
+from wanrt.runtime.backends import make_backend
+from wanrt.runtime.residency import ExpertSwitcher, plan_residency
 from tests.runtime.bundles import TEXT_DIM, dit_fn
 
 HIGH, LOW = "dit_high_noise", "dit_low_noise"

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from engines.errors import WanrtError
-from runtime.guidance import plan_steps
-from runtime.schedulers import FlowUniPC, distill_schedule, make_sampler, wan_schedule
+from wanrt.engines.errors import WanrtError
+from wanrt.runtime.guidance import plan_steps
+from wanrt.runtime.schedulers import FlowUniPC, distill_schedule, make_sampler, wan_schedule
 from tests.runtime.oracles import diffusers_distill, diffusers_euler, diffusers_unipc, official_unshifted_sigmas
 
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from engines.errors import WanrtError
-from runtime.sizes import VideoGeometry, best_output_size, check_frames, check_latent_range, check_size, i2v_size, size_multiple
+from wanrt.engines.errors import WanrtError
+from wanrt.runtime.sizes import VideoGeometry, best_output_size, check_frames, check_latent_range, check_size, i2v_size, size_multiple
 
 WAN21 = (4, 8, 8)
 WAN22 = (4, 16, 16)

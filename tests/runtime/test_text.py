@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from engines.errors import WanrtError
-from runtime.text import clean_prompt, load_tokenizer, pad_context
+from wanrt.engines.errors import WanrtError
+from wanrt.runtime.text import clean_prompt, load_tokenizer, pad_context
 
 NEGATIVE = "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留"
 WORDS = ["the", "a", "cat", "dog", "running", "on", "beach", "at", "sunset", "and", "with", "in", "JPEG"]
@@ -144,8 +144,9 @@ def test_missing_or_bad_tokenizer_file(tmp_path):
 def test_runtime_text_imports_without_torch_or_transformers(tok_dir):
     code = (
         "import sys\n"
-        "for name in ('torch', 'transformers', 'export'): sys.modules[name] = None  # any import of them fails\n"
-        "from runtime.text import load_tokenizer, pad_context\n"
+        "for name in ('torch', 'transformers', 'wanrt.export'): sys.modules[name] = None  # any import of them fails\n"
+        "import cli  # binds wanrt to the checkout\n"
+        "from wanrt.runtime.text import load_tokenizer, pad_context\n"
         f"ids, mask = load_tokenizer({str(tok_dir)!r}).encode(['a cat'])\n"
         "print(int(mask.sum()), pad_context(ids[..., None].astype('float32'), mask).shape)\n"
     )

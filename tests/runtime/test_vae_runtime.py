@@ -18,14 +18,14 @@ import onnx
 import pytest
 import torch
 
-from engines.errors import BundleError, WanrtError
-from engines.manifest import Component
-from engines.vae_contract import VAEChunkContract
-from export.models.vae import VAEConfig, load_vae
-from export.onnx_lint import lint_onnx
-from export.vae_onnx import export_vae_onnx
-from runtime.backends.onnxruntime import OnnxRuntimeBackend, OrtOptions
-from runtime.vae import Tiling, decode_latents, encode_video
+from wanrt.engines.errors import BundleError, WanrtError
+from wanrt.engines.manifest import Component
+from wanrt.engines.vae_contract import VAEChunkContract
+from wanrt.export.models.vae import VAEConfig, load_vae
+from wanrt.export.onnx_lint import lint_onnx
+from wanrt.export.vae_onnx import export_vae_onnx
+from wanrt.runtime.backends.onnxruntime import OnnxRuntimeBackend, OrtOptions
+from wanrt.runtime.vae import Tiling, decode_latents, encode_video
 from tests.export.models.test_vae import diffusers_encode, diffusers_vae, official_state, one_thread  # noqa: F401
 
 RTOL = 1e-4

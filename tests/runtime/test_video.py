@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engines.errors import WanrtError
-from runtime.video import check_output_path, to_uint8_frames, write_mp4, write_png_frames
+from wanrt.engines.errors import WanrtError
+from wanrt.runtime.video import check_output_path, to_uint8_frames, write_mp4, write_png_frames
 
 
 def gradient_video(t=9, h=32, w=48):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from export.tiny import make_tiny_model
+from wanrt.export.tiny import make_tiny_model
 
 
 @pytest.fixture(autouse=True, scope="module")

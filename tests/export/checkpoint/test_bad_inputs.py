@@ -251,7 +251,7 @@ def test_truncated_or_foreign_pth_says_why_in_whole_sentences(official_copy, tmp
 
 
 def test_first_sentence_cuts_at_sentence_or_word_boundaries():
-    from export.checkpoint.pth import first_sentence
+    from wanrt.export.checkpoint.pth import first_sentence
 
     assert first_sentence("Failed reading zip archive: no central directory. This is an internal error. Retry.") == (
         "Failed reading zip archive: no central directory"

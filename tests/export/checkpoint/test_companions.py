@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engines.errors import WanrtError
-from export.checkpoint.pth import read_pth_header
-from export.checkpoint.resolve import resolve_model
+from wanrt.engines.errors import WanrtError
+from wanrt.export.checkpoint.pth import read_pth_header
+from wanrt.export.checkpoint.resolve import resolve_model
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -91,7 +91,7 @@ def test_tokenizer_loads_in_transformers(tiny_model):
 def test_inspect_never_imports_torch(tiny_model):
     root = tiny_model("wan2.1", "i2v", "lightx2v-fp8")
     code = (
-        "import sys; from export.checkpoint.resolve import resolve_model; "
+        "import sys, cli; from wanrt.export.checkpoint.resolve import resolve_model; "
         f"m = resolve_model({str(root)!r}); assert m.image_encoder and m.vae and m.text_encoder; "
         "print('torch' in sys.modules)"
     )
@@ -120,9 +120,9 @@ def test_diffusers_tokenizer_without_tokenizer_json_is_an_error(tiny_model, tmp_
 @pytest.mark.parametrize("family, task", [("wan2.1", "i2v"), ("wan2.2", "ti2v")])
 def test_diffusers_companions_load_the_official_tensors(tiny_model, family, task):
     """Both layouts of one seed, read through the exporters' loaders, hold the same tensors (official dtype)."""
-    from export.models.clip import open_clip_checkpoint
-    from export.models.t5 import open_t5_checkpoint
-    from export.models.vae import read_vae_checkpoint
+    from wanrt.export.models.clip import open_clip_checkpoint
+    from wanrt.export.models.t5 import open_t5_checkpoint
+    from wanrt.export.models.vae import read_vae_checkpoint
 
     official, diffusers = resolve_model(tiny_model(family, task)), resolve_model(tiny_model(family, task, "diffusers"))
     (t5_cfg, t5_a), (t5_cfg_b, t5_b) = open_t5_checkpoint(official.text_encoder), open_t5_checkpoint(diffusers.text_encoder)
@@ -144,8 +144,8 @@ def test_sharded_diffusers_text_encoder_is_read_through_its_index(tiny_model, tm
     """A transformers text_encoder/ in shards + model.safetensors.index.json (as the released umt5-xxl) reads as one."""
     from safetensors.torch import load_file, save_file
 
-    from export.build import BuildOptions, plan_components
-    from export.models.t5 import open_t5_checkpoint
+    from wanrt.export.build import BuildOptions, plan_components
+    from wanrt.export.models.t5 import open_t5_checkpoint
 
     root = tmp_path / "diffusers"
     shutil.copytree(tiny_model("wan2.1", "t2v", "diffusers"), root)

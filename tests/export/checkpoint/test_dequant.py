@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from export.checkpoint.resolve import resolve_model
-from export.checkpoint.view import CheckpointView, is_block_linear, open_source
+from wanrt.export.checkpoint.resolve import resolve_model
+from wanrt.export.checkpoint.view import CheckpointView, is_block_linear, open_source
 
 BLOCK_LINEAR = (".self_attn.q.", ".self_attn.k.", ".self_attn.v.", ".self_attn.o.", ".cross_attn.q.", ".cross_attn.k.",
                 ".cross_attn.v.", ".cross_attn.o.", ".cross_attn.k_img.", ".cross_attn.v_img.", ".ffn.0.", ".ffn.2.")
@@ -140,7 +140,7 @@ def test_iter_tensors_streams_every_tensor_once(tiny_model):
 @pytest.mark.parametrize("target", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_fp8_table_conversion_equals_torch_cast(fp8, target):
-    from export.checkpoint.view import convert
+    from wanrt.export.checkpoint.view import convert
 
     every = torch.arange(256, dtype=torch.uint8).view(fp8).reshape(4, 64)
     got, want = convert(every, target), every.to(target)

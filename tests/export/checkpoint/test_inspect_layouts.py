@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from export.models.clip import CLIPVisionConfig
-from export.models.t5 import T5Config
+from wanrt.export.models.clip import CLIPVisionConfig
+from wanrt.export.models.t5 import T5Config
 
 from .conftest import run_cli
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engines.model import DiTConfig
-from export.checkpoint.dit_config import expected_shapes
-from export.checkpoint.keys import diffusers_to_official, is_official_key, normalize_keys, official_to_diffusers
-from export.checkpoint.resolve import resolve_model
-from export.checkpoint.view import CheckpointView, open_source
+from wanrt.engines.model import DiTConfig
+from wanrt.export.checkpoint.dit_config import expected_shapes
+from wanrt.export.checkpoint.keys import diffusers_to_official, is_official_key, normalize_keys, official_to_diffusers
+from wanrt.export.checkpoint.resolve import resolve_model
+from wanrt.export.checkpoint.view import CheckpointView, open_source
 
 DIFFUSERS_TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, text_dim=64, freq_dim=256,
                       ffn_dim=512, num_layers=2)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from engines.errors import WanrtError
-from export.checkpoint.resolve import resolve_model
+from wanrt.engines.errors import WanrtError
+from wanrt.export.checkpoint.resolve import resolve_model
 
 
 def expert_files(tiny_model, layout: str) -> dict[str, Path]:

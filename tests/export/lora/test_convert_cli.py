@@ -16,8 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cli import cli
-from export.checkpoint.view import CheckpointView, open_source
-from export.tiny import make_tiny_model
+from wanrt.export.checkpoint.view import CheckpointView, open_source
+from wanrt.export.tiny import make_tiny_model
 
 from .conftest import lightx2v_lora
 

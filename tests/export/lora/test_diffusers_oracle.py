@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from export.checkpoint.keys import diffusers_to_official
-from export.checkpoint.view import CheckpointView, open_source
-from export.lora import LoraSpec, apply_loras
+from wanrt.export.checkpoint.keys import diffusers_to_official
+from wanrt.export.checkpoint.view import CheckpointView, open_source
+from wanrt.export.lora import LoraSpec, apply_loras
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft", reason="diffusers' LoRA loading needs the PEFT backend")

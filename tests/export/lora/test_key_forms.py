@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from export.checkpoint.view import CheckpointView, open_source
-from export.lora import LoraError, LoraSpec, apply_loras
+from wanrt.export.checkpoint.view import CheckpointView, open_source
+from wanrt.export.lora import LoraError, LoraSpec, apply_loras
 
 from .conftest import official_state_dict
 

@@ -13,9 +13,9 @@ import re
 import pytest
 import torch
 
-from calibration.weights import ERROR_ROW_STRIDE
-from export.checkpoint.view import CheckpointView, open_source
-from export.lora import LoraSpec, apply_loras
+from wanrt.calibration.weights import ERROR_ROW_STRIDE
+from wanrt.export.checkpoint.view import CheckpointView, open_source
+from wanrt.export.lora import LoraSpec, apply_loras
 
 from .conftest import lightx2v_lora
 

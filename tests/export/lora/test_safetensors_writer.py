@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from export.checkpoint.safetensors_file import CheckpointError
-from export.checkpoint.safetensors_writer import SafetensorsWriter, TensorSpec, save_tensors
+from wanrt.export.checkpoint.safetensors_file import CheckpointError
+from wanrt.export.checkpoint.safetensors_writer import SafetensorsWriter, TensorSpec, save_tensors
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engines.model import LoraRecord
-from export.lora import LoraError, LoraSpec, lora_records, loras_from_config, parse_lora_arg
+from wanrt.engines.model import LoraRecord
+from wanrt.export.lora import LoraError, LoraSpec, lora_records, loras_from_config, parse_lora_arg
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engines.errors import WanrtError
-from export.checkpoint.safetensors_file import CheckpointError
-from export.checkpoint.companion_keys import hf_clip_plan, official_clip_to_hf
-from export.models.clip import CLIPVisionConfig, CLIPVisionEncoder, load_clip_vision
+from wanrt.engines.errors import WanrtError
+from wanrt.export.checkpoint.safetensors_file import CheckpointError
+from wanrt.export.checkpoint.companion_keys import hf_clip_plan, official_clip_to_hf
+from wanrt.export.models.clip import CLIPVisionConfig, CLIPVisionEncoder, load_clip_vision
 
 transformers = pytest.importorskip("transformers")
 

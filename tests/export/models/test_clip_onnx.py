@@ -9,11 +9,11 @@ import pytest
 import torch
 from onnx.reference import ReferenceEvaluator
 
-from engines.errors import WanrtError
-from engines.signatures import image_encoder_signature
-from export.encoders_onnx import export_image_encoder_onnx
-from export.models.clip import CLIPVisionConfig, CLIPVisionEncoder
-from export.onnx_lint import lint_onnx
+from wanrt.engines.errors import WanrtError
+from wanrt.engines.signatures import image_encoder_signature
+from wanrt.export.encoders_onnx import export_image_encoder_onnx
+from wanrt.export.models.clip import CLIPVisionConfig, CLIPVisionEncoder
+from wanrt.export.onnx_lint import lint_onnx
 
 CFG = CLIPVisionConfig.tiny()
 SIGNATURE = image_encoder_signature(CFG.width, CFG.image_size, CFG.tokens)

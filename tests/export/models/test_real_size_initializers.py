@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from engines.model import DiTConfig
-from export.encoders_onnx import (
+from wanrt.engines.model import DiTConfig
+from wanrt.export.encoders_onnx import (
     DTYPES,
     IMAGE_PRECISIONS,
     TEXT_PRECISIONS,
@@ -21,12 +21,12 @@ from export.encoders_onnx import (
     text_encoder_graph_module,
     token_table_dtype,
 )
-from export.models.clip import CLIPVisionConfig
-from export.models.t5 import T5Config
-from export.models.vae import VAEConfig, WanVAE
-from export.models.wan_dit import WanDiT
-from export.onnx_export import PRECISIONS as DIT_PRECISIONS
-from export.onnx_lint import MAX_INITIALIZER_BYTES
+from wanrt.export.models.clip import CLIPVisionConfig
+from wanrt.export.models.t5 import T5Config
+from wanrt.export.models.vae import VAEConfig, WanVAE
+from wanrt.export.models.wan_dit import WanDiT
+from wanrt.export.onnx_export import PRECISIONS as DIT_PRECISIONS
+from wanrt.export.onnx_lint import MAX_INITIALIZER_BYTES
 
 _14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 REAL_DITS = {  # the released configs (wan-architecture.md section 1)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engines.errors import WanrtError
-from export.checkpoint.safetensors_file import CheckpointError
-from export.checkpoint.companion_keys import hf_t5_key_to_official, official_t5_key_to_hf
-from export.models.t5 import T5Config, T5Encoder, load_t5_encoder
+from wanrt.engines.errors import WanrtError
+from wanrt.export.checkpoint.safetensors_file import CheckpointError
+from wanrt.export.checkpoint.companion_keys import hf_t5_key_to_official, official_t5_key_to_hf
+from wanrt.export.models.t5 import T5Config, T5Encoder, load_t5_encoder
 
 transformers = pytest.importorskip("transformers")
 

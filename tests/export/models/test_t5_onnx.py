@@ -9,11 +9,11 @@ import pytest
 import torch
 from onnx.reference import ReferenceEvaluator
 
-from engines.errors import WanrtError
-from engines.signatures import text_encoder_signature
-from export.encoders_onnx import export_text_encoder_onnx, holds_bf16_values, token_table_dtype
-from export.models.t5 import T5Config, T5Encoder
-from export.onnx_lint import lint_onnx
+from wanrt.engines.errors import WanrtError
+from wanrt.engines.signatures import text_encoder_signature
+from wanrt.export.encoders_onnx import export_text_encoder_onnx, holds_bf16_values, token_table_dtype
+from wanrt.export.models.t5 import T5Config, T5Encoder
+from wanrt.export.onnx_lint import lint_onnx
 
 CFG = T5Config.tiny(vocab_size=300)
 

@@ -15,9 +15,9 @@ import torch
 from diffusers import AutoencoderKLWan
 from safetensors.torch import save_file
 
-from engines.errors import WanrtError
-from engines.vae_contract import check_vae_matches
-from export.models.vae import (
+from wanrt.engines.errors import WanrtError
+from wanrt.engines.vae_contract import check_vae_matches
+from wanrt.export.models.vae import (
     VAEConfig,
     WanVAE,
     diffusers_to_official_vae_key,
@@ -134,7 +134,7 @@ def test_official_sizes_match_the_reference(version, keys, params_m, shapes):
     for key, shape in shapes.items():
         assert tuple(state[key].shape) == shape, key
     # encoder 26 / decoder 33 feature-cache slots in the official code = its CausalConv3d modules
-    from export.models.vae import CausalConv3d
+    from wanrt.export.models.vae import CausalConv3d
 
     slots = {part: sum(isinstance(m, CausalConv3d) for m in getattr(vae, part).modules()) for part in ("encoder", "decoder")}
     if version == "2.1":
@@ -265,7 +265,7 @@ def test_bad_video_shapes():
 
 
 def test_export_precision_is_fp32(tmp_path):
-    from export.vae_onnx import export_vae_onnx
+    from wanrt.export.vae_onnx import export_vae_onnx
 
     with pytest.raises(WanrtError, match="VAE precision 'bf16'.*fp32 only"):
         export_vae_onnx(WanVAE(VAEConfig.tiny("2.1")), tmp_path, "bf16")

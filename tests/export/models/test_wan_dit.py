@@ -16,13 +16,13 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
-from engines.model import DiTConfig
-from export.checkpoint.keys import DIFFUSERS_IGNORED, diffusers_to_official, official_to_diffusers
-from export.checkpoint.resolve import resolve_model
-from export.checkpoint.view import CheckpointView, SafetensorsSource
-from export.lora import LoraSpec, apply_loras
-from export.models.wan_dit import DiTError, WanDiT, load_dit, signature_for
-from export.tiny import make_tiny_model
+from wanrt.engines.model import DiTConfig
+from wanrt.export.checkpoint.keys import DIFFUSERS_IGNORED, diffusers_to_official, official_to_diffusers
+from wanrt.export.checkpoint.resolve import resolve_model
+from wanrt.export.checkpoint.view import CheckpointView, SafetensorsSource
+from wanrt.export.lora import LoraSpec, apply_loras
+from wanrt.export.models.wan_dit import DiTError, WanDiT, load_dit, signature_for
+from wanrt.export.tiny import make_tiny_model
 
 TINY = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=32)
 CLIP_DIM = 64  # tiny CLIP width

@@ -19,10 +19,10 @@ import torch
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
-from export.models.wan_dit import load_dit
-from export.onnx_export import ExportError, bf16_as_fp32, export_dit_onnx
-from export.onnx_lint import lint_onnx
-from plugins_trt import onnx_op
+from wanrt.export.models.wan_dit import load_dit
+from wanrt.export.onnx_export import ExportError, bf16_as_fp32, export_dit_onnx
+from wanrt.export.onnx_lint import lint_onnx
+from wanrt.plugins_trt import onnx_op
 from tests.export.models.test_wan_dit import CASES, diffusers_model, make_inputs, official_state, rel_err, write_official
 
 SHAPES = [(2, (3, 6, 10)), (1, (2, 10, 4))]  # (batch, latent grid) run against one export

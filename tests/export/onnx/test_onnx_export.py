@@ -8,8 +8,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from engines.signatures import EngineSignature, TensorSpec
-from export.onnx_export import ExportError, export_onnx
+from wanrt.engines.signatures import EngineSignature, TensorSpec
+from wanrt.export.onnx_export import ExportError, export_onnx
 
 SIG = EngineSignature(
     (TensorSpec("x", "float32", ("batch", "tokens", 8)), TensorSpec("bias", "float32", (4,))),
@@ -151,7 +151,7 @@ def _identity_like_graph(x_shape: list, y_shape: list) -> "onnx_ir.Model":
 
 
 def test_name_io_dims_names_symbolic_dims_and_refuses_a_fixed_dim_declared_dynamic():
-    from export.onnx_export import name_io_dims
+    from wanrt.export.onnx_export import name_io_dims
 
     model = _identity_like_graph(["s0", "s1", 8], ["s0", "s1", 4])
     name_io_dims(model, SIG)

@@ -13,8 +13,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.signatures import EngineSignature, TensorSpec
-from export.onnx_lint import TRT_OPS_FILE, load_trt_op_support, lint_onnx, parse_trt_operator_table
+from wanrt.engines.signatures import EngineSignature, TensorSpec
+from wanrt.export.onnx_lint import TRT_OPS_FILE, load_trt_op_support, lint_onnx, parse_trt_operator_table
 
 REPO = Path(__file__).resolve().parents[3]
 REFERENCE = REPO.parent / "shared" / "reference" / "onnx-tensorrt-operators-10.1.md"
@@ -212,8 +212,8 @@ def test_cli_exit_codes_and_json(tmp_path):
 
 
 def test_cli_takes_the_signature_from_the_bundle(tmp_path):
-    from engines.manifest import Component, Manifest, write_manifest
-    from engines.model import DiTConfig, SamplingDefaults, VAEInfo
+    from wanrt.engines.manifest import Component, Manifest, write_manifest
+    from wanrt.engines.model import DiTConfig, SamplingDefaults, VAEInfo
 
     bundle = tmp_path / "bundle"
     (bundle / "dit").mkdir(parents=True)
