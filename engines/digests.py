@@ -14,6 +14,8 @@ import json
 import os
 from pathlib import Path
 
+from .files import atomic_write_text
+
 MAX_ENTRIES = 20_000  # oldest entries are dropped beyond this
 
 
@@ -52,14 +54,8 @@ def _store(entries: dict[str, str]) -> None:
     path = cache_file()
     if len(entries) > MAX_ENTRIES:
         entries = dict(list(entries.items())[-MAX_ENTRIES:])
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(entries))
-        os.replace(tmp, path)
-    except OSError:  # the cache only saves time
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # the cache only saves time
+        atomic_write_text(path, json.dumps(entries), fsync=False)
 
 
 def hash_and_remember(paths: list[str | os.PathLike], use_remembered: bool = True) -> dict[str, str]:

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .digests import cached_sha256, hash_and_remember
 from .errors import BundleError
-from .files import give_default_mode
+from .files import atomic_output
 from .model import FAMILIES, TASKS, DiTConfig, LoraRecord, SamplingDefaults, VAEInfo
 from .signatures import EngineSignature
 
@@ -242,9 +240,8 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and next(path.iterdir(), None) is None
 
 
-@contextmanager
-def staging_dir(target: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; on success it replaces `target`.
+def staging_dir(target: str | os.PathLike, force: bool = False) -> AbstractContextManager[Path]:
+    """A temporary folder beside `target` (`engines.files.atomic_output`); on success it replaces `target`.
 
     An existing `target` is replaced only if it is a bundle, an empty folder, or `force` is set;
     on any error the temporary folder is removed and `target` is left as it was. Replacing is
@@ -254,21 +251,4 @@ def staging_dir(target: str | os.PathLike, force: bool = False) -> Iterator[Path
     target = Path(target).absolute()
     if target.exists() and not (force or is_bundle(target) or _is_empty_dir(target)):
         raise BundleError(f"{target}: exists, is not empty and is not a wanrt bundle; refusing to overwrite (use --force)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        give_default_mode(tmp, directory=True)  # mkdtemp makes it private (0700)
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.rename(target, old)
-    os.rename(tmp, target)
-    if old is not None:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
+    return atomic_output(target, directory=True)

@@ -7,14 +7,12 @@ into place only when complete, so an interrupted run never leaves a half-written
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from wanrt.engines.errors import WanrtError
-from wanrt.engines.files import give_default_mode
+from wanrt.engines.files import atomic_output
 
 
 def to_uint8_frames(video: np.ndarray) -> np.ndarray:
@@ -59,11 +57,7 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int, crf: int = 
     if h % 2 or w % 2:  # yuv420p needs even sizes
         raise WanrtError(f"video size {w}x{h}: H.264 (yuv420p) needs an even width and height")
     dest = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=dest.suffix, dir=dest.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        give_default_mode(tmp)
+    with atomic_output(dest) as tmp:
         with av.open(str(tmp), mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=int(fps))
             stream.width, stream.height = w, h
@@ -74,10 +68,6 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int, crf: int = 
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return dest
 
 
@@ -96,19 +86,8 @@ def write_png_frames(frames: np.ndarray, folder: str | os.PathLike) -> list[Path
     from PIL import Image
 
     dest = check_frames_dir(folder)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        give_default_mode(tmp, directory=True)
-        names = []
-        for i, frame in enumerate(frames):
-            name = f"frame_{i:05d}.png"
+    names = [f"frame_{i:05d}.png" for i in range(len(frames))]
+    with atomic_output(dest, directory=True) as tmp:
+        for name, frame in zip(names, frames):
             Image.fromarray(frame).save(tmp / name)
-            names.append(name)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return [dest / n for n in names]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from wanrt.engines.errors import WanrtError
@@ -49,29 +47,29 @@ def test_size_multiples_16_and_32_for_ti2v():
         check_size(16, 0, 16)
 
 
-def fact_i2v_size(h, w, area, s=8):
-    """The fact's formula, evaluated as the official code does (aspect = h / w first):
-    lat_h = round(sqrt(A * aspect) // 8 // 2 * 2), lat_w = round(sqrt(A / aspect) // 8 // 2 * 2)."""
-    aspect = h / w
-    lat_h = round(math.sqrt(area * aspect) // s // 2 * 2)
-    lat_w = round(math.sqrt(area / aspect) // s // 2 * 2)
-    return lat_h * s, lat_w * s
+# Worked by hand from the official rule (Wan2.1 `image2video.py`): aspect = h / w,
+# lat_h = round(sqrt(A * aspect) // 8 // 2 * 2), lat_w = round(sqrt(A / aspect) // 8 // 2 * 2), size = lat * 8.
+I2V_WORKED = [
+    # image h x w, max area -> (h, w)
+    # 0.5625 is exact: sqrt(921600*0.5625) = 720 -> 90 -> 45 -> 90 (720); sqrt(921600/0.5625) = 1280 -> 160 (1280)
+    (720, 1280, 720 * 1280, (720, 1280)),
+    # 399360 * (480/832) rounds to 230399.99999999997, whose root 479.99999999999994 -> 59 -> 29 -> 58 (464);
+    # sqrt(399360 / (480/832)) = 832.0000000000001 -> 104 -> 52 -> 104 (832): a supported size loses a grid step
+    (480, 832, 480 * 832, (464, 832)),
+    # sqrt(399360*0.5625) = 473.96 -> 59 -> 29 -> 58 (464); sqrt(399360/0.5625) = 842.60 -> 105 -> 52 -> 104 (832)
+    (1080, 1920, 480 * 832, (464, 832)),
+    # aspect 4/3: sqrt(1228800) = 1108.51 -> 138 -> 69 -> 138 (1104); sqrt(691200) = 831.38 -> 103 -> 51 -> 102 (816)
+    (1000, 750, 720 * 1280, (1104, 816)),
+    # aspect 0.6441: sqrt(257228.4) = 507.18 -> 63 -> 31 -> 62 (496); sqrt(620026.6) = 787.42 -> 98 -> 49 -> 98 (784)
+    (333, 517, 480 * 832, (496, 784)),
+]
 
 
-@pytest.mark.parametrize(
-    "img_h,img_w,area",
-    [(720, 1280, 720 * 1280), (480, 832, 480 * 832), (1080, 1920, 480 * 832), (1000, 750, 720 * 1280), (333, 517, 480 * 832)],
-)
-def test_i2v_size_follows_area_and_aspect(img_h, img_w, area):
+@pytest.mark.parametrize("img_h,img_w,area,expected", I2V_WORKED)
+def test_i2v_size_follows_area_and_aspect(img_h, img_w, area, expected):
     h, w = i2v_size(img_h, img_w, area, WAN21)
-    assert (h, w) == fact_i2v_size(img_h, img_w, area)
+    assert (h, w) == expected
     assert h % 16 == 0 and w % 16 == 0 and h * w <= area
-    if (img_h, img_w) == (720, 1280):
-        assert (h, w) == (720, 1280)  # an image of a supported size keeps it ...
-    if (img_h, img_w) == (480, 832):
-        # ... except where float rounding bites, as in the official code: 399360 * (480/832) is
-        # 230399.99999999997, whose root falls just under 480, so the height drops one grid step
-        assert (h, w) == (464, 832)
 
 
 def test_i2v_size_too_small_area_is_an_error():
