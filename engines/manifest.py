@@ -14,20 +14,24 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from .digests import cached_sha256, hash_and_remember
 from .errors import BundleError
 from .files import atomic_output
-from .model import FAMILIES, TASKS, DiTConfig, LoraRecord, SamplingDefaults, VAEInfo
+from .model import EXPERT_NAMES, FAMILIES, TASKS, DiTConfig, LoraRecord, SamplingDefaults, VAEInfo
+from .schema import JsonLimits, describe, from_json, load_json, short
 from .signatures import EngineSignature
 
 SCHEMA_VERSION = 1
 FORMAT = "wanrt-bundle"
 MANIFEST_NAME = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"  # what the runtime reads from the bundle's tokenizer folder
+MANIFEST_LIMITS = JsonLimits(max_bytes=64 << 20, max_depth=32)
 COMPONENT_KINDS = ("dit", "text_encoder", "image_encoder", "vae_encoder", "vae_decoder")
 
 
@@ -54,19 +58,48 @@ class Component:
         return d
 
     @classmethod
-    def from_dict(cls, name: str, d: dict[str, Any]) -> "Component":
+    def from_dict(cls, name: str, d: Any, where: str = MANIFEST_NAME) -> "Component":
+        """Parse `components[name]`, checking the type of every field; BundleError names the bad one."""
+        path = f"components.{name}"
+        fields = from_json(_ComponentFields, d, where, BundleError, path)
+        signature = from_json(EngineSignature, d, where, BundleError, path)
+        if fields.kind not in COMPONENT_KINDS:
+            raise BundleError(f"{where}: {path}.kind {fields.kind!r}: expected one of {', '.join(COMPONENT_KINDS)}")
+        if fields.expert is not None and fields.expert not in EXPERT_NAMES:
+            raise BundleError(f"{where}: {path}.expert {fields.expert!r}: expected one of {', '.join(EXPERT_NAMES)} or null")
         return cls(
-            name=name,
-            kind=d["kind"],
-            onnx=d["onnx"],
-            signature=EngineSignature.from_dict(d),
-            precision=d["precision"],
-            files=list(d.get("files", [d["onnx"]])),
-            expert=d.get("expert"),
-            plan=d.get("plan"),
-            cache_key=d.get("cache_key", ""),
-            attributes=dict(d.get("attributes", {})),
+            name=name, kind=fields.kind, onnx=fields.onnx, signature=signature, precision=fields.precision,
+            files=list(fields.files if fields.files is not None else [fields.onnx]), expert=fields.expert,
+            plan=fields.plan, cache_key=fields.cache_key, attributes=fields.attributes,
         )
+
+    def bundle_paths(self) -> list[tuple[str, str]]:
+        """(manifest field, relative path) of every file this component names."""
+        where = f"components.{self.name}"
+        paths = [(f"{where}.onnx", self.onnx)] + [(f"{where}.files[{i}]", f) for i, f in enumerate(self.files)]
+        return paths + ([(f"{where}.plan", self.plan)] if self.plan is not None else [])
+
+
+@dataclass(frozen=True)
+class _ComponentFields:
+    """The JSON fields of a component besides its signature (types for `from_json`)."""
+
+    kind: str
+    onnx: str
+    precision: str
+    files: list[str] | None = None
+    expert: str | None = None
+    plan: str | None = None
+    cache_key: str = ""
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One `files` entry: size in bytes and sha256 (64 lowercase hex digits)."""
+
+    size: int
+    sha256: str
 
 
 @dataclass
@@ -113,38 +146,73 @@ class Manifest:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = MANIFEST_NAME) -> "Manifest":
+    def from_dict(cls, d: Any, where: str = MANIFEST_NAME) -> "Manifest":
+        """Parse a manifest, checking every field's type and value; BundleError names the first bad one."""
+        if not isinstance(d, dict):
+            raise BundleError(f"{where}: manifest must be a JSON object, got {describe(d)}")
         if d.get("format") != FORMAT:
-            raise BundleError(f"{where}: not a wanrt bundle manifest (format={d.get('format')!r}, expected {FORMAT!r})")
+            raise BundleError(f"{where}: not a wanrt bundle manifest (format={short(d.get('format'))}, expected {FORMAT!r})")
         version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if type(version) is not int or version != SCHEMA_VERSION:
             raise BundleError(
-                f"{where}: unknown schema_version {version!r}; this wanrt reads schema {SCHEMA_VERSION}"
+                f"{where}: unknown schema_version {short(version)}; this wanrt reads schema {SCHEMA_VERSION}"
                 " (rebuild the bundle with this version of wanrt)"
             )
-        try:
-            if d["family"] not in FAMILIES or d["task"] not in TASKS:
-                raise BundleError(f"{where}: family/task {d['family']!r}/{d['task']!r} not in {FAMILIES}/{TASKS}")
-            vae = d["vae"]
-            return cls(
-                family=d["family"],
-                task=d["task"],
-                precision=d.get("precision", "fp32"),
-                dit=DiTConfig.from_dict(d["dit"]),
-                vae=VAEInfo(vae["version"], int(vae["z_dim"]), tuple(vae["stride"])),
-                components={n: Component.from_dict(n, c) for n, c in d["components"].items()},
-                sampling=SamplingDefaults.from_dict(d["sampling"]),
-                tokenizer=d.get("tokenizer"),
-                loras=[LoraRecord(**l) for l in d.get("loras", [])],
-                source=dict(d.get("source", {})),
-                producer=dict(d.get("producer", {})),
-                files=dict(d.get("files", {})),
-                schema_version=version,
-            )
-        except BundleError:
-            raise
-        except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
+        # components and files have their own JSON forms, parsed below
+        top = from_json(cls, {**d, "components": {}, "files": {}}, where, BundleError)
+        if top.family not in FAMILIES or top.task not in TASKS:
+            raise BundleError(f"{where}: family/task {top.family!r}/{top.task!r} not in {FAMILIES}/{TASKS}")
+        if not isinstance(d["components"], dict) or not d["components"]:
+            raise BundleError(f"{where}: components: expected an object naming at least one component, got {describe(d['components'])}")
+        components = {n: Component.from_dict(n, c, where) for n, c in d["components"].items()}
+        files = from_json(dict[str, FileEntry], d.get("files", {}), where, BundleError, "files")
+        for rel, entry in files.items():
+            if entry.size < 0 or not _is_sha256(entry.sha256):
+                raise BundleError(f"{where}: files.{rel}: expected a size >= 0 and a 64-digit hex sha256, got {entry.size}, {short(entry.sha256)}")
+        top.components = components
+        top.files = {rel: {"size": e.size, "sha256": e.sha256} for rel, e in files.items()}
+        return top
+
+    def bundle_paths(self) -> list[tuple[str, str]]:
+        """(manifest field, relative path) of every path the manifest names, files the runtime reads included."""
+        paths = [p for comp in self.components.values() for p in comp.bundle_paths()]
+        if self.tokenizer is not None:
+            paths += [("tokenizer", self.tokenizer), ("tokenizer", tokenizer_file(self.tokenizer))]
+        return paths + [("files key", rel) for rel in self.files]
+
+    def runtime_files(self) -> set[str]:
+        """Every file the runtime opens: each component's files, onnx and plan, and the tokenizer's tokenizer.json."""
+        rels = {rel for field_name, rel in self.bundle_paths() if field_name != "files key"}
+        return rels - ({self.tokenizer} if self.tokenizer is not None else set())
+
+
+def tokenizer_file(tokenizer_dir: str) -> str:
+    """The tokenizer file the runtime reads, relative to the bundle."""
+    return posixpath.join(tokenizer_dir, TOKENIZER_FILE)
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def check_bundle_path(root: Path, field_name: str, rel: str, where: str) -> None:
+    """BundleError unless `rel` is a relative, normalized path that resolves (symlinks included) inside `root`."""
+    problem = None
+    if not rel:
+        problem = "is empty"
+    elif "\\" in rel or "\0" in rel or PureWindowsPath(rel).drive:
+        problem = "holds a backslash, NUL or drive letter"
+    elif posixpath.isabs(rel):
+        problem = "is absolute"
+    elif posixpath.normpath(rel) != rel or any(part in ("", ".", "..") for part in rel.split("/")):
+        problem = "is not a normalized path inside the bundle"
+    else:
+        real_root = root.resolve()
+        resolved = (root / rel).resolve()
+        if resolved != real_root and real_root not in resolved.parents:
+            problem = f"resolves to {resolved}, outside the bundle (a symbolic link?)"
+    if problem:
+        raise BundleError(f"{where}: {field_name} {short(rel, 200)} {problem}; a bundle may only name files inside itself")
 
 
 def read_manifest(bundle: str | os.PathLike) -> Manifest:
@@ -155,12 +223,16 @@ def read_manifest(bundle: str | os.PathLike) -> Manifest:
     if not path.is_file():
         raise BundleError(f"{path}: missing; {bundle} is not a wanrt bundle")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{path}: unreadable manifest ({e})") from None
-    if not isinstance(data, dict):
-        raise BundleError(f"{path}: manifest must be a JSON object")
-    return Manifest.from_dict(data, str(path))
+        size = path.stat().st_size
+        if size > MANIFEST_LIMITS.max_bytes:
+            raise BundleError(f"{path}: {size} bytes, more than the {MANIFEST_LIMITS.max_bytes} a manifest may have")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise BundleError(f"{path}: unreadable manifest ({e.strerror})") from None
+    manifest = Manifest.from_dict(load_json(raw, str(path), BundleError, MANIFEST_LIMITS), str(path))
+    for field_name, rel in manifest.bundle_paths():  # before any file the manifest names is opened
+        check_bundle_path(Path(bundle), field_name, rel, str(path))
+    return manifest
 
 
 def verify_bundle(bundle: str | os.PathLike, check_hashes: bool = True, remembered: bool = False) -> Manifest:
@@ -172,14 +244,8 @@ def verify_bundle(bundle: str | os.PathLike, check_hashes: bool = True, remember
     root = Path(bundle)
     manifest = read_manifest(root)
     problems: list[str] = []
-    referenced = set()
-    for comp in manifest.components.values():
-        referenced.update(comp.files)
-        referenced.add(comp.onnx)
-        if comp.plan:
-            referenced.add(comp.plan)
-    for rel in sorted(referenced - set(manifest.files)):
-        problems.append(f"{rel}: referenced by a component but not listed in manifest files")
+    for rel in sorted(manifest.runtime_files() - set(manifest.files)):
+        problems.append(f"{rel}: read by the runtime but not listed (with its sha256) in manifest files")
     to_hash = []
     for rel, meta in sorted(manifest.files.items()):
         path = root / rel

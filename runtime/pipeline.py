@@ -32,7 +32,7 @@ import numpy as np
 
 from wanrt.engines.defaults import default_negative_prompt, default_sampling
 from wanrt.engines.errors import BundleError, WanrtError
-from wanrt.engines.manifest import Component, Manifest
+from wanrt.engines.manifest import Component, Manifest, tokenizer_file
 
 from . import image as images
 from .backends.base import Backend, Engine
@@ -357,7 +357,7 @@ class WanPipeline:
 
         if not self.manifest.tokenizer:
             raise BundleError(f"{self.bundle}: manifest names no tokenizer folder")
-        tokenizer = load_tokenizer(self.bundle / self.manifest.tokenizer)
+        tokenizer = load_tokenizer(self.bundle / tokenizer_file(self.manifest.tokenizer))  # the file verify hashed
         text_len = self.manifest.dit.text_len
         ids, mask = tokenizer.encode(prompts, max_len=text_len, pad_to_max=False)
         with self._load("text_encoder") as engine:

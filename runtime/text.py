@@ -21,8 +21,8 @@ import numpy as np
 import tokenizers
 
 from wanrt.engines.errors import WanrtError
+from wanrt.engines.manifest import TOKENIZER_FILE
 
-TOKENIZER_FILE = "tokenizer.json"
 TEXT_LEN = 512  # Wan's text_len: tokens per prompt, and rows of the DiT's context
 EOS_TOKEN = "</s>"
 PAD_TOKEN = "<pad>"

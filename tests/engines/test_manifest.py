@@ -25,34 +25,13 @@ from wanrt.engines.manifest import (
 from wanrt.engines.model import DiTConfig, LoraRecord, VAEInfo
 from wanrt.engines.signatures import dit_signature
 
+from .conftest import make_small_bundle
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _bundle(root: Path) -> Manifest:
-    """A small but complete bundle with two files per component (contents are arbitrary bytes)."""
-    cfg = DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=16, out_dim=16, text_dim=64)
-    comps = {}
-    for name, expert in (("dit_high_noise", "high_noise"), ("dit_low_noise", "low_noise")):
-        (root / name).mkdir(parents=True)
-        (root / name / "model.onnx").write_bytes(name.encode() * 10)
-        (root / name / "model.onnx.data").write_bytes(bytes(range(256)) * 4)
-        comps[name] = Component(
-            name, "dit", f"{name}/model.onnx", dit_signature(16, 16, 64), "fp32",
-            files=[f"{name}/model.onnx", f"{name}/model.onnx.data"], expert=expert,
-        )  # fmt: skip
-    (root / "tokenizer").mkdir()
-    (root / "tokenizer" / "tokenizer.json").write_text("{}")
-    m = Manifest(
-        family="wan2.2", task="t2v", dit=cfg, vae=VAEInfo.for_version("2.1"), components=comps,
-        sampling=default_sampling("wan2.2", "t2v", moe=True), tokenizer="tokenizer",
-        loras=[LoraRecord("x.safetensors", "ab" * 32, 0.5, ["low_noise"])],
-    )  # fmt: skip
-    write_manifest(root, m)
-    return m
-
-
 def test_manifest_round_trip_and_hashes(tmp_path):
-    m = _bundle(tmp_path / "b")
+    m = make_small_bundle(tmp_path / "b")
     back = verify_bundle(tmp_path / "b")
     assert back.to_dict() == m.to_dict()
     assert back.experts == ["dit_high_noise", "dit_low_noise"]
@@ -72,7 +51,7 @@ def test_manifest_round_trip_and_hashes(tmp_path):
     ],
 )
 def test_verify_names_the_damaged_file(tmp_path, damage, message):
-    _bundle(tmp_path / "b")
+    make_small_bundle(tmp_path / "b")
     victim = tmp_path / "b" / "dit_high_noise" / "model.onnx.data"
     damage(victim)
     with pytest.raises(BundleError) as e:
@@ -81,7 +60,7 @@ def test_verify_names_the_damaged_file(tmp_path, damage, message):
 
 
 def test_quick_verify_skips_hashes_but_catches_size(tmp_path):
-    _bundle(tmp_path / "b")
+    make_small_bundle(tmp_path / "b")
     victim = tmp_path / "b" / "dit_high_noise" / "model.onnx.data"
     victim.write_bytes(b"\x01" + victim.read_bytes()[1:])
     verify_bundle(tmp_path / "b", check_hashes=False)
@@ -91,7 +70,7 @@ def test_quick_verify_skips_hashes_but_catches_size(tmp_path):
 
 
 def test_unknown_schema_version_and_malformed_manifests(tmp_path):
-    _bundle(tmp_path / "b")
+    make_small_bundle(tmp_path / "b")
     path = tmp_path / "b" / MANIFEST_NAME
     data = json.loads(path.read_text())
     data["schema_version"] = SCHEMA_VERSION + 1
@@ -101,10 +80,10 @@ def test_unknown_schema_version_and_malformed_manifests(tmp_path):
     data["schema_version"] = SCHEMA_VERSION
     del data["dit"]
     path.write_text(json.dumps(data))
-    with pytest.raises(BundleError, match="malformed manifest"):
+    with pytest.raises(BundleError, match="manifest.json: dit: missing \\(expected an object\\)"):
         read_manifest(tmp_path / "b")
     path.write_text("{not json")
-    with pytest.raises(BundleError, match="unreadable manifest"):
+    with pytest.raises(BundleError, match="manifest.json: not valid JSON"):
         read_manifest(tmp_path / "b")
     with pytest.raises(BundleError, match="not a bundle folder"):
         read_manifest(tmp_path / "nope")
@@ -112,7 +91,7 @@ def test_unknown_schema_version_and_malformed_manifests(tmp_path):
 
 def test_staging_replaces_atomically_and_cleans_up_on_error(tmp_path):
     target = tmp_path / "b"
-    _bundle(target)
+    make_small_bundle(target)
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(RuntimeError):
         with staging_dir(target) as tmp:
@@ -121,13 +100,13 @@ def test_staging_replaces_atomically_and_cleans_up_on_error(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temp folder left, old bundle intact
     verify_bundle(target)
     with staging_dir(target) as tmp:
-        _bundle(tmp / "inner")
+        make_small_bundle(tmp / "inner")
         (tmp / "marker").write_text("new")
     assert (target / "marker").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
-def test_staging_refuses_to_replace_a_folder_that_is_not_a_bundle(tmp_path):
+def test_staging_refuses_to_replace_a_folder_that_is_not_amake_small_bundle(tmp_path):
     target = tmp_path / "precious"
     target.mkdir()
     (target / "notes.txt").write_text("keep me")
@@ -141,7 +120,7 @@ def test_staging_refuses_to_replace_a_folder_that_is_not_a_bundle(tmp_path):
 
 
 def test_verify_cli_exit_codes(tmp_path):
-    _bundle(tmp_path / "b")
+    make_small_bundle(tmp_path / "b")
     ok = subprocess.run([sys.executable, "cli.py", "verify", str(tmp_path / "b"), "--json"], cwd=REPO, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["components"] == ["dit_high_noise", "dit_low_noise"]
