@@ -246,6 +246,9 @@ def verify_bundle(bundle: str | os.PathLike, check_hashes: bool = True, remember
     problems: list[str] = []
     for rel in sorted(manifest.runtime_files() - set(manifest.files)):
         problems.append(f"{rel}: read by the runtime but not listed (with its sha256) in manifest files")
+    for rel in unlisted_files(root, manifest):
+        # an ONNX graph may name external data files itself: only listed (hashed) files may exist to be read
+        problems.append(f"{rel}: in the bundle but not listed in manifest files (remove it or rebuild the bundle)")
     to_hash = []
     for rel, meta in sorted(manifest.files.items()):
         path = root / rel
@@ -264,6 +267,27 @@ def verify_bundle(bundle: str | os.PathLike, check_hashes: bool = True, remember
     if problems:
         raise BundleError(f"{root}: bundle verification failed: " + "; ".join(problems))
     return manifest
+
+
+def unlisted_files(root: Path, manifest: Manifest) -> list[str]:
+    """Files and links inside the bundle folder that the manifest does not list (manifest.json aside).
+
+    A link that leaves the bundle is a BundleError whether it is listed or not.
+    """
+    real_root = root.resolve()
+    found = []
+    for folder, dirs, names in os.walk(root):
+        for name in dirs + names:
+            path = Path(folder) / name
+            if path.is_symlink():
+                target = path.resolve()
+                if target != real_root and real_root not in target.parents:
+                    raise BundleError(f"{path}: a symbolic link to {target}, outside the bundle; a bundle may only name files inside itself")
+            if name in names:
+                rel = path.relative_to(root).as_posix()
+                if rel != MANIFEST_NAME and rel not in manifest.files:
+                    found.append(rel)
+    return sorted(found)
 
 
 def list_files(root: str | os.PathLike, rels: list[str]) -> dict[str, dict[str, Any]]:

@@ -151,6 +151,9 @@ def test_a_symbolic_link_that_stays_inside_is_allowed(bundle):
     (bundle / "blobs").mkdir()
     os.rename(data, bundle / "blobs" / "data")
     os.symlink("../blobs/data", data)
+    doc = manifest_of(bundle)
+    doc["files"]["blobs/data"] = doc["files"]["dit_low_noise/model.onnx.data"]
+    write(bundle, doc)
     verify_bundle(bundle)
 
 
@@ -275,3 +278,14 @@ def test_fuzzed_manifests_raise_only_bundle_errors(valid_manifest, data):
         read_manifest(root)
     except BundleError as e:
         assert "\n" not in str(e)
+
+
+def test_unlisted_files_and_outward_links_anywhere_in_the_bundle_are_refused(bundle):
+    """An ONNX graph names its own external data files: a file the manifest does not list must not be there to read."""
+    (bundle / "dit_low_noise" / "extra.data").write_bytes(b"unverified")
+    with pytest.raises(BundleError, match="dit_low_noise/extra.data: in the bundle but not listed"):
+        verify_bundle(bundle)
+    (bundle / "dit_low_noise" / "extra.data").unlink()
+    os.symlink(outside_file(bundle), bundle / "dit_low_noise" / "evil")
+    with pytest.raises(BundleError, match="evil: a symbolic link to .*secret, outside the bundle"):
+        verify_bundle(bundle)
