@@ -3,7 +3,7 @@
 A bundle is a folder:
 
     BUNDLE/manifest.json         this schema (see `Manifest`)
-    BUNDLE/<component>/...       model.onnx + model.onnx.data per component (plans later)
+    BUNDLE/<component>/...       model.onnx + model.onnx.data per component, and its TensorRT plans
     BUNDLE/tokenizer/...         tokenizer files for the text encoder
 
 `manifest["files"]` lists every file of the bundle with its size and sha256, so
@@ -24,7 +24,8 @@ from .digests import cached_sha256, hash_and_remember
 from .errors import BundleError
 from .files import atomic_output
 from .model import EXPERT_NAMES, FAMILIES, TASKS, DiTConfig, LoraRecord, SamplingDefaults, VAEInfo
-from .schema import JsonLimits, describe, from_json, load_json, short
+from .plans import PlanInfo
+from .schema import JsonLimits, describe, from_json, load_json, short, to_json
 from .signatures import EngineSignature
 
 SCHEMA_VERSION = 1
@@ -46,14 +47,14 @@ class Component:
     precision: str  # "fp32", "bf16", "fp16", "fp8", "int8"
     files: list[str] = field(default_factory=list)  # every file of this component (onnx + data)
     expert: str | None = None  # "high_noise" / "low_noise" for Wan2.2 A14B DiTs
-    plan: str | None = None  # TensorRT plan, relative path, when built
+    plans: list[PlanInfo] = field(default_factory=list)  # TensorRT plans (`engines.plans`), one per GPU/TensorRT built for
     cache_key: str = ""  # hash of the sources and options that produced the files
     attributes: dict[str, Any] = field(default_factory=dict)  # component-specific contract
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"kind": self.kind, "onnx": self.onnx, "precision": self.precision}
         d.update(self.signature.to_dict())
-        d.update(files=list(self.files), expert=self.expert, plan=self.plan, cache_key=self.cache_key)
+        d.update(files=list(self.files), expert=self.expert, plans=[to_json(p) for p in self.plans], cache_key=self.cache_key)
         d["attributes"] = self.attributes
         return d
 
@@ -70,14 +71,14 @@ class Component:
         return cls(
             name=name, kind=fields.kind, onnx=fields.onnx, signature=signature, precision=fields.precision,
             files=list(fields.files if fields.files is not None else [fields.onnx]), expert=fields.expert,
-            plan=fields.plan, cache_key=fields.cache_key, attributes=fields.attributes,
+            plans=fields.plans, cache_key=fields.cache_key, attributes=fields.attributes,
         )
 
     def bundle_paths(self) -> list[tuple[str, str]]:
         """(manifest field, relative path) of every file this component names."""
         where = f"components.{self.name}"
         paths = [(f"{where}.onnx", self.onnx)] + [(f"{where}.files[{i}]", f) for i, f in enumerate(self.files)]
-        return paths + ([(f"{where}.plan", self.plan)] if self.plan is not None else [])
+        return paths + [(f"{where}.plans[{i}].path", plan.path) for i, plan in enumerate(self.plans)]
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class _ComponentFields:
     precision: str
     files: list[str] | None = None
     expert: str | None = None
-    plan: str | None = None
+    plans: list[PlanInfo] = field(default_factory=list)
     cache_key: str = ""
     attributes: dict[str, Any] = field(default_factory=dict)
 
@@ -181,7 +182,7 @@ class Manifest:
         return paths + [("files key", rel) for rel in self.files]
 
     def runtime_files(self) -> set[str]:
-        """Every file the runtime opens: each component's files, onnx and plan, and the tokenizer's tokenizer.json."""
+        """Every file the runtime opens: each component's files, onnx and plans, and the tokenizer's tokenizer.json."""
         rels = {rel for field_name, rel in self.bundle_paths() if field_name != "files key"}
         return rels - ({self.tokenizer} if self.tokenizer is not None else set())
 
@@ -305,8 +306,7 @@ def write_manifest(root: str | os.PathLike, manifest: Manifest) -> None:
     for comp in manifest.components.values():
         rels.update(comp.files)
         rels.add(comp.onnx)
-        if comp.plan:
-            rels.add(comp.plan)
+        rels.update(plan.path for plan in comp.plans)
     if manifest.tokenizer:
         tok = root / manifest.tokenizer
         rels.update(str(p.relative_to(root)) for p in tok.rglob("*") if p.is_file())

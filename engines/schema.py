@@ -226,3 +226,14 @@ def from_json(cls: type, value: Any, where: str, error: type[WanrtError] = Wanrt
         if e.value is _MISSING:
             raise error(f"{where}: {e.path}: missing (expected {e.expected})") from None
         raise error(f"{where}: {e.path or 'the top level'}: expected {e.expected}, got {describe(e.value)}") from None
+
+
+def to_json(value: Any) -> Any:
+    """A dataclass (or nested lists, tuples and dicts of them) as plain JSON values: the inverse of `from_json`."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    return value

@@ -65,7 +65,7 @@ def set_component_file(d, rel):
 
 
 def set_plan(d, rel):
-    d["components"]["dit_low_noise"]["plan"] = rel
+    d["components"]["dit_low_noise"]["plans"] = [{"path": rel, "tensorrt_version": "11.4.0.106", "compute_capability": "9.0"}]
     d["files"][rel] = d["files"]["dit_low_noise/model.onnx.data"]
 
 
@@ -77,7 +77,7 @@ SETTERS = {
     "files key": set_files_key,
     "components.dit_low_noise.onnx": set_onnx,
     "components.dit_low_noise.files[1]": set_component_file,
-    "components.dit_low_noise.plan": set_plan,
+    "components.dit_low_noise.plans[0].path": set_plan,
     "tokenizer": set_tokenizer,
 }
 
