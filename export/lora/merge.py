@@ -22,11 +22,13 @@ from typing import Any
 
 import torch
 
-from wanrt.calibration.weights import (
-    ERROR_ROW_STRIDE, STORAGE_TO_FORMAT, QuantError, QuantErrorSummary, dequantize, quantization_error, quantize_measured,
+from wanrt.calibration.formats import FORMAT_OF_DTYPE
+from wanrt.calibration.quant import (
+    ERROR_ROW_STRIDE, QuantError, QuantErrorSummary, dequantize, encode, quantization_error, quantize_measured,
 )
 from wanrt.export.checkpoint.safetensors_file import torch_dtype
-from wanrt.export.checkpoint.view import QUANTIZED_DTYPES, TensorSource, open_source
+from wanrt.export.checkpoint.storage import QUANTIZED_DTYPES, SCALE_AXES
+from wanrt.export.checkpoint.view import TensorSource, open_source
 
 from .keys import DeltaTerm, LowRankTerm, resolve_terms
 from .spec import LoraError, LoraSpec
@@ -144,16 +146,17 @@ class MergedRef:
         w = self.merged_fp32()
         if not self.quantized:
             return w.to(torch_dtype(self.dtype)), None
-        fmt = STORAGE_TO_FORMAT.get(self.dtype)
+        fmt = FORMAT_OF_DTYPE.get(self.dtype)
         if fmt is None:
             raise LoraError(f"{self.key}: merging into {self.dtype} weights is not supported (fp8_e4m3 and int8 are)")
         if self.scale_layout is None:
             if fmt != "fp8":
                 raise LoraError(f"{self.key}: {self.dtype} weight without a scale; cannot requantize after merging")
-            q = w.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
-            self.report.requant_errors[self.key] = quantization_error(w, q, torch.ones(()))
+            q = encode(w, fmt)  # unscaled fp8 stays unscaled: the merged values, clamped to the fp8 range
+            self.report.requant_errors[self.key] = quantization_error(w, q, None)
             return q, None
-        q, scale, err = quantize_measured(w, fmt, self.scale_layout, overwrite=True, row_stride=ERROR_ROW_STRIDE)
+        axis = SCALE_AXES[self.scale_layout]
+        q, scale, err = quantize_measured(w, fmt, axis, overwrite=True, row_stride=ERROR_ROW_STRIDE)
         self.report.requant_errors[self.key] = err
         return q, scale
 
@@ -161,7 +164,7 @@ class MergedRef:
         """The merged, real-valued tensor (requantized and dequantized for fp8/int8 bases) cast to `dtype`."""
         t, scale = self.load_stored()
         if self.quantized:
-            t = dequantize(t, scale if scale is not None else torch.ones(()))
+            return dequantize(t, scale, SCALE_AXES.get(self.scale_layout), dtype)
         return t.to(dtype)
 
 
