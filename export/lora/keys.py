@@ -232,6 +232,8 @@ def resolve_terms(source_name: str, keys: Iterable[str], base_keys: Iterable[str
 # the target of an up matrix or a delta is its key without the suffix, with the first matching
 # prefix of LIGHTX2V_PREFIXES removed (one only), plus `.weight` / `.bias` / `.modulation`; no
 # other renaming, and no kohya names.  It patches a base tensor only when that name is one.
+# (Its `lora_dynamic_apply: true` path, `base_model.py::_load_lora_file`, strips `diffusion_model.`,
+# `transformer.` or `model.diffusion_model.` but renames no module either.)
 LIGHTX2V_PREFIXES = ("diffusion_model.", "model.", "unet.")
 LIGHTX2V_SUFFIXES: tuple[tuple[str, str], ...] = (  # (stored suffix, appended to the module), in its matching order
     (".lora_up.weight", ".weight"),

@@ -341,8 +341,8 @@ def _notes(spec: LoraSpec, zero_alphas: list[str], lightx2v_misses: dict[str, li
         )
     for why, keys in lightx2v_misses.items():
         notes.append(
-            f"LoRA {spec.path}: {len(keys)} key(s) use {why}, e.g. {keys[0]}; LightX2V's LoRA loader would not apply"
-            " them (wanrt does), so results differ between the two tools"
+            f"LoRA {spec.path}: {len(keys)} key(s) use {why}, e.g. {keys[0]}; LightX2V's LoRA merge (its default,"
+            " lora_dynamic_apply off) would not apply them (wanrt does), so results differ between the two tools"
         )
     return notes
 

@@ -99,7 +99,7 @@ def test_key_forms_lightx2v_would_not_apply_are_named(form, keys, says, base_sd,
     match = merged.report.loras[0]
     assert match.skipped == [] and match.patched  # wanrt applies every key
     (note,) = match.notes
-    assert f"{keys} key(s) use" in note and "LightX2V's LoRA loader would not apply" in note and str(path) in note
+    assert f"{keys} key(s) use" in note and "LightX2V's LoRA merge (its default, lora_dynamic_apply off) would not apply" in note and str(path) in note
     for phrase in says:
         assert phrase in note, note
     assert merged.report.to_dict()["loras"][0]["notes"] == [note]
