@@ -1,10 +1,11 @@
 """`cli.py convert`: merge LoRAs and (re)quantize one DiT expert into a single LightX2V-layout safetensors file.
 
-Output layout (LightX2V `tools/convert`, see shared/reference/lightx2v-formats.md §1):
+Output layout (`export.checkpoint.storage.LAYOUTS`: LightX2V `tools/convert`, lightx2v-formats.md §1):
 - bare official key names; every tensor bf16 except the quantized block linears;
 - `--quantize fp8`: block linears (self_attn, cross_attn, ffn) as float8_e4m3fn with a float32
   per-output-channel `<layer>.weight_scale` [out, 1] = amax/448; `--quantize int8`: int8, amax/127;
-- `--comfyui`: ComfyUI's per-tensor float32 `<layer>.scale_weight` (a scalar) plus the `scaled_fp8` marker.
+- `--comfyui`: ComfyUI's per-tensor float32 `<layer>.scale_weight` (a scalar) plus the `scaled_fp8`
+  marker (ComfyUI ignores LightX2V's `weight_scale`: plain `--quantize fp8` files are for LightX2V).
 Without `--quantize`, an fp8/int8 source keeps its format (LoRAs are merged by dequantize, merge,
 requantize); `--quantize bf16` dequantizes everything.  Tensors stream one at a time into a
 temporary file that is renamed onto OUT at the end; the metadata records sources and LoRAs.
@@ -29,19 +30,18 @@ import click
 import torch
 from tqdm import tqdm
 
-from wanrt.calibration.weights import ERROR_ROW_STRIDE, STORAGE_TO_FORMAT, QuantErrorSummary, quantize_measured
+from wanrt.calibration.formats import FORMAT_OF_DTYPE, FORMATS
+from wanrt.calibration.quant import ERROR_ROW_STRIDE, QuantErrorSummary, quantize_measured
 from wanrt.engines.errors import WanrtError
 from wanrt.engines.digests import cached_sha256
-from wanrt.export.checkpoint.safetensors_file import ITEMSIZE
+from wanrt.export.checkpoint.safetensors_file import ITEMSIZE, torch_dtype
 from wanrt.export.checkpoint.safetensors_writer import SafetensorsWriter, TensorSpec
 from wanrt.export.checkpoint.resolve import CONVERT_METADATA_KEY, Expert, ResolvedModel, resolve_model
-from wanrt.export.checkpoint.view import is_block_linear
+from wanrt.export.checkpoint.storage import LAYOUTS, Layout, StoredTensor, TensorStorage, quantizable
 from wanrt.export.lora import LoraSpec, apply_loras, lora_records, loras_from_config, normalize_expert, parse_lora_arg
 from wanrt.export.lora.merge import MergedRef, MergedView
 
-QUANTIZE_CHOICES = ("fp8", "int8", "bf16")
-FORMAT_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
-COMFYUI_MARKER = "scaled_fp8"
+QUANTIZE_CHOICES = (*FORMATS, "bf16")
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
@@ -86,49 +86,28 @@ def select_expert(experts: list[Expert], expert: str | None, src: Path) -> Exper
     raise WanrtError(f"{src}: no {expert} expert (has {', '.join(names)})")
 
 
-@dataclass(frozen=True)
-class OutputTensor:
-    """How one official tensor is written: target dtype and, for quantized weights, its scale key/layout."""
-
-    key: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    fmt: str | None = None  # "fp8" / "int8" when quantized
-    scale_key: str | None = None
-    scale_shape: tuple[int, ...] = ()
+def output_layout(comfyui: bool) -> Layout:
+    """The layout `convert` writes: LightX2V's, or ComfyUI's scaled fp8 with `--comfyui`."""
+    return LAYOUTS["comfyui" if comfyui else "lightx2v"]
 
 
-def plan_output(view: Mapping[str, Any], quantize: str | None, comfyui: bool) -> list[OutputTensor]:
-    """Decide each tensor's output dtype (bf16, or fp8/int8 + scale for block linears)."""
+def plan_output(view: Mapping[str, Any], quantize: str | None, layout: Layout) -> list[TensorStorage]:
+    """How each tensor is written: block linears as fp8/int8 codes + scale (fresh, or the source's format
+    when `quantize` is None), everything else as the layout's float dtype."""
     plan = []
     for key in sorted(view):
         ref = view[key]
         fmt = None
-        if is_block_linear(key) and len(ref.shape) == 2:
-            if quantize in FORMAT_DTYPES:
-                fmt = quantize
-            elif quantize is None:
-                fmt = STORAGE_TO_FORMAT.get(ref.dtype)  # fp8_e4m3 / int8 (resolve_model refuses other quantized dtypes)
-        if fmt is None:
-            plan.append(OutputTensor(key, torch.bfloat16, tuple(ref.shape)))
-            continue
-        stem = key[: -len(".weight")]
-        if comfyui:
-            plan.append(OutputTensor(key, FORMAT_DTYPES[fmt], tuple(ref.shape), fmt, stem + ".scale_weight", ()))
-        else:
-            plan.append(OutputTensor(key, FORMAT_DTYPES[fmt], tuple(ref.shape), fmt, stem + ".weight_scale", (ref.shape[0], 1)))
+        if quantizable(key, tuple(ref.shape)):
+            # fp8_e4m3 / int8 sources keep their format (resolve_model refuses other quantized dtypes)
+            fmt = FORMAT_OF_DTYPE.get(ref.dtype) if quantize is None else quantize if quantize in FORMATS else None
+        plan.append(layout.store(key, tuple(ref.shape), fmt))
     return plan
 
 
-def _specs(plan: list[OutputTensor], comfyui: bool) -> list[TensorSpec]:
-    specs = []
-    for o in plan:
-        specs.append(TensorSpec(o.key, o.dtype, o.shape))
-        if o.scale_key:
-            specs.append(TensorSpec(o.scale_key, torch.float32, o.scale_shape))
-    if comfyui:
-        specs.append(TensorSpec(COMFYUI_MARKER, torch.float8_e4m3fn, (2,)))
-    return specs
+def _specs(plan: list[TensorStorage], layout: Layout) -> list[TensorSpec]:
+    entries: list[StoredTensor] = [e for o in plan for e in o.entries] + layout.markers
+    return [TensorSpec(e.key, torch_dtype(e.dtype), e.shape) for e in entries]
 
 
 def _real(ref: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -138,21 +117,20 @@ def _real(ref: Any, dtype: torch.dtype) -> torch.Tensor:
     return ref.load(dtype)
 
 
-def _quantized_tensor(ref: Any, o: OutputTensor, layout: str, errors: QuantErrorSummary) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, float32 scale) of one block linear in the target format and layout."""
-    stored_fmt = STORAGE_TO_FORMAT.get(ref.dtype)
-    same_layout = stored_fmt == o.fmt and getattr(ref, "scale_layout", None) == layout
+def _quantized_tensor(ref: Any, o: TensorStorage, granularity: str, errors: QuantErrorSummary) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scale) of one block linear in the planned format, scale dtype and shape."""
+    same_layout = FORMAT_OF_DTYPE.get(ref.dtype) == o.fmt and getattr(ref, "scale_layout", None) == granularity
     if same_layout:
         # unpatched: copy codes and scales as they are (lossless); patched: MergedRef requantizes
         q, scale = ref.load_stored()
     else:
-        q, scale, err = quantize_measured(_real(ref, torch.float32), o.fmt, layout, overwrite=True, row_stride=ERROR_ROW_STRIDE)
-        errors.add(o.key, err)
-    return q, scale.to(torch.float32).reshape(o.scale_shape)
+        q, scale, err = quantize_measured(_real(ref, torch.float32), o.fmt, o.axis, overwrite=True, row_stride=ERROR_ROW_STRIDE)
+        errors.add(o.tensor.key, err)
+    return q, scale.to(torch_dtype(o.scale.dtype)).reshape(o.scale.shape)
 
 
 def _stream(
-    writer: SafetensorsWriter, view: Mapping[str, Any], plan: list[OutputTensor], layout: str, errors: QuantErrorSummary, bar: tqdm
+    writer: SafetensorsWriter, view: Mapping[str, Any], plan: list[TensorStorage], layout: Layout, errors: QuantErrorSummary, bar: tqdm
 ) -> None:
     """Write every planned tensor; a worker computes the next one while this thread writes the last.
 
@@ -160,21 +138,21 @@ def _stream(
     at most two output tensors are held at once.
     """
 
-    def produce(o: OutputTensor) -> list[tuple[str, torch.Tensor]]:
-        ref = view[o.key]
+    def produce(o: TensorStorage) -> list[tuple[str, torch.Tensor]]:
+        ref = view[o.tensor.key]
         if o.fmt is None:
-            return [(o.key, _real(ref, torch.bfloat16))]
-        q, scale = _quantized_tensor(ref, o, layout, errors)
-        return [(o.key, q), (o.scale_key, scale)]
+            return [(o.tensor.key, _real(ref, torch_dtype(o.tensor.dtype)))]
+        q, scale = _quantized_tensor(ref, o, layout.scale.granularity, errors)
+        return [(o.tensor.key, q), (o.scale.key, scale)]
 
-    def write(item: tuple[OutputTensor, Future]) -> None:
+    def write(item: tuple[TensorStorage, Future]) -> None:
         o, future = item
         for key, tensor in future.result():
             writer.write(key, tensor)
-        bar.update(_stored_bytes(view[o.key]))
+        bar.update(_stored_bytes(view[o.tensor.key]))
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanrt-convert") as pool:
-        pending: deque[tuple[OutputTensor, Future]] = deque()
+        pending: deque[tuple[TensorStorage, Future]] = deque()
         for o in plan:
             pending.append((o, pool.submit(produce, o)))
             if len(pending) > 1:
@@ -233,32 +211,32 @@ def convert_checkpoint(
         raise WanrtError(f"{output}: the output must be a .safetensors file")
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise WanrtError(f"--quantize {quantize!r}: expected one of {', '.join(QUANTIZE_CHOICES)}")
-    if comfyui and quantize != "fp8":
-        raise WanrtError("--comfyui writes ComfyUI's scaled-fp8 layout; it needs --quantize fp8")
+    layout = output_layout(comfyui)
+    if comfyui and quantize not in layout.formats:
+        raise WanrtError(f"--comfyui writes ComfyUI's scaled-fp8 layout; it needs --quantize {'/'.join(layout.formats)}")
     model = resolve_model(src, config)
     chosen = select_expert(model.experts, expert, src)
     all_loras = (loras_from_config(model.config, model.config_path) if model.config else []) + list(loras or [])
     view: Mapping[str, Any] = apply_loras(chosen.view, all_loras, chosen.name, strict) if all_loras else chosen.view
     used = [s for s in all_loras if s.expert in (None, chosen.name)]
-    layout = "per_tensor" if comfyui else "per_channel"
-    plan = plan_output(view, quantize, comfyui)
-    metadata = _metadata(src, model, chosen, used, quantize, layout, hash_sources)
+    plan = plan_output(view, quantize, layout)
+    metadata = _metadata(src, model, chosen, used, quantize, layout.scale.granularity, hash_sources)
     errors = QuantErrorSummary()
-    total_in = sum(_stored_bytes(view[o.key]) for o in plan)
+    total_in = sum(_stored_bytes(view[o.tensor.key]) for o in plan)
 
     desc = f"convert {chosen.name}"
     with tqdm(total=total_in, unit="B", unit_scale=True, desc=desc, file=sys.stderr, disable=not progress) as bar:
-        with SafetensorsWriter(output, _specs(plan, comfyui), metadata) as writer:
+        with SafetensorsWriter(output, _specs(plan, layout), metadata) as writer:
             _stream(writer, view, plan, layout, errors, bar)
-            if comfyui:
-                writer.write(COMFYUI_MARKER, torch.zeros(2, dtype=torch.float8_e4m3fn))
+            for marker in layout.markers:
+                writer.write(marker.key, torch.zeros(marker.shape, dtype=torch_dtype(marker.dtype)))
     report = view.report if isinstance(view, MergedView) else None
     return ConvertResult(
         output=output,
         source=str(src),
         expert=chosen.name,
         quantize=quantize,
-        layout=layout if any(o.fmt for o in plan) else "none",
+        layout=layout.scale.granularity if any(o.fmt for o in plan) else "none",
         tensors=len(plan),
         bytes_read=total_in,
         bytes_written=output.stat().st_size,

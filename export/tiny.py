@@ -6,12 +6,14 @@ What each layout writes (file names from the Wan-AI / LightX2V / diffusers relea
   + `diffusion_pytorch_model.safetensors.index.json` + `config.json` (`WanModel` fields); a DiT
   that fits one 10 GB shard is a single `diffusion_pytorch_model.safetensors` (as T2V-1.3B).
 - `lightx2v-bf16` / `-fp8` / `-int8`: one `wan2.1_..._lightx2v_4step.safetensors` file; fp8 e4m3 /
-  int8 block linears with per-output-channel `<layer>.weight_scale` [out,1] (bf16, the dtype of a
-  bf16 source); every other tensor bf16 (LightX2V `tools/convert`, `--non_linear_dtype bf16`).
+  int8 block linears with per-output-channel fp32 `<layer>.weight_scale` [out,1], quantized from
+  the fp32 official values (as LightX2V's `tools/convert` does from the official release); every
+  other tensor bf16 (`--non_linear_dtype bf16`).
 - `comfyui-fp8`: the `_comfyui` variant: fp8 block linears with a per-tensor fp32 scalar
   `<layer>.scale_weight` and the `scaled_fp8` marker (fp8 zeros(2)).  Keys are bare official
   names, as LightX2V's converter writes them; ComfyUI (`unet_prefix_from_state_dict`) and Kijai's
   loader accept both bare and `model.diffusion_model.` keys, and so does `inspect`.
+How each layout stores each tensor is `export.checkpoint.storage.LAYOUTS`, which `convert` writes too.
 - `diffusers`: `model_index.json`, `transformer/` (+ `transformer_2/` = low-noise expert for
   Wan2.2 A14B) holding `WanTransformer3DModel` weights (fp32, sharded + index) and config,
   `scheduler/`, `tokenizer/` (tokenizer.json as below), `text_encoder/` (transformers
@@ -39,42 +41,44 @@ import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import click
 import torch
 from tqdm import tqdm
 
+from wanrt.calibration.quant import quantize
 from wanrt.engines.defaults import NEGATIVE_PROMPT
 from wanrt.engines.errors import WanrtError
 from wanrt.engines.model import DiTConfig
 from wanrt.export.checkpoint.dit_config import CLIP_TOKENS_FLF2V, CLIP_TOKENS_I2V, HEAD_DIM, expected_shapes
 from wanrt.export.checkpoint.keys import official_to_diffusers
+from wanrt.export.checkpoint.safetensors_file import ITEMSIZE, torch_dtype
 from wanrt.export.checkpoint.safetensors_writer import SafetensorsWriter, TensorSpec, build_header
-from wanrt.export.checkpoint.view import is_block_linear
+from wanrt.export.checkpoint.storage import LAYOUTS as STORAGE_LAYOUTS
+from wanrt.export.checkpoint.storage import StoredTensor, TensorStorage, quantizable
 
 FAMILY_TASKS = {"wan2.1": ("t2v", "i2v", "flf2v"), "wan2.2": ("t2v", "i2v", "ti2v")}
-LAYOUTS = ("official", "lightx2v-bf16", "lightx2v-fp8", "lightx2v-int8", "comfyui-fp8", "diffusers")
+# --layout name -> (storage layout, code format of its block linears or None)
+TINY_LAYOUTS: dict[str, tuple[str, str | None]] = {
+    "official": ("official", None),
+    "lightx2v-bf16": ("lightx2v", None),
+    "lightx2v-fp8": ("lightx2v", "fp8"),
+    "lightx2v-int8": ("lightx2v", "int8"),
+    "comfyui-fp8": ("comfyui", "fp8"),
+    "diffusers": ("diffusers", None),
+}
+LAYOUTS = tuple(TINY_LAYOUTS)
 # name -> (dim, ffn_dim, num_layers) of the released models (wan/configs/*.py)
 REAL_DIMS = {"1.3B": (1536, 8960, 30), "14B": (5120, 13824, 40), "5B": (3072, 14336, 30)}
 TINY_DIMS = (2 * HEAD_DIM, 512, 2)
 TASK_CHANNELS = {"t2v": (16, 16), "i2v": (36, 16), "flf2v": (36, 16), "ti2v": (48, 48)}
 REAL_TEXT_DIM, REAL_CLIP_DIM = 4096, 1280
-FP8_MAX, INT8_MAX = 448.0, 127.0
 OFFICIAL_SHARD_BYTES = 10 * 1024**3  # the Wan-AI shards are ~10 GB
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in umt5
-
-
-@dataclass(frozen=True)
-class Stored:
-    """One tensor as a layout stores it: its key, dtype and shape."""
-
-    key: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,46 +155,20 @@ def tiny_dit_config(family: str, task: str, dims: str | None = None) -> DiTConfi
     )
 
 
-def stored_tensors(layout: str, key: str, shape: tuple[int, ...]) -> list[Stored]:
-    """How a layout stores one official tensor (a quantized weight brings its scale)."""
-    if layout == "official":
-        return [Stored(key, torch.float32, shape)]
-    if layout == "diffusers":
-        return [Stored(official_to_diffusers(key), torch.float32, shape)]
-    quantized = layout in ("lightx2v-fp8", "lightx2v-int8", "comfyui-fp8") and is_block_linear(key)
-    if not quantized:
-        return [Stored(key, torch.bfloat16, shape)]
-    qtype = torch.int8 if layout == "lightx2v-int8" else torch.float8_e4m3fn
-    if layout == "comfyui-fp8":
-        return [Stored(key, qtype, shape), Stored(key[: -len(".weight")] + ".scale_weight", torch.float32, ())]
-    return [Stored(key, qtype, shape), Stored(key + "_scale", torch.bfloat16, (shape[0], 1))]
+def stored_tensors(layout: str, key: str, shape: tuple[int, ...]) -> TensorStorage:
+    """How a `--layout` stores one official tensor (a quantized weight brings its scale)."""
+    name, fmt = TINY_LAYOUTS[layout]
+    storage = STORAGE_LAYOUTS[name]
+    stored_key = official_to_diffusers(key) if storage.names == "diffusers" else key
+    return storage.store(stored_key, shape, fmt if quantizable(key, shape) else None)
 
 
-def quantize_per_channel(w: torch.Tensor, qtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """LightX2V `tools/convert/quant`: scale = amax(|w|, dim=1).clamp(1e-5) / qmax, in the source (bf16) dtype."""
-    w = w.to(torch.bfloat16)
-    qmax = INT8_MAX if qtype == torch.int8 else FP8_MAX
-    scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-5) / qmax
-    q = w / scale
-    if qtype == torch.int8:
-        return torch.clamp(torch.round(q), -128, 127).to(torch.int8), scale
-    return q.clamp(-FP8_MAX, FP8_MAX).float().to(qtype), scale
-
-
-def quantize_per_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ComfyUI scaled fp8: one fp32 scale amax(|w|) / 448 for the whole tensor."""
-    scale = (w.abs().max() / FP8_MAX).to(torch.float32)
-    return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
-
-
-def layout_tensors(layout: str, key: str, master: torch.Tensor) -> list[torch.Tensor]:
-    """The stored tensors of one official tensor, in the order of `stored_tensors`."""
-    plan = stored_tensors(layout, key, tuple(master.shape))
-    if len(plan) == 1:
-        return [master.to(plan[0].dtype)]
-    if layout == "comfyui-fp8":
-        return list(quantize_per_tensor(master))
-    return list(quantize_per_channel(master, plan[0].dtype))
+def layout_tensors(plan: TensorStorage, master: torch.Tensor) -> list[torch.Tensor]:
+    """The stored tensors of one official tensor (its fp32 master values), in the order of `plan.entries`."""
+    if plan.fmt is None:
+        return [master.to(torch_dtype(plan.tensor.dtype))]
+    q, scale = quantize(master, plan.fmt, plan.axis)
+    return [q, scale.to(torch_dtype(plan.scale.dtype)).reshape(plan.scale.shape)]
 
 
 def lightx2v_file_name(family: str, task: str, layout: str, expert: str) -> str:
@@ -201,8 +179,9 @@ def lightx2v_file_name(family: str, task: str, layout: str, expert: str) -> str:
         stem = "wan2.2_ti2v_5b"
     else:
         stem = f"wan2.2_{task}_A14b_{expert}"
-    quant = {"lightx2v-bf16": "", "lightx2v-fp8": "scaled_fp8_e4m3_", "lightx2v-int8": "int8_", "comfyui-fp8": "scaled_fp8_e4m3_"}[layout]
-    tail = "_comfyui" if layout == "comfyui-fp8" else ""
+    storage, fmt = TINY_LAYOUTS[layout]
+    quant = {None: "", "fp8": "scaled_fp8_e4m3_", "int8": "int8_"}[fmt]
+    tail = "_comfyui" if storage == "comfyui" else ""
     return f"{stem}_{quant}lightx2v_4step{tail}.safetensors"
 
 
@@ -238,12 +217,16 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _shard(plan: list[tuple[str, list[Stored]]], max_bytes: int, min_shards: int) -> list[list[tuple[str, list[Stored]]]]:
+def _nbytes(t: StoredTensor) -> int:
+    return math.prod(t.shape) * ITEMSIZE[t.dtype]
+
+
+def _shard(plan: list[tuple[str, TensorStorage]], max_bytes: int, min_shards: int) -> list[list[tuple[str, TensorStorage]]]:
     """Split official keys (in module order) into consecutive shards of near-equal size, each <= `max_bytes` when possible."""
-    sizes = [sum(math.prod(s.shape) * s.dtype.itemsize for s in st) for _, st in plan]
+    sizes = [sum(_nbytes(e) for e in st.entries) for _, st in plan]
     total = sum(sizes)
     n = max(min_shards, math.ceil(total / max_bytes))
-    shards: list[list[tuple[str, list[Stored]]]] = [[] for _ in range(n)]
+    shards: list[list[tuple[str, TensorStorage]]] = [[] for _ in range(n)]
     done = 0
     for item, size in zip(plan, sizes):
         shards[min(n - 1, done * n // total)].append(item)  # by where the tensor starts
@@ -267,34 +250,32 @@ def write_dit(folder: Path, cfg: DiTConfig, layout: str, seed: int, component: s
         names = ["diffusion_pytorch_model.safetensors"] if n == 1 else [
             f"diffusion_pytorch_model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
         ]
-    extra: list[tuple[Stored, torch.Tensor]] = []
-    if layout == "comfyui-fp8":
-        extra.append((Stored("scaled_fp8", torch.float8_e4m3fn, (2,)), torch.zeros(2, dtype=torch.float8_e4m3fn)))
+    markers = STORAGE_LAYOUTS[TINY_LAYOUTS[layout][0]].markers
     weight_map: dict[str, str] = {}
     total = 0
     written = []
     for i, (name, shard) in enumerate(zip(names, shards)):
-        shard_extra = extra if i == len(shards) - 1 else []
-        specs = [TensorSpec(s.key, s.dtype, s.shape) for _, st in shard for s in st]
-        specs += [TensorSpec(s.key, s.dtype, s.shape) for s, _ in shard_extra]
+        shard_markers = markers if i == len(shards) - 1 else []
+        entries = [e for _, st in shard for e in st.entries] + shard_markers
+        specs = [TensorSpec(e.key, torch_dtype(e.dtype), e.shape) for e in entries]
         if sparse:
             _write_sparse(folder / name, specs)
             weight_map.update({sp.key: name for sp in specs})
             total += sum(sp.nbytes for sp in specs)
-            progress(sum(math.prod(st[0].shape) for _, st in shard))
+            progress(sum(math.prod(st.tensor.shape) for _, st in shard))
             written.append(folder / name)
             continue
         with SafetensorsWriter(folder / name, specs, metadata={"format": "pt"}, fsync=False) as w:
             for key, st in shard:
-                master = random_tensor(key, st[0].shape, seed, component)
-                for s, t in zip(st, layout_tensors(layout, key, master)):
-                    w.write(s.key, t)
-                    weight_map[s.key] = name
+                master = random_tensor(key, st.tensor.shape, seed, component)
+                for e, t in zip(st.entries, layout_tensors(st, master)):
+                    w.write(e.key, t)
+                    weight_map[e.key] = name
                     total += t.numel() * t.element_size()
                 progress(master.numel())
-            for s, t in shard_extra:
-                w.write(s.key, t)
-                weight_map[s.key] = name
+            for marker in shard_markers:
+                w.write(marker.key, torch.zeros(marker.shape, dtype=torch_dtype(marker.dtype)))
+                weight_map[marker.key] = name
         written.append(folder / name)
     if len(names) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

@@ -3,12 +3,12 @@
 Each `TensorRef` says where an official tensor is stored, in which dtype, and how to turn it
 back into real numbers: plain floats are cast; fp8/int8 weights are multiplied by their
 LightX2V per-output-channel `weight_scale` [out,1], their ComfyUI per-tensor `scale_weight`
-(a scalar), or by 1 when unscaled.  Building a view reads headers only (and imports no torch).
+(a scalar), or by 1 when unscaled (layouts: `storage`; the arithmetic: `wanrt.calibration.quant`).
+Building a view reads headers only (and imports no torch).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from collections import Counter
@@ -20,72 +20,15 @@ from typing import TYPE_CHECKING
 from .keys import KeyMap, normalize_keys
 from .pth import read_pth_header
 from .safetensors_file import CheckpointError, SafetensorsFile, TensorHeader, empty_bytes
+from .storage import QUANTIZED_DTYPES, SCALE_AXES, SCALE_DTYPES, WEIGHT_SCALE_SUFFIXES, is_block_linear, scale_granularity
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
-QUANTIZED_DTYPES = ("fp8_e4m3", "fp8_e5m2", "int8")
-FLOAT_DTYPES = ("fp32", "fp16", "bf16")
-# The block linears LightX2V quantizes (and whose storage dtype names an expert's precision).
-BLOCK_LINEARS = (
-    "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
-    "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
-    "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2",
-)
-BLOCK_LINEAR_SUFFIXES = tuple(f".{m}.weight" for m in BLOCK_LINEARS)
-# Scale companions of a weight `<layer>.weight`, in order of preference.
-WEIGHT_SCALE_SUFFIXES = (".weight_scale", ".scale_weight")
 
-
-def is_block_linear(key: str) -> bool:
-    """True for an official key naming a block linear weight (the ones fp8/int8 files quantize)."""
-    return key.startswith("blocks.") and key.endswith(BLOCK_LINEAR_SUFFIXES)
-
-
-def _bits_dtype(dtype: "torch.dtype") -> "torch.dtype":
-    """The integer dtype of the same width (to move float bits through numpy)."""
-    import torch
-
-    return {4: torch.int32, 2: torch.int16}[dtype.itemsize]
-
-
-@functools.cache
-def _fp8_table(fp8: "torch.dtype", dtype: "torch.dtype") -> "np.ndarray":
-    """Each of the 256 fp8 bit patterns as `dtype` bits (as torch converts them; exact for fp32/bf16/fp16)."""
-    import torch
-
-    return torch.arange(256, dtype=torch.uint8).view(fp8).to(dtype).view(_bits_dtype(dtype)).numpy()
-
-
-def convert(stored: "torch.Tensor", dtype: "torch.dtype") -> "torch.Tensor":
-    """A new tensor of `dtype` with the stored values; fp8 goes through a 256-entry table (3-4x torch's CPU cast)."""
-    import torch
-
-    if stored.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and dtype in (torch.float32, torch.bfloat16, torch.float16):
-        bits = _fp8_table(stored.dtype, dtype)[stored.contiguous().view(torch.uint8).numpy()]  # numpy gather
-        return torch.from_numpy(bits).view(dtype)
-    out = empty_bytes(stored.numel() * dtype.itemsize).view(dtype).reshape(stored.shape)
-    return out.copy_(stored)
-
-
-def dequantize(stored: "torch.Tensor", scale: "torch.Tensor | None", scale_layout: str | None,
-               dtype: "torch.dtype | None" = None) -> "torch.Tensor":
-    """Real values `stored * scale` (per output channel or per tensor) as `dtype` (default fp32).
-
-    fp32, bf16 and fp16 results are computed directly: fp8/int8 codes are exact in each, and torch
-    multiplies reduced-precision tensors in fp32 and rounds once, so the result equals the fp32
-    product cast to `dtype`, without the fp32 intermediate.  A new tensor; `stored` is untouched."""
-    import torch
-
-    dtype = torch.float32 if dtype is None else dtype
-    direct = dtype in (torch.float32, torch.bfloat16, torch.float16)
-    t = convert(stored, dtype if direct else torch.float32)
-    if scale is not None:
-        if scale.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            scale = scale.to(torch.float32)
-        t.mul_(scale.reshape(-1, *([1] * (t.dim() - 1))) if scale_layout == "per_channel" else scale.reshape(()))
-    return t if direct else t.to(dtype)
+def _buffer(shape: tuple[int, ...], dtype: "torch.dtype") -> "torch.Tensor":
+    """A new contiguous tensor to read into (big ones on huge pages: see `empty_bytes`)."""
+    return empty_bytes(math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
 
 
 @dataclass(frozen=True)
@@ -120,11 +63,13 @@ class TensorRef:
         """The real-valued tensor: dequantized (`w * scale`, in fp32) and cast to `dtype` (default fp32)."""
         import torch
 
+        from wanrt.calibration.quant import decode, dequantize
+
         dtype = torch.float32 if dtype is None else dtype
         t, scale = self.load_stored()
         if self.quantized:
-            return dequantize(t, scale, self.scale_layout, dtype)
-        return t if t.dtype == dtype else convert(t, dtype)
+            return dequantize(t, scale, SCALE_AXES.get(self.scale_layout), dtype, out=_buffer(t.shape, dtype))
+        return t if t.dtype == dtype else decode(t, dtype, out=_buffer(t.shape, dtype))
 
 
 class TensorSource:
@@ -241,15 +186,12 @@ class CheckpointView(Mapping[str, TensorRef]):
                 continue
             scale_src = located[scale_key]
             sh = scale_src.header(scale_key)
-            if sh.dtype not in FLOAT_DTYPES:
+            if sh.dtype not in SCALE_DTYPES:
                 raise CheckpointError(
                     f"{scale_src.path}: scale {scale_key!r} is stored as {sh.dtype}; expected fp32, bf16 or fp16"
                 )
-            if math.prod(sh.shape) == 1:
-                scale_layout = "per_tensor"
-            elif h.shape and sh.shape in ((h.shape[0], 1), (h.shape[0],)):
-                scale_layout = "per_channel"
-            else:
+            scale_layout = scale_granularity(h.shape, sh.shape)
+            if scale_layout is None:
                 raise CheckpointError(
                     f"{scale_src.path}: scale {scale_key!r} has shape {list(sh.shape)}; expected [{h.shape[0]}, 1]"
                     f" (per output channel) or a scalar for weight {stored!r} {list(h.shape)}"

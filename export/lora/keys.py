@@ -9,7 +9,11 @@ Accepted (facts: shared/reference/peer-formats.md §1-2, lightx2v-formats.md §2
   optional `.default` adapter infix, `lora_B.bias` (bias delta).
 - musubi / kohya: `lora_unet_<module with dots as underscores>.lora_down.weight` and `.alpha`.
 - ComfyUI: `model.diffusion_model.` prefix; `lora_linear_layer.up/down`, `_lora.up/down`, `lora.up/down`.
-Per-layer `.alpha` gives scale alpha/rank.  `dora_scale` (DoRA) and `lora_mid` (LoCon) are refused.
+Per-layer `.alpha` gives scale alpha/rank (an alpha of 0 counts as absent, as in LightX2V).
+`dora_scale` (DoRA) and `lora_mid` (LoCon) are refused.
+
+`lightx2v_differences` names the keys LightX2V's own LoRA merge would not apply, so that users
+know why the two tools' results differ.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ class ParsedKey:
     module: str  # e.g. "blocks.0.self_attn.q", "blocks.0.attn1.to_q" or kohya "blocks_0_self_attn_q"
     role: str  # one of UP, DOWN, ALPHA, DIFF, DIFF_B, DIFF_M, LORA_BIAS, MID, DORA
     kohya: bool = False
+    prefix: str = ""  # the trainer/UI prefixes stripped from the front ("model.diffusion_model.", ...)
 
 
 def strip_prefixes(name: str) -> str:
@@ -96,7 +101,8 @@ def parse_key(key: str) -> ParsedKey | None:
         return None
     if module.startswith(KOHYA_PREFIX):
         return ParsedKey(key, module[len(KOHYA_PREFIX):].lstrip("_"), role, kohya=True)
-    return ParsedKey(key, strip_prefixes(module), role)
+    stripped = strip_prefixes(module)
+    return ParsedKey(key, stripped, role, prefix=module[: len(module) - len(stripped)])
 
 
 def _official_name(name: str) -> str | None:
@@ -219,3 +225,72 @@ def resolve_terms(source_name: str, keys: Iterable[str], base_keys: Iterable[str
             bias = None
         terms.low_rank.append(LowRankTerm(target, g[UP], g[DOWN], g.get(ALPHA), bias))
     return terms
+
+
+# LightX2V's LoRA merge (`lightx2v/utils/lora_loader.py`, `LoRALoader`, used by
+# `lightx2v/models/networks/lora_adapter.py` on the default `lora_dynamic_apply: false` path):
+# the target of an up matrix or a delta is its key without the suffix, with the first matching
+# prefix of LIGHTX2V_PREFIXES removed (one only), plus `.weight` / `.bias` / `.modulation`; no
+# other renaming, and no kohya names.  It patches a base tensor only when that name is one.
+# (Its `lora_dynamic_apply: true` path, `base_model.py::_load_lora_file`, strips `diffusion_model.`,
+# `transformer.` or `model.diffusion_model.` but renames no module either.)
+LIGHTX2V_PREFIXES = ("diffusion_model.", "model.", "unet.")
+LIGHTX2V_SUFFIXES: tuple[tuple[str, str], ...] = (  # (stored suffix, appended to the module), in its matching order
+    (".lora_up.weight", ".weight"),
+    ("_lora.up.weight", ".weight"),
+    (".lora_B.weight", ".weight"),
+    (".lora.up.weight", ".weight"),
+    (".lora_B", ".weight"),
+    (".lora_linear_layer.up.weight", ".weight"),
+    (".lora_B.default.weight", ".weight"),
+    (".diff", ".weight"),
+    (".diff_b", ".bias"),
+    (".diff_m", ".modulation"),
+)
+
+
+def lightx2v_target(key: str) -> str | None:
+    """The tensor LightX2V's LoRA merge patches with stored key `key` (an up matrix or a delta); None if it reads no such key."""
+    for suffix, leaf in LIGHTX2V_SUFFIXES:
+        if key.endswith(suffix):
+            module = key[: -len(suffix)]
+            prefix = next((p for p in LIGHTX2V_PREFIXES if module.startswith(p)), "")
+            return module[len(prefix):] + leaf
+    return None
+
+
+def lightx2v_difference(p: ParsedKey, target: str) -> str | None:
+    """Why LightX2V's LoRA merge would not patch `target` (which wanrt patches) with key `p`; None when it would."""
+    if lightx2v_target(p.key) == target:
+        return None
+    if p.kohya:
+        return "kohya `lora_unet_` names (LightX2V reads none)"
+    reasons = []
+    if p.prefix != next((q for q in LIGHTX2V_PREFIXES if p.prefix.startswith(q)), ""):
+        reasons.append(f"the `{p.prefix}` prefix (LightX2V strips only one of `{'`, `'.join(LIGHTX2V_PREFIXES)}`)")
+    if target != p.module and not target.startswith(p.module + "."):
+        reasons.append("diffusers module names such as `attn1.to_q` (LightX2V renames none)")
+    if p.role == DIFF and not target.endswith(".weight"):
+        reasons.append("`.diff` deltas of a parameter such as `blocks.N.modulation.diff` (LightX2V reads `X.diff` as"
+                       " `X.weight`; it takes block modulation deltas as `blocks.N.diff_m`)")
+    if p.role == LORA_BIAS:
+        reasons.append("PEFT `lora_B.bias` bias deltas (LightX2V reads none)")
+    return " and ".join(reasons) or "a key form LightX2V does not read"
+
+
+def lightx2v_differences(terms: LoraTerms) -> dict[str, list[str]]:
+    """The stored keys wanrt applies that LightX2V's LoRA merge would not, grouped by why."""
+    found: dict[str, list[str]] = {}
+
+    def check(key: str, target: str, *companions: str) -> None:
+        why = lightx2v_difference(parse_key(key), target)
+        if why is not None:
+            found.setdefault(why, []).extend((key, *companions))
+
+    for t in terms.low_rank:
+        check(t.up, t.target, t.down)
+        if t.bias is not None:
+            check(t.bias, t.target.rsplit(".", 1)[0] + ".bias")
+    for d in terms.deltas:
+        check(d.key, d.target)
+    return found

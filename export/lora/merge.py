@@ -4,7 +4,7 @@
 ranks, shapes; from headers only) and returns a `MergedView`: a read-only view of the merged
 checkpoint in the base's own precision.  Loading a patched tensor computes, in float32,
 
-    W' = W + sum over LoRAs, in order, of strength * scale * (up @ down)   (scale = alpha/rank or 1)
+    W' = W + sum over LoRAs, in order, of strength * scale * (up @ down)   (scale = alpha/rank or 1; alpha 0 is none)
     W' = W + strength * delta                                              (.diff / .diff_b / .diff_m)
 
 and casts W' back to the stored precision; an fp8/int8 weight is dequantized with its stored
@@ -22,13 +22,15 @@ from typing import Any
 
 import torch
 
-from wanrt.calibration.weights import (
-    ERROR_ROW_STRIDE, STORAGE_TO_FORMAT, QuantError, QuantErrorSummary, dequantize, quantization_error, quantize_measured,
+from wanrt.calibration.formats import FORMAT_OF_DTYPE
+from wanrt.calibration.quant import (
+    ERROR_ROW_STRIDE, QuantError, QuantErrorSummary, dequantize, encode, quantization_error, quantize_measured,
 )
 from wanrt.export.checkpoint.safetensors_file import torch_dtype
-from wanrt.export.checkpoint.view import QUANTIZED_DTYPES, TensorSource, open_source
+from wanrt.export.checkpoint.storage import QUANTIZED_DTYPES, SCALE_AXES
+from wanrt.export.checkpoint.view import TensorSource, open_source
 
-from .keys import DeltaTerm, LowRankTerm, resolve_terms
+from .keys import DeltaTerm, LowRankTerm, lightx2v_differences, resolve_terms
 from .spec import LoraError, LoraSpec
 
 log = logging.getLogger("wanrt.lora")
@@ -75,6 +77,7 @@ class LoraMatch:
     keys: int  # stored keys in the file
     patched: list[str] = field(default_factory=list)  # official keys of the base it changes
     skipped: list[tuple[str, str | None]] = field(default_factory=list)  # (stored key, official target or None)
+    notes: list[str] = field(default_factory=list)  # where it was read as LightX2V reads it, or where LightX2V differs
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -85,6 +88,7 @@ class LoraMatch:
             "patched_tensors": len(self.patched),
             "skipped_keys": len(self.skipped),
             "skipped_examples": [k for k, _ in self.skipped[:MAX_EXAMPLES]],
+            "notes": self.notes,
         }
 
 
@@ -144,16 +148,17 @@ class MergedRef:
         w = self.merged_fp32()
         if not self.quantized:
             return w.to(torch_dtype(self.dtype)), None
-        fmt = STORAGE_TO_FORMAT.get(self.dtype)
+        fmt = FORMAT_OF_DTYPE.get(self.dtype)
         if fmt is None:
             raise LoraError(f"{self.key}: merging into {self.dtype} weights is not supported (fp8_e4m3 and int8 are)")
         if self.scale_layout is None:
             if fmt != "fp8":
                 raise LoraError(f"{self.key}: {self.dtype} weight without a scale; cannot requantize after merging")
-            q = w.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
-            self.report.requant_errors[self.key] = quantization_error(w, q, torch.ones(()))
+            q = encode(w, fmt)  # unscaled fp8 stays unscaled: the merged values, clamped to the fp8 range
+            self.report.requant_errors[self.key] = quantization_error(w, q, None)
             return q, None
-        q, scale, err = quantize_measured(w, fmt, self.scale_layout, overwrite=True, row_stride=ERROR_ROW_STRIDE)
+        axis = SCALE_AXES[self.scale_layout]
+        q, scale, err = quantize_measured(w, fmt, axis, overwrite=True, row_stride=ERROR_ROW_STRIDE)
         self.report.requant_errors[self.key] = err
         return q, scale
 
@@ -161,7 +166,7 @@ class MergedRef:
         """The merged, real-valued tensor (requantized and dequantized for fp8/int8 bases) cast to `dtype`."""
         t, scale = self.load_stored()
         if self.quantized:
-            t = dequantize(t, scale if scale is not None else torch.ones(()))
+            return dequantize(t, scale, SCALE_AXES.get(self.scale_layout), dtype)
         return t.to(dtype)
 
 
@@ -227,8 +232,12 @@ def _alpha_value(source: TensorSource, key: str) -> float:
     return value
 
 
-def _low_rank_patch(spec: LoraSpec, source: TensorSource, term: LowRankTerm, base_shape: tuple[int, ...]) -> tuple[LowRankPatch, float]:
-    """Check ranks and shapes from the headers; return the patch and its scale (for a PEFT bias)."""
+def _low_rank_patch(spec: LoraSpec, source: TensorSource, term: LowRankTerm, base_shape: tuple[int, ...],
+                    zero_alphas: list[str]) -> tuple[LowRankPatch, float]:
+    """Check ranks and shapes from the headers; return the patch and its scale (for a PEFT bias).
+
+    A stored alpha of 0 counts as no alpha, as in LightX2V (`if pair_info["alpha"]:` in its
+    `LoRALoader.apply_lora`); its key is added to `zero_alphas`."""
     up, down = _shape(source, term.up), _shape(source, term.down)
     name = source.path
     if len(up) < 2 or len(down) < 2:
@@ -243,8 +252,12 @@ def _low_rank_patch(spec: LoraSpec, source: TensorSource, term: LowRankTerm, bas
             f" [{up[0]}, {', '.join(map(str, down[1:]))}] but the base tensor is {list(base_shape)}"
         )
     rank = down[0]
-    if term.alpha is not None:
-        scale = _alpha_value(source, term.alpha) / rank
+    alpha = _alpha_value(source, term.alpha) if term.alpha is not None else None
+    if alpha == 0:
+        zero_alphas.append(term.alpha)
+        alpha = None
+    if alpha is not None:
+        scale = alpha / rank
     elif spec.alpha is not None:
         scale = spec.alpha / rank
     else:
@@ -291,8 +304,9 @@ def match_lora(spec: LoraSpec, base: Mapping[str, Any], strict: bool = False) ->
     terms = resolve_terms(str(spec.path), keys, base.keys())
     match = LoraMatch(spec, keys=len(keys), skipped=list(terms.unmatched))
     patches: dict[str, list[Patch]] = {}
+    zero_alphas: list[str] = []
     for term in terms.low_rank:
-        patch, scale = _low_rank_patch(spec, source, term, tuple(base[term.target].shape))
+        patch, scale = _low_rank_patch(spec, source, term, tuple(base[term.target].shape), zero_alphas)
         patches.setdefault(term.target, []).append(patch)
         if term.bias is not None:
             bias_key = term.target.rsplit(".", 1)[0] + ".bias"
@@ -310,7 +324,27 @@ def match_lora(spec: LoraSpec, base: Mapping[str, Any], strict: bool = False) ->
         if strict:
             raise LoraError(f"{unmatched}, e.g. {_examples(match.skipped)}; with --lora-strict every key must match a base tensor")
         log.warning("warning: %s and are skipped, e.g. %s", unmatched, _examples(match.skipped))
+    match.notes = _notes(spec, zero_alphas, lightx2v_differences(terms))
+    for note in match.notes:
+        log.warning("note: %s", note)  # the level the CLI shows by default, as the warnings above
     return match, patches
+
+
+def _notes(spec: LoraSpec, zero_alphas: list[str], lightx2v_misses: dict[str, list[str]]) -> list[str]:
+    """What a user comparing with LightX2V should know: alphas of 0 read as absent, keys LightX2V would not apply."""
+    notes = []
+    if zero_alphas:
+        instead = "1" if spec.alpha is None else "the config's alpha / rank"
+        notes.append(
+            f"LoRA {spec.path}: {len(zero_alphas)} layer(s) store alpha 0 (e.g. {zero_alphas[0]}); read as no alpha, as"
+            f" LightX2V does: scale {instead} instead of 0 / rank, which would apply nothing"
+        )
+    for why, keys in lightx2v_misses.items():
+        notes.append(
+            f"LoRA {spec.path}: {len(keys)} key(s) use {why}, e.g. {keys[0]}; LightX2V's LoRA merge (its default,"
+            " lora_dynamic_apply off) would not apply them (wanrt does), so results differ between the two tools"
+        )
+    return notes
 
 
 def apply_loras(view: Mapping[str, Any], loras: list[LoraSpec], expert: str, strict: bool = False) -> MergedView:

@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-from wanrt.calibration.weights import ERROR_ROW_STRIDE
+from wanrt.calibration.quant import ERROR_ROW_STRIDE
 from wanrt.export.checkpoint.view import CheckpointView, open_source
 from wanrt.export.lora import LoraSpec, apply_loras
 
