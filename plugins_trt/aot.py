@@ -82,7 +82,7 @@ def detect_gpu_arch() -> int | None:
                 _, major = driver.cuDeviceGetAttribute(driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, 0)
                 _, minor = driver.cuDeviceGetAttribute(driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, 0)
                 return int(major) * 10 + int(minor)
-    except ImportError:
+    except Exception:  # not installed, or no driver: cuInit raises (DynamicLibNotFoundError) rather than returning
         pass
     try:
         import torch
@@ -90,7 +90,7 @@ def detect_gpu_arch() -> int | None:
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability(0)
             return major * 10 + minor
-    except ImportError:
+    except Exception:  # noqa: BLE001  (no torch, or a broken CUDA install: there is no GPU to ask)
         pass
     return None
 

@@ -11,6 +11,7 @@ TensorRT registration) without them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
 from dataclasses import asdict, dataclass
@@ -166,11 +167,12 @@ def run_attention(q, k, v, scale: float, precision: str = "bf16", tile: TileConf
         raise WanrtError("run_attention on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 before importing triton")
     q, k, v = (t.contiguous() for t in (q, k, v))
     out = torch.empty_like(q)
-    flash_kernel()[spec.grid(seq_q, batch * heads)](
-        q, k, v, scale_bits, seq_q, seq_k, out,
-        **spec.constexprs(interpreted=not on_gpu),
-        num_warps=spec.tile.num_warps, num_stages=spec.tile.num_stages,
-    )  # fmt: skip
+    with torch.cuda.device(q.device) if on_gpu else contextlib.nullcontext():
+        flash_kernel()[spec.grid(seq_q, batch * heads)](
+            q, k, v, scale_bits, seq_q, seq_k, out,
+            **spec.constexprs(interpreted=not on_gpu),
+            num_warps=spec.tile.num_warps, num_stages=spec.tile.num_stages,
+        )  # fmt: skip
     return out
 
 

@@ -115,6 +115,14 @@ def test_read_plugin_names_a_changed_kernel_file(plugin_folder, tmp_path):
         kernel_table(description, 80, "fp8")
 
 
+def test_signature_follows_the_kernels_parameters():
+    from wanrt.plugins_trt.kernels import KernelSpec, TileConfig, flash_kernel
+
+    spec = KernelSpec("fp8", "bf16", 128, TileConfig(64, 64, 4, 2))
+    assert list(spec.signature()) == flash_kernel().arg_names  # names and order: TensorRT passes them positionally
+    assert list(spec.pointer_alignment()) == [(0,), (1,), (2,), (6,)]
+
+
 def test_plan_skips_fp8_below_sm89_and_parses_arch_names():
     variants, skipped = plan_variants((80, 89), ("bf16", "fp8"), ("bf16", "fp32"), (128,))
     assert variants == [(80, "bf16", "bf16", 128), (80, "bf16", "fp32", 128), (89, "bf16", "bf16", 128),
