@@ -252,7 +252,10 @@ class ExpertSwitcher:
         self.plan = plan if plan is not None else plan_for_experts(backend, bundle_dir, components, None)
         self.pool: ActivationPool | None = None
         if share_activations and len(self.components) > 1:
-            self.pool = backend.allocate_activations(components, bundle_dir, size_bytes=plan.activation_bytes)
+            # sized now only from measured activations (not while streaming, whose scratch is estimated): otherwise
+            # the first engine to run sizes it exactly and a larger one grows it
+            known = plan.mode != "stream" and all(plan.needs[n].activation_source != "estimate" for n in self.components)
+            self.pool = backend.allocate_activations(components, bundle_dir, size_bytes=plan.activation_bytes if known else None)
         self._engines: dict[str, Engine] = {}
         self.events: list[ResidencyEvent] = []
         self.warnings: list[str] = []
