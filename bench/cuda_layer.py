@@ -129,6 +129,7 @@ def exercise(device_index: int = 0, mib: int = 256, repeats: int = 20) -> dict:
     report: dict = {"device": info.name, "compute_capability": info.compute_capability, "total_bytes": info.total_bytes}
     backend = TensorRTBackend(device_index, probe=TensorRTProbe(info, ()))  # the backend's pool code, no TensorRT needed
     stream = backend.stream
+    report["stream_handle"] = stream.handle  # the integer execute_async_v3 gets; nonzero for a created stream
 
     # 2. the shared activation pool
     free0, _ = cuda.memory_info()
@@ -246,6 +247,7 @@ def main() -> None:
     if args.record:
         record(markdown(report, command.strip()))
     ok = report["pool_freed"] and report["round_trip_exact"] and report["graph_replay_exact"] and report["oom_line"]
+    ok = ok and report["stream_handle"] != 0
     raise SystemExit(0 if ok else 1)
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import dataclasses
 import importlib
 import os
 import re
@@ -43,6 +44,7 @@ import numpy as np
 from wanrt.engines.errors import BundleError, WanrtError
 from wanrt.engines.manifest import Component, Manifest
 from wanrt.engines.plans import PlanInfo, plan_runs_here, profile_for_shapes
+from wanrt.engines.signatures import EngineSignature
 
 from .. import cuda
 from ..memory import MemoryNeed, Shapes, io_bytes
@@ -172,8 +174,29 @@ def plans_for_bundle(manifest: Manifest, probe: TensorRTProbe) -> tuple[dict[str
     return chosen, problems
 
 
+def profile_batch_limit(plan: PlanInfo, signature: EngineSignature) -> int | None:
+    """The largest batch (leading dim of the first input) the plan's recorded profiles take; None when not recorded."""
+    first = signature.inputs[0]
+    if not isinstance(first.shape[0], str):
+        return None
+    highs = [p.shapes[first.name][2][0] for p in plan.profiles if first.name in p.shapes]
+    return max(highs) if highs else None
+
+
+def per_call_inputs(signature: EngineSignature, inputs: Shapes, batch_limit: int | None) -> dict[str, tuple[int, ...]]:
+    """The shapes of one engine call when a batch above `batch_limit` runs as several calls (CFG: cond, then uncond)."""
+    lead = signature.inputs[0].shape[0]
+    out = {n: tuple(s) for n, s in inputs.items()}
+    if batch_limit is None or not isinstance(lead, str):
+        return out
+    batched = {t.name for t in signature.inputs if t.shape and t.shape[0] == lead}
+    return {n: (min(s[0], batch_limit), *s[1:]) if n in batched else s for n, s in out.items()}
+
+
 def need_from_plan(component: Component, plan: PlanInfo, weight_bytes: int, inputs: Shapes) -> MemoryNeed:
-    """What the manifest says `plan` needs at these input shapes (activations: the profile holding them, if measured)."""
+    """What the manifest says `plan` needs at these input shapes (activations: the profile holding them, if measured);
+    a batch above the profiles' runs as several calls, so one call's shapes count."""
+    inputs = per_call_inputs(component.signature, inputs, profile_batch_limit(plan, component.signature))
     streamable = int(plan.streamable_weights_bytes or 0) if plan.weight_streaming else 0
     profile = profile_for_shapes(plan, inputs) if inputs else None
     activations = profile.device_memory_bytes if profile is not None else None
@@ -348,6 +371,18 @@ def check_engine_matches(trt, component: Component, engine: "trt.ICudaEngine", p
         )
 
 
+def narrowed_signature(trt, engine: "trt.ICudaEngine", signature: EngineSignature) -> EngineSignature:
+    """`signature` with its batch dim's range cut to the largest batch of the engine's profiles (a plan built for
+    batch 1 makes the pipeline run CFG as two calls)."""
+    first = signature.inputs[0]
+    lead = first.shape[0]
+    if not isinstance(lead, str):
+        return signature
+    highest = max(int(engine.get_tensor_profile_shape(first.name, p)[2][0]) for p in range(engine.num_optimization_profiles))
+    lo, hi = signature.dim_ranges.get(lead, (1, highest))
+    return dataclasses.replace(signature, dim_ranges={**signature.dim_ranges, lead: (lo, min(hi, highest))})
+
+
 def profile_index(trt, engine: "trt.ICudaEngine", shapes: Mapping[str, tuple[int, ...]]) -> int | None:
     """The first optimization profile whose min..max holds every input shape, or None."""
     for p in range(engine.num_optimization_profiles):
@@ -436,11 +471,17 @@ class TrtEngine(Engine):
         self.graph_replays = 0
         self.warnings: list[str] = []
         inputs, outputs = _io_names(trt, engine)
+        self._signature = narrowed_signature(trt, engine, component.signature)
         sig = {t.name: t.dtype for t in (*component.signature.inputs, *component.signature.outputs)}
         self._bindings = {
             n: Binding(n, n in inputs, engine.get_tensor_dtype(n).name, sig[n]) for n in [*inputs, *outputs]
         }
         self._events = (cuda.Event(), cuda.Event())
+
+    @property
+    def signature(self) -> EngineSignature:
+        """The component's signature, its batch range narrowed to what the plan's profiles take."""
+        return self._signature
 
     @property
     def resident_bytes(self) -> int:

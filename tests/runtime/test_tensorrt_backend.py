@@ -277,6 +277,17 @@ def test_need_from_plan_uses_the_profile_measurement_and_the_streamable_bytes(mo
     assert unmeasured.activation_bytes is None and unmeasured.streamable_bytes == 0  # the pipeline estimates it
 
 
+def test_a_batch_above_the_plans_profiles_counts_one_call(moe_manifest):
+    """CFG feeds batch 2; a plan whose profiles take batch 1 runs it as two calls: the need is one call's."""
+    comp = moe_manifest.components["dit_high_noise"]
+    one = ProfileShapes({"latent": ((1, 16, 1, 2, 2), (1, 16, 5, 4, 6), (1, 16, 21, 90, 160))}, 5 << 20)
+    info = plan(profiles=[one])
+    shapes = {"latent": (2, 16, 5, 4, 6), "timestep": (2,), "context": (2, 512, 8)}
+    need = need_from_plan(comp, info, 100, shapes)
+    assert need.activation_bytes == 5 << 20  # the batch-1 profile holds one call
+    assert need.io_bytes == 2 * (16 * 5 * 4 * 6 * 4) + 4 + 512 * 8 * 4  # one call's buffers, reused by the second
+
+
 # ---- dtypes ---------------------------------------------------------------------------------------
 
 
