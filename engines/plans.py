@@ -14,6 +14,7 @@ Compatibility (TensorRT developer guide, "Version Compatibility" and "Hardware C
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Mapping
 
 HARDWARE_LEVELS = ("NONE", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY")  # trt.HardwareCompatibilityLevel members
 
@@ -51,12 +52,29 @@ class PlanInfo:
     stripped: bool = False  # STRIP_PLAN: weights come from the component's ONNX at load (refit)
     weight_streaming: bool = False  # WEIGHT_STREAMING
     streamable_weights_bytes: int | None = None  # ICudaEngine.streamable_weights_size
+    weights_bytes: int | None = None  # ICudaEngine.get_engine_stat(TOTAL_WEIGHTS_SIZE): device bytes of all weights
     opt_level: int = 3  # builder_optimization_level
     profiles: list[ProfileShapes] = field(default_factory=list)
     attention: str = "native"  # "native" or "plugin"
     plugin: PluginRecord | None = None
     onnx_sha256: str = ""  # the graph the plan was built from
     cache_key: str = ""  # graph + options + TensorRT version + GPU: a plan is rebuilt when it changes
+
+
+def shapes_fit(profile: ProfileShapes, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """Whether every shape the profile lists for an input in `shapes` lies within its min..max."""
+    for name, (lo, _, hi) in profile.shapes.items():
+        shape = shapes.get(name)
+        if shape is None:
+            continue
+        if len(shape) != len(lo) or any(not a <= s <= b for a, s, b in zip(lo, shape, hi)):
+            return False
+    return True
+
+
+def profile_for_shapes(plan: PlanInfo, shapes: Mapping[str, tuple[int, ...]]) -> ProfileShapes | None:
+    """The first profile of `plan` holding `shapes` (inputs a profile does not list are not checked), or None."""
+    return next((p for p in plan.profiles if shapes_fit(p, shapes)), None)
 
 
 def parse_version(text: str) -> tuple[int, ...]:

@@ -10,7 +10,7 @@ import click
 
 from wanrt.engines.manifest import verify_bundle
 
-from .backends import BACKENDS, make_backend
+from .backends import BACKENDS, choose_backend, make_backend
 from .pipeline import GenerationRequest, WanPipeline
 from .progress import Progress
 from .schedulers import SAMPLERS
@@ -39,22 +39,34 @@ from .video import check_frames_dir, check_output_path, to_uint8_frames, write_m
     help="Encode/decode in overlapping 256-pixel tiles every 192 pixels (as diffusers): bounded VAE memory at large sizes.",
 )
 @click.option(
-    "--memory-budget", type=click.FloatRange(min=0, min_open=True), default=None, metavar="GIB",
-    help="GiB the DiT experts may occupy (weights + activations); default: 90% of free device (or host) memory."
-    " Two experts that fit stay loaded; otherwise one is released before the other loads.",
+    "--vram-budget", "--memory-budget", "vram_budget", type=click.FloatRange(min=0, min_open=True), default=None,
+    metavar="GIB",
+    help="GiB of device memory the run may use (weights, activations, I/O buffers; TensorRT keeps 1 GiB of it"
+    " free as a margin). Default: all free GPU memory on TensorRT, 90% of free memory on ONNX Runtime."
+    " Both Wan2.2 experts stay loaded when they fit; else one at a time; else (TensorRT) weights are streamed;"
+    " else the run is refused naming the smallest budget that works. --memory-budget is the same option.",
 )
 @click.option(
     "--rehash", is_flag=True,
     help="Re-read every bundle file for its sha256 check (default: files already hashed in their current state are not re-read).",
 )
-@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True, help="Inference backend.")
+@click.option(
+    "--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+    help="auto: TensorRT when every component has a plan for this GPU and a TensorRT runtime imports, else ONNX Runtime.",
+)
+@click.option("--device", "device_index", type=click.IntRange(min=0), default=0, show_default=True, help="CUDA device index.")
+@click.option(
+    "--cuda-graphs", is_flag=True,
+    help="TensorRT: capture each engine's execution into a CUDA graph after its first call and replay it.",
+)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .mp4 (H.264).")
 @click.option("--frames-dir", type=click.Path(file_okay=False), default=None, help="Also write PNG frames here.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 def run_command(
     bundle: str, prompt: str, negative_prompt: str | None, image: str | None, last_image: str | None,
     frames: int | None, height: int | None, width: int | None, steps: int | None, guidance: float | None,
-    shift: float | None, sampler: str | None, seed: int | None, vae_tiling: bool, memory_budget: float | None, rehash: bool, backend: str, output: str, frames_dir: str | None, as_json: bool,
+    shift: float | None, sampler: str | None, seed: int | None, vae_tiling: bool, vram_budget: float | None, rehash: bool,
+    backend: str, device_index: int, cuda_graphs: bool, output: str, frames_dir: str | None, as_json: bool,
 ) -> None:
     """Generate a video from a bundle (torch-free runtime)."""
     start = time.perf_counter()
@@ -63,26 +75,36 @@ def run_command(
         check_frames_dir(frames_dir)  # before any work: a bad folder must not cost a whole generation
     manifest = verify_bundle(bundle, remembered=not rehash)
     verify_seconds = time.perf_counter() - start
-    engine_backend = make_backend(backend)
-    budget = int(memory_budget * 2**30) if memory_budget is not None else None
-    pipeline = WanPipeline(bundle, manifest, engine_backend, memory_budget_bytes=budget, progress=Progress(enabled=True))
+    choice = choose_backend(backend, manifest, device_index)
+    if cuda_graphs and choice.name != "tensorrt":
+        click.echo(f"warning: --cuda-graphs has no effect on {choice.name} ({choice.reason})", err=True)
+    engine_backend = make_backend(choice.name, device_index=device_index, cuda_graphs=cuda_graphs)
+    budget = int(vram_budget * 2**30) if vram_budget is not None else None
     request = GenerationRequest(
         prompt=prompt, negative_prompt=negative_prompt, image=image, last_image=last_image, frames=frames,
         height=height, width=width, steps=steps, guidance=guidance, shift=shift, seed=seed,
         sampler=sampler, vae_tiling=vae_tiling,
     )
-    plan = pipeline.prepare(request)
-    result = pipeline.generate(plan)
-    write_start = time.perf_counter()
-    video = to_uint8_frames(result.video)
-    write_mp4(video, out, plan.fps)
-    written_frames = None
-    if frames_dir is not None:
-        try:
-            written_frames = write_png_frames(video, frames_dir)
-        except BaseException:
-            out.unlink(missing_ok=True)
-            raise
+    try:
+        pipeline = WanPipeline(bundle, manifest, engine_backend, memory_budget_bytes=budget, progress=Progress(enabled=True))
+        plan = pipeline.prepare(request)
+        result = pipeline.generate(plan)
+        write_start = time.perf_counter()
+        video = to_uint8_frames(result.video)
+        write_mp4(video, out, plan.fps)
+        written_frames = None
+        if frames_dir is not None:
+            try:
+                written_frames = write_png_frames(video, frames_dir)
+            except BaseException:
+                out.unlink(missing_ok=True)
+                raise
+    except KeyboardInterrupt:
+        # every engine was released on the way out (context managers); nothing was renamed into place
+        click.echo("interrupted: device memory released, no output written", err=True)
+        raise SystemExit(130) from None
+    finally:
+        engine_backend.close()
     result.stats.stages["write"] = time.perf_counter() - write_start
     for warning in result.stats.warnings:
         click.echo(f"warning: {warning}", err=True)
@@ -91,6 +113,7 @@ def run_command(
         "frames_dir": str(Path(frames_dir)) if written_frames is not None else None,
         "bundle": str(bundle),
         "verify_seconds": verify_seconds,
+        "backend_choice": choice.to_dict(),
         "total_seconds": time.perf_counter() - start,
         **plan.summary(),
         **result.stats.to_dict(),

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from wanrt.engines.errors import WanrtError
+from wanrt.engines.signatures import EngineSignature
 
 from .backends.base import Engine
 
@@ -81,13 +82,18 @@ def combine_cfg(cond: np.ndarray, uncond: np.ndarray, scale: float) -> np.ndarra
     return uncond + np.float32(scale) * (cond - uncond)
 
 
-def engine_max_batch(engine: Engine) -> int:
-    """Largest batch the engine takes: its first input's leading dim, or the range of that named dim."""
-    lead = engine.signature.inputs[0].shape[0]
+def signature_max_batch(signature: EngineSignature) -> int:
+    """Largest batch a signature takes: its first input's leading dim, or the range of that named dim."""
+    lead = signature.inputs[0].shape[0]
     if isinstance(lead, int):
         return lead
-    lo_hi = engine.signature.dim_ranges.get(lead)
+    lo_hi = signature.dim_ranges.get(lead)
     return lo_hi[1] if lo_hi else 1
+
+
+def engine_max_batch(engine: Engine) -> int:
+    """Largest batch the engine takes (`signature_max_batch` of its signature)."""
+    return signature_max_batch(engine.signature)
 
 
 def pair_static_inputs(

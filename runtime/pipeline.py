@@ -35,13 +35,14 @@ from wanrt.engines.errors import BundleError, WanrtError
 from wanrt.engines.manifest import Component, Manifest, tokenizer_file
 
 from . import image as images
-from .backends.base import Backend, Engine
-from .guidance import StepPlan, engine_max_batch, pair_static_inputs, plan_steps, predict_velocity
+from .backends.base import Backend, DeviceOutOfMemory, Engine
+from .guidance import StepPlan, engine_max_batch, pair_static_inputs, plan_steps, predict_velocity, signature_max_batch
+from .memory import estimate_activation_bytes
 from .progress import Progress
-from .residency import ExpertSwitcher
+from .residency import ExpertSwitcher, VramBudgetError, VramPlan, gib, plan_vram
 from .schedulers import make_sampler
 from .sizes import VideoGeometry, best_output_size, check_frames, check_latent_range, check_size, i2v_size, size_multiple
-from .vae import Tiling
+from .vae import Tiling, contract_of
 
 IMAGE_TASKS = ("i2v", "flf2v")
 
@@ -118,8 +119,11 @@ class StepRecord:
     cfg: bool
     engine_calls: int
     seconds: float  # wall time of the step, expert loading excluded
-    engine_seconds: float  # time inside the engine
+    engine_seconds: float  # time inside the engine (host wall clock: copies and the wait included)
     load_seconds: float  # expert (re)loading done at this step
+    gpu_seconds: float | None = None  # device time of the engine calls (CUDA events); None when not measured
+    resident_bytes: int = 0  # weights of the loaded experts on the device (or host, for CPU backends)
+    streamed_bytes: int = 0  # weights of this step's expert streamed from host memory on every call
 
     @property
     def host_seconds(self) -> float:
@@ -137,6 +141,7 @@ class RunStats:
     residency: list[dict[str, Any]] = field(default_factory=list)
     residency_mode: str | None = None
     memory_budget_bytes: int | None = None
+    memory_plan: dict[str, Any] | None = None  # `VramPlan.to_dict()`: the budget arithmetic
     device_min_free_bytes: int | None = None
     device_start_free_bytes: int | None = None  # free device memory before the first engine loaded
     warnings: list[str] = field(default_factory=list)
@@ -159,6 +164,7 @@ class RunStats:
             "residency_mode": self.residency_mode,
             "residency": self.residency,
             "memory_budget_bytes": self.memory_budget_bytes,
+            "memory_plan": self.memory_plan,
             "peak_rss_bytes": self.peak_rss_bytes(),
             "device_min_free_bytes": self.device_min_free_bytes,
             # device memory this run took at its peak (free at start minus the lowest free seen); None on CPU
@@ -341,8 +347,60 @@ class WanPipeline:
 
     # ---- stages -----------------------------------------------------------------------------
 
-    def _load(self, name: str) -> Engine:
-        return self.backend.load(self.component(name), self.bundle)
+    def _load(self, name: str, memory: VramPlan | None = None) -> Engine:
+        budget = memory.weight_budget_bytes.get(name) if memory is not None else None
+        return self.backend.load(self.component(name), self.bundle, weight_budget_bytes=budget)
+
+    # ---- memory -----------------------------------------------------------------------------
+
+    def run_shapes(self, plan: GenerationPlan) -> dict[str, dict[str, tuple[int, ...]]]:
+        """The input shapes each component of the bundle gets in this run (VAE: one chunk, one tile)."""
+        g, m = plan.geometry, self.manifest
+        prompts = 2 if plan.cfg else 1
+        text_len = m.dit.text_len
+        shapes: dict[str, dict[str, tuple[int, ...]]] = {
+            "text_encoder": {"input_ids": (prompts, text_len), "attention_mask": (prompts, text_len)}
+        }
+        if "image_encoder" in m.components:
+            size = self.component("image_encoder").signature.inputs[0].shape[-1]
+            shapes["image_encoder"] = {"pixel_values": (1 if plan.last_image is None else 2, 3, size, size)}
+        for name in self.experts:
+            sig = self.component(name).signature
+            batch = 2 if plan.cfg and signature_max_batch(sig) >= 2 else 1
+            latent = (batch, sig.inputs[0].shape[1], g.latent_frames, g.latent_height, g.latent_width)
+            dit = {"latent": latent, "timestep": (batch, g.latent_frames) if self.per_frame_timestep else (batch,)}
+            for spec in sig.inputs[2:]:  # context, clip_fea: fixed but for the batch
+                dit[spec.name] = (batch, *spec.shape[1:])
+            shapes[name] = dit
+        h, w = g.latent_height, g.latent_width
+        if plan.vae_tiling is not None and plan.vae_tiling.needed(h, w):
+            h, w = min(h, plan.vae_tiling.height), min(w, plan.vae_tiling.width)
+        for name, part in (("vae_encoder", "encoder"), ("vae_decoder", "decoder")):
+            if name not in m.components:
+                continue
+            contract = contract_of(self.component(name), part)
+            caches = {contract.cache_names(i)[0]: contract.cache_shape(i, h, w) for i in range(len(contract.caches))}
+            s = contract.spatial_stride
+            main = ("video", (1, 3, contract.chunk_frames, h * s, w * s)) if part == "encoder" else ("latent", (1, contract.z_dim, 1, h, w))
+            shapes[name] = {main[0]: main[1], "first": (1,), **caches}
+        return shapes
+
+    def plan_memory(self, plan: GenerationPlan, decode: bool = True) -> VramPlan:
+        """The budget arithmetic for this run (`runtime.residency.plan_vram`) on this backend."""
+        budget = self.memory_budget_bytes if self.memory_budget_bytes is not None else self.backend.default_budget_bytes()
+        shapes = self.run_shapes(plan)
+        names = [n for n in self.stages(plan, decode) if n != "denoise" and n in self.manifest.components] + self.experts
+        needs = {}
+        for name in names:
+            component = self.component(name)
+            need = self.backend.memory_need(component, self.bundle, shapes[name])
+            needs[name] = need.with_estimate(estimate_activation_bytes(component, shapes[name], self.manifest.dit))
+        return plan_vram(needs, self.experts, budget, self.backend.memory_margin_bytes)
+
+    def check_memory(self, memory: VramPlan) -> None:
+        """VramBudgetError before anything loads when the plan does not fit and the backend holds to its budget."""
+        if not memory.fits and self.backend.strict_budget:
+            raise VramBudgetError(memory.shortfall())
 
     def _run_batched(self, engine: Engine, feeds: dict[str, np.ndarray], output: str) -> np.ndarray:
         """Run batch-N feeds in one call if the engine takes N, else one item at a time."""
@@ -351,7 +409,7 @@ class WanPipeline:
             return engine.run(feeds)[output]
         return np.concatenate([engine.run({k: v[i : i + 1] for k, v in feeds.items()})[output] for i in range(n)])
 
-    def encode_text(self, prompts: list[str]) -> np.ndarray:
+    def encode_text(self, prompts: list[str], memory: VramPlan | None = None) -> np.ndarray:
         """umt5 context [len(prompts), text_len, D], trimmed to each prompt's length and zero-padded."""
         from .text import load_tokenizer, pad_context
 
@@ -360,19 +418,19 @@ class WanPipeline:
         tokenizer = load_tokenizer(self.bundle / tokenizer_file(self.manifest.tokenizer))  # the file verify hashed
         text_len = self.manifest.dit.text_len
         ids, mask = tokenizer.encode(prompts, max_len=text_len, pad_to_max=False)
-        with self._load("text_encoder") as engine:
+        with self._load("text_encoder", memory) as engine:
             context = self._run_batched(engine, {"input_ids": ids, "attention_mask": mask}, "context")
         return pad_context(context.astype(np.float32, copy=False), mask, text_len)
 
-    def encode_clip(self, plan: GenerationPlan) -> np.ndarray:
+    def encode_clip(self, plan: GenerationPlan, memory: VramPlan | None = None) -> np.ndarray:
         """CLIP features [1, 257 * n_images, width] of the first (and last) frame, un-resized images."""
         frames = [plan.first_image] + ([plan.last_image] if plan.last_image is not None else [])
         pixels = images.clip_pixel_values(frames, self.component("image_encoder").signature.inputs[0].shape[-1])
-        with self._load("image_encoder") as engine:
+        with self._load("image_encoder", memory) as engine:
             feats = self._run_batched(engine, {"pixel_values": pixels}, "clip_fea")
         return feats.reshape(1, -1, feats.shape[-1]).astype(np.float32, copy=False)
 
-    def encode_condition(self, plan: GenerationPlan) -> np.ndarray:
+    def encode_condition(self, plan: GenerationPlan, memory: VramPlan | None = None) -> np.ndarray:
         """I2V/FLF2V: `y` = [mask 4 | image latents z] [1, 4+z, F', h', w']; TI2V: the image latent [1, z, 1, h', w']."""
         from .vae import encode_video
 
@@ -381,7 +439,7 @@ class WanPipeline:
             video = plan.condition_image[None, :, None]
         else:
             video = images.conditioning_video(plan.condition_image, g.frames, plan.condition_last)
-        with self._load("vae_encoder") as engine:
+        with self._load("vae_encoder", memory) as engine:
             z = encode_video(engine, self.component("vae_encoder"), video, plan.vae_tiling, self.progress.enabled)
         z = z.astype(np.float32, copy=False)
         if plan.task == "ti2v":
@@ -404,6 +462,7 @@ class WanPipeline:
         y: np.ndarray | None = None,
         image_latent: np.ndarray | None = None,
         stats: RunStats | None = None,
+        memory: VramPlan | None = None,
     ) -> np.ndarray:
         """The sampling loop from `noise`; returns the final latents [1, z, F', h', w'].
 
@@ -417,20 +476,21 @@ class WanPipeline:
             latents[:, :, :1] = image_latent
         extra = {"clip_fea": clip_fea} if clip_fea is not None else {}
         paired = pair_static_inputs(context, context_null, extra) if context_null is not None and plan.cfg else None
-        budget = self.memory_budget_bytes
-        if budget is None:
-            budget = int(self.backend.memory_info().free_bytes * 0.9)
-        stats.memory_budget_bytes = budget
+        if memory is None:
+            memory = self.plan_memory(plan)
+            self.check_memory(memory)
+        stats.memory_budget_bytes = memory.budget_bytes
+        stats.memory_plan = memory.to_dict()
         dits = [self.component(n) for n in self.experts]
         bar = self.progress.steps(len(plan.steps))
         try:
-            with ExpertSwitcher(self.backend, self.bundle, dits, budget) as switcher:
+            with ExpertSwitcher(self.backend, self.bundle, dits, memory) as switcher:
                 stats.residency_mode = switcher.plan.mode
                 for step in plan.steps:
                     load_start = time.perf_counter()
                     engine = switcher.engine(step.expert)
                     start = time.perf_counter()
-                    engine_before = engine.run_seconds
+                    engine_before, gpu_before = engine.run_seconds, engine.gpu_seconds
                     x_in = latents if y is None else np.concatenate([latents, y], axis=1)
                     timestep = self._timestep(step.timestep, latents.shape[2], image_latent is not None)
                     velocity, calls = predict_velocity(engine, step, x_in, timestep, context, context_null, extra, paired)
@@ -441,6 +501,8 @@ class WanPipeline:
                     stats.steps.append(StepRecord(
                         step.index, step.timestep, step.expert, step.guide_scale, step.cfg, calls,
                         end - start, engine.run_seconds - engine_before, start - load_start,
+                        engine.gpu_seconds - gpu_before if gpu_before is not None else None,
+                        sum(switcher.engine(n).resident_bytes for n in switcher.resident), engine.streamed_bytes,
                     ))
                     self._sample_device_memory(stats)
                     bar.set_postfix_str(f"t={step.timestep:g} {step.expert}", refresh=False)
@@ -470,11 +532,11 @@ class WanPipeline:
         if stats.device_min_free_bytes is None or free < stats.device_min_free_bytes:
             stats.device_min_free_bytes = free
 
-    def decode(self, latents: np.ndarray, tiling: Tiling | None = None) -> np.ndarray:
+    def decode(self, latents: np.ndarray, tiling: Tiling | None = None, memory: VramPlan | None = None) -> np.ndarray:
         """Latents -> video [1, 3, T, H, W] in [-1, 1], in spatial tiles when `tiling` is given."""
         from .vae import decode_latents
 
-        with self._load("vae_decoder") as engine:
+        with self._load("vae_decoder", memory) as engine:
             return decode_latents(engine, self.component("vae_decoder"), latents, tiling, self.progress.enabled)
 
     # ---- the whole run ----------------------------------------------------------------------
@@ -496,6 +558,9 @@ class WanPipeline:
         names = self.stages(plan, decode)
         self._require(*(n for n in names if n != "denoise"))
         self._sample_device_memory(stats)  # the baseline, before any engine is loaded
+        memory = self.plan_memory(plan, decode)
+        self.check_memory(memory)  # before anything loads: a budget that cannot work costs nothing
+        stats.memory_budget_bytes, stats.memory_plan = memory.budget_bytes, memory.to_dict()
         self.progress.start(names)
 
         def timed(name: str, fn, *args):
@@ -508,16 +573,28 @@ class WanPipeline:
 
         try:
             prompts = [plan.prompt] + ([plan.negative_prompt] if plan.cfg else [])
-            context = timed("text_encoder", self.encode_text, prompts)
+            context = timed("text_encoder", self.encode_text, prompts, memory)
             context_null = context[1:2] if plan.cfg else None
-            clip_fea = timed("image_encoder", self.encode_clip, plan) if "image_encoder" in names else None
-            cond = timed("vae_encoder", self.encode_condition, plan) if "vae_encoder" in names else None
+            clip_fea = timed("image_encoder", self.encode_clip, plan, memory) if "image_encoder" in names else None
+            cond = timed("vae_encoder", self.encode_condition, plan, memory) if "vae_encoder" in names else None
             y, image_latent = (cond, None) if plan.task in IMAGE_TASKS else (None, cond)
             noise = self.initial_noise(plan)
             latents = timed(
-                "denoise", self.denoise, plan, context[:1], context_null, noise, clip_fea, y, image_latent, stats
+                "denoise", self.denoise, plan, context[:1], context_null, noise, clip_fea, y, image_latent, stats, memory
             )
-            video = timed("vae_decoder", self.decode, latents, plan.vae_tiling) if decode else None
+            video = timed("vae_decoder", self.decode, latents, plan.vae_tiling, memory) if decode else None
+        except DeviceOutOfMemory as e:
+            raise VramBudgetError(out_of_memory_line(e, memory)) from None
         finally:
             self.progress.close()
+        stats.warnings.extend(self.backend.take_warnings())
         return GenerationResult(plan, latents, video, stats)
+
+
+def out_of_memory_line(error: DeviceOutOfMemory, memory: VramPlan) -> str:
+    """One line for a device allocation that failed: what, the numbers, the budget and the flag to change."""
+    return (
+        f"{error}; the plan ({memory.mode}, pool {gib(memory.activation_bytes)}, margin {gib(memory.margin_bytes)})"
+        f" expected to fit in a budget of {gib(memory.budget_bytes)}: lower --vram-budget (wanrt then keeps one expert"
+        " at a time or streams weights), use a smaller video, or free GPU memory other processes hold"
+    )

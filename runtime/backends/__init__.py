@@ -1,23 +1,78 @@
-"""Inference backends behind one interface (ONNX Runtime now, TensorRT plans next)."""
+"""Inference backends behind one interface: ONNX Runtime (everywhere) and TensorRT plans (NVIDIA GPUs)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from wanrt.engines.errors import WanrtError
+from wanrt.engines.manifest import Manifest
 
-from .base import ActivationPool, Backend, Engine, EngineInputError, EngineRunError, MemoryInfo
+from .base import ActivationPool, Backend, DeviceOutOfMemory, Engine, EngineInputError, EngineRunError, MemoryInfo
 
-BACKENDS = ("auto", "onnxruntime")
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
 
-def make_backend(name: str = "auto", device: str = "auto", threads: int = 0) -> Backend:
-    """The backend called `name`; "auto" picks the best one installed (ONNX Runtime for now)."""
+@dataclass(frozen=True)
+class BackendChoice:
+    """Which backend runs a bundle, and why (reported by `run --json`)."""
+
+    requested: str
+    name: str  # "onnxruntime" or "tensorrt"
+    reason: str
+    plans: dict[str, str]  # TensorRT: component -> "plan path (runtime)"
+
+    def to_dict(self) -> dict:
+        return {"requested": self.requested, "chosen": self.name, "reason": self.reason, "plans": self.plans}
+
+
+def choose_backend(requested: str, manifest: Manifest | None = None, device_index: int = 0, probe=None) -> BackendChoice:
+    """`auto`: TensorRT when every component of the bundle has a plan that runs on this GPU with a TensorRT
+    runtime that imports, ONNX Runtime otherwise; `tensorrt`: the same checks, failing with the reason."""
+    if requested not in BACKENDS:
+        raise WanrtError(f"unknown backend {requested!r}; expected one of {', '.join(BACKENDS)}")
+    if requested == "onnxruntime":
+        return BackendChoice(requested, "onnxruntime", "requested with --backend onnxruntime", {})
+    if manifest is None or not any(c.plans for c in manifest.components.values()):
+        if requested == "tensorrt":
+            raise WanrtError("--backend tensorrt: the bundle holds no TensorRT plans (build them with build-engine --target trt)")
+        return BackendChoice(requested, "onnxruntime", "the bundle holds no TensorRT plans", {})
+    from .tensorrt import plans_for_bundle, probe_tensorrt
+
+    probe = probe if probe is not None else probe_tensorrt(device_index)
+    if probe.problem is not None:
+        if requested == "tensorrt":
+            raise WanrtError(f"--backend tensorrt: {probe.problem}")
+        return BackendChoice(requested, "onnxruntime", f"TensorRT cannot run here: {probe.problem}", {})
+    chosen, problems = plans_for_bundle(manifest, probe)
+    if problems:
+        if requested == "tensorrt":
+            raise WanrtError(f"--backend tensorrt: {problems[0]}")
+        return BackendChoice(requested, "onnxruntime", f"not every component has a plan for this GPU: {problems[0]}", {})
+    d = probe.device
+    runtimes = sorted({rt.describe() for _, rt in chosen.values()})
+    reason = (
+        f"every component has a plan for {d.name} (compute capability {d.compute_capability})"
+        f" that {', '.join(runtimes)} runs"
+    )
+    return BackendChoice(requested, "tensorrt", reason, {n: f"{p.path} ({rt.describe()})" for n, (p, rt) in chosen.items()})
+
+
+def make_backend(
+    name: str = "auto", device: str = "auto", threads: int = 0, device_index: int = 0, cuda_graphs: bool = False
+) -> Backend:
+    """The backend called `name` ("auto" without a bundle: ONNX Runtime; see `choose_backend`)."""
     if name not in BACKENDS:
         raise WanrtError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    if name == "tensorrt":
+        from .tensorrt import TensorRTBackend
+
+        return TensorRTBackend(device_index=device_index, cuda_graphs=cuda_graphs)
     from .onnxruntime import OnnxRuntimeBackend, OrtOptions
 
-    return OnnxRuntimeBackend(OrtOptions(device=device, intra_op_threads=threads))
+    return OnnxRuntimeBackend(OrtOptions(device=device, device_id=device_index, intra_op_threads=threads))
 
 
 __all__ = [
-    "ActivationPool", "Backend", "Engine", "EngineInputError", "EngineRunError", "MemoryInfo", "BACKENDS", "make_backend",
+    "ActivationPool", "Backend", "BackendChoice", "DeviceOutOfMemory", "Engine", "EngineInputError", "EngineRunError",
+    "MemoryInfo", "BACKENDS", "choose_backend", "make_backend",
 ]

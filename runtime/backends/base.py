@@ -28,10 +28,11 @@ two 14B experts, their activations and the weight-streaming scratch inside one V
 When even that does not fit, `runtime.residency.ExpertSwitcher` releases one expert before
 loading the other (the residency policy); it uses only the methods below.
 
-How a TensorRT backend fills this interface (tensorrt.md §2, §6):
-    load            deserialize `component.plan` (IStreamReaderV2), set
+How the TensorRT backend (`runtime/backends/tensorrt.py`) fills this interface (tensorrt.md §2, §6):
+    load            deserialize the component's plan for this GPU (IStreamReaderV2), set
                     `weight_streaming_budget_v2`, create the context (USER_MANAGED with a pool)
-    activation_bytes  `engine.device_memory_size_v2`, read after the streaming budget is set
+    memory_need     the plan's record: weights, streamable weights, the profile's measured
+                    `device_memory_size_v2` (the exact value comes from the context at bind time)
     allocate_activations / free_activations   cudaMalloc / cudaFree of the pool buffer
     Engine.run      `check_feeds`, copy host -> device, `set_input_shape` + `set_tensor_address`,
                     `execute_async_v3`, copy outputs back (latents stay numpy between steps)
@@ -54,6 +55,8 @@ from wanrt.engines.errors import BundleError, WanrtError
 from wanrt.engines.manifest import Component
 from wanrt.engines.signatures import EngineSignature
 
+from ..memory import MemoryNeed, Shapes
+
 
 class EngineInputError(WanrtError):
     """Feeds that do not match an engine's signature (names, dtypes, shapes, dim ranges)."""
@@ -61,6 +64,16 @@ class EngineInputError(WanrtError):
 
 class EngineRunError(WanrtError):
     """An engine failed while running (most often: not enough memory for this video size)."""
+
+
+class DeviceOutOfMemory(EngineRunError):
+    """A device allocation failed; carries the numbers so the caller can name the budget to change."""
+
+    def __init__(self, message: str, requested_bytes: int = 0, free_bytes: int | None = None, total_bytes: int | None = None) -> None:
+        super().__init__(message)
+        self.requested_bytes = requested_bytes
+        self.free_bytes = free_bytes
+        self.total_bytes = total_bytes
 
 
 @dataclass(frozen=True)
@@ -147,6 +160,8 @@ class Engine(ABC):
 
     #: False when the engine keeps all weights resident whatever `weight_budget_bytes` says.
     streams_weights: bool = False
+    #: Device time inside the engine, summed over runs (CUDA events); None when the backend cannot measure it.
+    gpu_seconds: float | None = None
 
     def __init__(self, component: Component, activations: ActivationPool | None = None) -> None:
         self.component = component
@@ -171,6 +186,11 @@ class Engine(ABC):
     @abstractmethod
     def resident_bytes(self) -> int:
         """Bytes of weights this engine holds in backend memory now (0 once released)."""
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes of weights kept in host memory and streamed to the device on every run."""
+        return 0
 
     def bind(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Check `feeds` against the signature; return them ready for `run`."""
@@ -215,6 +235,11 @@ class Backend(ABC):
     """Loads bundle components as engines and owns the memory they share."""
 
     name: str = ""
+    #: Bytes the residency arithmetic keeps free inside any budget for what it does not count.
+    memory_margin_bytes: int = 0
+    #: True: a run whose plan does not fit the budget is refused before anything loads (device
+    #: backends that stream weights); False: it runs anyway, each expert loaded whole, with a warning.
+    strict_budget: bool = False
 
     @property
     @abstractmethod
@@ -232,11 +257,14 @@ class Backend(ABC):
     ) -> Engine:
         """Load `component` from `bundle_dir`; BundleError if its files do not match its signature."""
 
-    def allocate_activations(self, components: Iterable[Component], bundle_dir: str | os.PathLike) -> ActivationPool:
-        """One activation pool big enough for any one of `components` (run one at a time)."""
+    def allocate_activations(
+        self, components: Iterable[Component], bundle_dir: str | os.PathLike, size_bytes: int | None = None
+    ) -> ActivationPool:
+        """One activation pool big enough for any one of `components` (run one at a time), or of `size_bytes`."""
         comps = list(components)
-        size = max((self.activation_bytes(c, bundle_dir) for c in comps), default=0)
-        return ActivationPool(self.name, size, tuple(c.name for c in comps))
+        if size_bytes is None:
+            size_bytes = max((self.activation_bytes(c, bundle_dir) for c in comps), default=0)
+        return ActivationPool(self.name, size_bytes, tuple(c.name for c in comps))
 
     def free_activations(self, pool: ActivationPool) -> None:
         """Free a pool's buffer; engines still attached to it must be released first."""
@@ -253,9 +281,24 @@ class Backend(ABC):
         """Bytes of weights `component` occupies once loaded (its file sizes unless overridden)."""
         return component_file_bytes(component, bundle_dir)
 
+    def memory_need(self, component: Component, bundle_dir: str | os.PathLike, inputs: Shapes) -> MemoryNeed:
+        """What `component` needs at these input shapes, for the residency arithmetic (`runtime.residency`)."""
+        return MemoryNeed(component.name, self.weight_bytes(component, bundle_dir), 0, self.activation_bytes(component, bundle_dir))
+
     @abstractmethod
     def memory_info(self) -> MemoryInfo:
         """Free/total bytes of the memory engines are loaded into."""
+
+    def default_budget_bytes(self) -> int:
+        """The memory budget when the user gives none: 90% of the free memory."""
+        return int(self.memory_info().free_bytes * 0.9)
+
+    def close(self) -> None:
+        """Free what the backend itself holds (streams, staging buffers); engines are released by their owners."""
+
+    def take_warnings(self) -> list[str]:
+        """Warnings the backend collected since the last call (e.g. a CUDA graph it could not capture)."""
+        return []
 
     def describe(self) -> str:
         return f"{self.name} on {self.device}"

@@ -7,7 +7,9 @@ import json
 import pytest
 
 from wanrt.engines.manifest import MANIFEST_NAME, read_manifest, verify_bundle, write_manifest
-from wanrt.engines.plans import PlanInfo, PluginRecord, ProfileShapes, parse_compute_capability, pick_plan, plan_runs_here
+from wanrt.engines.plans import (
+    PlanInfo, PluginRecord, ProfileShapes, parse_compute_capability, pick_plan, plan_runs_here, profile_for_shapes,
+)
 
 from .conftest import make_small_bundle
 
@@ -83,3 +85,13 @@ def test_a_malformed_plan_record_names_its_field(tmp_path):
     path.write_text(json.dumps(d))
     with pytest.raises(Exception, match=r"components.dit_low_noise.plans\[0\].tensorrt_version: expected a string, got an integer 11"):
         read_manifest(tmp_path / "b")
+
+
+def test_profile_for_shapes_picks_the_first_profile_holding_every_listed_input():
+    small = ProfileShapes({"latent": ((1, 16, 1, 2, 2), (1, 16, 21, 60, 104), (1, 16, 21, 60, 104))}, 4 << 30)
+    large = ProfileShapes({"latent": ((1, 16, 1, 2, 2), (2, 16, 21, 90, 160), (2, 16, 21, 90, 160))}, 9 << 30)
+    info = plan(profiles=[small, large], weights_bytes=28_576_000_000)
+    assert profile_for_shapes(info, {"latent": (1, 16, 21, 60, 104), "timestep": (1,)}) is small  # timestep: not listed
+    assert profile_for_shapes(info, {"latent": (2, 16, 21, 60, 104)}) is large
+    assert profile_for_shapes(info, {"latent": (1, 16, 31, 60, 104)}) is None  # 31 latent frames: above both
+    assert profile_for_shapes(info, {"latent": (1, 16, 21, 60)}) is None  # wrong rank

@@ -125,8 +125,8 @@ def test_activation_pool_ownership(bundle, backend):
 
 
 def test_backend_choice_and_memory_info():
-    with pytest.raises(WanrtError, match="unknown backend 'tensorrt'"):
-        make_backend("tensorrt")
+    with pytest.raises(WanrtError, match="unknown backend 'tensorflow'"):
+        make_backend("tensorflow")
     if not cuda_available():
         with pytest.raises(WanrtError, match="no CUDAExecutionProvider"):
             OnnxRuntimeBackend(OrtOptions(device="cuda"))

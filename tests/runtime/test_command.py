@@ -146,3 +146,58 @@ def test_distilled_bundle_steps_mismatch(bundle_factory, tmp_path):
                                 denoising_step_list=[1000, 750, 500, 250], frames=5, height=32, width=48)  # fmt: skip
     bundle = bundle_factory("moe_distill_cli", sampling=sampling)
     assert_clean_error(run(bundle, "--prompt", "x", "--steps", 6, "-o", tmp_path / "o.mp4"), "runs exactly 4 steps", tmp_path)
+
+
+def test_backend_choice_flags_and_vram_budget_in_json(t2v, tmp_path):
+    """--backend auto on a bundle without plans: ONNX Runtime, and --json says why; --vram-budget is --memory-budget."""
+    result = run(t2v, "--prompt", "a cat", "--steps", 2, "--vram-budget", "0.000001", "--cuda-graphs", "--json",
+                 "-o", tmp_path / "a.mp4")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["backend_choice"] == {
+        "requested": "auto", "chosen": "onnxruntime", "reason": "the bundle holds no TensorRT plans", "plans": {},
+    }  # fmt: skip
+    assert summary["memory_budget_bytes"] == int(0.000001 * 2**30) and summary["residency_mode"] == "swap"
+    plan = summary["memory_plan"]
+    assert not plan["fits"] and [s["name"] for s in plan["stages"]] == ["text_encoder", "denoise", "vae_decoder"]
+    assert "--cuda-graphs has no effect on onnxruntime" in result.stderr
+    step = summary["per_step"][0]
+    assert step["gpu_seconds"] is None and step["streamed_bytes"] == 0
+    assert step["resident_bytes"] == summary["memory_plan"]["components"][step["expert"]]["weight_bytes"]
+
+
+def test_backend_tensorrt_without_plans_or_gpu_is_one_line(t2v, tmp_path):
+    assert_clean_error(run(t2v, "--prompt", "x", "--backend", "tensorrt", "-o", tmp_path / "o.mp4"),
+                       r"--backend tensorrt: the bundle holds no TensorRT plans", tmp_path)  # fmt: skip
+
+
+def test_ctrl_c_leaves_no_partial_output(bundle_factory, tmp_path):
+    """SIGINT in the middle of denoising: exit 130, one line on stderr, no mp4 and no temporary file."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+
+    bundle = bundle_factory("moe_t2v")
+    out = tmp_path / "out" / "video.mp4"
+    out.parent.mkdir()
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "cli.py", "run", str(bundle), "--prompt", "a fox", "--steps", "100000", "-o", str(out)],
+        cwd=repo, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stderr.read(64), "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while "denoise" not in "".join(seen) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert "denoise" in "".join(seen), "".join(seen)[-2000:]
+    time.sleep(1.0)  # a few steps in
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    reader.join(timeout=10)
+    assert "interrupted: device memory released, no output written" in "".join(seen)
+    assert list(out.parent.iterdir()) == []

@@ -7,7 +7,8 @@ import pytest
 
 from wanrt.engines.manifest import read_manifest
 from wanrt.runtime.backends import make_backend
-from wanrt.runtime.residency import ExpertSwitcher, plan_residency
+from wanrt.runtime.memory import MemoryNeed
+from wanrt.runtime.residency import ExpertSwitcher, plan_for_experts, plan_vram
 from tests.runtime.bundles import TEXT_DIM, dit_fn
 
 HIGH, LOW = "dit_high_noise", "dit_low_noise"
@@ -33,20 +34,41 @@ def feeds(seed=0):
     }
 
 
-def test_plan_residency_rules():
-    sizes = {"a": 100, "b": 60}
-    assert plan_residency(sizes, 10, None).keep_all
-    assert plan_residency(sizes, 10, 170).keep_all
-    swap = plan_residency(sizes, 10, 169)
-    assert not swap.keep_all and swap.mode == "swap"
-    assert swap.weight_budget_bytes == {"a": None, "b": None}  # each fits alone: no streaming
-    tight = plan_residency(sizes, 10, 80)
-    assert tight.weight_budget_bytes == {"a": 70, "b": None}  # "a" alone exceeds: stream within what is left
+def need(name, weights, streamable=0, activations=0, io=0, scratch=0):
+    return MemoryNeed(name, weights, streamable, activations, io, scratch)
+
+
+def test_denoise_policy_in_order():
+    """keep_all, then swap, then stream (one at a time), then refused; the pool is the larger activation, shared."""
+    a, b = need("a", 100, streamable=80, activations=10), need("b", 60, streamable=50, activations=5)
+    needs = {"a": a, "b": b}
+    assert plan_vram(needs, ["a", "b"], None).mode == "keep_all"
+    both = plan_vram(needs, ["a", "b"], 170)  # 100 + 60 + pool 10
+    assert both.mode == "keep_all" and both.activation_bytes == 10 and both.fits
+    swap = plan_vram(needs, ["a", "b"], 169)
+    assert swap.mode == "swap" and swap.weight_budget_bytes == {"a": None, "b": None}  # each fits alone: no streaming
+    tight = plan_vram(needs, ["a", "b"], 80)
+    # a: 20 fixed + 10 pool = 30, so 50 of its 80 streamable bytes stay; b (60 + 10) fits whole
+    assert tight.mode == "stream" and tight.weight_budget_bytes == {"a": 50, "b": None}
+    assert tight.streamed_bytes == {"a": 30, "b": 0} and tight.fits
+    floor = plan_vram(needs, ["a", "b"], 29)  # a needs at least 20 + 10
+    assert not floor.fits and floor.smallest_budget_bytes == 30
+    assert "the smallest budget that works is 0.00 GiB" in floor.shortfall()
+
+
+def test_margin_and_io_count():
+    needs = {"a": need("a", 100, activations=10, io=5), "b": need("b", 100, activations=10, io=5)}
+    assert plan_vram(needs, ["a", "b"], 230, margin_bytes=10).mode == "keep_all"  # 200 + 10 + 10 + 10
+    assert plan_vram(needs, ["a", "b"], 229, margin_bytes=10).mode == "swap"
+    nope = plan_vram(needs, ["a", "b"], 124, margin_bytes=10)  # 100 + 5 + 10 + 10, nothing streams
+    assert not nope.fits and nope.smallest_budget_bytes == 125
 
 
 def switcher_for(bundle, budget):
     m = read_manifest(bundle)
-    return ExpertSwitcher(make_backend(), bundle, [m.components[n] for n in m.experts], budget)
+    comps = [m.components[n] for n in m.experts]
+    backend = make_backend()
+    return ExpertSwitcher(backend, bundle, comps, plan_for_experts(backend, bundle, comps, budget))
 
 
 def check_output(engine, name):
@@ -91,8 +113,8 @@ def test_releases_one_expert_before_loading_the_other_when_short(bundle, sizes):
 
 def test_expert_larger_than_budget_loads_whole_with_a_warning(bundle, sizes):
     with switcher_for(bundle, min(sizes.values()) // 2) as sw:
-        assert sw.plan.weight_budget_bytes[HIGH] is not None
+        assert not sw.plan.fits and sw.plan.mode == "swap"
         check_output(sw.engine(HIGH), HIGH)
-        assert len(sw.warnings) == 1 and "cannot stream weights" in sw.warnings[0]
+        assert len(sw.warnings) == 1 and "onnxruntime cannot stream weights" in sw.warnings[0]
         with pytest.raises(KeyError, match="no DiT component 'dit'"):
             sw.engine("dit")

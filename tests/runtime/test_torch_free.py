@@ -48,7 +48,7 @@ def test_runtime_modules_import_and_run_help_without_torch():
     modules = sorted(p.stem for p in (REPO / "runtime").glob("*.py") if p.stem != "__init__")
     code = (
         "import importlib, sys\n"
-        f"for m in {modules!r} + ['backends', 'backends.base', 'backends.onnxruntime']:\n"
+        f"for m in {modules!r} + ['backends', 'backends.base', 'backends.onnxruntime', 'backends.tensorrt']:\n"
         "    importlib.import_module('wanrt.runtime.' + m)\n"
         "sys.argv = ['cli.py', 'run', '--help']\n"
         "import runpy\n"
@@ -56,7 +56,7 @@ def test_runtime_modules_import_and_run_help_without_torch():
     )
     res = run_blocked(code)
     assert res.returncode == 0, res.stderr
-    assert "--prompt" in res.stdout and "--backend [auto|onnxruntime]" in res.stdout
+    assert "--prompt" in res.stdout and "--backend [auto|onnxruntime|tensorrt]" in res.stdout
 
 
 def test_cli_run_end_to_end_without_torch(bundle_factory, tmp_path):
