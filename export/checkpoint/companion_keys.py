@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .safetensors_file import CheckpointError, TensorHeader
+from wanrt.engines.errors import CheckpointError
+
+from .safetensors_file import TensorHeader
 from .view import TensorSource
 
 if TYPE_CHECKING:  # inspect reads headers without importing torch

@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from wanrt.engines.errors import CheckpointError
+
 from .companion_keys import HF_PROJECTION, HF_T5_Q, HF_VISION
-from .safetensors_file import CheckpointError
 from .safetensors_file import TensorHeader
 from .view import QUANTIZED_DTYPES, TensorSource, open_source
 

@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from wanrt.engines.errors import CheckpointError
 from wanrt.engines.model import DiTConfig
 
-from .safetensors_file import CheckpointError
 
 HEAD_DIM = 128
 CLIP_TOKENS_I2V = 257  # CLS + 16x16 patches of ViT-H/14 at 224 px

@@ -15,9 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from wanrt.engines.errors import CheckpointError
 from wanrt.engines.model import SamplingDefaults
 
-from .safetensors_file import CheckpointError
 
 # Every scheme below reads the same file format: per-output-channel symmetric fp8 e4m3 / int8
 # weights with `<layer>.weight_scale` [out,1]; only LightX2V's kernel differs.

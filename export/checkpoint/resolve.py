@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from wanrt.engines.defaults import default_sampling
+from wanrt.engines.errors import CheckpointError
 from wanrt.engines.model import DiTConfig, SamplingDefaults
 
 from . import lightx2v_config as lx
@@ -27,7 +28,7 @@ from .companions import (
 )
 from .dit_config import check_config_json, describe, infer_dit_config, is_dit_config_json
 from .keys import looks_like_lora, normalize_keys
-from .safetensors_file import CheckpointError, SafetensorsFile
+from .safetensors_file import SafetensorsFile
 from .view import WEIGHT_FILE_SUFFIXES, CheckpointView, TensorSource, is_block_linear, open_source
 
 INDEX_SUFFIX = ".safetensors.index.json"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wanrt.engines.errors import WanrtError
+from wanrt.engines.errors import CheckpointError
 
 if TYPE_CHECKING:
     import torch
@@ -79,10 +79,6 @@ def __getattr__(name: str) -> Any:
         globals().update(tables)
         return tables[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class CheckpointError(WanrtError):
-    """A checkpoint file is malformed or does not fit what was expected of it."""
 
 
 @dataclass(frozen=True)

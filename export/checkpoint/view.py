@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from wanrt.engines.errors import CheckpointError
+
 from .keys import KeyMap, normalize_keys
 from .pth import read_pth_header
-from .safetensors_file import CheckpointError, SafetensorsFile, TensorHeader, empty_bytes
+from .safetensors_file import SafetensorsFile, TensorHeader, empty_bytes
 
 if TYPE_CHECKING:
     import numpy as np

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wanrt.export.checkpoint.safetensors_file import CheckpointError
+from wanrt.engines.errors import CheckpointError
 from wanrt.export.checkpoint.view import TensorSource
 from wanrt.export.models.t5 import check_state_shapes, require_file
 

@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wanrt.engines.errors import WanrtError
-from wanrt.export.checkpoint.safetensors_file import CheckpointError
+from wanrt.engines.errors import CheckpointError, WanrtError
 from wanrt.export.checkpoint.view import TensorSource
 
 OFFICIAL_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
