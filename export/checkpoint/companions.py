@@ -16,7 +16,7 @@ from pathlib import Path
 from wanrt.engines.errors import CheckpointError
 
 from .companion_keys import HF_PROJECTION, HF_T5_Q, HF_VISION
-from .safetensors_file import TensorHeader
+from .shards import INDEX_SUFFIX, ShardedSource, is_index
 from .view import QUANTIZED_DTYPES, TensorSource, open_source
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -28,7 +28,6 @@ LIGHTX2V_SUBDIRS = ("original", "fp8", "int8", "distill_models", "distill_fp8", 
 # diffusers pipeline folders: the component subfolders holding the companions
 DIFFUSERS_SUBDIRS = ("text_encoder", "image_encoder", "vae")
 COMPANION_SUFFIXES = (".pth", ".pt", ".safetensors")
-INDEX_SUFFIX = ".safetensors.index.json"  # a sharded transformers text_encoder/ (model.safetensors.index.json)
 VAE_Z_DIMS = {16: "2.1", 48: "2.2"}
 VAE_IN_CHANNELS = {"2.1": 3, "2.2": 12}  # Wan2.2 patchifies 2x2 pixels into 12 channels
 
@@ -84,49 +83,15 @@ def _diffusers_vae(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> Compani
     return Companion("vae", path, z_dim, version)
 
 
-class ShardedSource(TensorSource):
-    """The tensors of a `*.safetensors.index.json` and its shards, read on demand."""
-
-    def __init__(self, index: Path):
-        from .resolve import _read_index
-
-        self.path, self.metadata = index, {}
-        shards, weight_map = _read_index(index)
-        self.shards = shards
-        sources = {p: open_source(p) for p in shards}
-        self.where = {key: sources[shard] for key, shard in weight_map.items()}
-        for key, src in self.where.items():
-            if key not in src:
-                raise CheckpointError(f"{index}: lists tensor {key!r} in {src.path.name}, but {src.path.name} has no such tensor")
-
-    def keys(self) -> list[str]:
-        return list(self.where)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.where
-
-    def header(self, key: str) -> TensorHeader:
-        return self._source(key).header(key)
-
-    def read(self, key: str):
-        return self._source(key).read(key)
-
-    def _source(self, key: str) -> TensorSource:
-        try:
-            return self.where[key]
-        except KeyError:
-            raise CheckpointError(f"{self.path}: no tensor named {key!r}") from None
-
-
 def open_companion(path: str | Path) -> TensorSource:
     """A companion's tensors: one weights file, or an index with its shards."""
     p = Path(path)
-    return ShardedSource(p) if p.name.endswith(INDEX_SUFFIX) else open_source(p)
+    return ShardedSource(p) if is_index(p) else open_source(p)
 
 
 def companion_files(path: Path) -> list[Path]:
     """The files a companion is read from (an index and its shards, or the one file): what its digest covers."""
-    return [path, *open_companion(path).shards] if path.name.endswith(INDEX_SUFFIX) else [path]
+    return [path, *ShardedSource(path).shards] if is_index(path) else [path]
 
 
 def read_companion(path: Path) -> Companion | None:
