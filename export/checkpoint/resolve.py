@@ -136,7 +136,7 @@ def _file_kind(path: Path) -> str:
     keys = open_source(path).keys()
     if looks_like_lora(keys):
         return "lora"
-    km = normalize_keys(keys)
+    km = normalize_keys(keys, str(path))
     return "dit" if km.to_source and len(km.to_source) >= len(km.unknown) else "other"
 
 
@@ -338,7 +338,7 @@ def _locate_experts(path: Path, root: Path, cfg: dict | None, cfg_path: Path | N
 
 
 def _dit_config(experts: list[Expert]) -> DiTConfig:
-    configs = [infer_dit_config(e.view.shapes(), _where(e)) for e in experts]
+    configs = [infer_dit_config(e.view.shapes(), _where(e), e.view.unknown_keys) for e in experts]
     if len(configs) == 2 and configs[0] != configs[1]:
         raise CheckpointError(
             f"the high_noise expert ({_where(experts[0])}: {describe(configs[0])}) and the low_noise expert"
@@ -472,4 +472,4 @@ def _companions(roots: list[Path], experts: list[Expert], dit: DiTConfig, cfg: d
 
 def _safetensors_is_dit_or_lora(path: Path) -> bool:
     keys = SafetensorsFile(path).keys()
-    return looks_like_lora(keys) or bool(normalize_keys(keys).to_source)
+    return looks_like_lora(keys) or bool(normalize_keys(keys, str(path)).to_source)

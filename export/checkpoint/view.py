@@ -227,7 +227,8 @@ class CheckpointView(Mapping[str, TensorRef]):
                         f"duplicate tensor {k!r} in {located[k].path} and {src.path}; the shards overlap"
                     )
                 located[k] = src
-        self.keymap: KeyMap = normalize_keys(located)
+        where = str(self.files[0]) if len(self.files) == 1 else f"{self.files[0].parent} ({len(self.files)} files)"
+        self.keymap: KeyMap = normalize_keys(located, where)
         self.unknown_keys = list(self.keymap.unknown)
         self.markers = [s for s, w in self.keymap.scales.items() if not w]
         self._refs: dict[str, TensorRef] = {}
