@@ -15,7 +15,7 @@ from pathlib import Path
 
 from wanrt.engines.errors import CheckpointError
 
-from .companion_keys import HF_PROJECTION, HF_T5_Q, HF_VISION
+from .companion_keys import HF_PROJECTION, HF_T5_Q, HF_VISION, vae_layout
 from .shards import INDEX_SUFFIX, ShardedSource, is_index
 from .view import QUANTIZED_DTYPES, TensorSource, open_source
 
@@ -28,8 +28,6 @@ LIGHTX2V_SUBDIRS = ("original", "fp8", "int8", "distill_models", "distill_fp8", 
 # diffusers pipeline folders: the component subfolders holding the companions
 DIFFUSERS_SUBDIRS = ("text_encoder", "image_encoder", "vae")
 COMPANION_SUFFIXES = (".pth", ".pt", ".safetensors")
-VAE_Z_DIMS = {16: "2.1", 48: "2.2"}
-VAE_IN_CHANNELS = {"2.1": 3, "2.2": 12}  # Wan2.2 patchifies 2x2 pixels into 12 channels
 
 
 @dataclass(frozen=True)
@@ -54,33 +52,12 @@ def classify_companion(path: Path, shapes: Mapping[str, tuple[int, ...]], dtypes
         return Companion("t5", path, shapes["shared.weight"][1])
     if HF_VISION + "embeddings.patch_embedding.weight" in shapes and HF_PROJECTION in shapes:
         return Companion("clip", path, shapes[HF_VISION + "embeddings.patch_embedding.weight"][0])
-    if "encoder.conv_in.weight" in shapes and "post_quant_conv.weight" in shapes and "decoder.conv_in.weight" in shapes:
-        return _diffusers_vae(path, shapes)
     if "visual.patch_embedding.weight" in shapes and "visual.transformer.0.attn.to_qkv.weight" in shapes:
         return Companion("clip", path, shapes["visual.patch_embedding.weight"][0])
-    if "decoder.middle.0.residual.0.gamma" in shapes and "conv2.weight" in shapes and "encoder.conv1.weight" in shapes:
-        z_dim = shapes["conv2.weight"][0]
-        version = VAE_Z_DIMS.get(z_dim)
-        if version is None or shapes["encoder.conv1.weight"][1] != VAE_IN_CHANNELS[version]:
-            raise CheckpointError(
-                f"{path}: a Wan VAE with z_dim {z_dim} and {shapes['encoder.conv1.weight'][1]} input channels;"
-                " expected the Wan2.1 VAE (z 16, 3 channels) or the Wan2.2 VAE (z 48, 12 channels)"
-            )
-        return Companion("vae", path, z_dim, version)
+    vae = vae_layout(shapes, path)
+    if vae is not None:
+        return Companion("vae", path, vae.z_dim, vae.version)
     return None
-
-
-def _diffusers_vae(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> Companion:
-    """A diffusers `AutoencoderKLWan` file: the version from z_dim (post_quant_conv input) and input channels."""
-    z_dim = shapes["post_quant_conv.weight"][1]
-    version = VAE_Z_DIMS.get(z_dim)
-    channels = shapes["encoder.conv_in.weight"][1]
-    if version is None or channels != VAE_IN_CHANNELS[version]:
-        raise CheckpointError(
-            f"{path}: a diffusers AutoencoderKLWan with z_dim {z_dim} and {channels} input channels;"
-            " expected the Wan2.1 VAE (z 16, 3 channels) or the Wan2.2 VAE (z 48, 12 channels)"
-        )
-    return Companion("vae", path, z_dim, version)
 
 
 def open_companion(path: str | Path) -> TensorSource:
