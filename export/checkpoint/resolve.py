@@ -234,6 +234,8 @@ def resolve_model(path: str | os.PathLike, config: str | os.PathLike | None = No
     notes: list[str] = []
     scheme = lx.quant_scheme(cfg, cfg_path) if cfg is not None else None
     experts = _locate_experts(path, root, cfg, cfg_path, notes)
+    if cfg is not None:
+        notes += lx.config_notes(cfg, [e.name for e in experts])
     for e in experts:
         if looks_like_lora(e.view.keymap.unknown) and not e.view.keymap.to_source:
             raise _lora_error(e.files[0])
@@ -410,13 +412,12 @@ def _lone_expert_name(experts: list[Expert], record: dict[str, Any] | None) -> t
 
 
 def _check_scheme(experts: list[Expert], scheme: str, cfg_path: Path) -> None:
-    want = lx.scheme_precision(scheme)
+    precision, scale = lx.QUANT_SCHEMES[scheme]
     for e in experts:
-        if e.view.precision != want or e.view.scale != "per_channel":
-            scale = e.view.scale or "no scale"
+        if (e.view.precision, e.view.scale) != (precision, scale):
             raise CheckpointError(
-                f"{cfg_path}: dit_quant_scheme {scheme!r} reads {want} block linears with per-channel weight_scale,"
-                f" but {_where(e)} stores them as {e.view.precision} ({scale})"
+                f"{cfg_path}: dit_quant_scheme {scheme!r} reads {precision} block linears with a {scale.replace('_', '-')}"
+                f" weight_scale, but {_where(e)} stores them as {e.view.precision} ({e.view.scale or 'no scale'})"
             )
 
 
@@ -446,8 +447,6 @@ def _companions(roots: list[Path], experts: list[Expert], dit: DiTConfig, cfg: d
             cands = fitting or cands
         official = VAE_FILES.get("2.2" if dit.out_dim == 48 else "2.1") if kind == "vae" else {"t5": T5_FILE, "clip": CLIP_FILE}[kind]
         chosen[kind] = pick(kind.upper(), cands, official, key)
-    if cfg is not None and cfg.get("t5_quantized"):
-        notes.append("t5_quantized is ignored: the bf16 T5 is exported and quantized by the engine build")
     t5, clip, vae = chosen["t5"], chosen["clip"], chosen["vae"]
     if t5 is not None and t5.width != dit.text_dim:
         raise CheckpointError(f"{t5.path}: T5 width {t5.width} does not match the DiT's text_dim {dit.text_dim}")
