@@ -124,23 +124,33 @@ class SafetensorsFile:
         h = self.header(key)
         buf = empty_bytes(h.nbytes)
         if h.nbytes:
-            view = memoryview(buf.numpy())
-            got = 0
-            try:
-                fd = os.open(self.path, os.O_RDONLY)
-                try:
-                    while got < h.nbytes:
-                        n = os.preadv(fd, [view[got:]], h.begin + got)
-                        if n == 0:
-                            break
-                        got += n
-                finally:
-                    os.close(fd)
-            except OSError as e:
-                raise CheckpointError(f"{self.path}: cannot read tensor {key!r} ({e.strerror})") from None
-            if got != h.nbytes:
-                raise CheckpointError(f"{self.path}: tensor {key!r} ends past the end of the file (truncated)")
+            self._read_into(memoryview(buf.numpy()), h)
         return buf.view(torch_dtype(h.dtype)).reshape(h.shape)
+
+    def read_bytes(self, key: str) -> bytes:
+        """One tensor's stored bytes, without torch (for small tensors such as ComfyUI's `comfy_quant` JSON)."""
+        h = self.header(key)
+        buf = bytearray(h.nbytes)
+        if h.nbytes:
+            self._read_into(memoryview(buf), h)
+        return bytes(buf)
+
+    def _read_into(self, view: memoryview, h: TensorHeader) -> None:
+        got = 0
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                while got < h.nbytes:
+                    n = os.preadv(fd, [view[got:]], h.begin + got)
+                    if n == 0:
+                        break
+                    got += n
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read tensor {h.key!r} ({e.strerror})") from None
+        if got != h.nbytes:
+            raise CheckpointError(f"{self.path}: tensor {h.key!r} ends past the end of the file (truncated)")
 
 
 HUGE_PAGE = 2 << 20

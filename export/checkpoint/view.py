@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from wanrt.engines.errors import CheckpointError
 
+from .comfy_quant import check_layers as check_comfy_quant
 from .keys import KeyMap, normalize_keys
 from .pth import read_pth_header
 from .safetensors_file import SafetensorsFile, TensorHeader, empty_bytes
@@ -147,6 +148,12 @@ class TensorSource:
     def read(self, key: str) -> "torch.Tensor":
         raise NotImplementedError
 
+    def read_bytes(self, key: str) -> bytes:
+        """One tensor's stored bytes (small tensors: ComfyUI's `comfy_quant` JSON)."""
+        import torch
+
+        return self.read(key).contiguous().view(torch.uint8).numpy().tobytes()
+
 
 class SafetensorsSource(TensorSource):
     """Tensors of one safetensors file (validated header, reads on demand)."""
@@ -167,6 +174,9 @@ class SafetensorsSource(TensorSource):
 
     def read(self, key: str) -> "torch.Tensor":
         return self.file.read(key)
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.file.read_bytes(key)  # no torch: headers-only paths stay torch-free
 
 
 class PthSource(TensorSource):
@@ -217,6 +227,8 @@ class CheckpointView(Mapping[str, TensorRef]):
     """One DiT expert's tensors under official names, read lazily from one or more files."""
 
     def __init__(self, sources: list[TensorSource], layout: str | None = None):
+        for src in sources:
+            check_comfy_quant(src)  # formats not read here fail by name, not as a shape error below
         self.sources = sources
         self.files = [s.path for s in sources]
         located: dict[str, TensorSource] = {}
