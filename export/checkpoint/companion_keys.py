@@ -7,7 +7,8 @@
   make one official `attn.to_qkv`, the class/position embeddings gain leading 1-dims and
   `head` is the transpose of `visual_projection.weight`.
 - VAE: diffusers `AutoencoderKLWan` <-> `Wan2.1_VAE.pth` / `Wan2.2_VAE.pth` (`wan/modules/vae.py`,
-  `vae2_2.py`), and which of the two layouts and versions a VAE file holds.
+  `vae2_2.py`).  Which layout and version a file holds is decided in `companions` (`vae_layout`,
+  `is_hf_t5`, `is_hf_clip`), where `inspect` types the files without importing these maps.
 
 T5 and CLIP are one `NameTable` each; the VAE's block indices are arithmetic on the config, so
 its map is one function official -> diffusers, inverted by enumerating the official module's
@@ -18,14 +19,14 @@ computing on mapped weights equals ours.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from wanrt.engines.errors import CheckpointError
-from wanrt.engines.model import VAEInfo
 
+from .companions import HF_PROJECTION, HF_VISION, Shapes
 from .names import CONCAT, SAME, TRANSPOSE, NameTable, Row, unsqueezed
 from .safetensors_file import TensorHeader
 from .view import TensorSource
@@ -33,11 +34,8 @@ from .view import TensorSource
 if TYPE_CHECKING:  # inspect reads headers without importing torch
     import torch
 
-Shapes = Mapping[str, tuple[int, ...]]
-
 # ----------------------------------------------------------------------------- T5
 
-HF_T5_Q = "encoder.block.0.layer.0.SelfAttention.q.weight"
 T5_HF_TIED = "encoder.embed_tokens.weight"  # tied to shared.weight; stored by some writers, never needed
 T5_NAMES = NameTable((
     ("token_embedding", "shared"),
@@ -68,15 +66,8 @@ def official_t5_key_to_hf(key: str) -> str:
     return hf
 
 
-def is_hf_t5(keys) -> bool:
-    """True for transformers UMT5/T5 encoder key names."""
-    return "shared.weight" in keys or HF_T5_Q in keys
-
-
 # ----------------------------------------------------------------------------- CLIP
 
-HF_VISION = "vision_model."
-HF_PROJECTION = "visual_projection.weight"
 _LAYER = HF_VISION + "encoder.layers.{n}."
 CLIP_NAMES = NameTable((
     ("patch_embedding", HF_VISION + "embeddings.patch_embedding"),
@@ -92,11 +83,6 @@ CLIP_NAMES = NameTable((
     ("post_norm", HF_VISION + "post_layernorm"),
     Row("head", (HF_PROJECTION,), TRANSPOSE),
 ))
-
-
-def is_hf_clip(keys) -> bool:
-    """True for transformers CLIP vision key names."""
-    return HF_VISION + "embeddings.patch_embedding.weight" in keys
 
 
 @dataclass(frozen=True)
@@ -136,8 +122,6 @@ def official_clip_to_hf(key: str, tensor: torch.Tensor) -> dict[str, torch.Tenso
 
 # ----------------------------------------------------------------------------- VAE
 
-VAE_Z_DIMS = {VAEInfo.for_version(v).z_dim: v for v in ("2.1", "2.2")}
-VAE_IN_CHANNELS = {"2.1": 3, "2.2": 12}  # Wan2.2 patchifies 2x2 pixels into 12 channels
 VAE_SUFFIXES = (".weight", ".bias", ".gamma")
 # The modules outside the encoder/decoder stages, and the parts of one residual block.
 _VAE_TOP = NameTable((
@@ -156,33 +140,6 @@ class VAEStages(Protocol):
 
     version: str
     num_res_blocks: int
-
-
-@dataclass(frozen=True)
-class VAELayout:
-    """Which Wan VAE a state dict holds, and under whose names."""
-
-    version: str  # "2.1" or "2.2"
-    layout: str  # "official" or "diffusers"
-    z_dim: int
-
-
-def vae_layout(shapes: Shapes, where: str | Path) -> VAELayout | None:
-    """The VAE a state dict holds (None: not a Wan VAE); the version from z_dim, checked against the input channels."""
-    if "decoder.middle.0.residual.0.gamma" in shapes and "conv2.weight" in shapes and "encoder.conv1.weight" in shapes:
-        layout, z_dim, channels = "official", shapes["conv2.weight"][0], shapes["encoder.conv1.weight"][1]
-    elif "encoder.conv_in.weight" in shapes and "post_quant_conv.weight" in shapes and "decoder.conv_in.weight" in shapes:
-        layout, z_dim, channels = "diffusers", shapes["post_quant_conv.weight"][1], shapes["encoder.conv_in.weight"][1]
-    else:
-        return None
-    version = VAE_Z_DIMS.get(z_dim)
-    if version is None or channels != VAE_IN_CHANNELS[version]:
-        what = "a Wan VAE" if layout == "official" else "a diffusers AutoencoderKLWan"
-        raise CheckpointError(
-            f"{where}: {what} with z_dim {z_dim} and {channels} input channels;"
-            " expected the Wan2.1 VAE (z 16, 3 channels) or the Wan2.2 VAE (z 48, 12 channels)"
-        )
-    return VAELayout(version, layout, z_dim)
 
 
 def _residual(tail: str) -> str:

@@ -7,7 +7,6 @@ Parsing headers needs no torch (so `inspect` stays fast); torch is imported on t
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import json
 import math
@@ -160,6 +159,8 @@ MADV_HUGEPAGE = 14
 @functools.cache
 def _madvise():
     """libc's madvise, or None off Linux."""
+    import ctypes  # only for reads: headers-only paths (inspect) skip it
+
     try:
         fn = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):

@@ -61,10 +61,15 @@ def read_index(index: Path) -> ShardIndex:
 
 def check_index(index: ShardIndex, sources: Mapping[Path, TensorSource]) -> None:
     """Every tensor the index lists is in the shard it names (`sources`: shard file -> its opened source)."""
+    by_shard: dict[Path, list[str]] = {}
     for key, shard in index.weight_map.items():
-        if key not in sources[shard]:
+        by_shard.setdefault(shard, []).append(key)
+    for shard, keys in by_shard.items():
+        source = sources[shard]
+        missing = next((k for k in keys if k not in source), None)
+        if missing is not None:
             rel = shard.relative_to(index.path.parent)
-            raise CheckpointError(f"{index.path}: lists tensor {key!r} in {rel}, but {rel} has no such tensor")
+            raise CheckpointError(f"{index.path}: lists tensor {missing!r} in {rel}, but {rel} has no such tensor")
 
 
 def index_listing(shard: Path) -> Path | None:

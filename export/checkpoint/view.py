@@ -298,13 +298,15 @@ class CheckpointView(Mapping[str, TensorRef]):
     def __len__(self) -> int:
         return len(self._refs)
 
-    def _block_linear_refs(self) -> list[TensorRef]:
+    @functools.cached_property
+    def _block_linears(self) -> list[TensorRef]:
+        """The block linear weights (the refs are fixed once built: computed once)."""
         return [r for k, r in self._refs.items() if is_block_linear(k)]
 
     @property
     def precision(self) -> str:
         """Storage precision of the block linear weights ("bf16", "fp8_e4m3", "int8", ...), the most common one."""
-        refs = self._block_linear_refs() or list(self._refs.values())
+        refs = self._block_linears or list(self._refs.values())
         if not refs:
             return "unknown"
         return Counter(r.dtype for r in refs).most_common(1)[0][0]
@@ -312,12 +314,12 @@ class CheckpointView(Mapping[str, TensorRef]):
     @property
     def precisions(self) -> dict[str, int]:
         """How many block linear weights are stored in each dtype (more than one entry: a mixed file)."""
-        return dict(Counter(r.dtype for r in self._block_linear_refs()))
+        return dict(Counter(r.dtype for r in self._block_linears))
 
     @property
     def scale(self) -> str | None:
         """Scale layout of the quantized block linears: "per_channel", "per_tensor" or None."""
-        layouts = Counter(r.scale_layout for r in self._block_linear_refs() if r.quantized)
+        layouts = Counter(r.scale_layout for r in self._block_linears if r.quantized)
         return layouts.most_common(1)[0][0] if layouts else None
 
     @property

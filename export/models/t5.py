@@ -241,8 +241,8 @@ def open_t5_checkpoint(path: str | os.PathLike | None, task: str | None = None) 
     """The config (inferred and checked from the key shapes) and lazy reader (official names) of a T5 file.
 
     Accepts the official keys and transformers `UMT5EncoderModel` names (a diffusers `text_encoder/`)."""
-    from wanrt.export.checkpoint.companions import open_companion
-    from wanrt.export.checkpoint.companion_keys import MappedSource, hf_t5_plan, is_hf_t5
+    from wanrt.export.checkpoint.companion_keys import MappedSource, hf_t5_plan
+    from wanrt.export.checkpoint.companions import is_hf_t5, open_companion
 
     p = require_file(path, "text encoder (umt5-xxl T5)", OFFICIAL_T5_FILE, task)
     source = open_companion(p)

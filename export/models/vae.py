@@ -678,8 +678,8 @@ def read_vae_checkpoint(
     Accepts the official keys (`.pth` or `.safetensors`) and diffusers `AutoencoderKLWan` names;
     a missing, unexpected or misshapen key raises CheckpointError naming the file and the key.
     """
-    from wanrt.export.checkpoint.companion_keys import diffusers_vae_names, vae_layout
-    from wanrt.export.checkpoint.companions import open_companion
+    from wanrt.export.checkpoint.companion_keys import diffusers_vae_names
+    from wanrt.export.checkpoint.companions import open_companion, vae_layout
     from wanrt.export.models.t5 import check_state_shapes, require_file
 
     path = require_file(path, "VAE", "Wan2.1_VAE.pth or Wan2.2_VAE.pth", task)

@@ -20,8 +20,8 @@ from wanrt.export.checkpoint.companion_keys import (
     official_clip_to_hf,
     official_t5_key_to_hf,
     official_to_diffusers_vae_key,
-    vae_layout,
 )
+from wanrt.export.checkpoint.companions import vae_layout
 from wanrt.export.checkpoint.resolve import resolve_model
 from wanrt.export.models.vae import VAEConfig, load_vae
 

@@ -86,10 +86,19 @@ def test_read_index_needs_a_weight_map(tmp_path):
         read_index(index)
 
 
+def _runtime_nodes(node: ast.AST):
+    """Every node of a module except those under `if TYPE_CHECKING:` (annotations only, never run)."""
+    yield node
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.If) and isinstance(child.test, ast.Name) and child.test.id == "TYPE_CHECKING":
+            continue
+        yield from _runtime_nodes(child)
+
+
 def _imports(module: Path) -> set[str]:
-    """The sibling modules a module of the package imports (anywhere in it, lazily or not)."""
+    """The sibling modules a module of the package imports when run (anywhere in it, lazily or not)."""
     names = set()
-    for node in ast.walk(ast.parse(module.read_text())):
+    for node in _runtime_nodes(ast.parse(module.read_text())):
         if isinstance(node, ast.ImportFrom):
             if node.level == 1 and node.module:
                 names.add(node.module.split(".")[0])
