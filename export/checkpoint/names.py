@@ -6,48 +6,18 @@ tries the whole key, then the key without one of the table's parameter suffixes 
 `.bias`), which is carried over.  Neither direction is written by hand: both read the same rows.
 
 A row may name several stored tensors that make one official tensor (CLIP's q/k/v projections
-are one official `to_qkv`), with the `Transform` that combines them and splits them back.
+are one official `to_qkv`), with a transform that combines them and splits them back
+(`companion_keys.Transform`).  A lookup answers with the row, its names filled in for the key.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
-
-Shape = tuple[int, ...]
 _INDEX = re.compile(r"\d+")
-
-
-@dataclass(frozen=True)
-class Transform:
-    """How stored tensors make one official tensor, and how that tensor splits back into them."""
-
-    shape: Callable[[list[Shape]], Shape]  # stored shapes -> official shape
-    combine: Callable[[list["torch.Tensor"]], "torch.Tensor"]
-    split: Callable[["torch.Tensor", int], list["torch.Tensor"]]  # (official tensor, number of stored tensors)
-
-
-def _cat(tensors: list["torch.Tensor"]) -> "torch.Tensor":
-    import torch
-
-    return torch.cat(tensors)
-
-
-SAME = Transform(lambda shapes: shapes[0], lambda ts: ts[0], lambda t, n: [t])
-TRANSPOSE = Transform(lambda shapes: tuple(reversed(shapes[0])), lambda ts: ts[0].t().contiguous(), lambda t, n: [t.t().contiguous()])
-CONCAT = Transform(lambda shapes: (sum(s[0] for s in shapes), *shapes[0][1:]), _cat, lambda t, n: list(t.chunk(n)))
-
-
-def unsqueezed(leading: int) -> Transform:
-    """The official tensor is the stored one with `leading` 1-dims in front."""
-    ones = (1,) * leading
-    return Transform(lambda shapes: ones + tuple(shapes[0]), lambda ts: ts[0].reshape(ones + tuple(ts[0].shape)),
-                     lambda t, n: [t.reshape(t.shape[leading:])])
 
 
 @dataclass(frozen=True)
@@ -56,16 +26,7 @@ class Row:
 
     official: str
     theirs: tuple[str, ...]
-    transform: Transform = SAME
-
-
-@dataclass(frozen=True)
-class Match:
-    """A key looked up in a table: the official key, the stored keys that make it, and how."""
-
-    official: str
-    theirs: tuple[str, ...]
-    transform: Transform
+    transform: Any = None  # how the stored tensors make the official one; None: the one stored tensor as it is
 
 
 class _Templates:
@@ -110,13 +71,13 @@ class NameTable:
         self._official = _Templates(((r.official, r) for r in self.rows), "official")
         self._theirs = _Templates(((t, r) for r in self.rows for t in r.theirs), "their")
 
-    def match_official(self, key: str) -> Match | None:
-        """The stored names an official key is made of."""
-        return self._match(self._official.find(key, self.suffixes))
+    def match_official(self, key: str) -> Row | None:
+        """The row naming an official key, filled in for it: the stored names the key is made of."""
+        return self._filled(self._official.find(key, self.suffixes))
 
-    def match_theirs(self, key: str) -> Match | None:
-        """The official key a stored key belongs to (with the other stored keys of the same row)."""
-        return self._match(self._theirs.find(key, self.suffixes))
+    def match_theirs(self, key: str) -> Row | None:
+        """The row naming a stored key, filled in for it: its official key (and the other stored keys of the row)."""
+        return self._filled(self._theirs.find(key, self.suffixes))
 
     def to_official(self, key: str) -> str | None:
         """The official name of another tool's key."""
@@ -131,8 +92,8 @@ class NameTable:
         return None if m is None else m.theirs[0]
 
     @staticmethod
-    def _match(found: Any) -> Match | None:
+    def _filled(found: tuple[Row, str | None, str] | None) -> Row | None:
         if found is None:
             return None
         row, index, suffix = found
-        return Match(_fill(row.official, index, suffix), tuple(_fill(t, index, suffix) for t in row.theirs), row.transform)
+        return Row(_fill(row.official, index, suffix), tuple(_fill(t, index, suffix) for t in row.theirs), row.transform)
