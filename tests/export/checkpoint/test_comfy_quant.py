@@ -19,10 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.export.helpers import run_cli
 from wanrt.engines.errors import CheckpointError
 from wanrt.export.checkpoint.resolve import resolve_model
-
-from .conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[3]
 LAYER = "blocks.1.ffn.0"

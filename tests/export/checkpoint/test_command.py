@@ -11,6 +11,8 @@ import json
 
 import pytest
 
+from tests.export.helpers import run_cli
+
 HEAVY = ("torch", "numpy", "onnx", "onnxruntime", "onnxscript", "ml_dtypes", "safetensors", "diffusers", "transformers",
          "tokenizers", "huggingface_hub", "PIL", "scipy", "tqdm")
 NOT_NEEDED = ("wanrt.export.checkpoint.companion_keys", "wanrt.export.checkpoint.safetensors_writer", "wanrt.export.models",
@@ -39,3 +41,12 @@ def test_inspect_with_a_config_and_human_output_stays_light(tiny_model, cli_modu
     cfg.write_text(json.dumps({"dit_quantized": True, "dit_quant_scheme": "fp8-musa", "sample_shift": 5}))
     code, modules = cli_modules("inspect", tiny_model("wan2.1", "t2v", "lightx2v-fp8"), "--config", cfg)
     assert code == 0 and offenders(modules, HEAVY + NOT_NEEDED) == []
+
+
+def test_inspect_human_output(tiny_model):
+    r = run_cli("inspect", tiny_model("wan2.2", "t2v", "lightx2v-fp8"))
+    assert r.exit_code == 0
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("wan2.2 t2v")
+    assert any("expert high_noise" in ln and "fp8_e4m3" in ln and "per_channel" in ln for ln in lines)
+    assert any(ln.strip().startswith("dit: dim 256") for ln in lines)

@@ -14,7 +14,6 @@ from wanrt.engines.model import DiTConfig
 from wanrt.export.checkpoint.dit_config import expected_shapes
 from wanrt.engines.errors import CheckpointError
 from wanrt.export.checkpoint.keys import diffusers_to_official, is_official_key, normalize_keys, official_to_diffusers
-from wanrt.export.checkpoint.names import NameTable
 from wanrt.export.checkpoint.resolve import resolve_model
 from wanrt.export.checkpoint.view import CheckpointView, open_source
 
@@ -145,15 +144,3 @@ def test_two_stored_keys_for_one_official_tensor_are_an_error(tiny_model, tmp_pa
     save_file(state, tmp_path / "both.safetensors")
     with pytest.raises(CheckpointError, match=r"both\.safetensors: '.*' and '.*' both name the official tensor 'blocks\.1\.modulation'"):
         resolve_model(tmp_path / "both.safetensors")
-
-
-def test_name_table_lookups_both_ways_from_one_row():
-    table = NameTable((("blocks.{n}.ffn.0", "layers.{n}.mlp.up"), ("head", "out"), ("blocks.{n}.mod", "layers.{n}.table")))
-    assert table.to_theirs("blocks.12.ffn.0.weight") == "layers.12.mlp.up.weight"
-    assert table.to_official("layers.12.mlp.up.bias") == "blocks.12.ffn.0.bias"
-    assert table.to_theirs("blocks.3.mod") == "layers.3.table" and table.to_official("layers.3.table") == "blocks.3.mod"
-    assert table.to_official("out.weight") == "head.weight"
-    for unknown in ("layers.x.mlp.up.weight", "layers.1.mlp.up.scale", "blocks.1.ffn.0.weight", "out.weight.more"):
-        assert table.to_official(unknown) is None, unknown
-    with pytest.raises(ValueError, match="'head' appears twice"):
-        NameTable((("head", "a"), ("head", "b")))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.export.helpers import assert_one_line_error
 from wanrt.engines.errors import WanrtError
 from wanrt.export.checkpoint.resolve import resolve_model
 
@@ -203,3 +204,26 @@ def test_quantized_ckpt_without_dit_quantized_is_not_used(tiny_model, tmp_path):
     moe = tiny_model("wan2.2", "t2v", "official")
     cfg = write_config(tmp_path / "moe.json", {"low_noise_quantized_ckpt": str(expert_files(tiny_model, "lightx2v-fp8")["low_noise"])})
     assert "low_noise_quantized_ckpt is not used: dit_quantized is not true (LightX2V reads the quantized file only then)" in resolve_model(moe, cfg).notes
+
+
+def test_quant_scheme_contradicting_file(tiny_model, tmp_path):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"dit_quantized": True, "dit_quant_scheme": "fp8-sgl"}))
+    root = tiny_model("wan2.1", "t2v", "lightx2v-int8")
+    assert_one_line_error(["inspect", root, "--config", cfg], cfg, "fp8-sgl", "int8")
+
+
+def test_unsupported_quant_scheme(tiny_model, tmp_path):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"dit_quantized": True, "dit_quant_scheme": "nvfp4"}))
+    line = assert_one_line_error(["inspect", tiny_model("wan2.1", "t2v", "lightx2v-fp8"), "--config", cfg], cfg, "'nvfp4'")
+    for scheme in ("fp8-vllm", "int8-vllm", "fp8-sgl", "int8-sgl", "fp8-q8f", "int8-q8f", "fp8-triton", "int8-triton",
+                   "fp8-torchao", "int8-torchao"):
+        assert scheme in line
+
+
+def test_config_key_pointing_at_a_missing_file(tiny_model, tmp_path):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text('{\n  // the distilled model\n  "dit_original_ckpt": "nowhere/wan2.1_t2v_14b_lightx2v_4step.safetensors"\n}\n')
+    assert_one_line_error(["inspect", tiny_model("wan2.1", "t2v", "official"), "--config", cfg],
+                          cfg, "dit_original_ckpt", "nowhere/wan2.1_t2v_14b_lightx2v_4step.safetensors", "does not exist")

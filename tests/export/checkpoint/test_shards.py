@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.export.helpers import assert_one_line_error, run_cli
 from wanrt.engines.errors import CheckpointError
 from wanrt.export.checkpoint.companions import open_companion
 from wanrt.export.checkpoint.resolve import resolve_model
@@ -120,3 +121,43 @@ def test_the_checkpoint_package_has_no_import_circle():
     for name in graph:
         visit(name, ())
     assert "resolve" not in graph["companions"] and {"companions", "resolve"} & graph["shards"] == set()
+
+
+def test_missing_shard(official_copy):
+    shard = official_copy / "diffusion_pytorch_model-00002-of-00002.safetensors"
+    shard.unlink()
+    assert_one_line_error(["inspect", official_copy], shard.name, "missing", "index.json")
+
+
+def _rewrite_index(folder: Path, rename) -> Path:
+    """Rewrite the folder's index, naming each shard `rename(name)` instead of its bare file name."""
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"] = {k: rename(v) for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    return index
+
+
+def test_index_shard_paths_resolve_relative_to_the_index(official_copy, tiny_model):
+    """`./name` and `sub/name` in a weight_map are paths relative to the index's folder."""
+    want = run_cli("inspect", tiny_model("wan2.1", "t2v", "official"), "--json").json()
+    (official_copy / "shards").mkdir()
+    second = "diffusion_pytorch_model-00002-of-00002.safetensors"
+    (official_copy / second).rename(official_copy / "shards" / second)
+    _rewrite_index(official_copy, lambda name: f"shards/{name}" if name == second else f"./{name}")
+    r = run_cli("inspect", official_copy, "--json")
+    assert r.exit_code == 0, r.stderr
+    got = r.json()
+    assert got["experts"][0]["files"] == [
+        str(official_copy / "diffusion_pytorch_model-00001-of-00002.safetensors"), str(official_copy / "shards" / second)
+    ]
+    assert got["dit"] == want["dit"] and got["experts"][0]["num_params"] == want["experts"][0]["num_params"]
+
+
+@pytest.mark.parametrize("shard", ["./gone.safetensors", "sub/gone.safetensors", "../diffusion_pytorch_model-00001-of-00002.safetensors"])
+def test_index_naming_a_missing_or_outside_shard(official_copy, shard):
+    """A shard path that is missing, or escapes the index's folder (even to a real file), is the missing-shard error."""
+    outside = official_copy.parent / "diffusion_pytorch_model-00001-of-00002.safetensors"
+    shutil.copy(official_copy / outside.name, outside)
+    index = _rewrite_index(official_copy, lambda name: shard)
+    assert_one_line_error(["inspect", official_copy], index, f"names shard {shard}", "missing from")
