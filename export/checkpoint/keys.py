@@ -1,9 +1,10 @@
 """Wan DiT key forms: prefixes and diffusers names, normalized to official `WanModel` names.
 
 Official names are those of `wan/modules/model.py` (`blocks.N.self_attn.q.weight`, ...).
-The diffusers names are those of `WanTransformer3DModel`; the mapping is the inverse of
-diffusers' `scripts/convert_wan_to_diffusers.py` (note the norm2/norm3 swap: official
-`norm3` is the affine cross-attention norm, diffusers calls it `norm2`).
+The diffusers names are those of `WanTransformer3DModel`, written once as `DIFFUSERS_NAMES`
+(both directions are lookups in it); the rows are the inverse of diffusers'
+`scripts/convert_wan_to_diffusers.py` (note the norm2/norm3 swap: official `norm3` is the
+affine cross-attention norm, diffusers calls it `norm2`).
 """
 
 from __future__ import annotations
