@@ -283,9 +283,12 @@ def inspect_report(rows: list[dict], args: str) -> str:
     median, worst = max(r["median_s"] for r in runs), max(r["max_s"] for r in runs)
     bare = next(r for r in rows if r["what"].startswith("baseline: bare"))
     verdict = "met" if median <= GOAL_S else "NOT met"
+    cpu = max(r["cpu_s"] for r in runs)
     lines += ["", "Reading:", "",
               f"- inspect on the 14B-dimension folders: median {median:.3f} s (slowest run {worst:.3f} s),"
-              f" {median - bare['median_s']:.3f} s above the bare interpreter start of the same run: goal (median within {GOAL_S} s) {verdict}."]
+              f" {median - bare['median_s']:.3f} s above the bare interpreter start of the same run: goal (median within {GOAL_S} s) {verdict}.",
+              f"- CPU time per inspect {cpu:.3f} s at most (bare interpreter {bare['cpu_s']:.3f} s): the wall time on an idle core;"
+              " wall times above it are waits for a core on this shared machine (see the load average)."]
     for r, before in zip(rows, rows[1:]):
         if r.get("goal") and before["what"].lstrip().startswith("baseline: the same with the code of commit"):
             lines.append(f"- {r['what'].split(':')[0]} vs {before['what'].strip()[len('baseline: the same with the '):]}:"
