@@ -57,22 +57,23 @@ DIFFUSERS_NAMES = NameTable((
 # Keys diffusers checkpoints may carry that the official model has no use for.
 DIFFUSERS_IGNORED = re.compile(r"^blocks\.\d+\.attn2\.norm_added_q\.weight$")
 
-# Every key an official Wan DiT state dict may hold (Wan2.1 t2v/i2v/flf2v, Wan2.2 all).
-OFFICIAL_KEY_RE = re.compile(
-    r"^("
-    r"patch_embedding\.(weight|bias)"
-    r"|(text_embedding|time_embedding)\.[02]\.(weight|bias)"
-    r"|time_projection\.1\.(weight|bias)"
-    r"|head\.modulation|head\.head\.(weight|bias)"
-    r"|img_emb\.proj\.[0134]\.(weight|bias)|img_emb\.emb_pos"
-    r"|blocks\.\d+\.modulation"
-    r"|blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]\.(weight|bias)"
-    r"|blocks\.\d+\.(self_attn|cross_attn)\.norm_[qk]\.weight"
-    r"|blocks\.\d+\.cross_attn\.[kv]_img\.(weight|bias)|blocks\.\d+\.cross_attn\.norm_k_img\.weight"
-    r"|blocks\.\d+\.norm3\.(weight|bias)"
-    r"|blocks\.\d+\.ffn\.[02]\.(weight|bias)"
-    r")$"
-)
+# Every key an official Wan DiT state dict may hold (Wan2.1 t2v/i2v/flf2v, Wan2.2 all): outside the
+# blocks, and inside `blocks.N.`.
+_PARAMS = ("weight", "bias")
+OFFICIAL_TOP_KEYS = frozenset((
+    *(f"{m}.{p}" for m in ("patch_embedding", "text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2",
+                           "time_projection.1", "head.head", "img_emb.proj.0", "img_emb.proj.1", "img_emb.proj.3",
+                           "img_emb.proj.4") for p in _PARAMS),
+    "head.modulation", "img_emb.emb_pos",
+))  # fmt: skip
+OFFICIAL_BLOCK_KEYS = frozenset((
+    "modulation",
+    *(f"{a}.{m}.{p}" for a in ("self_attn", "cross_attn") for m in "qkvo" for p in _PARAMS),
+    *(f"{a}.norm_{m}.weight" for a in ("self_attn", "cross_attn") for m in "qk"),
+    *(f"cross_attn.{m}_img.{p}" for m in "kv" for p in _PARAMS),
+    "cross_attn.norm_k_img.weight",
+    *(f"{m}.{p}" for m in ("norm3", "ffn.0", "ffn.2") for p in _PARAMS),
+))  # fmt: skip
 
 # Per-layer quantization companions: LightX2V `weight_scale` [out,1]; ComfyUI `scale_weight`
 # (per tensor) and `scale_input`; newer ComfyUI `input_scale`/`comfy_quant`.
@@ -92,7 +93,10 @@ def official_to_diffusers(key: str) -> str | None:
 
 def is_official_key(key: str) -> bool:
     """True for a key an official Wan DiT state dict can hold."""
-    return OFFICIAL_KEY_RE.match(key) is not None
+    if key.startswith("blocks."):
+        index, _, rest = key[len("blocks."):].partition(".")
+        return index.isdigit() and rest in OFFICIAL_BLOCK_KEYS
+    return key in OFFICIAL_TOP_KEYS
 
 
 def looks_like_diffusers(keys) -> bool:
