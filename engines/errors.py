@@ -1,4 +1,4 @@
-"""The one error type users see: a message that names the file, key or value at fault."""
+"""The error types users see: a message that names the file, key or value at fault."""
 
 from __future__ import annotations
 
@@ -11,3 +11,7 @@ class WanrtError(Exception):
 
 class BundleError(WanrtError):
     """A bundle is missing, malformed, of an unknown schema, or fails verification."""
+
+
+class CheckpointError(WanrtError):
+    """A checkpoint file is malformed or does not fit what was expected of it."""

@@ -411,8 +411,7 @@ def write_companions(root: Path, family: str, task: str, layout: str, seed: int,
 
 def _write_diffusers_companions(root: Path, t5: dict, t5_cfg, clip: dict | None, clip_cfg, vae: dict, vae_cfg) -> None:
     """text_encoder/, image_encoder/ (Wan2.1 i2v/flf2v) and vae/ of a diffusers Wan pipeline folder."""
-    from wanrt.export.checkpoint.companion_keys import official_clip_to_hf, official_t5_key_to_hf
-    from wanrt.export.models.vae import official_to_diffusers_vae_key
+    from wanrt.export.checkpoint.companion_keys import official_clip_to_hf, official_t5_key_to_hf, official_to_diffusers_vae_key
 
     _save_diffusers(root / "text_encoder", "model.safetensors", {official_t5_key_to_hf(k): t for k, t in t5.items()}, {
         "architectures": ["UMT5EncoderModel"], "model_type": "umt5", "d_model": t5_cfg.dim,

@@ -1,4 +1,4 @@
-"""Hugging Face / diffusers names of the T5 and CLIP companions, mapped to Wan's official names.
+"""Hugging Face / diffusers names of the T5, CLIP and VAE companions, mapped to Wan's official names.
 
 - T5: transformers `UMT5EncoderModel` (`shared.weight`, `encoder.block.N.layer.0.SelfAttention.q.weight`,
   ...) <-> `models_t5_umt5-xxl-enc-bf16.pth` (`token_embedding.weight`, `blocks.N.attn.q.weight`, ...).
@@ -6,78 +6,113 @@
   <-> the `visual.*` keys of the open-clip file (prefix removed here).  Three HF tensors (q/k/v)
   make one official `attn.to_qkv`, the class/position embeddings gain leading 1-dims and
   `head` is the transpose of `visual_projection.weight`.
-- VAE: diffusers `AutoencoderKLWan` names are mapped in `export.models.vae`.
+- VAE: diffusers `AutoencoderKLWan` <-> `Wan2.1_VAE.pth` / `Wan2.2_VAE.pth` (`wan/modules/vae.py`,
+  `vae2_2.py`).  Which layout and version a file holds is decided in `companions` (`vae_layout`,
+  `is_hf_t5`, `is_hf_clip`), where `inspect` types the files without importing these maps.
 
-`MappedSource` reads the HF file under official names, one official tensor at a time.
-The maps are verified by the oracle tests: transformers computing on mapped weights equals ours.
+T5 and CLIP are one `NameTable` each; the VAE's block indices are arithmetic on the config, so
+its map is one function official -> diffusers, inverted by enumerating the official module's
+keys (`diffusers_vae_names`).  `MappedSource` reads an HF file under official names, one
+official tensor at a time.  The maps are verified by the oracle tests: transformers / diffusers
+computing on mapped weights equals ours.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from .safetensors_file import CheckpointError, TensorHeader
+from wanrt.engines.errors import CheckpointError
+
+from .companions import HF_PROJECTION, HF_VISION, Shapes
+from .names import NameTable, Row
+from .safetensors_file import TensorHeader
 from .view import TensorSource
 
 if TYPE_CHECKING:  # inspect reads headers without importing torch
     import torch
 
-T5_FFN = {"wi_0": "gate.0", "wi_1": "fc1", "wo": "fc2"}
-HF_T5_Q = "encoder.block.0.layer.0.SelfAttention.q.weight"
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Transform:
+    """How stored tensors make one official tensor, and how that tensor splits back into them."""
+
+    shape: Callable[[list[Shape]], Shape]  # stored shapes -> official shape
+    combine: Callable[[list[torch.Tensor]], torch.Tensor]
+    split: Callable[[torch.Tensor, int], list[torch.Tensor]]  # (official tensor, number of stored tensors)
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    import torch
+
+    return torch.cat(tensors)
+
+
+SAME = Transform(lambda shapes: shapes[0], lambda ts: ts[0], lambda t, n: [t])  # a row without a transform
+TRANSPOSE = Transform(lambda shapes: tuple(reversed(shapes[0])), lambda ts: ts[0].t().contiguous(), lambda t, n: [t.t().contiguous()])
+CONCAT = Transform(lambda shapes: (sum(s[0] for s in shapes), *shapes[0][1:]), _cat, lambda t, n: list(t.chunk(n)))
+
+
+def unsqueezed(leading: int) -> Transform:
+    """The official tensor is the stored one with `leading` 1-dims in front."""
+    ones = (1,) * leading
+    return Transform(lambda shapes: ones + tuple(shapes[0]), lambda ts: ts[0].reshape(ones + tuple(ts[0].shape)),
+                     lambda t, n: [t.reshape(t.shape[leading:])])
+
+
+# ----------------------------------------------------------------------------- T5
+
 T5_HF_TIED = "encoder.embed_tokens.weight"  # tied to shared.weight; stored by some writers, never needed
-HF_VISION = "vision_model."
-HF_PROJECTION = "visual_projection.weight"
+T5_NAMES = NameTable((
+    ("token_embedding", "shared"),
+    ("norm", "encoder.final_layer_norm"),
+    ("blocks.{n}.norm1", "encoder.block.{n}.layer.0.layer_norm"),
+    ("blocks.{n}.attn.q", "encoder.block.{n}.layer.0.SelfAttention.q"),
+    ("blocks.{n}.attn.k", "encoder.block.{n}.layer.0.SelfAttention.k"),
+    ("blocks.{n}.attn.v", "encoder.block.{n}.layer.0.SelfAttention.v"),
+    ("blocks.{n}.attn.o", "encoder.block.{n}.layer.0.SelfAttention.o"),
+    ("blocks.{n}.pos_embedding.embedding", "encoder.block.{n}.layer.0.SelfAttention.relative_attention_bias"),
+    ("blocks.{n}.norm2", "encoder.block.{n}.layer.1.layer_norm"),
+    ("blocks.{n}.ffn.gate.0", "encoder.block.{n}.layer.1.DenseReluDense.wi_0"),
+    ("blocks.{n}.ffn.fc1", "encoder.block.{n}.layer.1.DenseReluDense.wi_1"),
+    ("blocks.{n}.ffn.fc2", "encoder.block.{n}.layer.1.DenseReluDense.wo"),
+), suffixes=(".weight",))
 
 
 def hf_t5_key_to_official(key: str) -> str | None:
     """A transformers UMT5 encoder key -> the official T5 key (None: no counterpart)."""
-    if key == "shared.weight":
-        return "token_embedding.weight"
-    if key == "encoder.final_layer_norm.weight":
-        return "norm.weight"
-    parts = key.split(".")
-    if parts[:2] != ["encoder", "block"] or len(parts) < 6 or parts[3] != "layer":
-        return None
-    n, layer, rest = parts[2], parts[4], ".".join(parts[5:])
-    if layer == "0":
-        if rest == "layer_norm.weight":
-            return f"blocks.{n}.norm1.weight"
-        if rest == "SelfAttention.relative_attention_bias.weight":
-            return f"blocks.{n}.pos_embedding.embedding.weight"
-        if parts[5] == "SelfAttention" and rest.endswith(".weight") and parts[6] in "qkvo":
-            return f"blocks.{n}.attn.{parts[6]}.weight"
-        return None
-    if layer == "1":
-        if rest == "layer_norm.weight":
-            return f"blocks.{n}.norm2.weight"
-        if parts[5] == "DenseReluDense" and parts[6] in T5_FFN and rest.endswith(".weight"):
-            return f"blocks.{n}.ffn.{T5_FFN[parts[6]]}.weight"
-    return None
+    return T5_NAMES.to_official(key)
 
 
 def official_t5_key_to_hf(key: str) -> str:
-    """An official T5 key -> the transformers UMT5 encoder key (the inverse of `hf_t5_key_to_official`)."""
-    if key == "token_embedding.weight":
-        return "shared.weight"
-    if key == "norm.weight":
-        return "encoder.final_layer_norm.weight"
-    _, n, module, *rest = key.split(".")
-    block = f"encoder.block.{n}.layer"
-    if module == "norm1":
-        return f"{block}.0.layer_norm.weight"
-    if module == "pos_embedding":
-        return f"{block}.0.SelfAttention.relative_attention_bias.weight"
-    if module == "attn":
-        return f"{block}.0.SelfAttention.{rest[0]}.weight"
-    if module == "norm2":
-        return f"{block}.1.layer_norm.weight"
-    if module == "ffn":
-        hf = {v: k for k, v in T5_FFN.items()}[".".join(rest[:-1])]
-        return f"{block}.1.DenseReluDense.{hf}.weight"
-    raise CheckpointError(f"official T5 key {key!r} has no transformers UMT5 name")
+    """An official T5 key -> the transformers UMT5 encoder key."""
+    hf = T5_NAMES.to_theirs(key)
+    if hf is None:
+        raise CheckpointError(f"official T5 key {key!r} has no transformers UMT5 name")
+    return hf
+
+
+# ----------------------------------------------------------------------------- CLIP
+
+_LAYER = HF_VISION + "encoder.layers.{n}."
+CLIP_NAMES = NameTable((
+    ("patch_embedding", HF_VISION + "embeddings.patch_embedding"),
+    Row("cls_embedding", (HF_VISION + "embeddings.class_embedding",), unsqueezed(2)),
+    Row("pos_embedding", (HF_VISION + "embeddings.position_embedding.weight",), unsqueezed(1)),
+    ("pre_norm", HF_VISION + "pre_layrnorm"),
+    Row("transformer.{n}.attn.to_qkv", tuple(_LAYER + f"self_attn.{m}_proj" for m in "qkv"), CONCAT),
+    ("transformer.{n}.attn.proj", _LAYER + "self_attn.out_proj"),
+    ("transformer.{n}.norm1", _LAYER + "layer_norm1"),
+    ("transformer.{n}.norm2", _LAYER + "layer_norm2"),
+    ("transformer.{n}.mlp.0", _LAYER + "mlp.fc1"),
+    ("transformer.{n}.mlp.2", _LAYER + "mlp.fc2"),
+    ("post_norm", HF_VISION + "post_layernorm"),
+    Row("head", (HF_PROJECTION,), TRANSPOSE),
+))
 
 
 @dataclass(frozen=True)
@@ -89,84 +124,103 @@ class MappedTensor:
     combine: Callable[[list[torch.Tensor]], torch.Tensor]
 
 
-def _only(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return tensors[0]
-
-
-def _reshape(shape: tuple[int, ...]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
-    return lambda tensors: tensors[0].reshape(shape)
-
-
-def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    import torch
-
-    return torch.cat(tensors)
-
-
-def _transpose(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return tensors[0].t().contiguous()
-
-
-def hf_clip_plan(shapes: dict[str, tuple[int, ...]], where: str) -> dict[str, MappedTensor]:
+def hf_clip_plan(shapes: Shapes, where: str) -> dict[str, MappedTensor]:
     """Official `visual.*` name (prefix removed) -> how to read it from a transformers CLIP vision file."""
     if HF_PROJECTION not in shapes:
         raise CheckpointError(
             f"{where}: no {HF_PROJECTION!r}; expected a transformers CLIPVisionModelWithProjection (Wan2.1 image_encoder)"
         )
-    v = HF_VISION
-    width = shapes[v + "pre_layrnorm.weight"][0] if v + "pre_layrnorm.weight" in shapes else 0
-    positions = shapes.get(v + "embeddings.position_embedding.weight", (0, width))[0]
-    plan = {
-        "patch_embedding.weight": MappedTensor((v + "embeddings.patch_embedding.weight",), shapes.get(v + "embeddings.patch_embedding.weight", ()), _only),
-        "cls_embedding": MappedTensor((v + "embeddings.class_embedding",), (1, 1, width), _reshape((1, 1, width))),
-        "pos_embedding": MappedTensor((v + "embeddings.position_embedding.weight",), (1, positions, width), _reshape((1, positions, width))),
-        "head": MappedTensor((HF_PROJECTION,), tuple(reversed(shapes[HF_PROJECTION])), _transpose),
-    }  # fmt: skip
-    for ours, theirs in (("pre_norm", "pre_layrnorm"), ("post_norm", "post_layernorm")):
-        for kind in ("weight", "bias"):
-            key = f"{v}{theirs}.{kind}"
-            plan[f"{ours}.{kind}"] = MappedTensor((key,), shapes.get(key, ()), _only)
-    layers = {int(k.split(".")[3]) for k in shapes if k.startswith(v + "encoder.layers.")}
-    for n in sorted(layers):
-        src, dst = f"{v}encoder.layers.{n}.", f"transformer.{n}."
-        for kind in ("weight", "bias"):
-            qkv = tuple(src + f"self_attn.{m}_proj.{kind}" for m in "qkv")
-            q = shapes.get(qkv[0], (0,))
-            plan[dst + f"attn.to_qkv.{kind}"] = MappedTensor(qkv, (3 * q[0], *q[1:]), _cat)
-            for ours, theirs in (("attn.proj", "self_attn.out_proj"), ("norm1", "layer_norm1"), ("norm2", "layer_norm2"),
-                                 ("mlp.0", "mlp.fc1"), ("mlp.2", "mlp.fc2")):  # fmt: skip
-                key = src + f"{theirs}.{kind}"
-                plan[dst + f"{ours}.{kind}"] = MappedTensor((key,), shapes.get(key, ()), _only)
-    missing = sorted({k for m in plan.values() for k in m.stored if k not in shapes})
-    if missing:
-        raise CheckpointError(f"{where}: missing key(s) {', '.join(missing[:3])}; expected a transformers CLIP vision tower")
+    plan: dict[str, MappedTensor] = {}
+    for key in shapes:
+        m = CLIP_NAMES.match_theirs(key)  # keys of no row (an old `position_ids` buffer) are not read
+        if m is None or m.official in plan:
+            continue
+        missing = [k for k in m.theirs if k not in shapes]
+        if missing:
+            raise CheckpointError(f"{where}: missing key(s) {', '.join(missing[:3])}; expected a transformers CLIP vision tower")
+        how = m.transform or SAME
+        plan[m.official] = MappedTensor(m.theirs, how.shape([tuple(shapes[k]) for k in m.theirs]), how.combine)
     return plan
 
 
 def official_clip_to_hf(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
     """One official `visual.*` tensor (prefix removed) as the transformers CLIP tensors it becomes."""
-    v = HF_VISION
-    direct = {"patch_embedding.weight": "embeddings.patch_embedding.weight", "pre_norm.weight": "pre_layrnorm.weight",
-              "pre_norm.bias": "pre_layrnorm.bias", "post_norm.weight": "post_layernorm.weight",
-              "post_norm.bias": "post_layernorm.bias"}  # fmt: skip
-    if key in direct:
-        return {v + direct[key]: tensor}
-    if key == "cls_embedding":
-        return {v + "embeddings.class_embedding": tensor.reshape(-1)}
-    if key == "pos_embedding":
-        return {v + "embeddings.position_embedding.weight": tensor.reshape(tensor.shape[-2:])}
-    if key == "head":
-        return {HF_PROJECTION: tensor.t().contiguous()}
-    _, n, *rest = key.split(".")
-    module, kind = ".".join(rest[:-1]), rest[-1]
-    src = f"{v}encoder.layers.{n}."
-    if module == "attn.to_qkv":
-        return {src + f"self_attn.{m}_proj.{kind}": t for m, t in zip("qkv", tensor.chunk(3))}
-    names = {"attn.proj": "self_attn.out_proj", "norm1": "layer_norm1", "norm2": "layer_norm2",
-             "mlp.0": "mlp.fc1", "mlp.2": "mlp.fc2"}  # fmt: skip
-    if module not in names:
+    m = CLIP_NAMES.match_official(key)
+    if m is None:
         raise CheckpointError(f"official CLIP key visual.{key!r} has no transformers name")
-    return {src + f"{names[module]}.{kind}": tensor}
+    return dict(zip(m.theirs, (m.transform or SAME).split(tensor, len(m.theirs))))
+
+
+# ----------------------------------------------------------------------------- VAE
+
+VAE_SUFFIXES = (".weight", ".bias", ".gamma")
+# The modules outside the encoder/decoder stages, and the parts of one residual block.
+_VAE_TOP = NameTable((
+    ("conv1", "quant_conv"), ("conv2", "post_quant_conv"),
+    ("encoder.conv1", "encoder.conv_in"), ("encoder.head.0", "encoder.norm_out"), ("encoder.head.2", "encoder.conv_out"),
+    ("decoder.conv1", "decoder.conv_in"), ("decoder.head.0", "decoder.norm_out"), ("decoder.head.2", "decoder.conv_out"),
+), VAE_SUFFIXES)  # fmt: skip
+_VAE_RESIDUAL = NameTable((
+    ("residual.0", "norm1"), ("residual.2", "conv1"), ("residual.3", "norm2"), ("residual.6", "conv2"),
+    ("shortcut", "conv_shortcut"),
+), VAE_SUFFIXES)  # fmt: skip
+
+
+class VAEStages(Protocol):
+    """What the VAE key map depends on: `export.models.vae.VAEConfig` satisfies it."""
+
+    version: str
+    num_res_blocks: int
+
+
+def _residual(tail: str) -> str:
+    return _VAE_RESIDUAL.to_theirs(tail) or tail  # resample / attention tails keep their names
+
+
+def official_to_diffusers_vae_key(key: str, cfg: VAEStages) -> str:
+    """The `AutoencoderKLWan` name of an official VAE key."""
+    top = _VAE_TOP.to_theirs(key)
+    if top is not None:
+        return top
+    part, _, rest = key.partition(".")
+    fields = rest.split(".")
+    if fields[0] == "middle":  # middle.{0,2} are resnets.{0,1}; middle.1 is attentions.0
+        j, tail = int(fields[1]), ".".join(fields[2:])
+        return f"{part}.mid_block.attentions.0.{tail}" if j == 1 else f"{part}.mid_block.resnets.{j // 2}.{_residual(tail)}"
+    per_stage = cfg.num_res_blocks + 1  # decoder residual blocks per stage (the encoder has num_res_blocks)
+    if fields[0] == "downsamples" and cfg.version == "2.1":  # the same flat list in both
+        return f"encoder.down_blocks.{fields[1]}.{_residual('.'.join(fields[2:]))}"
+    if fields[0] == "downsamples":
+        i, k, tail = fields[1], int(fields[3]), ".".join(fields[4:])
+        if k == cfg.num_res_blocks:
+            return f"encoder.down_blocks.{i}.downsampler.{tail}"
+        return f"encoder.down_blocks.{i}.resnets.{k}.{_residual(tail)}"
+    if fields[0] == "upsamples" and cfg.version == "2.1":  # flat: each stage is its resnets, then one resample
+        i, r = divmod(int(fields[1]), per_stage + 1)
+        tail = ".".join(fields[2:])
+        if r == per_stage:
+            return f"decoder.up_blocks.{i}.upsamplers.0.{tail}"
+        return f"decoder.up_blocks.{i}.resnets.{r}.{_residual(tail)}"
+    if fields[0] == "upsamples":
+        i, k, tail = fields[1], int(fields[3]), ".".join(fields[4:])
+        if k == per_stage:
+            return f"decoder.up_blocks.{i}.upsampler.{tail}"
+        return f"decoder.up_blocks.{i}.resnets.{k}.{_residual(tail)}"
+    raise CheckpointError(f"official Wan{cfg.version} VAE key {key!r} has no diffusers AutoencoderKLWan name")
+
+
+def diffusers_vae_names(official_keys: Iterable[str], cfg: VAEStages) -> dict[str, str]:
+    """diffusers name -> official name, for every key of the official module (the inverse of the map above)."""
+    names: dict[str, str] = {}
+    for key in official_keys:
+        theirs = official_to_diffusers_vae_key(key, cfg)
+        if theirs in names:
+            raise ValueError(f"official VAE keys {names[theirs]!r} and {key!r} both map to {theirs!r}")
+        names[theirs] = key
+    return names
+
+
+# ----------------------------------------------------------------------------- reading under official names
 
 
 class MappedSource(TensorSource):
@@ -208,15 +262,5 @@ def hf_t5_plan(source: TensorSource) -> dict[str, MappedTensor]:
             if key == T5_HF_TIED:
                 continue
             raise CheckpointError(f"{source.path}: unexpected key {key!r} for a transformers UMT5EncoderModel")
-        plan[official] = MappedTensor((key,), tuple(source.header(key).shape), _only)
+        plan[official] = MappedTensor((key,), tuple(source.header(key).shape), SAME.combine)
     return plan
-
-
-def is_hf_t5(keys) -> bool:
-    """True for transformers UMT5/T5 encoder key names."""
-    return "shared.weight" in keys or HF_T5_Q in keys
-
-
-def is_hf_clip(keys) -> bool:
-    """True for transformers CLIP vision key names."""
-    return HF_VISION + "embeddings.patch_embedding.weight" in keys

@@ -5,6 +5,7 @@ Files are typed by their tensor names (headers only), not their file names; offi
 (`wan/modules/t5.py`, `clip.py`, `vae.py` / `vae2_2.py`), or their diffusers-folder forms:
 `text_encoder/` (transformers UMT5), `image_encoder/` (transformers CLIP vision), `vae/`
 (diffusers `AutoencoderKLWan`); a sharded one is read through its `*.safetensors.index.json`.
+The name maps of those forms are in `companion_keys`, imported only by the loaders.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .companion_keys import HF_PROJECTION, HF_T5_Q, HF_VISION
-from .safetensors_file import CheckpointError
-from .safetensors_file import TensorHeader
+from wanrt.engines.errors import CheckpointError
+from wanrt.engines.model import VAEInfo
+
+from .shards import INDEX_SUFFIX, ShardedSource, is_index
 from .view import QUANTIZED_DTYPES, TensorSource, open_source
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -27,9 +29,14 @@ LIGHTX2V_SUBDIRS = ("original", "fp8", "int8", "distill_models", "distill_fp8", 
 # diffusers pipeline folders: the component subfolders holding the companions
 DIFFUSERS_SUBDIRS = ("text_encoder", "image_encoder", "vae")
 COMPANION_SUFFIXES = (".pth", ".pt", ".safetensors")
-INDEX_SUFFIX = ".safetensors.index.json"  # a sharded transformers text_encoder/ (model.safetensors.index.json)
-VAE_Z_DIMS = {16: "2.1", 48: "2.2"}
+
+# Names that mark transformers T5 / CLIP files (a diffusers folder's text_encoder/, image_encoder/).
+HF_T5_Q = "encoder.block.0.layer.0.SelfAttention.q.weight"
+HF_VISION = "vision_model."
+HF_PROJECTION = "visual_projection.weight"
+VAE_Z_DIMS = {VAEInfo.for_version(v).z_dim: v for v in ("2.1", "2.2")}
 VAE_IN_CHANNELS = {"2.1": 3, "2.2": 12}  # Wan2.2 patchifies 2x2 pixels into 12 channels
+Shapes = Mapping[str, tuple[int, ...]]
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,44 @@ class Companion:
     version: str | None = None  # VAE "2.1" / "2.2"
 
 
-def classify_companion(path: Path, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str]) -> Companion | None:
+def is_hf_t5(keys) -> bool:
+    """True for transformers UMT5/T5 encoder key names."""
+    return "shared.weight" in keys or HF_T5_Q in keys
+
+
+def is_hf_clip(keys) -> bool:
+    """True for transformers CLIP vision key names."""
+    return HF_VISION + "embeddings.patch_embedding.weight" in keys
+
+
+@dataclass(frozen=True)
+class VAELayout:
+    """Which Wan VAE a state dict holds, and under whose names."""
+
+    version: str  # "2.1" or "2.2"
+    layout: str  # "official" or "diffusers"
+    z_dim: int
+
+
+def vae_layout(shapes: Shapes, where: str | Path) -> VAELayout | None:
+    """The VAE a state dict holds (None: not a Wan VAE); the version from z_dim, checked against the input channels."""
+    if "decoder.middle.0.residual.0.gamma" in shapes and "conv2.weight" in shapes and "encoder.conv1.weight" in shapes:
+        layout, z_dim, channels = "official", shapes["conv2.weight"][0], shapes["encoder.conv1.weight"][1]
+    elif "encoder.conv_in.weight" in shapes and "post_quant_conv.weight" in shapes and "decoder.conv_in.weight" in shapes:
+        layout, z_dim, channels = "diffusers", shapes["post_quant_conv.weight"][1], shapes["encoder.conv_in.weight"][1]
+    else:
+        return None
+    version = VAE_Z_DIMS.get(z_dim)
+    if version is None or channels != VAE_IN_CHANNELS[version]:
+        what = "a Wan VAE" if layout == "official" else "a diffusers AutoencoderKLWan"
+        raise CheckpointError(
+            f"{where}: {what} with z_dim {z_dim} and {channels} input channels;"
+            " expected the Wan2.1 VAE (z 16, 3 channels) or the Wan2.2 VAE (z 48, 12 channels)"
+        )
+    return VAELayout(version, layout, z_dim)
+
+
+def classify_companion(path: Path, shapes: Shapes, dtypes: Mapping[str, str]) -> Companion | None:
     """What a weights file is, from its tensor names and shapes (None: not a companion)."""
     if "token_embedding.weight" in shapes and "blocks.0.attn.q.weight" in shapes and "blocks.0.ffn.fc1.weight" in shapes:
         if dtypes["blocks.0.attn.q.weight"] in QUANTIZED_DTYPES:
@@ -52,80 +96,25 @@ def classify_companion(path: Path, shapes: Mapping[str, tuple[int, ...]], dtypes
         if dtypes[HF_T5_Q] in QUANTIZED_DTYPES:
             return None
         return Companion("t5", path, shapes["shared.weight"][1])
-    if HF_VISION + "embeddings.patch_embedding.weight" in shapes and HF_PROJECTION in shapes:
+    if is_hf_clip(shapes) and HF_PROJECTION in shapes:
         return Companion("clip", path, shapes[HF_VISION + "embeddings.patch_embedding.weight"][0])
-    if "encoder.conv_in.weight" in shapes and "post_quant_conv.weight" in shapes and "decoder.conv_in.weight" in shapes:
-        return _diffusers_vae(path, shapes)
     if "visual.patch_embedding.weight" in shapes and "visual.transformer.0.attn.to_qkv.weight" in shapes:
         return Companion("clip", path, shapes["visual.patch_embedding.weight"][0])
-    if "decoder.middle.0.residual.0.gamma" in shapes and "conv2.weight" in shapes and "encoder.conv1.weight" in shapes:
-        z_dim = shapes["conv2.weight"][0]
-        version = VAE_Z_DIMS.get(z_dim)
-        if version is None or shapes["encoder.conv1.weight"][1] != VAE_IN_CHANNELS[version]:
-            raise CheckpointError(
-                f"{path}: a Wan VAE with z_dim {z_dim} and {shapes['encoder.conv1.weight'][1]} input channels;"
-                " expected the Wan2.1 VAE (z 16, 3 channels) or the Wan2.2 VAE (z 48, 12 channels)"
-            )
-        return Companion("vae", path, z_dim, version)
+    vae = vae_layout(shapes, path)
+    if vae is not None:
+        return Companion("vae", path, vae.z_dim, vae.version)
     return None
-
-
-def _diffusers_vae(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> Companion:
-    """A diffusers `AutoencoderKLWan` file: the version from z_dim (post_quant_conv input) and input channels."""
-    z_dim = shapes["post_quant_conv.weight"][1]
-    version = VAE_Z_DIMS.get(z_dim)
-    channels = shapes["encoder.conv_in.weight"][1]
-    if version is None or channels != VAE_IN_CHANNELS[version]:
-        raise CheckpointError(
-            f"{path}: a diffusers AutoencoderKLWan with z_dim {z_dim} and {channels} input channels;"
-            " expected the Wan2.1 VAE (z 16, 3 channels) or the Wan2.2 VAE (z 48, 12 channels)"
-        )
-    return Companion("vae", path, z_dim, version)
-
-
-class ShardedSource(TensorSource):
-    """The tensors of a `*.safetensors.index.json` and its shards, read on demand."""
-
-    def __init__(self, index: Path):
-        from .resolve import _read_index
-
-        self.path, self.metadata = index, {}
-        shards, weight_map = _read_index(index)
-        self.shards = shards
-        sources = {p: open_source(p) for p in shards}
-        self.where = {key: sources[shard] for key, shard in weight_map.items()}
-        for key, src in self.where.items():
-            if key not in src:
-                raise CheckpointError(f"{index}: lists tensor {key!r} in {src.path.name}, but {src.path.name} has no such tensor")
-
-    def keys(self) -> list[str]:
-        return list(self.where)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.where
-
-    def header(self, key: str) -> TensorHeader:
-        return self._source(key).header(key)
-
-    def read(self, key: str):
-        return self._source(key).read(key)
-
-    def _source(self, key: str) -> TensorSource:
-        try:
-            return self.where[key]
-        except KeyError:
-            raise CheckpointError(f"{self.path}: no tensor named {key!r}") from None
 
 
 def open_companion(path: str | Path) -> TensorSource:
     """A companion's tensors: one weights file, or an index with its shards."""
     p = Path(path)
-    return ShardedSource(p) if p.name.endswith(INDEX_SUFFIX) else open_source(p)
+    return ShardedSource(p) if is_index(p) else open_source(p)
 
 
 def companion_files(path: Path) -> list[Path]:
     """The files a companion is read from (an index and its shards, or the one file): what its digest covers."""
-    return [path, *open_companion(path).shards] if path.name.endswith(INDEX_SUFFIX) else [path]
+    return [path, *ShardedSource(path).shards] if is_index(path) else [path]
 
 
 def read_companion(path: Path) -> Companion | None:

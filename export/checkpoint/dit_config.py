@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from wanrt.engines.errors import CheckpointError
 from wanrt.engines.model import DiTConfig
 
-from .safetensors_file import CheckpointError
 
 HEAD_DIM = 128
 CLIP_TOKENS_I2V = 257  # CLS + 16x16 patches of ViT-H/14 at 224 px
@@ -79,8 +79,10 @@ def expected_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
     return s
 
 
-def infer_dit_config(shapes: Shapes, where: str) -> DiTConfig:
-    """The `DiTConfig` implied by official-named shapes; every expected tensor must be there with its shape."""
+def infer_dit_config(shapes: Shapes, where: str, unknown: Sequence[str] = ()) -> DiTConfig:
+    """The `DiTConfig` implied by official-named shapes; every expected tensor must be there with its shape.
+
+    `unknown`: the stored keys that map to no official name, named when a tensor is missing."""
 
     def need(key: str, ndim: int) -> tuple[int, ...]:
         if key not in shapes:
@@ -122,17 +124,20 @@ def infer_dit_config(shapes: Shapes, where: str) -> DiTConfig:
         clip_tokens=clip_tokens,
         clip_dim=clip_dim,
     )
-    check_shapes(shapes, cfg, where)
+    check_shapes(shapes, cfg, where, unknown)
     return cfg
 
 
-def check_shapes(shapes: Shapes, cfg: DiTConfig, where: str) -> None:
-    """Raise unless every tensor `cfg` needs is present with its official shape."""
+def check_shapes(shapes: Shapes, cfg: DiTConfig, where: str, unknown: Sequence[str] = ()) -> None:
+    """Raise unless every tensor `cfg` needs is present with its official shape (naming any `unknown` keys)."""
     expected = expected_shapes(cfg)
     missing = [k for k in expected if k not in shapes]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise CheckpointError(f"{where}: missing tensor(s) {', '.join(missing[:3])}{more} of a Wan DiT with {describe(cfg)}")
+        unmapped = f"; the file's {len(unknown)} unknown key(s) ({', '.join(unknown[:3])}) have no official name" if unknown else ""
+        raise CheckpointError(
+            f"{where}: missing tensor(s) {', '.join(missing[:3])}{more} of a Wan DiT with {describe(cfg)}{unmapped}"
+        )
     for k, shape in expected.items():
         if tuple(shapes[k]) != shape:
             raise CheckpointError(f"{where}: {k} has shape {list(shapes[k])}; a DiT with {describe(cfg)} needs {list(shape)}")

@@ -1,9 +1,10 @@
 """Wan DiT key forms: prefixes and diffusers names, normalized to official `WanModel` names.
 
 Official names are those of `wan/modules/model.py` (`blocks.N.self_attn.q.weight`, ...).
-The diffusers names are those of `WanTransformer3DModel`; the mapping is the inverse of
-diffusers' `scripts/convert_wan_to_diffusers.py` (note the norm2/norm3 swap: official
-`norm3` is the affine cross-attention norm, diffusers calls it `norm2`).
+The diffusers names are those of `WanTransformer3DModel`, written once as `DIFFUSERS_NAMES`
+(both directions are lookups in it); the rows are the inverse of diffusers'
+`scripts/convert_wan_to_diffusers.py` (note the norm2/norm3 swap: official `norm3` is the
+affine cross-attention norm, diffusers calls it `norm2`).
 """
 
 from __future__ import annotations
@@ -11,120 +12,91 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from wanrt.engines.errors import CheckpointError
+
+from .names import NameTable
+
 # Prefixes other tools put in front of official names (longest first).
 OFFICIAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 
-# diffusers -> official, for keys outside the blocks (prefix match on the module path).
-_DIFFUSERS_TOP = [
-    ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
-    ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
-    ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
-    ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."),
-    ("condition_embedder.time_proj.", "time_projection.1."),
-    ("condition_embedder.image_embedder.norm1.", "img_emb.proj.0."),
-    ("condition_embedder.image_embedder.ff.net.0.proj.", "img_emb.proj.1."),
-    ("condition_embedder.image_embedder.ff.net.2.", "img_emb.proj.3."),
-    ("condition_embedder.image_embedder.norm2.", "img_emb.proj.4."),
-    ("proj_out.", "head.head."),
-    ("patch_embedding.", "patch_embedding."),
-]
-_DIFFUSERS_TOP_EXACT = {
-    "scale_shift_table": "head.modulation",
-    "condition_embedder.image_embedder.pos_embed": "img_emb.emb_pos",
-}
-# diffusers -> official, inside `blocks.N.` (module path without the block prefix).
-_DIFFUSERS_BLOCK = {
-    "attn1.to_q": "self_attn.q",
-    "attn1.to_k": "self_attn.k",
-    "attn1.to_v": "self_attn.v",
-    "attn1.to_out.0": "self_attn.o",
-    "attn1.norm_q": "self_attn.norm_q",
-    "attn1.norm_k": "self_attn.norm_k",
-    "attn2.to_q": "cross_attn.q",
-    "attn2.to_k": "cross_attn.k",
-    "attn2.to_v": "cross_attn.v",
-    "attn2.to_out.0": "cross_attn.o",
-    "attn2.norm_q": "cross_attn.norm_q",
-    "attn2.norm_k": "cross_attn.norm_k",
-    "attn2.add_k_proj": "cross_attn.k_img",
-    "attn2.add_v_proj": "cross_attn.v_img",
-    "attn2.norm_added_k": "cross_attn.norm_k_img",
-    "norm2": "norm3",
-    "ffn.net.0.proj": "ffn.0",
-    "ffn.net.2": "ffn.2",
-}
-_DIFFUSERS_BLOCK_EXACT = {"scale_shift_table": "modulation"}
+# official <-> diffusers `WanTransformer3DModel` names, one row per module or parameter (`{n}`: block index).
+DIFFUSERS_NAMES = NameTable((
+    ("patch_embedding", "patch_embedding"),
+    ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+    ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+    ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+    ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+    ("time_projection.1", "condition_embedder.time_proj"),
+    ("img_emb.proj.0", "condition_embedder.image_embedder.norm1"),
+    ("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
+    ("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
+    ("img_emb.proj.4", "condition_embedder.image_embedder.norm2"),
+    ("img_emb.emb_pos", "condition_embedder.image_embedder.pos_embed"),
+    ("head.head", "proj_out"),
+    ("head.modulation", "scale_shift_table"),
+    ("blocks.{n}.modulation", "blocks.{n}.scale_shift_table"),
+    ("blocks.{n}.self_attn.q", "blocks.{n}.attn1.to_q"),
+    ("blocks.{n}.self_attn.k", "blocks.{n}.attn1.to_k"),
+    ("blocks.{n}.self_attn.v", "blocks.{n}.attn1.to_v"),
+    ("blocks.{n}.self_attn.o", "blocks.{n}.attn1.to_out.0"),
+    ("blocks.{n}.self_attn.norm_q", "blocks.{n}.attn1.norm_q"),
+    ("blocks.{n}.self_attn.norm_k", "blocks.{n}.attn1.norm_k"),
+    ("blocks.{n}.cross_attn.q", "blocks.{n}.attn2.to_q"),
+    ("blocks.{n}.cross_attn.k", "blocks.{n}.attn2.to_k"),
+    ("blocks.{n}.cross_attn.v", "blocks.{n}.attn2.to_v"),
+    ("blocks.{n}.cross_attn.o", "blocks.{n}.attn2.to_out.0"),
+    ("blocks.{n}.cross_attn.norm_q", "blocks.{n}.attn2.norm_q"),
+    ("blocks.{n}.cross_attn.norm_k", "blocks.{n}.attn2.norm_k"),
+    ("blocks.{n}.cross_attn.k_img", "blocks.{n}.attn2.add_k_proj"),
+    ("blocks.{n}.cross_attn.v_img", "blocks.{n}.attn2.add_v_proj"),
+    ("blocks.{n}.cross_attn.norm_k_img", "blocks.{n}.attn2.norm_added_k"),
+    ("blocks.{n}.norm3", "blocks.{n}.norm2"),  # the affine cross-attention norm
+    ("blocks.{n}.ffn.0", "blocks.{n}.ffn.net.0.proj"),
+    ("blocks.{n}.ffn.2", "blocks.{n}.ffn.net.2"),
+))
 # Keys diffusers checkpoints may carry that the official model has no use for.
 DIFFUSERS_IGNORED = re.compile(r"^blocks\.\d+\.attn2\.norm_added_q\.weight$")
 
-_OFFICIAL_TO_DIFFUSERS_BLOCK = {v: k for k, v in _DIFFUSERS_BLOCK.items()}
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
-
-# Every key an official Wan DiT state dict may hold (Wan2.1 t2v/i2v/flf2v, Wan2.2 all).
-OFFICIAL_KEY_RE = re.compile(
-    r"^("
-    r"patch_embedding\.(weight|bias)"
-    r"|(text_embedding|time_embedding)\.[02]\.(weight|bias)"
-    r"|time_projection\.1\.(weight|bias)"
-    r"|head\.modulation|head\.head\.(weight|bias)"
-    r"|img_emb\.proj\.[0134]\.(weight|bias)|img_emb\.emb_pos"
-    r"|blocks\.\d+\.modulation"
-    r"|blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]\.(weight|bias)"
-    r"|blocks\.\d+\.(self_attn|cross_attn)\.norm_[qk]\.weight"
-    r"|blocks\.\d+\.cross_attn\.[kv]_img\.(weight|bias)|blocks\.\d+\.cross_attn\.norm_k_img\.weight"
-    r"|blocks\.\d+\.norm3\.(weight|bias)"
-    r"|blocks\.\d+\.ffn\.[02]\.(weight|bias)"
-    r")$"
-)
+# Every key an official Wan DiT state dict may hold (Wan2.1 t2v/i2v/flf2v, Wan2.2 all): outside the
+# blocks, and inside `blocks.N.`.
+_PARAMS = ("weight", "bias")
+OFFICIAL_TOP_KEYS = frozenset((
+    *(f"{m}.{p}" for m in ("patch_embedding", "text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2",
+                           "time_projection.1", "head.head", "img_emb.proj.0", "img_emb.proj.1", "img_emb.proj.3",
+                           "img_emb.proj.4") for p in _PARAMS),
+    "head.modulation", "img_emb.emb_pos",
+))  # fmt: skip
+OFFICIAL_BLOCK_KEYS = frozenset((
+    "modulation",
+    *(f"{a}.{m}.{p}" for a in ("self_attn", "cross_attn") for m in "qkvo" for p in _PARAMS),
+    *(f"{a}.norm_{m}.weight" for a in ("self_attn", "cross_attn") for m in "qk"),
+    *(f"cross_attn.{m}_img.{p}" for m in "kv" for p in _PARAMS),
+    "cross_attn.norm_k_img.weight",
+    *(f"{m}.{p}" for m in ("norm3", "ffn.0", "ffn.2") for p in _PARAMS),
+))  # fmt: skip
 
 # Per-layer quantization companions: LightX2V `weight_scale` [out,1]; ComfyUI `scale_weight`
 # (per tensor) and `scale_input`; newer ComfyUI `input_scale`/`comfy_quant`.
-SCALE_SUFFIXES = (".weight_scale", ".scale_weight", ".scale_input", ".input_scale", ".comfy_quant")
+SCALE_LEAVES = frozenset(("weight_scale", "scale_weight", "scale_input", "input_scale", "comfy_quant"))
 MARKER_KEYS = ("scaled_fp8",)
 
 
 def diffusers_to_official(key: str) -> str | None:
     """Official name of a diffusers `WanTransformer3DModel` key, or None if it has none."""
-    if key in _DIFFUSERS_TOP_EXACT:
-        return _DIFFUSERS_TOP_EXACT[key]
-    m = _BLOCK_RE.match(key)
-    if m:
-        n, rest = m.groups()
-        if rest in _DIFFUSERS_BLOCK_EXACT:
-            return f"blocks.{n}.{_DIFFUSERS_BLOCK_EXACT[rest]}"
-        module, _, leaf = rest.rpartition(".")
-        if module in _DIFFUSERS_BLOCK:
-            return f"blocks.{n}.{_DIFFUSERS_BLOCK[module]}.{leaf}"
-        return None
-    for src, dst in _DIFFUSERS_TOP:
-        if key.startswith(src):
-            return dst + key[len(src):]
-    return None
+    return DIFFUSERS_NAMES.to_official(key)
 
 
 def official_to_diffusers(key: str) -> str | None:
     """diffusers name of an official key, or None if diffusers has no such parameter."""
-    for dkey, okey in _DIFFUSERS_TOP_EXACT.items():
-        if key == okey:
-            return dkey
-    m = _BLOCK_RE.match(key)
-    if m:
-        n, rest = m.groups()
-        if rest == "modulation":
-            return f"blocks.{n}.scale_shift_table"
-        module, _, leaf = rest.rpartition(".")
-        if module in _OFFICIAL_TO_DIFFUSERS_BLOCK:
-            return f"blocks.{n}.{_OFFICIAL_TO_DIFFUSERS_BLOCK[module]}.{leaf}"
-        return None
-    for src, dst in _DIFFUSERS_TOP:
-        if key.startswith(dst):
-            return src + key[len(dst):]
-    return None
+    return DIFFUSERS_NAMES.to_theirs(key)
 
 
 def is_official_key(key: str) -> bool:
     """True for a key an official Wan DiT state dict can hold."""
-    return OFFICIAL_KEY_RE.match(key) is not None
+    if key.startswith("blocks."):
+        index, _, rest = key[len("blocks."):].partition(".")
+        return index.isdigit() and rest in OFFICIAL_BLOCK_KEYS
+    return key in OFFICIAL_TOP_KEYS
 
 
 def looks_like_diffusers(keys) -> bool:
@@ -165,30 +137,37 @@ class KeyMap:
     ignored: list[str] = field(default_factory=list)  # stored keys known and deliberately unused
 
 
-def normalize_keys(keys) -> KeyMap:
-    """Map every stored key to its official name; collect scale companions and unknown keys."""
+def normalize_keys(keys, where: str = "checkpoint") -> KeyMap:
+    """Map every stored key to its official name; collect scale companions and unknown keys.
+
+    In a diffusers-form file a key that already is an official name stays that name (LightX2V's
+    `-d forward` conversion leaves `blocks.N.modulation` unrenamed); two stored keys naming one
+    official tensor are an error (`where` names the file in it)."""
     keys = list(keys)
     prefix = detect_prefix(keys)
-    stripped = {k[len(prefix):] if k.startswith(prefix) else k: k for k in keys}
-    form = "diffusers" if looks_like_diffusers(stripped) else "official"
+    stripped = [(k[len(prefix):] if k.startswith(prefix) else k, k) for k in keys]
+    form = "diffusers" if looks_like_diffusers(bare for bare, _ in stripped) else "official"
     km = KeyMap(form=form, prefix=prefix)
-    for bare, stored in stripped.items():
+    for bare, stored in stripped:
         if bare in MARKER_KEYS:
             km.scales[stored] = ""
             continue
-        scale_suffix = next((s for s in SCALE_SUFFIXES if bare.endswith(s)), None)
-        if scale_suffix is not None:
-            km.scales[stored] = stored[: -len(scale_suffix)] + ".weight"
+        layer, dot, leaf = stored.rpartition(".")
+        if dot and leaf in SCALE_LEAVES:
+            km.scales[stored] = layer + ".weight"
             continue
+        official = bare
         if form == "diffusers":
             if DIFFUSERS_IGNORED.match(bare):
                 km.ignored.append(stored)
                 continue
-            official = diffusers_to_official(bare)
-        else:
-            official = bare
-        if official is None or not is_official_key(official):
+            official = diffusers_to_official(bare) or bare
+        if not is_official_key(official):
             km.unknown.append(stored)
+        elif official in km.to_source:
+            raise CheckpointError(
+                f"{where}: {km.to_source[official]!r} and {stored!r} both name the official tensor {official!r}; keep one"
+            )
         else:
             km.to_source[official] = stored
     return km

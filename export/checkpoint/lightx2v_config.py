@@ -15,16 +15,27 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from wanrt.engines.errors import CheckpointError
 from wanrt.engines.model import SamplingDefaults
 
-from .safetensors_file import CheckpointError
 
-# Every scheme below reads the same file format: per-output-channel symmetric fp8 e4m3 / int8
-# weights with `<layer>.weight_scale` [out,1]; only LightX2V's kernel differs.
-SUPPORTED_QUANT_SCHEMES = (
-    "fp8-vllm", "int8-vllm", "fp8-sgl", "int8-sgl", "fp8-q8f", "int8-q8f",
-    "fp8-triton", "int8-triton", "fp8-torchao", "int8-torchao",
-)
+# dit_quant_scheme -> (storage dtype of the block linears, scale layout) of the files it reads.  Every
+# scheme here reads one layout: per-output-channel symmetric fp8 e4m3 / int8 `<layer>.weight` with
+# `<layer>.weight_scale` [out, 1]; only LightX2V's kernel and platform differ (`mm_weight.py` and
+# `lightx2v_platform/ops/mm/*`: each loads with `load_fp8_perchannel_sym` / `load_int8_perchannel_sym`).
+QUANT_SCHEMES: dict[str, tuple[str, str]] = {
+    "fp8-vllm": ("fp8_e4m3", "per_channel"), "int8-vllm": ("int8", "per_channel"),
+    "fp8-sgl": ("fp8_e4m3", "per_channel"), "int8-sgl": ("int8", "per_channel"),
+    "fp8-q8f": ("fp8_e4m3", "per_channel"), "int8-q8f": ("int8", "per_channel"),
+    "fp8-triton": ("fp8_e4m3", "per_channel"), "int8-triton": ("int8", "per_channel"),
+    "fp8-torchao": ("fp8_e4m3", "per_channel"), "int8-torchao": ("int8", "per_channel"),
+    "int8-npu": ("int8", "per_channel"),  # Ascend NPU
+    "int8-tmo": ("int8", "per_channel"),  # Cambricon MLU (torch_mlu_ops)
+    "int8-vllm-hygon-dcu": ("int8", "per_channel"),  # Hygon DCU
+    "int8-iluvatar": ("int8", "per_channel"),  # Iluvatar CoreX
+    "fp8-musa": ("fp8_e4m3", "per_channel"),  # Moore Threads MUSA
+    "fp8-intel-xpu": ("fp8_e4m3", "per_channel"),  # Intel XPU
+}  # fmt: skip
 NOT_QUANTIZED = ("Default", "", None)
 EXPERT_KEYS = {
     "dit": ("dit_quantized_ckpt", "dit_original_ckpt"),
@@ -72,19 +83,40 @@ def quant_scheme(config: dict[str, Any], config_path: Path) -> str | None:
     scheme = config.get("dit_quant_scheme")
     if scheme in NOT_QUANTIZED:
         raise CheckpointError(
-            f"{config_path}: dit_quantized is true but dit_quant_scheme is {scheme!r}; supported: {', '.join(SUPPORTED_QUANT_SCHEMES)}"
+            f"{config_path}: dit_quantized is true but dit_quant_scheme is {scheme!r}; supported: {', '.join(QUANT_SCHEMES)}"
         )
-    if scheme not in SUPPORTED_QUANT_SCHEMES:
+    if scheme not in QUANT_SCHEMES:
         raise CheckpointError(
             f"{config_path}: dit_quant_scheme {scheme!r} is not supported; supported (per-channel fp8 e4m3 / int8"
-            f" with weight_scale [out,1]): {', '.join(SUPPORTED_QUANT_SCHEMES)}"
+            f" with weight_scale [out,1]): {', '.join(QUANT_SCHEMES)}"
         )
     return scheme
 
 
-def scheme_precision(scheme: str) -> str:
-    """Storage dtype of the block linears a scheme reads: "fp8_e4m3" or "int8"."""
-    return "int8" if scheme.startswith("int8") else "fp8_e4m3"
+# Config keys read but not acted on, with why: (keys, reason).  One row per component, so the work
+# that makes LightX2V's quantized T5 / CLIP files real sources removes its row.
+IGNORED_KEYS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("t5_quantized", "t5_quant_scheme", "t5_quantized_ckpt"), "the bf16 T5 is exported and quantized by the engine build"),
+    (("clip_quantized", "clip_quant_scheme", "clip_quantized_ckpt"),
+     "the float CLIP (clip_original_ckpt, or the CLIP file found beside the model) is exported"),
+    (("use_tae", "tae_path"), "the bundle decodes with the Wan VAE; LightX2V's tiny TAE decoder is not exported"),
+    (("vae_name",), "the VAE is found by its tensors; set vae_path to choose a file"),
+)
+
+
+def config_notes(config: dict[str, Any], experts: list[str]) -> list[str]:
+    """Notes on config keys that are set but change nothing here (`experts`: the DiT experts in use)."""
+    notes = []
+    for keys, why in IGNORED_KEYS:
+        present = [k for k in keys if config.get(k) not in (None, False, "")]
+        if present:
+            notes.append(f"{', '.join(present)} {'is' if len(present) == 1 else 'are'} ignored: {why}")
+    if not config.get("dit_quantized", False):
+        for expert in experts:
+            key = EXPERT_KEYS[expert][0]
+            if config.get(key):
+                notes.append(f"{key} is not used: dit_quantized is not true (LightX2V reads the quantized file only then)")
+    return notes
 
 
 def config_file(config: dict[str, Any], key: str, config_path: Path) -> Path | None:

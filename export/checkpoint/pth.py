@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .safetensors_file import ITEMSIZE, CheckpointError
+from wanrt.engines.errors import CheckpointError
+
+from .safetensors_file import ITEMSIZE
 
 if TYPE_CHECKING:
     import torch

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from wanrt.engines.defaults import default_sampling
+from wanrt.engines.errors import CheckpointError
 from wanrt.engines.model import DiTConfig, SamplingDefaults
 
 from . import lightx2v_config as lx
@@ -27,10 +28,10 @@ from .companions import (
 )
 from .dit_config import check_config_json, describe, infer_dit_config, is_dit_config_json
 from .keys import looks_like_lora, normalize_keys
-from .safetensors_file import CheckpointError, SafetensorsFile
-from .view import WEIGHT_FILE_SUFFIXES, CheckpointView, TensorSource, is_block_linear, open_source
+from .safetensors_file import SafetensorsFile
+from .shards import INDEX_SUFFIX, ShardIndex, check_index, index_listing, read_index
+from .view import WEIGHT_FILE_SUFFIXES, CheckpointView, is_block_linear, open_source
 
-INDEX_SUFFIX = ".safetensors.index.json"
 MOE_FOLDERS = {"high_noise": "high_noise_model", "low_noise": "low_noise_model"}
 DIFFUSERS_FOLDERS = {"high_noise": "transformer", "low_noise": "transformer_2"}  # diffusers: transformer runs at high noise
 STORAGE_PRECISIONS = ("fp32", "fp16", "bf16", "fp8_e4m3", "int8")  # what block linear weights may be stored as
@@ -130,46 +131,12 @@ def _str(p: Path | None) -> str | None:
 # Locating one expert's weight files
 
 
-def _shard_path(index: Path, shard: str) -> Path | None:
-    """Where a weight_map entry (`name`, `./name`, `sub/name`) points, relative to the index's folder; None if outside it."""
-    rel = os.path.normpath(shard)
-    if os.path.isabs(rel) or rel == ".." or rel.startswith(".." + os.sep) or rel == ".":
-        return None
-    return index.parent / rel
-
-
-def _read_index(index: Path) -> tuple[list[Path], dict[str, Path]]:
-    """The shard files a `*.safetensors.index.json` names (each checked to exist), and its weight_map as key -> shard path."""
-    data = lx.read_json(index, "safetensors index")
-    weight_map = data.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index}: safetensors index without a weight_map")
-    shards: dict[str, Path] = {}
-    for name in dict.fromkeys(str(v) for v in weight_map.values()):
-        path = _shard_path(index, name)
-        if path is None:
-            raise CheckpointError(f"{index}: names shard {name}, which is missing from {index.parent} (shards must sit in the index's folder)")
-        if not path.is_file():
-            raise CheckpointError(f"{index}: names shard {name}, which is missing from {index.parent}")
-        shards[name] = path
-    return list(dict.fromkeys(shards.values())), {key: shards[str(v)] for key, v in weight_map.items()}
-
-
-def _check_index(index: Path, weight_map: dict[str, Path], sources: list[TensorSource]) -> None:
-    """Every key the index lists is in the shard it names."""
-    by_path = {s.path: s for s in sources}
-    for key, shard in weight_map.items():
-        if key not in by_path[shard]:
-            rel = shard.relative_to(index.parent)
-            raise CheckpointError(f"{index}: lists tensor {key!r} in {rel}, but {rel} has no such tensor")
-
-
 def _file_kind(path: Path) -> str:
     """"dit", "lora" or "other" from a weights file's header."""
     keys = open_source(path).keys()
     if looks_like_lora(keys):
         return "lora"
-    km = normalize_keys(keys)
+    km = normalize_keys(keys, str(path))
     return "dit" if km.to_source and len(km.to_source) >= len(km.unknown) else "other"
 
 
@@ -180,14 +147,14 @@ def _lora_error(path: Path) -> CheckpointError:
     )
 
 
-def _folder_files(folder: Path, expert: str) -> tuple[list[Path], tuple[Path, dict[str, Path]] | None]:
-    """The DiT files in a folder (index honoured; one candidate auto-picked), and the index used with its weight_map."""
+def _folder_files(folder: Path, expert: str) -> tuple[list[Path], ShardIndex | None]:
+    """The DiT files in a folder (index honoured; one candidate auto-picked), and the index used."""
     indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
     if len(indexes) > 1:
         raise CheckpointError(f"{folder}: several safetensors indexes ({', '.join(p.name for p in indexes)}); keep one")
     if indexes:
-        files, weight_map = _read_index(indexes[0])
-        return files, (indexes[0], weight_map)
+        index = read_index(indexes[0])
+        return index.shards, index
     files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_FILE_SUFFIXES and p.is_file())
     if not files:
         if not any(folder.iterdir()):
@@ -214,21 +181,12 @@ def _dit_config_json(folder: Path) -> Path | None:
     return p if p.is_file() and is_dit_config_json(lx.read_json(p, "config.json")) else None
 
 
-def _index_listing(shard: Path) -> Path | None:
-    """The index beside a file that names it as one of its shards, if any."""
-    for index in shard.parent.glob("*" + INDEX_SUFFIX):
-        weight_map = lx.read_json(index, "safetensors index").get("weight_map")
-        if isinstance(weight_map, dict) and shard in {_shard_path(index, str(v)) for v in weight_map.values()}:
-            return index
-    return None
-
-
 def _open_expert(name: str, location: Path, root: Path | None) -> Expert:
     """Build one expert's view from a weights file or a folder."""
     if location.is_dir():
         files, index = _folder_files(location, name)
         folder = location
-    elif location.is_file() and _index_listing(location) is not None:
+    elif location.is_file() and index_listing(location) is not None:
         files, index = _folder_files(location.parent, name)  # one shard of a sharded model: take them all
         folder = location.parent
     elif location.is_file():
@@ -242,7 +200,7 @@ def _open_expert(name: str, location: Path, root: Path | None) -> Expert:
         raise _lora_error(next(s.path for s in sources if looks_like_lora(s.keys())))
     view = CheckpointView(sources)
     if index is not None:
-        _check_index(*index, sources)
+        check_index(index, {s.path: s for s in sources})
         if view.layout == "official" and any(p.name == "non_block.safetensors" for p in files):
             view.layout = "lightx2v"  # LightX2V --save_by_block: block_N + non_block + index
     config_json = _dit_config_json(folder)
@@ -276,6 +234,8 @@ def resolve_model(path: str | os.PathLike, config: str | os.PathLike | None = No
     notes: list[str] = []
     scheme = lx.quant_scheme(cfg, cfg_path) if cfg is not None else None
     experts = _locate_experts(path, root, cfg, cfg_path, notes)
+    if cfg is not None:
+        notes += lx.config_notes(cfg, [e.name for e in experts])
     for e in experts:
         if looks_like_lora(e.view.keymap.unknown) and not e.view.keymap.to_source:
             raise _lora_error(e.files[0])
@@ -380,7 +340,7 @@ def _locate_experts(path: Path, root: Path, cfg: dict | None, cfg_path: Path | N
 
 
 def _dit_config(experts: list[Expert]) -> DiTConfig:
-    configs = [infer_dit_config(e.view.shapes(), _where(e)) for e in experts]
+    configs = [infer_dit_config(e.view.shapes(), _where(e), e.view.unknown_keys) for e in experts]
     if len(configs) == 2 and configs[0] != configs[1]:
         raise CheckpointError(
             f"the high_noise expert ({_where(experts[0])}: {describe(configs[0])}) and the low_noise expert"
@@ -452,13 +412,12 @@ def _lone_expert_name(experts: list[Expert], record: dict[str, Any] | None) -> t
 
 
 def _check_scheme(experts: list[Expert], scheme: str, cfg_path: Path) -> None:
-    want = lx.scheme_precision(scheme)
+    precision, scale = lx.QUANT_SCHEMES[scheme]
     for e in experts:
-        if e.view.precision != want or e.view.scale != "per_channel":
-            scale = e.view.scale or "no scale"
+        if (e.view.precision, e.view.scale) != (precision, scale):
             raise CheckpointError(
-                f"{cfg_path}: dit_quant_scheme {scheme!r} reads {want} block linears with per-channel weight_scale,"
-                f" but {_where(e)} stores them as {e.view.precision} ({scale})"
+                f"{cfg_path}: dit_quant_scheme {scheme!r} reads {precision} block linears with a {scale.replace('_', '-')}"
+                f" weight_scale, but {_where(e)} stores them as {e.view.precision} ({e.view.scale or 'no scale'})"
             )
 
 
@@ -488,8 +447,6 @@ def _companions(roots: list[Path], experts: list[Expert], dit: DiTConfig, cfg: d
             cands = fitting or cands
         official = VAE_FILES.get("2.2" if dit.out_dim == 48 else "2.1") if kind == "vae" else {"t5": T5_FILE, "clip": CLIP_FILE}[kind]
         chosen[kind] = pick(kind.upper(), cands, official, key)
-    if cfg is not None and cfg.get("t5_quantized"):
-        notes.append("t5_quantized is ignored: the bf16 T5 is exported and quantized by the engine build")
     t5, clip, vae = chosen["t5"], chosen["clip"], chosen["vae"]
     if t5 is not None and t5.width != dit.text_dim:
         raise CheckpointError(f"{t5.path}: T5 width {t5.width} does not match the DiT's text_dim {dit.text_dim}")
@@ -514,4 +471,4 @@ def _companions(roots: list[Path], experts: list[Expert], dit: DiTConfig, cfg: d
 
 def _safetensors_is_dit_or_lora(path: Path) -> bool:
     keys = SafetensorsFile(path).keys()
-    return looks_like_lora(keys) or bool(normalize_keys(keys).to_source)
+    return looks_like_lora(keys) or bool(normalize_keys(keys, str(path)).to_source)

@@ -7,7 +7,6 @@ Parsing headers needs no torch (so `inspect` stays fast); torch is imported on t
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import json
 import math
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wanrt.engines.errors import WanrtError
+from wanrt.engines.errors import CheckpointError
 
 if TYPE_CHECKING:
     import torch
@@ -81,10 +80,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class CheckpointError(WanrtError):
-    """A checkpoint file is malformed or does not fit what was expected of it."""
-
-
 @dataclass(frozen=True)
 class TensorHeader:
     """One tensor's entry in a safetensors header."""
@@ -128,23 +123,33 @@ class SafetensorsFile:
         h = self.header(key)
         buf = empty_bytes(h.nbytes)
         if h.nbytes:
-            view = memoryview(buf.numpy())
-            got = 0
-            try:
-                fd = os.open(self.path, os.O_RDONLY)
-                try:
-                    while got < h.nbytes:
-                        n = os.preadv(fd, [view[got:]], h.begin + got)
-                        if n == 0:
-                            break
-                        got += n
-                finally:
-                    os.close(fd)
-            except OSError as e:
-                raise CheckpointError(f"{self.path}: cannot read tensor {key!r} ({e.strerror})") from None
-            if got != h.nbytes:
-                raise CheckpointError(f"{self.path}: tensor {key!r} ends past the end of the file (truncated)")
+            self._read_into(memoryview(buf.numpy()), h)
         return buf.view(torch_dtype(h.dtype)).reshape(h.shape)
+
+    def read_bytes(self, key: str) -> bytes:
+        """One tensor's stored bytes, without torch (for small tensors such as ComfyUI's `comfy_quant` JSON)."""
+        h = self.header(key)
+        buf = bytearray(h.nbytes)
+        if h.nbytes:
+            self._read_into(memoryview(buf), h)
+        return bytes(buf)
+
+    def _read_into(self, view: memoryview, h: TensorHeader) -> None:
+        got = 0
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                while got < h.nbytes:
+                    n = os.preadv(fd, [view[got:]], h.begin + got)
+                    if n == 0:
+                        break
+                    got += n
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read tensor {h.key!r} ({e.strerror})") from None
+        if got != h.nbytes:
+            raise CheckpointError(f"{self.path}: tensor {h.key!r} ends past the end of the file (truncated)")
 
 
 HUGE_PAGE = 2 << 20
@@ -154,6 +159,8 @@ MADV_HUGEPAGE = 14
 @functools.cache
 def _madvise():
     """libc's madvise, or None off Linux."""
+    import ctypes  # only for reads: headers-only paths (inspect) skip it
+
     try:
         fn = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):

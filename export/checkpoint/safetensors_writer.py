@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from wanrt.engines.errors import CheckpointError
 from wanrt.engines.files import current_umask
 
-from .safetensors_file import NAME_TO_ST, CheckpointError, dtype_name
+from .safetensors_file import NAME_TO_ST, dtype_name
 
 
 @dataclass(frozen=True)

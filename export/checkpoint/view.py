@@ -9,6 +9,7 @@ Building a view reads headers only (and imports no torch).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections import Counter
@@ -17,9 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from wanrt.engines.errors import CheckpointError
+
+from .comfy_quant import check_layers as check_comfy_quant
 from .keys import KeyMap, normalize_keys
 from .pth import read_pth_header
-from .safetensors_file import CheckpointError, SafetensorsFile, TensorHeader, empty_bytes
+from .safetensors_file import SafetensorsFile, TensorHeader, empty_bytes
 from .storage import QUANTIZED_DTYPES, SCALE_AXES, SCALE_DTYPES, WEIGHT_SCALE_SUFFIXES, is_block_linear, scale_granularity
 
 if TYPE_CHECKING:
@@ -90,6 +94,12 @@ class TensorSource:
     def read(self, key: str) -> "torch.Tensor":
         raise NotImplementedError
 
+    def read_bytes(self, key: str) -> bytes:
+        """One tensor's stored bytes (small tensors: ComfyUI's `comfy_quant` JSON)."""
+        import torch
+
+        return self.read(key).contiguous().view(torch.uint8).numpy().tobytes()
+
 
 class SafetensorsSource(TensorSource):
     """Tensors of one safetensors file (validated header, reads on demand)."""
@@ -110,6 +120,9 @@ class SafetensorsSource(TensorSource):
 
     def read(self, key: str) -> "torch.Tensor":
         return self.file.read(key)
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.file.read_bytes(key)  # no torch: headers-only paths stay torch-free
 
 
 class PthSource(TensorSource):
@@ -160,6 +173,8 @@ class CheckpointView(Mapping[str, TensorRef]):
     """One DiT expert's tensors under official names, read lazily from one or more files."""
 
     def __init__(self, sources: list[TensorSource], layout: str | None = None):
+        for src in sources:
+            check_comfy_quant(src)  # formats not read here fail by name, not as a shape error below
         self.sources = sources
         self.files = [s.path for s in sources]
         located: dict[str, TensorSource] = {}
@@ -170,7 +185,8 @@ class CheckpointView(Mapping[str, TensorRef]):
                         f"duplicate tensor {k!r} in {located[k].path} and {src.path}; the shards overlap"
                     )
                 located[k] = src
-        self.keymap: KeyMap = normalize_keys(located)
+        where = str(self.files[0]) if len(self.files) == 1 else f"{self.files[0].parent} ({len(self.files)} files)"
+        self.keymap: KeyMap = normalize_keys(located, where)
         self.unknown_keys = list(self.keymap.unknown)
         self.markers = [s for s, w in self.keymap.scales.items() if not w]
         self._refs: dict[str, TensorRef] = {}
@@ -225,13 +241,15 @@ class CheckpointView(Mapping[str, TensorRef]):
     def __len__(self) -> int:
         return len(self._refs)
 
-    def _block_linear_refs(self) -> list[TensorRef]:
+    @functools.cached_property
+    def _block_linears(self) -> list[TensorRef]:
+        """The block linear weights (the refs are fixed once built: computed once)."""
         return [r for k, r in self._refs.items() if is_block_linear(k)]
 
     @property
     def precision(self) -> str:
         """Storage precision of the block linear weights ("bf16", "fp8_e4m3", "int8", ...), the most common one."""
-        refs = self._block_linear_refs() or list(self._refs.values())
+        refs = self._block_linears or list(self._refs.values())
         if not refs:
             return "unknown"
         return Counter(r.dtype for r in refs).most_common(1)[0][0]
@@ -239,12 +257,12 @@ class CheckpointView(Mapping[str, TensorRef]):
     @property
     def precisions(self) -> dict[str, int]:
         """How many block linear weights are stored in each dtype (more than one entry: a mixed file)."""
-        return dict(Counter(r.dtype for r in self._block_linear_refs()))
+        return dict(Counter(r.dtype for r in self._block_linears))
 
     @property
     def scale(self) -> str | None:
         """Scale layout of the quantized block linears: "per_channel", "per_tensor" or None."""
-        layouts = Counter(r.scale_layout for r in self._block_linear_refs() if r.quantized)
+        layouts = Counter(r.scale_layout for r in self._block_linears if r.quantized)
         return layouts.most_common(1)[0][0] if layouts else None
 
     @property

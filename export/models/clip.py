@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wanrt.export.checkpoint.safetensors_file import CheckpointError
+from wanrt.engines.errors import CheckpointError
 from wanrt.export.checkpoint.view import TensorSource
 from wanrt.export.models.t5 import check_state_shapes, require_file
 
@@ -188,8 +188,8 @@ def open_clip_checkpoint(
     """The tower config (inferred and checked), lazy reader and module key -> `visual.*` key of a CLIP file.
 
     Accepts the official open-clip keys and transformers `CLIPVisionModelWithProjection` names."""
-    from wanrt.export.checkpoint.companions import open_companion
-    from wanrt.export.checkpoint.companion_keys import MappedSource, hf_clip_plan, is_hf_clip
+    from wanrt.export.checkpoint.companion_keys import MappedSource, hf_clip_plan
+    from wanrt.export.checkpoint.companions import is_hf_clip, open_companion
 
     p = require_file(path, "image encoder (CLIP ViT-H/14)", OFFICIAL_CLIP_FILE, task)
     source = open_companion(p)

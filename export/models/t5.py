@@ -22,11 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from wanrt.engines.errors import WanrtError
-from wanrt.export.checkpoint.safetensors_file import CheckpointError
+from wanrt.engines.errors import CheckpointError, WanrtError
 from wanrt.export.checkpoint.view import TensorSource
 
 OFFICIAL_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -243,8 +241,8 @@ def open_t5_checkpoint(path: str | os.PathLike | None, task: str | None = None) 
     """The config (inferred and checked from the key shapes) and lazy reader (official names) of a T5 file.
 
     Accepts the official keys and transformers `UMT5EncoderModel` names (a diffusers `text_encoder/`)."""
-    from wanrt.export.checkpoint.companions import open_companion
-    from wanrt.export.checkpoint.companion_keys import MappedSource, hf_t5_plan, is_hf_t5
+    from wanrt.export.checkpoint.companion_keys import MappedSource, hf_t5_plan
+    from wanrt.export.checkpoint.companions import is_hf_t5, open_companion
 
     p = require_file(path, "text encoder (umt5-xxl T5)", OFFICIAL_T5_FILE, task)
     source = open_companion(p)

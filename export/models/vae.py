@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wanrt.engines.errors import WanrtError
+from wanrt.engines.errors import CheckpointError, WanrtError
 
 if TYPE_CHECKING:
     from wanrt.export.checkpoint.view import TensorSource
@@ -650,146 +650,22 @@ def check_video_shape(shape: tuple[int, ...], cfg: VAEConfig) -> None:
         raise WanrtError(f"video of {shape[3]}x{shape[4]} pixels: the Wan{cfg.version} VAE needs multiples of {s}")
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _diffusers_resnet(rest: str) -> str:
-    """diffusers `WanResidualBlock` names -> official `ResidualBlock` names."""
-    for ours, theirs in (
-        ("norm1.", "residual.0."),
-        ("conv1.", "residual.2."),
-        ("norm2.", "residual.3."),
-        ("conv2.", "residual.6."),
-        ("conv_shortcut.", "shortcut."),
-    ):
-        if rest.startswith(ours):
-            return theirs + rest[len(ours) :]
-    return rest
-
-
-def diffusers_to_official_vae_key(key: str, cfg: VAEConfig) -> str | None:
-    """Map an `AutoencoderKLWan` state-dict key to the official key (None if it has no counterpart)."""
-    top = {"quant_conv.": "conv1.", "post_quant_conv.": "conv2."}
-    for prefix, official in top.items():
-        if key.startswith(prefix):
-            return official + key[len(prefix) :]
-    part, _, rest = key.partition(".")
-    if part not in ("encoder", "decoder"):
-        return None
-    for ours, theirs in (("conv_in.", "conv1."), ("norm_out.", "head.0."), ("conv_out.", "head.2.")):
-        if rest.startswith(ours):
-            return f"{part}.{theirs}{rest[len(ours):]}"
-    fields = rest.split(".")
-    if fields[0] == "mid_block":  # resnets.{0,1} -> middle.{0,2}; attentions.0 -> middle.1
-        kind, index, tail = fields[1], int(fields[2]), ".".join(fields[3:])
-        if kind == "attentions":
-            return f"{part}.middle.1.{tail}"
-        return f"{part}.middle.{2 * index}.{_diffusers_resnet(tail)}"
-    if fields[0] == "down_blocks":
-        i, tail = int(fields[1]), ".".join(fields[2:])
-        if cfg.version == "2.1":  # same flat list
-            return f"encoder.downsamples.{i}.{_diffusers_resnet(tail)}"
-        if tail.startswith("resnets."):
-            k, _, tail = tail[len("resnets.") :].partition(".")
-            return f"encoder.downsamples.{i}.downsamples.{k}.{_diffusers_resnet(tail)}"
-        if tail.startswith("downsampler."):
-            return f"encoder.downsamples.{i}.downsamples.{cfg.num_res_blocks}.{tail[len('downsampler.'):]}"
-        return None
-    if fields[0] == "up_blocks":
-        i, tail = int(fields[1]), ".".join(fields[2:])
-        per_stage = cfg.num_res_blocks + 1
-        if tail.startswith("resnets."):
-            k, _, tail = tail[len("resnets.") :].partition(".")
-            if cfg.version == "2.1":  # flat: each stage is its resnets, then one resample
-                return f"decoder.upsamples.{i * (per_stage + 1) + int(k)}.{_diffusers_resnet(tail)}"
-            return f"decoder.upsamples.{i}.upsamples.{k}.{_diffusers_resnet(tail)}"
-        for name in ("upsamplers.0.", "upsampler."):
-            if tail.startswith(name):
-                tail = tail[len(name) :]
-                if cfg.version == "2.1":
-                    return f"decoder.upsamples.{i * (per_stage + 1) + per_stage}.{tail}"
-                return f"decoder.upsamples.{i}.upsamples.{per_stage}.{tail}"
-    return None
-
-
-def _official_resnet(rest: str) -> str:
-    """Official `ResidualBlock` names -> diffusers `WanResidualBlock` names (other tails unchanged)."""
-    for theirs, ours in (("residual.0.", "norm1."), ("residual.2.", "conv1."), ("residual.3.", "norm2."),
-                         ("residual.6.", "conv2."), ("shortcut.", "conv_shortcut.")):  # fmt: skip
-        if rest.startswith(theirs):
-            return ours + rest[len(theirs) :]
-    return rest
-
-
-def official_to_diffusers_vae_key(key: str, cfg: VAEConfig) -> str:
-    """Map an official VAE key to the `AutoencoderKLWan` key (the inverse of `diffusers_to_official_vae_key`)."""
-    for official, prefix in (("conv1.", "quant_conv."), ("conv2.", "post_quant_conv.")):
-        if key.startswith(official):
-            return prefix + key[len(official) :]
-    part, _, rest = key.partition(".")
-    for theirs, ours in (("conv1.", "conv_in."), ("head.0.", "norm_out."), ("head.2.", "conv_out.")):
-        if rest.startswith(theirs):
-            return f"{part}.{ours}{rest[len(theirs):]}"
-    fields = rest.split(".")
-    if fields[0] == "middle":
-        j, tail = int(fields[1]), ".".join(fields[2:])
-        if j == 1:
-            return f"{part}.mid_block.attentions.0.{tail}"
-        return f"{part}.mid_block.resnets.{j // 2}.{_official_resnet(tail)}"
-    per_stage = cfg.num_res_blocks + 1
-    if fields[0] == "downsamples" and cfg.version == "2.1":
-        return f"encoder.down_blocks.{fields[1]}.{_official_resnet('.'.join(fields[2:]))}"
-    if fields[0] == "downsamples":
-        i, k, tail = fields[1], int(fields[3]), ".".join(fields[4:])
-        if k == cfg.num_res_blocks:
-            return f"encoder.down_blocks.{i}.downsampler.{tail}"
-        return f"encoder.down_blocks.{i}.resnets.{k}.{_official_resnet(tail)}"
-    if fields[0] == "upsamples" and cfg.version == "2.1":
-        i, r = divmod(int(fields[1]), per_stage + 1)
-        tail = ".".join(fields[2:])
-        if r == per_stage:
-            return f"decoder.up_blocks.{i}.upsamplers.0.{tail}"
-        return f"decoder.up_blocks.{i}.resnets.{r}.{_official_resnet(tail)}"
-    if fields[0] == "upsamples":
-        i, k, tail = fields[1], int(fields[3]), ".".join(fields[4:])
-        if k == per_stage:
-            return f"decoder.up_blocks.{i}.upsampler.{tail}"
-        return f"decoder.up_blocks.{i}.resnets.{k}.{_official_resnet(tail)}"
-    raise WanrtError(f"official Wan{cfg.version} VAE key {key!r} has no diffusers AutoencoderKLWan name")
-
-
-def _detect_layout(keys: set[str], path: Path) -> tuple[str, str]:
-    """(version, layout) of a VAE state dict: layout "official" or "diffusers"."""
-    if "encoder.downsamples.0.downsamples.0.residual.0.gamma" in keys:
-        return "2.2", "official"
-    if "encoder.downsamples.0.residual.0.gamma" in keys:
-        return "2.1", "official"
-    if "encoder.conv_in.weight" in keys:
-        return ("2.2" if "encoder.down_blocks.0.resnets.0.norm1.gamma" in keys else "2.1"), "diffusers"
-    raise WanrtError(
-        f"{path}: not a Wan VAE checkpoint (no 'encoder.downsamples.0.residual.0.gamma' (Wan2.1) or "
-        "'encoder.downsamples.0.downsamples.0.residual.0.gamma' (Wan2.2) key)"
-    )
+# ----------------------------------------------------------------------------- loading a checkpoint
 
 
 def vae_config_from_shapes(version: str, shapes: dict[str, tuple[int, ...]], path: Path) -> VAEConfig:
-    """The architecture of an official-key VAE state dict, from its tensor shapes."""
+    """The architecture of an official-key VAE state dict, from its tensor shapes (the version from `vae_layout`)."""
     for key in ("encoder.conv1.weight", "decoder.conv1.weight", "conv2.weight"):
         if key not in shapes:
-            raise WanrtError(f"{path}: missing key {key!r} (expected a Wan{version} VAE checkpoint)")
+            raise CheckpointError(f"{path}: missing key {key!r} (expected a Wan{version} VAE checkpoint)")
     official = VAEConfig.official(version)
-    z_dim = shapes["conv2.weight"][0]
-    if z_dim != official.z_dim:
-        raise WanrtError(
-            f"{path}: 'conv2.weight' has {z_dim} latent channels; the Wan{version} VAE has {official.z_dim}"
-        )
     block = "encoder.downsamples.{}.residual.0.gamma" if version == "2.1" else "encoder.downsamples.0.downsamples.{}.residual.0.gamma"
     num_res_blocks = next(k for k in range(len(shapes) + 1) if block.format(k) not in shapes)  # blocks of stage 0
     return VAEConfig(
         version,
         dim=shapes["encoder.conv1.weight"][0],
         dec_dim=shapes["decoder.conv1.weight"][0] // official.dim_mult[-1],
-        z_dim=z_dim,
+        z_dim=shapes["conv2.weight"][0],
         num_res_blocks=max(num_res_blocks, 1),
     )
 
@@ -800,29 +676,41 @@ def read_vae_checkpoint(
     """(config, official name -> stored name, reader) of a VAE file, every key and shape checked.
 
     Accepts the official keys (`.pth` or `.safetensors`) and diffusers `AutoencoderKLWan` names;
-    a missing, unexpected or misshapen key raises WanrtError naming the file and the key.
+    a missing, unexpected or misshapen key raises CheckpointError naming the file and the key.
     """
-    from wanrt.export.checkpoint.companions import open_companion
+    from wanrt.export.checkpoint.companion_keys import diffusers_vae_names
+    from wanrt.export.checkpoint.companions import open_companion, vae_layout
     from wanrt.export.models.t5 import check_state_shapes, require_file
 
     path = require_file(path, "VAE", "Wan2.1_VAE.pth or Wan2.2_VAE.pth", task)
     reader = open_companion(path)
     stored = {k: tuple(reader.header(k).shape) for k in reader.keys()}
-    version, layout = _detect_layout(set(stored), path)
+    found = vae_layout(stored, path)
+    if found is None:
+        raise CheckpointError(
+            f"{path}: not a Wan VAE checkpoint (neither the official keys of Wan2.1_VAE.pth / Wan2.2_VAE.pth,"
+            " e.g. 'decoder.middle.0.residual.0.gamma', nor diffusers AutoencoderKLWan names)"
+        )
+    version, layout = found.version, found.layout
     names = {k: k for k in stored}
-    if layout == "diffusers":
-        names = {}
-        for key in stored:
-            official = diffusers_to_official_vae_key(key, VAEConfig.official(version))
-            if official is None:
-                raise WanrtError(f"{path}: unexpected key {key!r} for a diffusers AutoencoderKLWan (Wan{version})")
-            names[official] = key
+    if layout == "diffusers":  # the official stage layout (2 residual blocks per stage) names every released file
+        released = VAEConfig.official(version)
+        official = diffusers_vae_names(_meta_state(released), released)
+        unexpected = [k for k in stored if k not in official]
+        if unexpected:
+            raise CheckpointError(f"{path}: unexpected key {unexpected[0]!r} for a diffusers AutoencoderKLWan (Wan{version})")
+        names = {official[k]: k for k in stored}
     shapes = {official: stored[key] for official, key in names.items()}
     cfg = vae_config_from_shapes(version, shapes, path)
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in WanVAE(cfg).state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in _meta_state(cfg).items()}
     check_state_shapes(shapes, expected, str(path), f"the official Wan{version} VAE keys ({layout} layout)")
     return cfg, names, reader
+
+
+def _meta_state(cfg: VAEConfig) -> dict[str, torch.Tensor]:
+    """The official state dict of a VAE of this architecture, on the meta device (keys and shapes only)."""
+    with torch.device("meta"):
+        return WanVAE(cfg).state_dict()
 
 
 def load_vae(path: str | os.PathLike | None, dtype: torch.dtype = torch.float32, task: str | None = None) -> WanVAE:

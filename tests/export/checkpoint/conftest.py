@@ -1,4 +1,4 @@
-"""Fixtures: tiny models written once per session by `make_tiny_model`, and a CLI runner.
+"""Fixtures: tiny models written once per session by `make_tiny_model`, and a copy of one to damage.
 
 Assertions in these tests come from the reference facts (wan-architecture.md,
 lightx2v-formats.md, peer-formats.md) and the parameters the test asked for, never from the
@@ -7,13 +7,11 @@ writer's own tables.
 
 from __future__ import annotations
 
-import json
+import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from wanrt.export.tiny import make_tiny_model
 
@@ -44,21 +42,8 @@ def tiny_model(tmp_path_factory) -> Callable[..., Path]:
     return get
 
 
-@dataclass
-class CliResult:
-    exit_code: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> dict:
-        return json.loads(self.stdout)
-
-
-def run_cli(*args: str) -> CliResult:
-    """Run `python cli.py ARGS` in-process (the real click group, lazy command loading included)."""
-    from cli import cli
-
-    r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=True)
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception
-    return CliResult(r.exit_code, r.stdout, r.stderr)
+@pytest.fixture
+def official_copy(tiny_model, tmp_path) -> Path:
+    dst = tmp_path / "model"
+    shutil.copytree(tiny_model("wan2.1", "t2v", "official"), dst)
+    return dst

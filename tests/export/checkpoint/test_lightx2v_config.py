@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.export.helpers import assert_one_line_error
 from wanrt.engines.errors import WanrtError
 from wanrt.export.checkpoint.resolve import resolve_model
 
@@ -155,3 +156,74 @@ def test_pth_dit_in_a_folder(tiny_model, tmp_path):
     assert m.experts[0].files == [tmp_path / "distill_model.pt"] and m.text_encoder == tmp_path / "models_t5_umt5-xxl-enc-bf16.pth"
     assert (m.family, m.task, m.experts[0].view.precision) == ("wan2.1", "t2v", "bf16")
     assert all(torch.equal(m.experts[0].view.load(k, torch.bfloat16), t) for k, t in state.items())
+
+
+# compiled-path-facts.md "Peers read for real": these platform schemes load the same per-channel
+# `weight_scale [out, 1]` file layout as fp8-vllm / int8-vllm (LightX2V's lightx2v_platform/ops/mm/*).
+PLATFORM_SCHEMES = {"int8-npu": "int8", "int8-tmo": "int8", "int8-vllm-hygon-dcu": "int8", "int8-iluvatar": "int8",
+                    "fp8-musa": "fp8", "fp8-intel-xpu": "fp8"}
+
+
+@pytest.mark.parametrize("scheme", sorted(PLATFORM_SCHEMES))
+def test_platform_quant_schemes_read_the_per_channel_layout(tiny_model, tmp_path, scheme):
+    kind = PLATFORM_SCHEMES[scheme]
+    file = next(tiny_model("wan2.1", "t2v", f"lightx2v-{kind}").glob("*.safetensors"))
+    cfg = write_config(tmp_path / "q.json", {"dit_quantized": True, "dit_quant_scheme": scheme, "dit_quantized_ckpt": str(file)})
+    m = resolve_model(tiny_model("wan2.1", "t2v", "official"), cfg)
+    assert m.experts[0].files == [file]
+    assert (m.experts[0].view.precision, m.experts[0].view.scale) == ({"int8": "int8", "fp8": "fp8_e4m3"}[kind], "per_channel")
+    other = next(tiny_model("wan2.1", "t2v", "lightx2v-fp8" if kind == "int8" else "lightx2v-int8").glob("*.safetensors"))
+    cfg = write_config(tmp_path / "wrong.json", {"dit_quantized": True, "dit_quant_scheme": scheme, "dit_quantized_ckpt": str(other)})
+    with pytest.raises(WanrtError, match=f"dit_quant_scheme '{scheme}' reads"):
+        resolve_model(tiny_model("wan2.1", "t2v", "official"), cfg)
+
+
+def test_keys_read_but_not_acted_on_get_a_note(tiny_model, tmp_path):
+    root = tiny_model("wan2.1", "i2v", "official")
+    cfg = write_config(tmp_path / "c.json", {
+        "t5_quantized": True, "clip_quantized": True, "clip_quant_scheme": "fp8-sgl", "clip_quantized_ckpt": "clip-fp8.pth",
+        "use_tae": True, "tae_path": "taew2_1.pth", "vae_name": "Wan2.1_VAE.pth", "use_tiling_vae": False,
+    })
+    notes = resolve_model(root, cfg).notes
+    assert "t5_quantized is ignored: the bf16 T5 is exported and quantized by the engine build" in notes
+    assert any(n.startswith("clip_quantized, clip_quant_scheme, clip_quantized_ckpt are ignored: the float CLIP") for n in notes)
+    assert any(n.startswith("use_tae, tae_path are ignored:") for n in notes)
+    assert any(n.startswith("vae_name is ignored: the VAE is found by its tensors") for n in notes)
+    quiet = write_config(tmp_path / "q.json", {"clip_quantized": False, "use_tae": False})
+    assert not any("ignored" in n for n in resolve_model(root, quiet).notes)
+
+
+def test_quantized_ckpt_without_dit_quantized_is_not_used(tiny_model, tmp_path):
+    """LightX2V reads `*_quantized_ckpt` only with `dit_quantized: true`; without it the original weights are used."""
+    root = tiny_model("wan2.1", "t2v", "official")
+    fp8 = next(tiny_model("wan2.1", "t2v", "lightx2v-fp8").glob("*.safetensors"))
+    cfg = write_config(tmp_path / "c.json", {"dit_quantized_ckpt": str(fp8)})
+    m = resolve_model(root, cfg)
+    assert m.experts[0].view.precision == "fp32" and fp8 not in m.experts[0].files
+    assert "dit_quantized_ckpt is not used: dit_quantized is not true (LightX2V reads the quantized file only then)" in m.notes
+    moe = tiny_model("wan2.2", "t2v", "official")
+    cfg = write_config(tmp_path / "moe.json", {"low_noise_quantized_ckpt": str(expert_files(tiny_model, "lightx2v-fp8")["low_noise"])})
+    assert "low_noise_quantized_ckpt is not used: dit_quantized is not true (LightX2V reads the quantized file only then)" in resolve_model(moe, cfg).notes
+
+
+def test_quant_scheme_contradicting_file(tiny_model, tmp_path):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"dit_quantized": True, "dit_quant_scheme": "fp8-sgl"}))
+    root = tiny_model("wan2.1", "t2v", "lightx2v-int8")
+    assert_one_line_error(["inspect", root, "--config", cfg], cfg, "fp8-sgl", "int8")
+
+
+def test_unsupported_quant_scheme(tiny_model, tmp_path):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"dit_quantized": True, "dit_quant_scheme": "nvfp4"}))
+    line = assert_one_line_error(["inspect", tiny_model("wan2.1", "t2v", "lightx2v-fp8"), "--config", cfg], cfg, "'nvfp4'")
+    for scheme in ("fp8-vllm", "int8-vllm", "fp8-sgl", "int8-sgl", "fp8-q8f", "int8-q8f", "fp8-triton", "int8-triton",
+                   "fp8-torchao", "int8-torchao"):
+        assert scheme in line
+
+
+def test_config_key_pointing_at_a_missing_file(tiny_model, tmp_path):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text('{\n  // the distilled model\n  "dit_original_ckpt": "nowhere/wan2.1_t2v_14b_lightx2v_4step.safetensors"\n}\n')
+    assert_one_line_error(["inspect", tiny_model("wan2.1", "t2v", "official"), "--config", cfg],
+                          cfg, "dit_original_ckpt", "nowhere/wan2.1_t2v_14b_lightx2v_4step.safetensors", "does not exist")

@@ -8,8 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from wanrt.engines.errors import WanrtError
-from wanrt.export.checkpoint.safetensors_file import CheckpointError
+from wanrt.engines.errors import CheckpointError, WanrtError
 from wanrt.export.checkpoint.companion_keys import hf_clip_plan, official_clip_to_hf
 from wanrt.export.models.clip import CLIPVisionConfig, CLIPVisionEncoder, load_clip_vision
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from wanrt.engines.errors import WanrtError
-from wanrt.export.checkpoint.safetensors_file import CheckpointError
+from wanrt.engines.errors import CheckpointError, WanrtError
 from wanrt.export.checkpoint.companion_keys import hf_t5_key_to_official, official_t5_key_to_hf
 from wanrt.export.models.t5 import T5Config, T5Encoder, load_t5_encoder
 

@@ -15,15 +15,10 @@ import torch
 from diffusers import AutoencoderKLWan
 from safetensors.torch import save_file
 
-from wanrt.engines.errors import WanrtError
+from wanrt.engines.errors import CheckpointError, WanrtError
 from wanrt.engines.vae_contract import check_vae_matches
-from wanrt.export.models.vae import (
-    VAEConfig,
-    WanVAE,
-    diffusers_to_official_vae_key,
-    load_vae,
-    official_to_diffusers_vae_key,
-)
+from wanrt.export.checkpoint.companion_keys import diffusers_vae_names, official_to_diffusers_vae_key
+from wanrt.export.models.vae import VAEConfig, WanVAE, load_vae
 
 RTOL = 1e-4
 
@@ -56,11 +51,12 @@ def diffusers_vae(cfg: VAEConfig, seed: int = 0) -> AutoencoderKLWan:
 
 def official_state(model: AutoencoderKLWan, cfg: VAEConfig) -> dict[str, torch.Tensor]:
     """The diffusers weights under official keys (every key must map)."""
+    with torch.device("meta"):
+        names = diffusers_vae_names(WanVAE(cfg).state_dict(), cfg)
     state = {}
     for key, value in model.state_dict().items():
-        official = diffusers_to_official_vae_key(key, cfg)
-        assert official is not None, key
-        state[official] = value.clone()
+        assert key in names, key
+        state[names[key]] = value.clone()
     return state
 
 
@@ -222,7 +218,8 @@ def test_official_to_diffusers_names_every_diffusers_key(pair):
     cfg, model, ours = pair
     names = {official_to_diffusers_vae_key(k, cfg) for k in ours.state_dict()}
     assert names == set(model.state_dict())  # diffusers' own key list is the reference
-    assert all(diffusers_to_official_vae_key(official_to_diffusers_vae_key(k, cfg), cfg) == k for k in ours.state_dict())
+    inverse = diffusers_vae_names(ours.state_dict(), cfg)
+    assert all(inverse[official_to_diffusers_vae_key(k, cfg)] == k for k in ours.state_dict())
 
 
 def test_load_infers_the_number_of_residual_blocks(tmp_path):
@@ -237,18 +234,18 @@ def test_bad_vae_files_name_the_file_and_key(tmp_path):
     missing = dict(state)
     del missing["decoder.head.2.weight"]
     torch.save(missing, tmp_path / "missing.pth")
-    with pytest.raises(WanrtError, match=r"missing\.pth.*decoder\.head\.2\.weight"):
+    with pytest.raises(CheckpointError, match=r"missing\.pth.*decoder\.head\.2\.weight"):
         load_vae(tmp_path / "missing.pth")
     extra = {**state, "decoder.extra.weight": torch.zeros(1)}
     torch.save(extra, tmp_path / "extra.pth")
-    with pytest.raises(WanrtError, match=r"extra\.pth.*decoder\.extra\.weight"):
+    with pytest.raises(CheckpointError, match=r"extra\.pth.*decoder\.extra\.weight"):
         load_vae(tmp_path / "extra.pth")
     wrong = {**state, "decoder.head.0.gamma": torch.zeros(5, 1, 1, 1)}
     torch.save(wrong, tmp_path / "wrong.pth")
-    with pytest.raises(WanrtError, match=r"wrong\.pth.*decoder\.head\.0\.gamma.*\[5, 1, 1, 1\]"):
+    with pytest.raises(CheckpointError, match=r"wrong\.pth.*decoder\.head\.0\.gamma.*\[5, 1, 1, 1\]"):
         load_vae(tmp_path / "wrong.pth")
     torch.save({"blocks.0.weight": torch.zeros(1)}, tmp_path / "dit.pth")
-    with pytest.raises(WanrtError, match=r"dit\.pth: not a Wan VAE"):
+    with pytest.raises(CheckpointError, match=r"dit\.pth: not a Wan VAE"):
         load_vae(tmp_path / "dit.pth")
     with pytest.raises(WanrtError, match=r"nowhere\.pth not found; the i2v task needs it"):
         load_vae(tmp_path / "nowhere.pth", task="i2v")

@@ -1,4 +1,8 @@
-"""Key normalization against a real diffusers `WanTransformer3DModel` and the official layout."""
+"""DiT key forms (`export/checkpoint/keys.py`, `names.py`) against a real diffusers `WanTransformer3DModel`.
+
+Facts: peer-formats.md §1 (diffusers names, the norm2/norm3 swap); compiled-path-facts.md
+"Peers read for real" (LightX2V's `-d forward` conversion leaves `blocks.N.modulation` unrenamed).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from wanrt.engines.model import DiTConfig
 from wanrt.export.checkpoint.dit_config import expected_shapes
+from wanrt.engines.errors import CheckpointError
 from wanrt.export.checkpoint.keys import diffusers_to_official, is_official_key, normalize_keys, official_to_diffusers
 from wanrt.export.checkpoint.resolve import resolve_model
 from wanrt.export.checkpoint.view import CheckpointView, open_source
@@ -97,3 +102,45 @@ def test_prefixed_keys_normalize(tiny_model, tmp_path, prefix, layout):
     assert sorted(view) == sorted(tensors)
     assert all(torch.equal(view.load(k), t) for k, t in tensors.items())
     assert view.layout == layout
+
+
+def diffusers_state(tiny_model, family="wan2.1", task="t2v") -> tuple[dict[str, torch.Tensor], object]:
+    """The tensors of a tiny diffusers-layout transformer/ folder, and the folder."""
+    folder = tiny_model(family, task, "diffusers") / "transformer"
+    state = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(f))
+    return state, folder
+
+
+def test_diffusers_file_keeping_official_modulation_loads(tiny_model, tmp_path):
+    """LightX2V's `-d forward` output: diffusers names, but `blocks.N.modulation` left as the official name."""
+    state, _ = diffusers_state(tiny_model)
+    forward = {(k.replace("scale_shift_table", "modulation") if k.startswith("blocks.") else k): v for k, v in state.items()}
+    assert any(k.endswith(".modulation") for k in forward) and "scale_shift_table" in forward
+    save_file(forward, tmp_path / "forward.safetensors")
+    view = CheckpointView([open_source(tmp_path / "forward.safetensors")])
+    assert view.form == "diffusers" and view.unknown_keys == []
+    official = resolve_model(tiny_model("wan2.1", "t2v", "official")).experts[0].view
+    assert sorted(view) == sorted(official)
+    for key in official:
+        assert torch.equal(view.load(key), official.load(key)), key
+
+
+def test_an_unmapped_key_is_named_as_unknown_not_as_a_missing_tensor(tiny_model, tmp_path):
+    state, _ = diffusers_state(tiny_model)
+    state["blocks.0.attn1.toq.weight"] = state.pop("blocks.0.attn1.to_q.weight")
+    save_file(state, tmp_path / "wan.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        resolve_model(tmp_path / "wan.safetensors")
+    msg = str(err.value)
+    assert "missing tensor(s) blocks.0.self_attn.q.weight" in msg
+    assert "1 unknown key(s) (blocks.0.attn1.toq.weight) have no official name" in msg
+
+
+def test_two_stored_keys_for_one_official_tensor_are_an_error(tiny_model, tmp_path):
+    state, _ = diffusers_state(tiny_model)
+    state["blocks.1.modulation"] = state["blocks.1.scale_shift_table"].clone()
+    save_file(state, tmp_path / "both.safetensors")
+    with pytest.raises(CheckpointError, match=r"both\.safetensors: '.*' and '.*' both name the official tensor 'blocks\.1\.modulation'"):
+        resolve_model(tmp_path / "both.safetensors")

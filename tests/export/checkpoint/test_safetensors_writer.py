@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from wanrt.export.checkpoint.safetensors_file import CheckpointError
+from wanrt.engines.errors import CheckpointError
 from wanrt.export.checkpoint.safetensors_writer import SafetensorsWriter, TensorSpec, save_tensors
 
 
