@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from wanrt.engines.errors import WanrtError
 from wanrt.engines.model import DiTConfig
-from wanrt.engines.signatures import EngineSignature
+from wanrt.engines.signatures import EngineSignature, InputMismatch
 from wanrt.plugins_trt.onnx_op import onnx_translations
 
 MIN_OPSET = 19
@@ -105,23 +105,12 @@ def _first_wanrt_error(e: BaseException | None) -> WanrtError | None:
 
 
 def _ordered_inputs(example_inputs: Mapping[str, torch.Tensor], signature: EngineSignature) -> tuple[torch.Tensor, ...]:
-    """The example tensors in signature order, checked against the signature's static dims."""
-    names = signature.input_names
-    if set(example_inputs) != set(names):
-        raise ExportError(f"example inputs {sorted(example_inputs)} do not match the signature inputs {names}")
-    bound: dict[str, int] = {}
-    for spec in signature.inputs:
-        t = example_inputs[spec.name]
-        dtype = str(t.dtype).removeprefix("torch.")
-        try:
-            spec.check(tuple(t.shape), dtype, bound)
-        except ValueError as e:
-            raise ExportError(f"example input {e}") from None
-    for name, size in bound.items():
-        lo, hi = signature.dim_ranges.get(name, (None, None))
-        if lo is not None and not lo <= size <= hi:
-            raise ExportError(f"example dim {name}={size} is outside its declared range [{lo}, {hi}]")
-    return tuple(example_inputs[n] for n in names)
+    """The example tensors in signature order, checked against the signature (names, dtypes, dims, ranges)."""
+    try:
+        signature.check_inputs({n: (t.shape, str(t.dtype).removeprefix("torch.")) for n, t in example_inputs.items()})
+    except InputMismatch as e:
+        raise ExportError(f"example {e}") from None
+    return tuple(example_inputs[n] for n in signature.input_names)
 
 
 def _dynamic_shapes(signature: EngineSignature, dynamic_dims: Mapping[str, Any] | None) -> tuple[dict[int, Any], ...]:
