@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import click
 
+from wanrt import __version__
 from wanrt.engines.digests import cached_sha256
 from wanrt.engines.errors import WanrtError
 from wanrt.engines.manifest import (
@@ -47,7 +48,6 @@ TARGETS = ("onnx",)
 ONNX_NAME = "model.onnx"
 TOKENIZER_DIR = "tokenizer"
 BUILD_FORMAT = 1  # bump when the exported graphs change for the same inputs
-WANRT_VERSION = "0.1.0"  # as pyproject.toml
 # Why a component is built in another precision than the bundle's (component kind -> reason).
 PRECISION_REASONS = {
     "vae_encoder": "ONNX Conv has no bfloat16 before opset 22, beyond TensorRT 10.1's ONNX parser (opsets 9-20)",
@@ -126,7 +126,7 @@ def _package_versions(packages: tuple[str, ...]) -> dict[str, str]:
 @functools.lru_cache(maxsize=1)
 def _export_versions() -> dict[str, str]:
     """What the exported files depend on beyond their inputs: wanrt's code and the export-path libraries."""
-    return {"wanrt": WANRT_VERSION, "wanrt_source": _source_digest(), "build_format": str(BUILD_FORMAT),
+    return {"wanrt": __version__, "wanrt_source": _source_digest(), "build_format": str(BUILD_FORMAT),
             **_package_versions(EXPORT_PACKAGES)}  # fmt: skip
 
 
