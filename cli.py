@@ -52,7 +52,7 @@ COMMANDS: dict[str, CommandEntry] = {
     "inspect": CommandEntry("wanrt.export.checkpoint.command:inspect_command", "Detect a checkpoint's layout, precision and components (headers only)."),
     "convert": CommandEntry("wanrt.export.convert:convert_command", "Merge LoRAs / quantize into a single LightX2V-layout safetensors file.", EXPORT_EXTRA),
     "build-engine": CommandEntry("wanrt.export.build:build_engine_command", "Export a model's components to ONNX (and TensorRT) as a verifiable bundle.", EXPORT_EXTRA),
-    "lint-onnx": CommandEntry("wanrt.export.onnx_lint:lint_onnx_command", "Check an ONNX file against what TensorRT's ONNX parser accepts.", ("onnx",)),
+    "lint-onnx": CommandEntry("wanrt.export.onnx.lint:lint_onnx_command", "Check an ONNX file against what TensorRT's ONNX parser accepts.", ("onnx",)),
     "verify": CommandEntry("wanrt.engines.command:verify_command", "Check a bundle's schema and the sha256 of every file."),
     "run": CommandEntry("wanrt.runtime.command:run_command", "Generate a video from a bundle (torch-free runtime)."),
 }

@@ -27,7 +27,7 @@ from cli import cli
 from wanrt.engines.manifest import read_manifest, verify_bundle
 from wanrt.export.build import BuildOptions, plan_components
 from wanrt.export.checkpoint.resolve import resolve_model
-from wanrt.export.onnx_lint import lint_onnx
+from wanrt.export.onnx.lint import lint_onnx
 from wanrt.export.tiny import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,6 +112,22 @@ def test_lora_for_one_expert_rebuilds_only_that_expert(moe, tmp_path):
     import hashlib
 
     assert rec.sha256 == hashlib.sha256(lora.read_bytes()).hexdigest()
+
+
+def test_every_component_kind_has_an_exporter_with_the_common_call():
+    """(source, out_dir, precision, **options); each takes graph passes and its entry's fixed arguments."""
+    import importlib
+    import inspect
+
+    from wanrt.engines.manifest import COMPONENT_KINDS
+    from wanrt.export.build import EXPORTERS
+
+    assert set(EXPORTERS) == set(COMPONENT_KINDS)
+    for kind, exporter in EXPORTERS.items():
+        module, attr = exporter.function.split(":")
+        params = inspect.signature(getattr(importlib.import_module(module), attr)).parameters
+        positional = [p.name for p in params.values() if p.kind == p.POSITIONAL_OR_KEYWORD]
+        assert positional[1:3] == ["out_dir", "precision"] and {"passes", "progress", *exporter.args} <= set(params), kind
 
 
 @pytest.mark.parametrize(
@@ -256,13 +272,14 @@ def test_second_expert_from_the_shared_graph_equals_a_fresh_export(moe, tmp_path
     """The low-noise expert was written from the high-noise graph; a fresh trace gives the same bytes."""
     import hashlib
 
-    from wanrt.export.onnx_export import export_dit_onnx
+    from wanrt.export.onnx.dit import export_dit_onnx
 
     model, bundle, _ = moe
     resolved = resolve_model(model)
-    fresh = export_dit_onnx(resolved.expert("low_noise").view, resolved.dit, tmp_path / "fresh", progress=False)
+    fresh = export_dit_onnx(resolved.expert("low_noise").view, tmp_path / "fresh", cfg=resolved.dit, progress=False)
     m = read_manifest(bundle)
-    for path in fresh:
+    assert fresh.signature == m.components["dit_low_noise"].signature
+    for path in fresh.files:
         rel = f"dit_low_noise/{path.name}"
         assert hashlib.sha256(path.read_bytes()).hexdigest() == m.files[rel]["sha256"], rel
     high = (bundle / "dit_high_noise" / "model.onnx.data").read_bytes()

@@ -1,4 +1,4 @@
-"""export_onnx: names, dynamic dims, one external data file, meta tracing with streamed weights."""
+"""export_onnx: names, dynamic dims, one external data file, meta tracing with streamed weights, graph passes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from wanrt.engines.signatures import EngineSignature, TensorSpec
-from wanrt.export.onnx_export import ExportError, export_onnx
+from wanrt.export.onnx.component import ExportError
+from wanrt.export.onnx.torch_to_onnx import export_onnx, name_io_dims
 
 SIG = EngineSignature(
     (TensorSpec("x", "float32", ("batch", "tokens", 8)), TensorSpec("bias", "float32", (4,))),
@@ -43,14 +44,15 @@ def _reference(module: torch.nn.Module, x: np.ndarray, bias: np.ndarray) -> np.n
 def exported(tmp_path_factory):
     torch.manual_seed(0)
     module = Tiny().eval()
-    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    files = export_onnx(module, {"x": torch.randn(2, 5, 8), "bias": torch.randn(4)}, out, SIG, progress=False)
-    return module, out, files
+    out_dir = tmp_path_factory.mktemp("onnx") / "tiny"
+    exported = export_onnx(module, {"x": torch.randn(2, 5, 8), "bias": torch.randn(4)}, out_dir, SIG, progress=False)
+    return module, out_dir / "model.onnx", exported
 
 
 def test_writes_model_and_one_data_file(exported):
-    _, out, files = exported
-    assert files == [out, out.parent / "model.onnx.data"]
+    _, out, exported = exported
+    assert exported.files == [out, out.parent / "model.onnx.data"] and exported.graph == out
+    assert exported.signature == SIG and exported.attributes == {}
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx.data"]  # no temp left
     m = onnx.load(str(out), load_external_data=False)
     locations = {e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"}
@@ -91,8 +93,8 @@ def test_meta_module_with_streamed_weights(tmp_path, exported):
             return sd[name]
         return load
 
-    out = tmp_path / "meta.onnx"
-    export_onnx(meta, {"x": torch.empty(2, 5, 8, device="meta"), "bias": torch.empty(4, device="meta")}, out, SIG,
+    out = tmp_path / "meta" / "model.onnx"
+    export_onnx(meta, {"x": torch.empty(2, 5, 8, device="meta"), "bias": torch.empty(4, device="meta")}, out.parent, SIG,
                 weights={k: loader(k) for k in sd}, progress=False)
     assert set(loads) == set(sd)
     assert loads.count("up.weight") == loads.count("down.weight") == 1  # big weights: read once, when written
@@ -110,7 +112,7 @@ def test_meta_module_without_weights_is_refused_and_leaves_nothing(tmp_path):
         meta = Tiny().eval()
     with pytest.raises(ExportError, match="no weight data for initializers"):
         export_onnx(meta, {"x": torch.empty(2, 5, 8, device="meta"), "bias": torch.empty(4, device="meta")},
-                    tmp_path / "m.onnx", SIG, progress=False)
+                    tmp_path / "m", SIG, progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -121,19 +123,20 @@ def test_wrong_weight_shape_is_named(tmp_path):
     sd["gain"] = torch.zeros(3)
     with pytest.raises(ExportError, match="'gain'"):
         export_onnx(meta, {"x": torch.empty(2, 5, 8, device="meta"), "bias": torch.empty(4, device="meta")},
-                    tmp_path / "m.onnx", SIG, weights={k: (lambda k=k: sd[k]) for k in sd}, progress=False)
-    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.onnx.data").exists()
+                    tmp_path / "m", SIG, weights={k: (lambda k=k: sd[k]) for k in sd}, progress=False)
+    assert list(tmp_path.iterdir()) == []  # the folder the export made is gone too
 
 
 def test_example_inputs_must_fit_the_signature(tmp_path):
     with pytest.raises(ExportError, match=r"example input bias: shape \[5\], expected \[4\] \(dim 0 is 5, not 4\)"):
-        export_onnx(Tiny(), {"x": torch.randn(2, 5, 8), "bias": torch.randn(5)}, tmp_path / "m.onnx", SIG, progress=False)
+        export_onnx(Tiny(), {"x": torch.randn(2, 5, 8), "bias": torch.randn(5)}, tmp_path / "m", SIG, progress=False)
     with pytest.raises(ExportError, match=r"example inputs missing \['bias'\]; expected \['x', 'bias'\]"):
-        export_onnx(Tiny(), {"x": torch.randn(2, 5, 8)}, tmp_path / "m.onnx", SIG, progress=False)
+        export_onnx(Tiny(), {"x": torch.randn(2, 5, 8)}, tmp_path / "m", SIG, progress=False)
     with pytest.raises(ExportError, match=r"example input x: dim batch=3 is outside the range 1\.\.2"):
-        export_onnx(Tiny(), {"x": torch.randn(3, 5, 8), "bias": torch.randn(4)}, tmp_path / "m.onnx", SIG, progress=False)
+        export_onnx(Tiny(), {"x": torch.randn(3, 5, 8), "bias": torch.randn(4)}, tmp_path / "m", SIG, progress=False)
     with pytest.raises(ExportError, match="opset"):
-        export_onnx(Tiny(), {"x": torch.randn(2, 5, 8), "bias": torch.randn(4)}, tmp_path / "m.onnx", SIG, opset=17, progress=False)
+        export_onnx(Tiny(), {"x": torch.randn(2, 5, 8), "bias": torch.randn(4)}, tmp_path / "m", SIG, opset=17, progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def _identity_like_graph(x_shape: list, y_shape: list) -> "onnx_ir.Model":
@@ -151,8 +154,6 @@ def _identity_like_graph(x_shape: list, y_shape: list) -> "onnx_ir.Model":
 
 
 def test_name_io_dims_names_symbolic_dims_and_refuses_a_fixed_dim_declared_dynamic():
-    from wanrt.export.onnx_export import name_io_dims
-
     model = _identity_like_graph(["s0", "s1", 8], ["s0", "s1", 4])
     name_io_dims(model, SIG)
     assert [list(v.shape) for v in model.graph.inputs][0] == ["batch", "tokens", 8]
@@ -160,3 +161,31 @@ def test_name_io_dims_names_symbolic_dims_and_refuses_a_fixed_dim_declared_dynam
     specialized = _identity_like_graph(["s0", 5, 8], ["s0", 5, 4])  # traced with the token count baked in
     with pytest.raises(ExportError, match=r"x: dim 1 is fixed at 5 in the traced graph .* declares it dynamic 'tokens'"):
         name_io_dims(specialized, SIG)
+
+
+def test_graph_passes_rewrite_the_named_graph_before_it_is_written(tmp_path, exported):
+    """A pass sees the signature's dim names and its rewrite (here y -> 2 y) is what ONNX Runtime runs."""
+    import onnx_ir as ir
+
+    module, _, _ = exported
+    seen = []
+
+    def double_output(model: ir.Model) -> None:
+        graph = model.graph
+        seen.append([list(v.shape) for v in graph.inputs])
+        y = graph.outputs[0]
+        two = ir.Value(name="two", const_value=ir.tensor(np.array(2.0, np.float32)))
+        graph.register_initializer(two)
+        mul = ir.Node("", "Mul", [y, two], num_outputs=1)
+        graph.append(mul)
+        doubled = mul.outputs[0]
+        doubled.shape, doubled.dtype = y.shape, y.dtype
+        y.name, doubled.name = "y_once", "y"
+        graph.outputs[0] = doubled
+
+    x, bias = torch.randn(2, 5, 8), torch.randn(4)
+    out = export_onnx(module, {"x": x, "bias": bias}, tmp_path / "doubled", SIG, passes=[double_output], progress=False)
+    assert seen == [[["batch", "tokens", 8], [4]]]
+    (y,) = ort.InferenceSession(str(out.graph), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy(), "bias": bias.numpy()})
+    np.testing.assert_allclose(y, 2 * _reference(module, x.numpy(), bias.numpy()), rtol=1e-5, atol=1e-5)
+
