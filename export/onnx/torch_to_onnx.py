@@ -13,15 +13,21 @@
 5. name the graph's inputs/outputs and their dynamic dims exactly as the signature does, then
    run the caller's graph passes (`passes=`: Q/DQ insertion, plugin nodes, ...);
 6. write `out_dir/model.onnx` plus ONE external data file `model.onnx.data` (`component.staged_graph`).
+
+The exporter's own messages that tell the user nothing are silenced while it traces
+(`quiet_exporter_noise`); every other warning still shows.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import re
 import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +50,17 @@ MIN_OPSET = 19
 SMALL_TENSOR_BYTES = 1024
 # Lazily loaded weights up to this size are kept once read (biases, norms); larger ones are not.
 CACHE_BYTES = 1 << 20
+
+# What torch.onnx.export prints on every export that tells the user nothing, matched exactly (all else still shows).
+QUIET_LOG_MESSAGES: dict[str, tuple[str, ...]] = {  # logger -> unformatted messages
+    "torch.onnx._internal.exporter._registration": ("torchvision is not installed. Skipping %s",),
+}
+QUIET_WARNINGS: tuple[tuple[type[Warning], str], ...] = (  # (category, message regex)
+    # the signature's dim names are set on the graph afterwards (`name_io_dims`)
+    (UserWarning, r"# The axis name: .+ will not be used, since it shares the same shape constraints with another axis: "),
+    # torch.export's own pytree pickling (copyreg), nothing the caller can change
+    (FutureWarning, re.escape("`isinstance(treespec, LeafSpec)` is deprecated")),
+)
 
 GraphPass = Callable[[ir.Model], None]  # rewrites a traced graph in place before it is written
 
@@ -144,8 +161,7 @@ def trace_to_onnx_ir(
     """The unoptimized ONNX IR of `module(*args)` with the signature's I/O names."""
     module = module.eval()
     # The fake-tensor dispatch cache costs more than it saves on graphs with symbolic shapes.
-    with torch.no_grad(), warnings.catch_warnings(), torch._dynamo.config.patch(fake_tensor_cache_enabled=False):
-        warnings.simplefilter("ignore")
+    with torch.no_grad(), quiet_exporter_noise(), torch._dynamo.config.patch(fake_tensor_cache_enabled=False):
         try:
             program = torch.onnx.export(
                 module,
@@ -167,6 +183,25 @@ def trace_to_onnx_ir(
     if got != signature.output_names:
         raise ExportError(f"{type(module).__name__} produced outputs {got}; expected {signature.output_names}")
     return model
+
+
+@contextmanager
+def quiet_exporter_noise() -> Iterator[None]:
+    """Silence `QUIET_LOG_MESSAGES` and `QUIET_WARNINGS` (and nothing else) while the block runs."""
+    filters = [
+        (logging.getLogger(name), lambda record, quiet=messages: record.msg not in quiet)
+        for name, messages in QUIET_LOG_MESSAGES.items()
+    ]
+    with warnings.catch_warnings():
+        for category, message in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        for logger, drop in filters:
+            logger.addFilter(drop)
+        try:
+            yield
+        finally:
+            for logger, drop in filters:
+                logger.removeFilter(drop)
 
 
 def torch_to_ir_tensor(t: torch.Tensor, name: str | None = None) -> ir.Tensor:
@@ -290,13 +325,14 @@ def name_io_dims(model: ir.Model, signature: EngineSignature) -> None:
 def save_with_external_data(model: ir.Model, out_dir: str | os.PathLike, progress: bool = True) -> list[Path]:
     """Write `out_dir/model.onnx` and its one data file (through `staged_graph`); return both paths."""
     graph = Path(out_dir) / GRAPH_FILE
-    with staged_graph(out_dir) as tmp, tqdm(total=len(model.graph.initializers), desc=f"writing {GRAPH_FILE}", unit="tensor",
+    externals = sum(1 for v in model.graph.initializers.values() if v.const_value.nbytes > SMALL_TENSOR_BYTES)
+    with staged_graph(out_dir) as tmp, tqdm(total=externals, desc=f"writing {GRAPH_FILE}", unit="tensor",
                                             file=sys.stderr, disable=not progress) as bar:  # fmt: skip
         ir.save(
             model,
             tmp / GRAPH_FILE,
             external_data=data_file(graph).name,
-            size_threshold_bytes=SMALL_TENSOR_BYTES,
+            size_threshold_bytes=SMALL_TENSOR_BYTES,  # the tensors over it go to the data file, one callback each
             callback=lambda _t, _info: bar.update(),
             max_workers=1,
             max_in_flight_bytes=256 << 20,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -38,14 +39,38 @@ def invoke(*args: str):
 
 
 @pytest.fixture(scope="module")
-def moe(tmp_path_factory):
-    """A tiny Wan2.2 T2V-A14B model and its complete bundle, built once by the real command."""
+def moe_build(tmp_path_factory):
+    """A tiny Wan2.2 T2V-A14B model and its complete bundle, built once by `python cli.py build-engine` (stderr kept)."""
     root = tmp_path_factory.mktemp("moe")
     os.environ["WANRT_CACHE_DIR"] = str(root / "cache")
     model = make_tiny_model(root / "model", "wan2.2", "t2v", seed=5)
-    res = invoke("build-engine", model, "-o", root / "bundle", "--json")
-    assert res.exit_code == 0, res.output
-    return model, root / "bundle", json.loads(res.stdout.strip().splitlines()[-1])
+    res = subprocess.run([sys.executable, "cli.py", "build-engine", str(model), "-o", str(root / "bundle"), "--json"],
+                         cwd=REPO, env=dict(os.environ), capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    return model, root / "bundle", json.loads(res.stdout.strip().splitlines()[-1]), res.stderr
+
+
+@pytest.fixture(scope="module")
+def moe(moe_build):
+    """(model, bundle, --json summary) of `moe_build`."""
+    return moe_build[:3]
+
+
+# What a normal build prints on stderr: our progress lines, notes, and the tqdm bars of the writes.
+OUR_STDERR = re.compile(r"\[\d+/\d+\] \w+: (exporting \(.+\)|unchanged, reused)|note: .+|writing model\.onnx: .*|")
+
+
+def test_a_normal_build_prints_only_our_progress_and_notes(moe_build):
+    """No third-party noise (torch.onnx's "torchvision is not installed" lines, axis-name warnings) reaches the user."""
+    _, _, summary, stderr = moe_build
+    lines = re.split(r"[\r\n]+", stderr)
+    assert [line for line in lines if not OUR_STDERR.fullmatch(line)] == []
+    progress = [line for line in lines if line.startswith("[")]
+    assert progress == [
+        "[1/4] dit_high_noise: exporting (fp32)", "[2/4] dit_low_noise: exporting (fp32, graph shared with dit_high_noise)",
+        "[3/4] text_encoder: exporting (fp32)", "[4/4] vae_decoder: exporting (fp32)",
+    ]  # fmt: skip
+    assert set(summary["components"]) == {"dit_high_noise", "dit_low_noise", "text_encoder", "vae_decoder"}
 
 
 def test_bundle_is_complete_and_verifiable(moe):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -10,7 +13,7 @@ import torch
 
 from wanrt.engines.signatures import EngineSignature, TensorSpec
 from wanrt.export.onnx.component import ExportError
-from wanrt.export.onnx.torch_to_onnx import export_onnx, name_io_dims
+from wanrt.export.onnx.torch_to_onnx import export_onnx, name_io_dims, quiet_exporter_noise
 
 SIG = EngineSignature(
     (TensorSpec("x", "float32", ("batch", "tokens", 8)), TensorSpec("bias", "float32", (4,))),
@@ -189,3 +192,39 @@ def test_graph_passes_rewrite_the_named_graph_before_it_is_written(tmp_path, exp
     (y,) = ort.InferenceSession(str(out.graph), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy(), "bias": bias.numpy()})
     np.testing.assert_allclose(y, 2 * _reference(module, x.numpy(), bias.numpy()), rtol=1e-5, atol=1e-5)
 
+
+class Collect(logging.Handler):
+    """Keeps the formatted messages a logger hands to its handlers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_quiet_exporter_noise_drops_only_the_named_messages_and_only_inside():
+    """The exporter's torchvision / axis-name / treespec lines go; other messages, other categories and later ones stay."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    collect = Collect()
+    registration.addHandler(collect)
+    axis = "# The axis name: width will not be used, since it shares the same shape constraints with another axis: width."
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with quiet_exporter_noise():
+                registration.warning("torchvision is not installed. Skipping %s", "torchvision::nms")
+                registration.warning("Skipping constant argument %s", "scale")  # the same logger, another message
+                warnings.warn(axis, UserWarning)
+                warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `treespec.is_leaf()`", FutureWarning)
+                warnings.warn(axis, FutureWarning)  # the named text in another category
+                warnings.warn("weight 'gain' is not finite", UserWarning)
+            registration.warning("torchvision is not installed. Skipping %s", "torchvision::roi_align")
+            warnings.warn(axis, UserWarning)
+    finally:
+        registration.removeHandler(collect)
+    assert collect.messages == ["Skipping constant argument scale", "torchvision is not installed. Skipping torchvision::roi_align"]
+    assert [(w.category, str(w.message)) for w in caught] == [
+        (FutureWarning, axis), (UserWarning, "weight 'gain' is not finite"), (UserWarning, axis),
+    ]
