@@ -62,6 +62,10 @@ QUIET_WARNINGS: tuple[tuple[type[Warning], str], ...] = (  # (category, message 
     (FutureWarning, re.escape("`isinstance(treespec, LeafSpec)` is deprecated")),
 )
 
+# Graph metadata torch.export writes in hash order (its symbols' ranges, a dict printed as it iterates), so that
+# the same export differs from process to process; the signature's dim_ranges say what it says.
+UNSTABLE_GRAPH_METADATA = ("pkg.torch.export.ExportedProgram.range_constraints",)
+
 GraphPass = Callable[[ir.Model], None]  # rewrites a traced graph in place before it is written
 
 # torch dtype -> numpy dtype used to hand a tensor's bytes to onnx_ir (bf16/fp8 via ml_dtypes).
@@ -179,6 +183,8 @@ def trace_to_onnx_ir(
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(f"torch.onnx.export of {type(module).__name__} failed: {first}") from e
     model = program.model
+    for key in UNSTABLE_GRAPH_METADATA:
+        model.graph.metadata_props.pop(key, None)
     got = [v.name for v in model.graph.outputs]
     if got != signature.output_names:
         raise ExportError(f"{type(module).__name__} produced outputs {got}; expected {signature.output_names}")

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,6 +19,8 @@ import torch
 from wanrt.engines.signatures import EngineSignature, TensorSpec
 from wanrt.export.onnx.component import ExportError
 from wanrt.export.onnx.torch_to_onnx import export_onnx, name_io_dims, quiet_exporter_noise
+
+REPO = Path(__file__).resolve().parents[3]
 
 SIG = EngineSignature(
     (TensorSpec("x", "float32", ("batch", "tokens", 8)), TensorSpec("bias", "float32", (4,))),
@@ -228,3 +235,38 @@ def test_quiet_exporter_noise_drops_only_the_named_messages_and_only_inside():
     assert [(w.category, str(w.message)) for w in caught] == [
         (FutureWarning, axis), (UserWarning, "weight 'gain' is not finite"), (UserWarning, axis),
     ]
+
+
+# A module traced with derived dims (2 * Dim), as the DiT is: torch.export's own record of its symbols'
+# ranges comes in hash order, which made two processes write different graphs for the same export.
+PATCHED_MEAN = """
+import sys
+import cli
+import torch
+from wanrt.engines.signatures import EngineSignature, TensorSpec
+from wanrt.export.onnx.torch_to_onnx import export_onnx
+
+shape = ("batch", 4, "frames", "height", "width")
+sig = EngineSignature((TensorSpec("x", "float32", shape),), (TensorSpec("y", "float32", shape),),
+                      {"batch": (1, 2), "frames": (1, 31), "height": (2, 192), "width": (2, 192)})
+
+class PatchedMean(torch.nn.Module):
+    def forward(self, x):
+        b, c, f, h, w = x.shape
+        patches = x.reshape(b, c, f, h // 2, 2, w // 2, 2)
+        return (patches - patches.mean((4, 6), keepdim=True)).reshape(b, c, f, h, w)
+
+dims = {axis: 2 * torch.export.Dim(axis + "_patches", min=1, max=96) for axis in ("height", "width")}
+export_onnx(PatchedMean(), {"x": torch.zeros(2, 4, 3, 6, 10)}, sys.argv[1], sig, dynamic_dims=dims, progress=False)
+"""
+
+
+def test_the_same_export_writes_the_same_bytes_in_any_process(tmp_path):
+    """Two processes with different string hashing (PYTHONHASHSEED 1 and 2 ordered the record differently) agree."""
+    digests = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"seed{seed}"
+        subprocess.run([sys.executable, "-c", PATCHED_MEAN, str(out)], cwd=REPO, check=True, capture_output=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed})  # fmt: skip
+        digests.append([hashlib.sha256((out / name).read_bytes()).hexdigest() for name in ("model.onnx", "model.onnx.data")])
+    assert digests[0] == digests[1]
