@@ -45,6 +45,7 @@ class CommandEntry:
     target: str  # "module:attribute"
     help: str
     needs: tuple[str, ...] = ()
+    extra: str = "export"  # the pyproject extra that installs `needs`
 
 
 COMMANDS: dict[str, CommandEntry] = {
@@ -52,8 +53,8 @@ COMMANDS: dict[str, CommandEntry] = {
     "inspect": CommandEntry("wanrt.export.checkpoint.command:inspect_command", "Detect a checkpoint's layout, precision and components (headers only)."),
     "convert": CommandEntry("wanrt.export.convert:convert_command", "Merge LoRAs / quantize into a single LightX2V-layout safetensors file.", EXPORT_EXTRA),
     "build-engine": CommandEntry("wanrt.export.build:build_engine_command", "Export a model's components to ONNX (and TensorRT) as a verifiable bundle.", EXPORT_EXTRA),
-    "plugin-build": CommandEntry("wanrt.plugins_trt.command:plugin_build_command", "Compile the attention plugin's kernels ahead of time (PTX + cubin per GPU architecture)."),
-    "lint-onnx": CommandEntry("wanrt.export.onnx_lint:lint_onnx_command", "Check an ONNX file against what TensorRT's ONNX parser accepts.", ("onnx",)),
+    "plugin-build": CommandEntry("wanrt.plugins_trt.command:plugin_build_command", "Compile the attention plugin's kernels ahead of time (PTX + cubin per GPU architecture).", ("triton",), "trt"),
+    "lint-onnx": CommandEntry("wanrt.export.onnx.lint:lint_onnx_command", "Check an ONNX file against what TensorRT's ONNX parser accepts.", ("onnx",)),
     "verify": CommandEntry("wanrt.engines.command:verify_command", "Check a bundle's schema and the sha256 of every file."),
     "run": CommandEntry("wanrt.runtime.command:run_command", "Generate a video from a bundle (torch-free runtime)."),
 }
@@ -79,7 +80,7 @@ class LazyGroup(click.Group):
             return click.Command(name, help=entry.help, short_help=entry.help)
         missing = missing_modules(entry.needs)
         if missing:
-            click.echo(f"error: '{name}' needs {', '.join(missing)}, not installed here: pip install \"wanrt[export]\"", err=True)
+            click.echo(f"error: '{name}' needs {', '.join(missing)}, not installed here: pip install \"wanrt[{entry.extra}]\"", err=True)
             ctx.exit(2)
         module, attr = entry.target.split(":")
         return getattr(importlib.import_module(module), attr)

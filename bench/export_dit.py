@@ -63,7 +63,8 @@ def child(mode: str, model: str, out: str, precision: str) -> None:
     """Run one measurement in this (fresh) process and print a JSON line."""
     from wanrt.export.checkpoint.resolve import resolve_model
     from wanrt.export.models.wan_dit import load_dit
-    from wanrt.export.onnx_export import PRECISIONS, dit_dynamic_dims, dit_example_inputs, export_dit_onnx, export_onnx
+    from wanrt.export.onnx.dit import DTYPES, dit_dynamic_dims, dit_example_inputs, export_dit_onnx
+    from wanrt.export.onnx.torch_to_onnx import export_onnx
 
     resolved = resolve_model(Path(model))
     view, cfg = resolved.experts[0].view, resolved.dit
@@ -72,15 +73,14 @@ def child(mode: str, model: str, out: str, precision: str) -> None:
     sampler.start()
     t0, c0 = time.perf_counter(), time.process_time()
     if mode == "export":
-        export_dit_onnx(view, cfg, Path(out), precision=precision, progress=False)
+        export_dit_onnx(view, Path(out), precision, cfg=cfg, progress=False)
     elif mode == "load":
-        module = load_dit(view, cfg, dtype=PRECISIONS[precision])
+        module = load_dit(view, cfg, dtype=DTYPES[precision])
         del module
     elif mode == "eager":
-        module = load_dit(view, cfg, dtype=PRECISIONS[precision])
+        module = load_dit(view, cfg, dtype=DTYPES[precision])
         sig = module.signature
-        export_onnx(module, dit_example_inputs(sig, "cpu"), Path(out) / "model.onnx", sig,
-                    dynamic_dims=dit_dynamic_dims(cfg, sig), progress=False)
+        export_onnx(module, dit_example_inputs(sig, "cpu"), Path(out), sig, dynamic_dims=dit_dynamic_dims(cfg, sig), progress=False)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     sampler.stop.set()
     sampler.join()
@@ -105,10 +105,10 @@ def weights_bytes(model: Path, precision: str) -> tuple[int, int, str, int]:
     """(parameter count, bytes of the weights at `precision` as exported, largest tensor, its bytes)."""
     from wanrt.export.checkpoint.resolve import resolve_model
     from wanrt.export.models.wan_dit import param_dtype
-    from wanrt.export.onnx_export import PRECISIONS
+    from wanrt.export.onnx.dit import DTYPES
 
     view = resolve_model(model).experts[0].view
-    sizes = {k: view[k].numel * param_dtype(k, PRECISIONS[precision]).itemsize for k in view}
+    sizes = {k: view[k].numel * param_dtype(k, DTYPES[precision]).itemsize for k in view}
     largest = max(sizes, key=sizes.get)
     return sum(view[k].numel for k in view), sum(sizes.values()), largest, sizes[largest]
 

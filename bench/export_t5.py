@@ -80,13 +80,13 @@ class PeakMemory:
 
 def child(mode: str, precision: str, ckpt: Path, out: Path) -> dict:
     """One measured export, run in this (fresh) process."""
-    from wanrt.export.encoders_onnx import DTYPES, export_text_encoder_onnx
+    from wanrt.export.onnx.encoders import DTYPES, export_text_encoder_onnx
     from wanrt.export.models.t5 import load_t5_encoder
 
     with PeakMemory() as mem:
         start = time.perf_counter()
         source = ckpt if mode == "streamed" else load_t5_encoder(ckpt, DTYPES[precision])
-        files = export_text_encoder_onnx(source, out, precision, progress=False)
+        files = export_text_encoder_onnx(source, out, precision, progress=False).files
         seconds = time.perf_counter() - start
     return {
         "mode": mode,

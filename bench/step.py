@@ -4,7 +4,7 @@ Shape (issue 6): 5 frames at 240x416 -> latent 2x30x52 -> 780 tokens; a guided s
 [cond, uncond]) with random 1.3B-dimension weights (dim 1536, 30 layers, text_dim 4096).  In one run:
 
 1. diffusers `WanTransformer3DModel` eager, fp32: forward + CFG + `UniPCMultistepScheduler.step`;
-2. the same weights exported to ONNX (`export.onnx_export.export_dit_onnx`, fp32) and run by the
+2. the same weights exported to ONNX (`export.onnx.dit.export_dit_onnx`, fp32) and run by the
    runtime: `runtime.guidance.predict_velocity` + `runtime.schedulers.FlowUniPC.step`, with the
    engine time and the runtime's host overhead per step (wall time not spent inside the engine);
 3. diffusers eager in bf16 (the model cast in place), unless `--skip-bf16`.
@@ -173,7 +173,7 @@ def main() -> None:
     import torch
 
     from wanrt.engines.model import DiTConfig
-    from wanrt.export.onnx_export import export_dit_onnx
+    from wanrt.export.onnx.dit import export_dit_onnx
     from wanrt.export.models.wan_dit import signature_for
     from wanrt.runtime.sizes import VideoGeometry
 
@@ -206,7 +206,7 @@ def main() -> None:
         tmp = onnx_dir.with_name("dit.partial")
         shutil.rmtree(tmp, ignore_errors=True)
         t0 = time.perf_counter()
-        export_dit_onnx(official_view(model), cfg, tmp, "fp32", progress=False)
+        export_dit_onnx(official_view(model), tmp, "fp32", cfg=cfg, progress=False)
         os.replace(tmp, onnx_dir)
         result["export_s"] = time.perf_counter() - t0
     result["onnx_gb"] = sum(p.stat().st_size for p in onnx_dir.iterdir()) / 1e9

@@ -53,13 +53,10 @@ def real_vae():
 
 def export_engine(out: Path) -> None:
     """Export the real-dimension decoder engine (once; reused by later runs)."""
-    from wanrt.export.vae_onnx import export_vae_onnx
+    from wanrt.export.onnx.vae import export_vae_onnx
 
-    written = export_vae_onnx(real_vae(), out, "fp32", parts=("decoder",))["vae_decoder"]
-    (out / "component.json").write_text(json.dumps({
-        "onnx": str(written.onnx.relative_to(out)), "files": [str(f.relative_to(out)) for f in written.files],
-        "signature": written.signature.to_dict(), "attributes": written.attributes,
-    }))  # fmt: skip
+    written = export_vae_onnx(real_vae(), out / "vae_decoder", "fp32", part="decoder")
+    (out / "component.json").write_text(json.dumps(written.manifest_entry("vae_decoder", "vae_decoder", "fp32", out).to_dict()))
 
 
 def child(method: str, frames: int, size: int) -> dict:
@@ -72,13 +69,10 @@ def child(method: str, frames: int, size: int) -> dict:
     z = np.random.default_rng(0).standard_normal((1, 16, frames, latent, latent), dtype=np.float32)
     if method == "chunked engine":
         from wanrt.engines.manifest import Component
-        from wanrt.engines.signatures import EngineSignature
         from wanrt.runtime.backends.onnxruntime import OnnxRuntimeBackend, OrtOptions
         from wanrt.runtime.vae import decode_latents
 
-        meta = json.loads((WORK / "engine" / "component.json").read_text())
-        comp = Component("vae_decoder", "vae_decoder", meta["onnx"], EngineSignature.from_dict(meta["signature"]),
-                         "fp32", meta["files"], attributes=meta["attributes"])  # fmt: skip
+        comp = Component.from_dict("vae_decoder", json.loads((WORK / "engine" / "component.json").read_text()))
         engine = OnnxRuntimeBackend(OrtOptions(device="cpu", intra_op_threads=1)).load(comp, WORK / "engine")
         run = lambda: decode_latents(engine, comp, z)  # noqa: E731
     else:

@@ -26,8 +26,9 @@ VAE (`vae_encoder`, `vae_decoder`): see `engines.vae_contract`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 Dim = int | str
 
@@ -45,6 +46,10 @@ CLIP_TOKENS = 257
 CLIP_IMAGE_SIZE = 224
 
 
+class InputMismatch(ValueError):
+    """Inputs that do not fit an engine signature; the message names the input, the dim and what was expected."""
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One engine input or output."""
@@ -59,21 +64,6 @@ class TensorSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
         return cls(str(d["name"]), str(d["dtype"]), tuple(d["shape"]))
-
-    def check(self, shape: Iterable[int], dtype: str, bound: dict[str, int] | None = None) -> None:
-        """Raise ValueError unless `shape`/`dtype` fit this spec; binds named dims into `bound`."""
-        shape = tuple(int(s) for s in shape)
-        if dtype != self.dtype:
-            raise ValueError(f"{self.name}: dtype {dtype}, expected {self.dtype}")
-        if len(shape) != len(self.shape):
-            raise ValueError(f"{self.name}: shape {list(shape)}, expected rank {len(self.shape)} {list(self.shape)}")
-        bound = {} if bound is None else bound
-        for got, want in zip(shape, self.shape):
-            if isinstance(want, int):
-                if got != want:
-                    raise ValueError(f"{self.name}: shape {list(shape)}, expected {list(self.shape)}")
-            elif bound.setdefault(want, got) != got:
-                raise ValueError(f"{self.name}: dim {want}={got} but {bound[want]} elsewhere")
 
 
 @dataclass(frozen=True)
@@ -112,6 +102,45 @@ class EngineSignature:
     @property
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
+
+    def check_inputs(self, inputs: Mapping[str, tuple[Sequence[int], str]]) -> dict[str, int]:
+        """Check input name -> (shape, dtype name) against this signature; return each named dim's size.
+
+        Raises InputMismatch on the first problem, in signature order: a missing or unexpected
+        input, a dtype, a rank, a fixed dim that differs, a named dim that takes two values, or
+        a named dim outside `dim_ranges`.
+        """
+        missing = [n for n in self.input_names if n not in inputs]
+        extra = [n for n in inputs if n not in self.input_names]
+        if missing or extra:
+            found = [f"{what} {names}" for what, names in (("missing", missing), ("unexpected", extra)) if names]
+            raise InputMismatch(f"inputs {', '.join(found)}; expected {self.input_names}")
+        sizes: dict[str, int] = {}
+        bound_by: dict[str, str] = {}  # named dim -> the input that first gave its size
+        for spec in self.inputs:
+            shape, dtype = inputs[spec.name]
+            shape = [int(s) for s in shape]
+            if dtype != spec.dtype:
+                raise InputMismatch(f"input {spec.name}: dtype {dtype}, expected {spec.dtype}")
+            if len(shape) != len(spec.shape):
+                raise InputMismatch(f"input {spec.name}: shape {shape}, expected rank {len(spec.shape)} {list(spec.shape)}")
+            for axis, (got, want) in enumerate(zip(shape, spec.shape)):
+                if isinstance(want, int):
+                    if got != want:
+                        raise InputMismatch(
+                            f"input {spec.name}: shape {shape}, expected {list(spec.shape)} (dim {axis} is {got}, not {want})"
+                        )
+                elif want in sizes:
+                    if got != sizes[want]:
+                        raise InputMismatch(
+                            f"input {spec.name}: dim {want}={got}, but input {bound_by[want]} has {want}={sizes[want]}"
+                        )
+                else:
+                    lo_hi = self.dim_ranges.get(want)
+                    if lo_hi is not None and not lo_hi[0] <= got <= lo_hi[1]:
+                        raise InputMismatch(f"input {spec.name}: dim {want}={got} is outside the range {lo_hi[0]}..{lo_hi[1]}")
+                    sizes[want], bound_by[want] = got, spec.name
+        return sizes
 
 
 def _ranges(*names: str) -> dict[str, tuple[int, int]]:

@@ -4,17 +4,20 @@ The steps are small and separate:
 
 1. `resolve_model` reads headers only and describes the model (family, task, experts, companions);
 2. `plan_components` decides which engines the bundle needs and what each is built from;
-3. `build_bundle` stages a new bundle beside the target, reuses every component whose cache key
+3. `export_component` exports one planned component with its kind's exporter (`EXPORTERS`, the
+   modules of `export.onnx`) and lints the graph (`export.onnx.lint`);
+4. `build_bundle` stages a new bundle beside the target, reuses every component whose cache key
    (source file digests + options + tool versions) matches the existing bundle's, exports the
-   others and lints each new graph (`export.onnx_lint`), keeps the existing bundle's components
-   that `--components`/`--expert` left out when a full build would reuse them, copies the
-   tokenizer, writes the manifest, then swaps the staged folder into place.
+   others, keeps the existing bundle's components that `--components`/`--expert` left out when
+   a full build would reuse them, copies the tokenizer, writes the manifest, then swaps the
+   staged folder into place.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import importlib.metadata
 import json
 import os
@@ -26,6 +29,7 @@ from typing import Any, Callable
 
 import click
 
+from wanrt import __version__
 from wanrt.engines.digests import cached_sha256
 from wanrt.engines.errors import WanrtError
 from wanrt.engines.manifest import (
@@ -38,16 +42,15 @@ from wanrt.engines.manifest import (
     write_manifest,
 )
 from wanrt.engines.model import VAEInfo
-from wanrt.engines.signatures import DIM_RANGES, EngineSignature, TensorSpec
+from wanrt.engines.signatures import EngineSignature
 from wanrt.engines.vae_contract import check_vae_matches
+from wanrt.export.onnx.component import ExportedComponent
 
 COMPONENT_GROUPS = ("dit", "text_encoder", "image_encoder", "vae")
 PRECISIONS = ("fp32", "bf16")
 TARGETS = ("onnx",)
-ONNX_NAME = "model.onnx"
 TOKENIZER_DIR = "tokenizer"
 BUILD_FORMAT = 1  # bump when the exported graphs change for the same inputs
-WANRT_VERSION = "0.1.0"  # as pyproject.toml
 # Why a component is built in another precision than the bundle's (component kind -> reason).
 PRECISION_REASONS = {
     "vae_encoder": "ONNX Conv has no bfloat16 before opset 22, beyond TensorRT 10.1's ONNX parser (opsets 9-20)",
@@ -69,29 +72,42 @@ class BuildOptions:
     force: bool = False
 
 
+@dataclass(frozen=True)
+class Exporter:
+    """How one component kind is exported: `function(source, out_dir, precision, **args, **options)`."""
+
+    function: str  # "module:attribute" returning an ExportedComponent; imported when first called
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, source: Any, out_dir: Path, precision: str, **options: Any) -> ExportedComponent:
+        module, attr = self.function.split(":")
+        return getattr(importlib.import_module(module), attr)(source, out_dir, precision, **self.args, **options)
+
+
+# Component kind -> its exporter.  A new kind is one entry; a rewrite of the traced graph (Q/DQ, plugin
+# nodes) is the exporters' `passes` option, given in an entry's args or a plan's export_options.
+EXPORTERS: dict[str, Exporter] = {
+    "dit": Exporter("wanrt.export.onnx.dit:export_dit_onnx"),
+    "text_encoder": Exporter("wanrt.export.onnx.encoders:export_text_encoder_onnx"),
+    "image_encoder": Exporter("wanrt.export.onnx.encoders:export_image_encoder_onnx"),
+    "vae_encoder": Exporter("wanrt.export.onnx.vae:export_vae_onnx", {"part": "encoder"}),
+    "vae_decoder": Exporter("wanrt.export.onnx.vae:export_vae_onnx", {"part": "decoder"}),
+}
+
+
 @dataclass
 class ComponentPlan:
-    """One engine to produce: its name, what it is built from, and how."""
+    """One engine to produce: its name, what it is built from, and the options of its kind's exporter."""
 
     name: str
-    kind: str
+    kind: str  # a key of EXPORTERS
     precision: str
-    sources: list[Path]
-    export: Callable[[Path], "Exported"]
+    sources: list[Path]  # the files it is built from (their digests are in its cache key)
+    source: Any  # what the exporter reads: a checkpoint view (DiT) or a companion file
+    export_options: dict[str, Any] = field(default_factory=dict)  # keyword options of the exporter
     expert: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-    # DiT experts of one architecture share a graph: (graph key, export from a template graph)
-    graph_key: str | None = None
-    export_like: Callable[[Path, Path], "Exported"] | None = None
-
-
-@dataclass
-class Exported:
-    """What an exporter wrote into a component folder."""
-
-    files: list[Path]
-    signature: EngineSignature
-    attributes: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # what else the cache key covers
+    graph_key: str | None = None  # plans with one graph key share a graph (DiT experts of one architecture)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,7 +142,7 @@ def _package_versions(packages: tuple[str, ...]) -> dict[str, str]:
 @functools.lru_cache(maxsize=1)
 def _export_versions() -> dict[str, str]:
     """What the exported files depend on beyond their inputs: wanrt's code and the export-path libraries."""
-    return {"wanrt": WANRT_VERSION, "wanrt_source": _source_digest(), "build_format": str(BUILD_FORMAT),
+    return {"wanrt": __version__, "wanrt_source": _source_digest(), "build_format": str(BUILD_FORMAT),
             **_package_versions(EXPORT_PACKAGES)}  # fmt: skip
 
 
@@ -151,92 +167,7 @@ def cache_key(plan: ComponentPlan, loras: list[dict[str, Any]]) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# signatures read back from the exported graph
-
-
-def signature_of_onnx(path: Path, expected: EngineSignature | None = None) -> EngineSignature:
-    """The graph's real inputs/outputs (names, dtypes, named dims) with ranges for its dynamic dims."""
-    import onnx
-    from onnx import helper
-
-    model = onnx.load(str(path), load_external_data=False)
-    inits = {i.name for i in model.graph.initializer}
-
-    def spec(vi) -> TensorSpec:
-        t = vi.type.tensor_type
-        dims = tuple(d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim)
-        dtype = str(helper.tensor_dtype_to_np_dtype(t.elem_type))
-        return TensorSpec(vi.name, dtype, dims)
-
-    inputs = tuple(spec(v) for v in model.graph.input if v.name not in inits)
-    outputs = tuple(spec(v) for v in model.graph.output)
-    named = {d for t in inputs + outputs for d in t.shape if isinstance(d, str)}
-    ranges = dict(expected.dim_ranges) if expected is not None else {}
-    for d in named:
-        if d not in ranges and d in DIM_RANGES:
-            ranges[d] = DIM_RANGES[d]
-    sig = EngineSignature(inputs, outputs, {k: v for k, v in ranges.items() if k in named})
-    if expected is not None and (sig.input_names != expected.input_names or sig.output_names != expected.output_names):
-        raise WanrtError(
-            f"{path}: exported graph has inputs {sig.input_names} / outputs {sig.output_names}, "
-            f"expected {expected.input_names} / {expected.output_names}"
-        )
-    return sig
-
-
-# --------------------------------------------------------------------------------------------
 # planning
-
-
-def _dit_exporters(view, cfg, precision: str, attention: str) -> tuple[Callable[[Path], Exported], Callable[[Path, Path], Exported]]:
-    """(export traced from scratch, export reusing another expert's graph) for one DiT expert."""
-
-    def exported(out_dir: Path, files: list[Path]) -> Exported:
-        from wanrt.export.models.wan_dit import signature_for
-
-        return Exported(files, signature_of_onnx(out_dir / ONNX_NAME, signature_for(cfg)))
-
-    def run(out_dir: Path) -> Exported:
-        from wanrt.export.onnx_export import export_dit_onnx
-
-        return exported(out_dir, export_dit_onnx(view, cfg, out_dir, precision=precision, attention=attention))
-
-    def run_like(out_dir: Path, template: Path) -> Exported:
-        from wanrt.export.onnx_export import export_dit_onnx_like
-
-        return exported(out_dir, export_dit_onnx_like(template, view, cfg, out_dir))
-
-    return run, run_like
-
-
-def _text_exporter(path: Path, precision: str, task: str) -> Callable[[Path], Exported]:
-    def run(out_dir: Path) -> Exported:
-        from wanrt.export.encoders_onnx import export_text_encoder_onnx
-
-        files = export_text_encoder_onnx(path, out_dir, precision, task=task)
-        return Exported(files, signature_of_onnx(out_dir / ONNX_NAME))
-
-    return run
-
-
-def _image_exporter(path: Path, precision: str, task: str) -> Callable[[Path], Exported]:
-    def run(out_dir: Path) -> Exported:
-        from wanrt.export.encoders_onnx import export_image_encoder_onnx
-
-        files = export_image_encoder_onnx(path, out_dir, precision, task=task)
-        return Exported(files, signature_of_onnx(out_dir / ONNX_NAME))
-
-    return run
-
-
-def _vae_exporter(path: Path, part: str, precision: str) -> Callable[[Path], Exported]:
-    def run(out_dir: Path) -> Exported:
-        from wanrt.export.vae_onnx import export_vae_onnx
-
-        written = export_vae_onnx(path, out_dir.parent, precision, parts=(part,))[f"vae_{part}"]
-        return Exported(written.files, written.signature, written.attributes)
-
-    return run
 
 
 def _missing(what: str, file_hint: str, task: str, model: Path) -> WanrtError:
@@ -283,14 +214,12 @@ def plan_components(resolved, options: BuildOptions, loras: list) -> list[Compon
                 continue
             view = apply_loras(expert.view, loras, expert.name, strict=options.lora_strict) if loras else expert.view
             name = "dit" if expert.name == "dit" else f"dit_{expert.name}"
-            run, run_like = _dit_exporters(view, cfg, options.precision, options.attention)
             plan_options = {"attention": options.attention, **lora_opts, "dit": cfg.to_dict()}
             plans.append(
                 ComponentPlan(
-                    name, "dit", options.precision, list(expert.files), run,
+                    name, "dit", options.precision, list(expert.files), view, {"cfg": cfg, "attention": options.attention},
                     expert=None if expert.name == "dit" else expert.name, options=plan_options,
                     graph_key=json.dumps([options.precision, options.attention, cfg.to_dict()], sort_keys=True),
-                    export_like=run_like,
                 )
             )  # fmt: skip
     if "text_encoder" in groups:
@@ -300,7 +229,7 @@ def plan_components(resolved, options: BuildOptions, loras: list) -> list[Compon
             raise _missing("tokenizer", "google/umt5-xxl/tokenizer.json", task, resolved.source)
         plans.append(
             ComponentPlan("text_encoder", "text_encoder", options.precision, companion_files(resolved.text_encoder),
-                          _text_exporter(resolved.text_encoder, options.precision, task))  # fmt: skip
+                          resolved.text_encoder, {"task": task})  # fmt: skip
         )
     if "image_encoder" in groups and cfg.image_branch:
         if resolved.image_encoder is None:
@@ -308,7 +237,7 @@ def plan_components(resolved, options: BuildOptions, loras: list) -> list[Compon
         clip_precision = "fp32" if options.precision == "fp32" else "fp16"  # the official code runs CLIP in fp16
         plans.append(
             ComponentPlan("image_encoder", "image_encoder", clip_precision, companion_files(resolved.image_encoder),
-                          _image_exporter(resolved.image_encoder, clip_precision, task))  # fmt: skip
+                          resolved.image_encoder, {"task": task})  # fmt: skip
         )
     if "vae" in groups:
         if resolved.vae is None:
@@ -316,10 +245,7 @@ def plan_components(resolved, options: BuildOptions, loras: list) -> list[Compon
         check_vae_matches(resolved.vae_version, cfg.out_dim, where=str(resolved.vae))
         parts = ["decoder"] + (["encoder"] if task in ("i2v", "flf2v", "ti2v") else [])
         for part in parts:
-            plans.append(
-                ComponentPlan(f"vae_{part}", f"vae_{part}", "fp32", companion_files(resolved.vae),
-                              _vae_exporter(resolved.vae, part, "fp32"))  # fmt: skip
-            )
+            plans.append(ComponentPlan(f"vae_{part}", f"vae_{part}", "fp32", companion_files(resolved.vae), resolved.vae))
     if not plans:
         raise WanrtError(f"--components {','.join(sorted(groups))}: nothing to build for this {resolved.family} {task} model")
     return plans
@@ -366,9 +292,22 @@ def unrequested_plans(
     return others
 
 
+def export_component(plan: ComponentPlan, out_dir: Path, template: Path | None = None) -> ExportedComponent:
+    """Export `plan` into its folder `out_dir` with its kind's exporter and lint the graph.
+
+    `template`: the graph of a component with the same `graph_key`, written with this plan's weights instead of a new trace.
+    """
+    options = dict(plan.export_options)
+    if template is not None:
+        options["template"] = template
+    exported = EXPORTERS[plan.kind](plan.source, out_dir, plan.precision, **options)
+    lint_exported(plan.name, exported.graph, exported.signature)
+    return exported
+
+
 def lint_exported(name: str, onnx_path: Path, signature: EngineSignature) -> None:
     """Raise a WanrtError naming the component and its first problems unless the graph passes the TensorRT lint."""
-    from wanrt.export.onnx_lint import lint_onnx
+    from wanrt.export.onnx.lint import lint_onnx
 
     problems = lint_onnx(onnx_path, signature)
     if problems:
@@ -413,6 +352,43 @@ def _read_old_manifest(output: Path) -> Manifest | None:
         return None  # an older schema or a damaged manifest: rebuild everything
 
 
+def read_loras(resolved, lora_args: tuple[str, ...]) -> list:
+    """The LoRAs to merge: the config's `lora_configs`, then `--lora` arguments, each checked against the experts."""
+    from wanrt.export.lora import loras_from_config, parse_lora_arg
+
+    loras = (loras_from_config(resolved.config, resolved.config_path) if resolved.config else []) + [
+        parse_lora_arg(a) for a in lora_args
+    ]
+    names = {e.name for e in resolved.experts}
+    for spec in loras:
+        if spec.expert is not None and spec.expert not in names:
+            raise WanrtError(f"LoRA {spec.path}: targets expert {spec.expert!r} but this model's experts are {', '.join(sorted(names))}")
+    return loras
+
+
+def bundle_manifest(resolved, model: str | os.PathLike, options: BuildOptions, components: dict[str, Component],
+                    loras: list, tokenizer: str | None) -> Manifest:  # fmt: skip
+    """The manifest of a bundle of `resolved` holding `components` (in manifest order)."""
+    return Manifest(
+        family=resolved.family,
+        task=resolved.task,
+        dit=resolved.dit,
+        vae=VAEInfo.for_version(resolved.vae_version or ("2.2" if resolved.dit.out_dim == 48 else "2.1")),
+        components=dict(sorted(components.items(), key=lambda item: _component_rank(item[1].kind, item[0]))),
+        sampling=resolved.sampling,
+        precision=options.precision,
+        tokenizer=tokenizer,
+        loras=loras,
+        source={
+            "model": str(Path(model).absolute()),
+            "config": str(resolved.config_path) if resolved.config_path else None,
+            "experts": {e.name: {"layout": e.layout, "precision": e.view.precision, "files": [str(f) for f in e.files]}
+                        for e in resolved.experts},  # fmt: skip
+        },
+        producer=_versions(),
+    )
+
+
 def build_bundle(
     model: str | os.PathLike,
     output: str | os.PathLike,
@@ -423,7 +399,7 @@ def build_bundle(
 ) -> tuple[Manifest, dict[str, str]]:
     """Build (or update) the bundle at `output`; return its manifest and what happened to each component."""
     from wanrt.export.checkpoint.resolve import resolve_model
-    from wanrt.export.lora import lora_records, loras_from_config, parse_lora_arg
+    from wanrt.export.lora import lora_records
 
     if options.precision not in PRECISIONS:
         raise WanrtError(f"--precision {options.precision!r}: expected one of {', '.join(PRECISIONS)} "
@@ -432,13 +408,7 @@ def build_bundle(
         raise WanrtError(f"--target {options.target!r}: expected one of {', '.join(TARGETS)}")
     output = Path(output)
     resolved = resolve_model(model, config)
-    loras = (loras_from_config(resolved.config, resolved.config_path) if resolved.config else []) + [
-        parse_lora_arg(a) for a in lora_args
-    ]
-    names = {e.name for e in resolved.experts}
-    for spec in loras:
-        if spec.expert is not None and spec.expert not in names:
-            raise WanrtError(f"LoRA {spec.path}: targets expert {spec.expert!r} but this model's experts are {', '.join(sorted(names))}")
+    loras = read_loras(resolved, lora_args)
     records = lora_records(loras)
     lora_keys = [{"sha256": r.sha256, "strength": r.strength, "experts": r.experts, "alpha": r.alpha} for r in records]
     plans = plan_components(resolved, options, loras)
@@ -447,7 +417,7 @@ def build_bundle(
     old = _read_old_manifest(output)
     outcome: dict[str, str] = {}
     components: dict[str, Component] = {}
-    graphs: dict[str, Path] = {}  # graph key -> an expert's model.onnx already in the staged bundle
+    graphs: dict[str, Path] = {}  # graph key -> a graph already in the staged bundle
     with staging_dir(output, force=options.force) as tmp:
         for plan in unrequested_plans(resolved, options, plans, old, log) if old is not None else []:
             if plan.name not in old.components:
@@ -467,54 +437,20 @@ def build_bundle(
                 outcome[plan.name] = "reused"
                 log(f"[{i}/{len(plans)}] {plan.name}: unchanged, reused")
                 continue
-            out_dir = tmp / plan.name
-            out_dir.mkdir(parents=True, exist_ok=True)
             template = graphs.get(plan.graph_key) if plan.graph_key is not None else None
-            if template is not None and plan.export_like is not None:
-                log(f"[{i}/{len(plans)}] {plan.name}: exporting ({plan.precision}, graph shared with {template.parent.name})")
-                exported = plan.export_like(out_dir, template)
-            else:
-                log(f"[{i}/{len(plans)}] {plan.name}: exporting ({plan.precision})")
-                exported = plan.export(out_dir)
-            lint_exported(plan.name, out_dir / ONNX_NAME, exported.signature)
+            shared = f", graph shared with {template.parent.name}" if template is not None else ""
+            log(f"[{i}/{len(plans)}] {plan.name}: exporting ({plan.precision}{shared})")
+            exported = export_component(plan, tmp / plan.name, template)
             if plan.graph_key is not None:
-                graphs[plan.graph_key] = out_dir / ONNX_NAME
-            rels = [str(Path(f).absolute().relative_to(tmp.absolute())) for f in exported.files]
-            components[plan.name] = Component(
-                name=plan.name,
-                kind=plan.kind,
-                onnx=f"{plan.name}/{ONNX_NAME}",
-                signature=exported.signature,
-                precision=plan.precision,
-                files=sorted(rels),
-                expert=plan.expert,
-                cache_key=key,
-                attributes=exported.attributes,
-            )
+                graphs[plan.graph_key] = exported.graph
+            components[plan.name] = exported.manifest_entry(plan.name, plan.kind, plan.precision, tmp,
+                                                            expert=plan.expert, cache_key=key)  # fmt: skip
             outcome[plan.name] = "built"
-        components = dict(sorted(components.items(), key=lambda item: _component_rank(item[1].kind, item[0])))
         tokenizer = None
         if resolved.tokenizer is not None and any(c.kind == "text_encoder" for c in components.values()):
             shutil.copytree(resolved.tokenizer, tmp / TOKENIZER_DIR)
             tokenizer = TOKENIZER_DIR
-        manifest = Manifest(
-            family=resolved.family,
-            task=resolved.task,
-            dit=resolved.dit,
-            vae=VAEInfo.for_version(resolved.vae_version or ("2.2" if resolved.dit.out_dim == 48 else "2.1")),
-            components=components,
-            sampling=resolved.sampling,
-            precision=options.precision,
-            tokenizer=tokenizer,
-            loras=records,
-            source={
-                "model": str(Path(model).absolute()),
-                "config": str(resolved.config_path) if resolved.config_path else None,
-                "experts": {e.name: {"layout": e.layout, "precision": e.view.precision, "files": [str(f) for f in e.files]}
-                            for e in resolved.experts},  # fmt: skip
-            },
-            producer=_versions(),
-        )
+        manifest = bundle_manifest(resolved, model, options, components, records, tokenizer)
         write_manifest(tmp, manifest)
     return manifest, outcome
 

@@ -342,16 +342,20 @@ def load_dit(view: Mapping, cfg: DiTConfig | None = None, dtype: torch.dtype = t
     `cfg` defaults to the one the view's shapes imply.  Every official key the module needs must
     be in the view with its shape, and the view must hold nothing else.
     """
-    if cfg is None:
-        from wanrt.export.checkpoint.dit_config import infer_dit_config
-
-        cfg = infer_dit_config({k: tuple(view[k].shape) for k in view}, where=_where(view))
+    cfg = cfg or view_config(view)
     check_view(view, cfg)
     with torch.device("meta"):
         model = WanDiT(cfg, dtype, attention_impl, per_frame_timestep)
     state = {name: view.load(name, param_dtype(name, dtype)) for name, _ in model.named_parameters()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def view_config(view: Mapping) -> DiTConfig:
+    """The DiT config the view's tensor shapes imply."""
+    from wanrt.export.checkpoint.dit_config import infer_dit_config
+
+    return infer_dit_config({k: tuple(view[k].shape) for k in view}, where=_where(view))
 
 
 def expected_parameters(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:

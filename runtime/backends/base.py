@@ -53,7 +53,7 @@ import numpy as np
 
 from wanrt.engines.errors import BundleError, WanrtError
 from wanrt.engines.manifest import Component
-from wanrt.engines.signatures import EngineSignature
+from wanrt.engines.signatures import EngineSignature, InputMismatch
 
 from ..memory import MemoryNeed, Shapes
 
@@ -119,40 +119,18 @@ def component_file_bytes(component: Component, bundle_dir: str | os.PathLike) ->
 def check_feeds(
     name: str, signature: EngineSignature, feeds: Mapping[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
-    """Validate `feeds` against `signature`; return them contiguous, in signature order.
+    """Validate `feeds` against `signature` (`EngineSignature.check_inputs`); return them contiguous, in signature order.
 
-    Raises EngineInputError naming the engine, the input and what was expected: a missing
-    or unexpected input, a wrong dtype or rank, a fixed dim that differs, a named dim that
-    takes two values, or a named dim outside the signature's `dim_ranges`.
+    Raises EngineInputError naming the engine, the input and what was expected.
     """
-    expected = signature.input_names
-    missing = [n for n in expected if n not in feeds]
-    extra = [n for n in feeds if n not in expected]
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing}")
-        if extra:
-            parts.append(f"unexpected {extra}")
-        raise EngineInputError(f"engine {name!r}: inputs {', '.join(parts)}; expected {expected}")
-    bound: dict[str, int] = {}
-    out: dict[str, np.ndarray] = {}
-    for spec in signature.inputs:
-        value = feeds[spec.name]
+    for key, value in feeds.items():
         if not isinstance(value, np.ndarray):
-            raise EngineInputError(f"engine {name!r} input {spec.name!r}: got {type(value).__name__}, expected a numpy array")
-        try:
-            spec.check(value.shape, value.dtype.name, bound)
-        except ValueError as e:
-            raise EngineInputError(f"engine {name!r} input {e}") from None
-        out[spec.name] = np.ascontiguousarray(value)
-    for dim, size in bound.items():
-        lo_hi = signature.dim_ranges.get(dim)
-        if lo_hi is not None and not lo_hi[0] <= size <= lo_hi[1]:
-            raise EngineInputError(
-                f"engine {name!r}: dim {dim}={size} is outside the range {lo_hi[0]}..{lo_hi[1]} the engine was built for"
-            )
-    return out
+            raise EngineInputError(f"engine {name!r}: input {key}: got {type(value).__name__}, expected a numpy array")
+    try:
+        signature.check_inputs({key: (value.shape, value.dtype.name) for key, value in feeds.items()})
+    except InputMismatch as e:
+        raise EngineInputError(f"engine {name!r}: {e}") from None
+    return {spec.name: np.ascontiguousarray(feeds[spec.name]) for spec in signature.inputs}
 
 
 class Engine(ABC):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,7 +28,7 @@ from cli import cli
 from wanrt.engines.manifest import read_manifest, verify_bundle
 from wanrt.export.build import BuildOptions, plan_components
 from wanrt.export.checkpoint.resolve import resolve_model
-from wanrt.export.onnx_lint import lint_onnx
+from wanrt.export.onnx.lint import lint_onnx
 from wanrt.export.tiny import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,14 +39,38 @@ def invoke(*args: str):
 
 
 @pytest.fixture(scope="module")
-def moe(tmp_path_factory):
-    """A tiny Wan2.2 T2V-A14B model and its complete bundle, built once by the real command."""
+def moe_build(tmp_path_factory):
+    """A tiny Wan2.2 T2V-A14B model and its complete bundle, built once by `python cli.py build-engine` (stderr kept)."""
     root = tmp_path_factory.mktemp("moe")
     os.environ["WANRT_CACHE_DIR"] = str(root / "cache")
     model = make_tiny_model(root / "model", "wan2.2", "t2v", seed=5)
-    res = invoke("build-engine", model, "-o", root / "bundle", "--json")
-    assert res.exit_code == 0, res.output
-    return model, root / "bundle", json.loads(res.stdout.strip().splitlines()[-1])
+    res = subprocess.run([sys.executable, "cli.py", "build-engine", str(model), "-o", str(root / "bundle"), "--json"],
+                         cwd=REPO, env=dict(os.environ), capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    return model, root / "bundle", json.loads(res.stdout.strip().splitlines()[-1]), res.stderr
+
+
+@pytest.fixture(scope="module")
+def moe(moe_build):
+    """(model, bundle, --json summary) of `moe_build`."""
+    return moe_build[:3]
+
+
+# What a normal build prints on stderr: our progress lines, notes, and the tqdm bars of the writes.
+OUR_STDERR = re.compile(r"\[\d+/\d+\] \w+: (exporting \(.+\)|unchanged, reused)|note: .+|writing model\.onnx: .*|")
+
+
+def test_a_normal_build_prints_only_our_progress_and_notes(moe_build):
+    """No third-party noise (torch.onnx's "torchvision is not installed" lines, axis-name warnings) reaches the user."""
+    _, _, summary, stderr = moe_build
+    lines = re.split(r"[\r\n]+", stderr)
+    assert [line for line in lines if not OUR_STDERR.fullmatch(line)] == []
+    progress = [line for line in lines if line.startswith("[")]
+    assert progress == [
+        "[1/4] dit_high_noise: exporting (fp32)", "[2/4] dit_low_noise: exporting (fp32, graph shared with dit_high_noise)",
+        "[3/4] text_encoder: exporting (fp32)", "[4/4] vae_decoder: exporting (fp32)",
+    ]  # fmt: skip
+    assert set(summary["components"]) == {"dit_high_noise", "dit_low_noise", "text_encoder", "vae_decoder"}
 
 
 def test_bundle_is_complete_and_verifiable(moe):
@@ -112,6 +137,22 @@ def test_lora_for_one_expert_rebuilds_only_that_expert(moe, tmp_path):
     import hashlib
 
     assert rec.sha256 == hashlib.sha256(lora.read_bytes()).hexdigest()
+
+
+def test_every_component_kind_has_an_exporter_with_the_common_call():
+    """(source, out_dir, precision, **options); each takes graph passes and its entry's fixed arguments."""
+    import importlib
+    import inspect
+
+    from wanrt.engines.manifest import COMPONENT_KINDS
+    from wanrt.export.build import EXPORTERS
+
+    assert set(EXPORTERS) == set(COMPONENT_KINDS)
+    for kind, exporter in EXPORTERS.items():
+        module, attr = exporter.function.split(":")
+        params = inspect.signature(getattr(importlib.import_module(module), attr)).parameters
+        positional = [p.name for p in params.values() if p.kind == p.POSITIONAL_OR_KEYWORD]
+        assert positional[1:3] == ["out_dir", "precision"] and {"passes", "progress", *exporter.args} <= set(params), kind
 
 
 @pytest.mark.parametrize(
@@ -256,13 +297,14 @@ def test_second_expert_from_the_shared_graph_equals_a_fresh_export(moe, tmp_path
     """The low-noise expert was written from the high-noise graph; a fresh trace gives the same bytes."""
     import hashlib
 
-    from wanrt.export.onnx_export import export_dit_onnx
+    from wanrt.export.onnx.dit import export_dit_onnx
 
     model, bundle, _ = moe
     resolved = resolve_model(model)
-    fresh = export_dit_onnx(resolved.expert("low_noise").view, resolved.dit, tmp_path / "fresh", progress=False)
+    fresh = export_dit_onnx(resolved.expert("low_noise").view, tmp_path / "fresh", cfg=resolved.dit, progress=False)
     m = read_manifest(bundle)
-    for path in fresh:
+    assert fresh.signature == m.components["dit_low_noise"].signature
+    for path in fresh.files:
         rel = f"dit_low_noise/{path.name}"
         assert hashlib.sha256(path.read_bytes()).hexdigest() == m.files[rel]["sha256"], rel
     high = (bundle / "dit_high_noise" / "model.onnx.data").read_bytes()

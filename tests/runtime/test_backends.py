@@ -64,7 +64,7 @@ def test_load_run_release_matches_numpy(bundle, backend):
         (lambda f: f.update(latent=f["latent"][0]), "latent.*expected rank 5"),
         (lambda f: f.update(latent=f["latent"][:, :15]), r"latent: shape \[1, 15, 2, 4, 6\], expected"),
         (lambda f: f.update(context=f["context"][:, :77]), r"context: shape \[1, 77, 8\]"),
-        (lambda f: f.update(timestep=np.zeros(2, np.float32)), "dim batch=2 but 1 elsewhere"),
+        (lambda f: f.update(timestep=np.zeros(2, np.float32)), "input timestep: dim batch=2, but input latent has batch=1"),
         (lambda f: f.update(latent=np.zeros((1, 16, 2, 4, 200), np.float32)), "dim width=200 is outside the range 2..192"),
         (lambda f: f.update(context=[[0.0]]), "got list, expected a numpy array"),
     ],

@@ -22,8 +22,8 @@ from wanrt.engines.errors import BundleError, WanrtError
 from wanrt.engines.manifest import Component
 from wanrt.engines.vae_contract import VAEChunkContract
 from wanrt.export.models.vae import VAEConfig, load_vae
-from wanrt.export.onnx_lint import lint_onnx
-from wanrt.export.vae_onnx import export_vae_onnx
+from wanrt.export.onnx.lint import lint_onnx
+from wanrt.export.onnx.vae import export_vae_onnx
 from wanrt.runtime.backends.onnxruntime import OnnxRuntimeBackend, OrtOptions
 from wanrt.runtime.vae import Tiling, decode_latents, encode_video
 from tests.export.models.test_vae import diffusers_encode, diffusers_vae, official_state, one_thread  # noqa: F401
@@ -53,14 +53,13 @@ def exported(request, tmp_path_factory) -> Exported:
     root = tmp_path_factory.mktemp(f"vae{request.param}")
     path = root / "Wan_VAE.pth"
     torch.save(official_state(reference, cfg), path)
-    written = export_vae_onnx(path, root, "fp32", progress=False)
     backend = OnnxRuntimeBackend(OrtOptions(device="cpu", intra_op_threads=1))
     components, engines = {}, {}
-    for name, files in written.items():
-        comp = Component(
-            name, files.kind, str(files.onnx.relative_to(root)), files.signature, files.precision,
-            [str(f.relative_to(root)) for f in files.files], attributes=json.loads(json.dumps(files.attributes)),
-        )  # fmt: skip
+    for part in ("encoder", "decoder"):
+        name = f"vae_{part}"
+        written = export_vae_onnx(path, root / name, part=part, progress=False)
+        comp = written.manifest_entry(name, name, "fp32", root)
+        comp = Component.from_dict(name, json.loads(json.dumps(comp.to_dict())))  # as a manifest reads it back
         components[name], engines[name] = comp, backend.load(comp, root)
     yield Exported(cfg, reference, load_vae(path), components, engines, root)
     for engine in engines.values():

@@ -1,6 +1,6 @@
 """WanDiT equals diffusers' WanTransformer3DModel on every Wan DiT variant (tiny random weights).
 
-Each reference is a tiny random diffusers model, saved in official layout (keys renamed with
+Each reference is a tiny random diffusers model (`dit_cases`), saved in official layout (keys renamed with
 `export.checkpoint.keys.diffusers_to_official`) to a safetensors file, read back through the
 checkpoint layer (`CheckpointView`) and loaded with `load_dit`.  head_dim is 128 so the RoPE
 split is the official [22, 21, 21] pairs (diffusers splits by head_dim: 44/42/42).
@@ -8,8 +8,7 @@ split is the official [22, 21, 21] pairs (diffusers splits by head_dim: 44/42/42
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,118 +16,25 @@ from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
 from wanrt.engines.model import DiTConfig
-from wanrt.export.checkpoint.keys import DIFFUSERS_IGNORED, diffusers_to_official, official_to_diffusers
+from wanrt.export.checkpoint.keys import official_to_diffusers
 from wanrt.export.checkpoint.resolve import resolve_model
-from wanrt.export.checkpoint.view import CheckpointView, SafetensorsSource
+from wanrt.export.checkpoint.view import CheckpointView
 from wanrt.export.lora import LoraSpec, apply_loras
-from wanrt.export.models.wan_dit import DiTError, WanDiT, load_dit, signature_for
+from wanrt.export.models.wan_dit import DiTError, WanDiT, load_dit
 from wanrt.export.tiny import make_tiny_model
+from tests.export.models.dit_cases import (
+    CASES,
+    Case,
+    diffusers_for,
+    diffusers_forward,
+    diffusers_model,
+    make_inputs,
+    official_state,
+    rel_err,
+    write_official,
+)
 
-TINY = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=32)
-CLIP_DIM = 64  # tiny CLIP width
-
-
-@dataclass(frozen=True)
-class Case:
-    """One Wan DiT variant."""
-
-    cfg: DiTConfig
-
-    @property
-    def per_frame(self) -> bool:
-        return signature_for(self.cfg).input("timestep").shape == ("batch", "frames")
-
-
-CASES = {
-    "t2v": Case(DiTConfig(in_dim=16, out_dim=16, **TINY)),
-    "i2v": Case(DiTConfig(in_dim=36, out_dim=16, image_branch=True, clip_tokens=257, clip_dim=CLIP_DIM, **TINY)),
-    "flf2v": Case(DiTConfig(in_dim=36, out_dim=16, image_branch=True, clip_tokens=514, clip_dim=CLIP_DIM, **TINY)),
-    "i2v_a14b": Case(DiTConfig(in_dim=36, out_dim=16, **TINY)),  # Wan2.2: 36-channel input, no CLIP branch
-    "ti2v": Case(DiTConfig(in_dim=48, out_dim=48, **TINY)),  # Wan2.2 TI2V-5B: per-frame timesteps
-}
 GRIDS = [(3, 6, 10), (2, 10, 4)]  # latent (frames, height, width): odd token grids 3x3x5, 2x5x2
-
-
-def diffusers_for(cfg: DiTConfig) -> WanTransformer3DModel:
-    """diffusers' transformer with this architecture (I2V: image_dim/added_kv_proj_dim; FLF2V: pos_embed_seq_len)."""
-    image = {}
-    if cfg.image_branch:
-        image = dict(image_dim=cfg.clip_dim, added_kv_proj_dim=cfg.dim)
-        if cfg.clip_tokens == 514:
-            image["pos_embed_seq_len"] = 514
-    return WanTransformer3DModel(
-        num_attention_heads=cfg.num_heads, attention_head_dim=cfg.dim // cfg.num_heads, in_channels=cfg.in_dim,
-        out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim,
-        num_layers=cfg.num_layers, eps=cfg.eps, **image,
-    ).eval()
-
-
-def diffusers_model(case: Case, seed: int) -> WanTransformer3DModel:
-    """A tiny random diffusers Wan transformer (norm weights and emb_pos randomized too)."""
-    torch.manual_seed(seed)
-    model = diffusers_for(case.cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p)) if name.endswith("weight") else p.copy_(0.2 * torch.randn_like(p))
-            elif "pos_embed" in name:
-                p.copy_(0.5 * torch.randn_like(p))
-    return model
-
-
-def official_state(model: WanTransformer3DModel) -> dict[str, torch.Tensor]:
-    """The diffusers state dict under official names (every key must have one)."""
-    state = {}
-    for key, t in model.state_dict().items():
-        if DIFFUSERS_IGNORED.match(key):
-            continue
-        official = diffusers_to_official(key)
-        assert official is not None, key
-        state[official] = t.contiguous()
-    return state
-
-
-def write_official(state: dict[str, torch.Tensor], path: Path) -> CheckpointView:
-    """Save official-named tensors as one safetensors file and open it through the checkpoint layer."""
-    save_file(state, str(path))
-    return CheckpointView([SafetensorsSource(path)])
-
-
-def make_inputs(case: Case, batch: int, grid: tuple[int, int, int], seed: int) -> dict[str, torch.Tensor]:
-    """Engine-contract inputs: batch items get different timesteps (ti2v: frame 0 at t=0)."""
-    cfg = case.cfg
-    g = torch.Generator().manual_seed(seed)
-    frames, height, width = grid
-    t = torch.tensor([999.0, 412.0, 37.0][:batch])
-    inputs = {
-        "latent": torch.randn(batch, cfg.in_dim, frames, height, width, generator=g),
-        "timestep": t,
-        "context": torch.randn(batch, cfg.text_len, cfg.text_dim, generator=g),
-    }
-    if case.per_frame:
-        inputs["timestep"] = t[:, None].repeat(1, frames)
-        inputs["timestep"][:, 0] = 0.0  # the official TI2V i2v mask: the image frame is clean
-    if cfg.image_branch:
-        inputs["clip_fea"] = torch.randn(batch, cfg.clip_tokens, cfg.clip_dim, generator=g)
-    return inputs
-
-
-def diffusers_forward(model: WanTransformer3DModel, case: Case, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The reference output for engine-contract inputs, passed the way diffusers' pipelines pass them."""
-    latent, timestep = inputs["latent"], inputs["timestep"]
-    batch, _, frames, height, width = latent.shape
-    if case.per_frame:  # diffusers' expand_timesteps path: one timestep per token, [B, seq_len]
-        timestep = timestep.repeat_interleave((height // 2) * (width // 2), dim=1)
-    clip = inputs.get("clip_fea")
-    if clip is not None and case.cfg.clip_tokens == 514:  # diffusers views [2B, 257, C] as [B, 514, C]
-        clip = clip.reshape(batch * 2, 257, clip.shape[-1])
-    with torch.no_grad():
-        return model(latent, timestep, inputs["context"], clip, return_dict=False)[0].float()
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |ours - ref| / max |ref|."""
-    return float((ours.float() - ref).abs().max() / ref.abs().max())
 
 
 @pytest.fixture(scope="module")

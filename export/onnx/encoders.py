@@ -18,8 +18,7 @@ Precisions (graph I/O always int64 / float32):
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -28,10 +27,11 @@ from wanrt.engines.signatures import image_encoder_signature, text_encoder_signa
 from wanrt.export.checkpoint.view import TensorSource
 from wanrt.export.models.clip import CLIPVisionConfig, CLIPVisionEncoder, open_clip_checkpoint
 from wanrt.export.models.t5 import T5Config, T5Encoder, open_t5_checkpoint, relative_bucket_table
-from wanrt.export.onnx_export import export_onnx
-from wanrt.export.onnx_lint import MAX_INITIALIZER_BYTES
 
-ONNX_NAME = "model.onnx"
+from .component import ExportedComponent
+from .lint import MAX_INITIALIZER_BYTES
+from .torch_to_onnx import GraphPass, export_onnx
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEXT_PRECISIONS = ("fp32", "bf16")
 IMAGE_PRECISIONS = ("fp32", "bf16", "fp16")
@@ -50,9 +50,10 @@ def export_text_encoder_onnx(
     precision: str = "fp32",
     *,
     task: str | None = None,
+    passes: Sequence[GraphPass] = (),
     progress: bool = True,
-) -> list[Path]:
-    """Export the umt5 encoder (a checkpoint path or a module) to `out_dir/model.onnx`; return the files.
+) -> ExportedComponent:
+    """Export the umt5 encoder (a checkpoint path or a module) to `out_dir/model.onnx` + `model.onnx.data`.
 
     A module is neither cast nor copied: the graph is traced on `meta` and its tensors are cast as written.
     """
@@ -74,8 +75,8 @@ def export_text_encoder_onnx(
             "input_ids": torch.zeros(2, 7, dtype=torch.int64),
             "attention_mask": torch.ones(2, 7, dtype=torch.int64),
         }
-    return export_onnx(module.eval(), example, Path(out_dir) / ONNX_NAME, text_encoder_signature(cfg.dim),
-                       weights=weights, progress=progress)  # fmt: skip
+    return export_onnx(module.eval(), example, out_dir, text_encoder_signature(cfg.dim), weights=weights, passes=passes,
+                       progress=progress)  # fmt: skip
 
 
 def export_image_encoder_onnx(
@@ -84,9 +85,10 @@ def export_image_encoder_onnx(
     precision: str = "fp32",
     *,
     task: str | None = None,
+    passes: Sequence[GraphPass] = (),
     progress: bool = True,
-) -> list[Path]:
-    """Export the CLIP vision tower (a checkpoint path or a module) to `out_dir/model.onnx`; return the files.
+) -> ExportedComponent:
+    """Export the CLIP vision tower (a checkpoint path or a module) to `out_dir/model.onnx` + `model.onnx.data`.
 
     The graph holds what Wan runs (every block but the last); the unused last block, post-norm and
     head are not written.  A module is neither cast nor copied.
@@ -101,7 +103,7 @@ def export_image_encoder_onnx(
     with torch.device("meta"):
         example = {"pixel_values": torch.zeros(2, 3, cfg.image_size, cfg.image_size)}
     signature = image_encoder_signature(cfg.width, cfg.image_size, cfg.tokens)
-    return export_onnx(module.eval(), example, Path(out_dir) / ONNX_NAME, signature, weights=weights, progress=progress)
+    return export_onnx(module.eval(), example, out_dir, signature, weights=weights, passes=passes, progress=progress)
 
 
 TOKEN_TABLE = "token_embedding.weight"

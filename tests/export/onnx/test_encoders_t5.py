@@ -11,9 +11,9 @@ from onnx.reference import ReferenceEvaluator
 
 from wanrt.engines.errors import WanrtError
 from wanrt.engines.signatures import text_encoder_signature
-from wanrt.export.encoders_onnx import export_text_encoder_onnx, holds_bf16_values, token_table_dtype
+from wanrt.export.onnx.encoders import export_text_encoder_onnx, holds_bf16_values, token_table_dtype
 from wanrt.export.models.t5 import T5Config, T5Encoder
-from wanrt.export.onnx_lint import lint_onnx
+from wanrt.export.onnx.lint import lint_onnx
 
 CFG = T5Config.tiny(vocab_size=300)
 
@@ -51,8 +51,9 @@ def fp32_export(model, tmp_path_factory):
 
 
 def test_files_names_and_lint(fp32_export, model):
-    out, files = fp32_export
-    assert files == [out / "model.onnx", out / "model.onnx.data"]
+    out, exported = fp32_export
+    files = exported.files
+    assert files == [out / "model.onnx", out / "model.onnx.data"] and exported.signature == text_encoder_signature(CFG.dim)
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data"]  # no temp leftovers
     assert lint_onnx(files[0], text_encoder_signature(CFG.dim)) == []
     graph = onnx.load(files[0], load_external_data=False).graph
@@ -63,7 +64,7 @@ def test_files_names_and_lint(fp32_export, model):
 
 def test_fp32_graph_keeps_the_bf16_token_table_and_casts_gathered_rows(fp32_export):
     """umt5-xxl's table is 3.9 GiB in fp32 (over TensorRT's 2 GiB per weight): it stays bf16 as stored."""
-    _, files = fp32_export
+    files = fp32_export[1].files
     graph = onnx.load(files[0], load_external_data=False).graph
     dtypes = {t.name: t.data_type for t in graph.initializer}
     assert dtypes["token_embedding.weight"] == onnx.TensorProto.BFLOAT16
@@ -85,7 +86,7 @@ def test_token_table_dtype_rule(model):
 
 
 def test_onnxruntime_equals_torch_at_two_shapes(fp32_export, model):
-    _, files = fp32_export
+    files = fp32_export[1].files
     session = ort.InferenceSession(str(files[0]), providers=["CPUExecutionProvider"])
     for ids, mask in (batch(1, 9, [9], seed=0), batch(2, 150, [150, 23], seed=1)):
         got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
@@ -96,7 +97,7 @@ def test_onnxruntime_equals_torch_at_two_shapes(fp32_export, model):
 
 
 def test_bf16_export_keeps_fp32_io_and_follows_torch_bf16(model, tmp_path):
-    files = export_text_encoder_onnx(model, tmp_path / "bf16", "bf16", progress=False)
+    files = export_text_encoder_onnx(model, tmp_path / "bf16", "bf16", progress=False).files
     assert model.token_embedding.weight.dtype == torch.float32  # the caller's module is not cast
     assert lint_onnx(files[0], text_encoder_signature(CFG.dim)) == []
     graph = onnx.load(files[0], load_external_data=False).graph

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from wanrt.engines.model import DiTConfig
-from wanrt.export.encoders_onnx import (
+from wanrt.export.onnx.encoders import (
     DTYPES,
     IMAGE_PRECISIONS,
     TEXT_PRECISIONS,
@@ -25,8 +25,8 @@ from wanrt.export.models.clip import CLIPVisionConfig
 from wanrt.export.models.t5 import T5Config
 from wanrt.export.models.vae import VAEConfig, WanVAE
 from wanrt.export.models.wan_dit import WanDiT
-from wanrt.export.onnx_export import PRECISIONS as DIT_PRECISIONS
-from wanrt.export.onnx_lint import MAX_INITIALIZER_BYTES
+from wanrt.export.onnx.dit import DTYPES as DIT_DTYPES
+from wanrt.export.onnx.lint import MAX_INITIALIZER_BYTES
 
 _14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 REAL_DITS = {  # the released configs (wan-architecture.md section 1)
@@ -60,11 +60,11 @@ def test_clip_vit_h(precision):
     assert oversized(image_encoder_graph_module(CLIPVisionConfig(), DTYPES[precision])) == {}
 
 
-@pytest.mark.parametrize("precision", sorted(DIT_PRECISIONS))
+@pytest.mark.parametrize("precision", sorted(DIT_DTYPES))
 @pytest.mark.parametrize("name", REAL_DITS)
 def test_dit(name, precision):
     with torch.device("meta"):
-        module = WanDiT(REAL_DITS[name], DIT_PRECISIONS[precision])
+        module = WanDiT(REAL_DITS[name], DIT_DTYPES[precision])
     assert oversized(module) == {}
 
 

@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from wanrt.engines.signatures import EngineSignature, TensorSpec
-from wanrt.export.onnx_lint import TRT_OPS_FILE, load_trt_op_support, lint_onnx, parse_trt_operator_table
+from wanrt.export.onnx.lint import TRT_OPS_FILE, load_trt_op_support, lint_onnx, parse_trt_operator_table
 
 REPO = Path(__file__).resolve().parents[3]
 REFERENCE = REPO.parent / "shared" / "reference" / "onnx-tensorrt-operators-10.1.md"

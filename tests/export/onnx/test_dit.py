@@ -20,10 +20,12 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from wanrt.export.models.wan_dit import load_dit
-from wanrt.export.onnx_export import ExportError, bf16_as_fp32, export_dit_onnx
-from wanrt.export.onnx_lint import lint_onnx
+from wanrt.export.onnx.bf16 import bf16_as_fp32
+from wanrt.export.onnx.component import ExportError
+from wanrt.export.onnx.dit import export_dit_onnx
+from wanrt.export.onnx.lint import lint_onnx
 from wanrt.plugins_trt import onnx_op
-from tests.export.models.test_wan_dit import CASES, diffusers_model, make_inputs, official_state, rel_err, write_official
+from tests.export.models.dit_cases import CASES, diffusers_model, make_inputs, official_state, rel_err, write_official
 
 SHAPES = [(2, (3, 6, 10)), (1, (2, 10, 4))]  # (batch, latent grid) run against one export
 
@@ -47,16 +49,23 @@ def one_layer_view(name: str, tmp_path):
     return cfg, write_official(official_state(model), tmp_path / "dit.safetensors")
 
 
-EXPORTS = [("t2v", "fp32"), ("i2v", "fp32"), ("flf2v", "bf16"), ("i2v_a14b", "fp32"), ("ti2v", "fp32")]
+# The bf16 export comes first: the bf16-only test's indirect parameter has index 0, which pytest's
+# ordering matches to the fixture's own index 0, so it runs on that export instead of a second one.
+EXPORTS = [("flf2v", "bf16"), ("t2v", "fp32"), ("i2v", "fp32"), ("i2v_a14b", "fp32"), ("ti2v", "fp32")]
+BF16_EXPORTS = [e for e in EXPORTS if e[1] == "bf16"]
 
 
-@pytest.fixture(scope="module", params=EXPORTS, ids=lambda p: "-".join(p))
+def export_id(param: tuple[str, str]) -> str:
+    return "-".join(param)
+
+
+@pytest.fixture(scope="module", params=EXPORTS, ids=export_id)
 def exported(request, tmp_path_factory):
     name, precision = request.param
     tmp = tmp_path_factory.mktemp(f"{name}_{precision}")
     cfg, view = one_layer_view(name, tmp)
     counting = CountingView(view)
-    files = export_dit_onnx(counting, cfg, tmp / "dit", precision=precision, progress=False)
+    files = export_dit_onnx(counting, tmp / "dit", precision, cfg=cfg, progress=False).files
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return name, precision, cfg, counting, files, load_dit(view, cfg, dtype=dtype)
 
@@ -130,11 +139,11 @@ class Softmax(OpRun):
         return ((e / e.sum(axis=axis, keepdims=True)).astype(x.dtype),)
 
 
+@pytest.mark.parametrize("exported", BF16_EXPORTS, ids=export_id, indirect=True)
 def test_bf16_graph_as_exported_follows_torch_bf16(exported):
     """The bf16 graph itself (bf16 weights and ops, no bf16_as_fp32 rewrite), run by ONNX's reference evaluator."""
     name, precision, cfg, _, files, module = exported
-    if precision != "bf16":
-        pytest.skip("fp32 graphs run as they are in ONNX Runtime")
+    assert precision == "bf16"
     inputs = make_inputs(replace(CASES[name], cfg=cfg), 1, (2, 4, 4), seed=13)
     (got,) = ReferenceEvaluator(str(files[0]), new_ops=[Softmax]).run(None, {k: v.numpy() for k, v in inputs.items()})
     with torch.no_grad():
@@ -162,7 +171,7 @@ def test_native_attention_is_the_pattern_tensorrt_fuses(exported):
 
 def test_plugin_attention_emits_our_node(tmp_path):
     cfg, view = one_layer_view("t2v", tmp_path)
-    files = export_dit_onnx(view, cfg, tmp_path / "plugin", attention="plugin", progress=False)
+    files = export_dit_onnx(view, tmp_path / "plugin", cfg=cfg, attention="plugin", progress=False).files
     m = onnx.load(str(files[0]), load_external_data=False)
     nodes = [n for n in m.graph.node if n.domain == onnx_op.DOMAIN]
     assert [n.op_type for n in nodes] == [onnx_op.OP_TYPE] * 2  # self- and cross-attention of the one block
@@ -187,7 +196,7 @@ def test_plugin_op_eager_math_is_attention():
 def test_bad_precision_and_attention_are_refused(tmp_path):
     cfg, view = one_layer_view("t2v", tmp_path)
     with pytest.raises(ExportError, match="unsupported DiT precision 'fp16'"):
-        export_dit_onnx(view, cfg, tmp_path / "x", precision="fp16", progress=False)
+        export_dit_onnx(view, tmp_path / "x", "fp16", cfg=cfg, progress=False)
     with pytest.raises(Exception, match="unknown attention implementation 'flash'"):
-        export_dit_onnx(view, cfg, tmp_path / "x", attention="flash", progress=False)
+        export_dit_onnx(view, tmp_path / "x", cfg=cfg, attention="flash", progress=False)
     assert not (tmp_path / "x").exists()

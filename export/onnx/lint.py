@@ -4,7 +4,7 @@ Checks, each reported as one line naming the node / tensor at fault:
 - `onnx.checker` full check with strict shape inference, through the path API (so models with
   external data, and over 2 GB, are checked as saved);
 - the default-domain opset is inside the parser's range, and every op is in the operator list
-  of TensorRT's ONNX parser (`export/data/trt_onnx_ops_10.1.json`, derived from onnx-tensorrt's
+  of TensorRT's ONNX parser (`export/onnx/data/trt_onnx_ops_10.1.json`, derived from onnx-tensorrt's
   docs/operators.md at 10.1 GA; ops added by later parsers are named in the message);
 - each op runs on a tensor type that list names for it (`TYPE_NAMES`): the element types (by
   ONNX shape inference) of the tensors bound to the op's data type constraint, i.e. that of its

@@ -19,8 +19,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -30,28 +29,13 @@ from wanrt.engines.errors import WanrtError
 from wanrt.engines.signatures import EngineSignature
 from wanrt.engines.vae_contract import PARTS, CacheSpec, VAEChunkContract
 from wanrt.export.models.vae import WanVAE, read_vae_checkpoint
-from wanrt.export.onnx_export import export_onnx
 
-ONNX_NAME = "model.onnx"
+from .component import ExportedComponent
+from .torch_to_onnx import GraphPass, export_onnx
+
 PRECISIONS = ("fp32",)
 PROBE_SIZE = 2  # latent rows/columns of the shape probe (any size works; caches scale with it)
 EXAMPLE_HEIGHT, EXAMPLE_WIDTH = 3, 4  # distinct, > 1: torch.export keeps them dynamic
-
-
-@dataclass
-class ComponentFiles:
-    """What an export wrote for one bundle component, and what its manifest entry needs."""
-
-    name: str  # "vae_encoder" / "vae_decoder"
-    kind: str  # the manifest component kind (same as the name for the VAE)
-    files: list[Path]  # model.onnx first, then model.onnx.data
-    signature: EngineSignature
-    precision: str
-    attributes: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def onnx(self) -> Path:
-        return self.files[0]
 
 
 class VAEChunkModule(nn.Module):
@@ -132,25 +116,23 @@ def derived_dims(signature: EngineSignature) -> dict[str, Any]:
 
 def export_vae_onnx(
     source: str | os.PathLike | WanVAE,
-    out_dir_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
     precision: str = "fp32",
-    parts: Sequence[str] = PARTS,
     *,
+    part: str,
+    passes: Sequence[GraphPass] = (),
     progress: bool = True,
-) -> dict[str, ComponentFiles]:
-    """Export the VAE's chunk engines to `out_dir_root/vae_{part}/model.onnx` (+ `.data`).
+) -> ExportedComponent:
+    """Export the VAE's `part` chunk engine (`vae_encoder` / `vae_decoder`) to `out_dir/model.onnx` + `model.onnx.data`.
 
-    `source` is a VAE checkpoint (official keys or diffusers names) or a `WanVAE`; returns
-    {"vae_encoder": ..., "vae_decoder": ...} for the requested `parts`.
+    `source` is a VAE checkpoint (official keys or diffusers names) or a `WanVAE`; the chunk
+    contract (`engines.vae_contract`) is the component's attributes.
     """
     if precision not in PRECISIONS:
         raise WanrtError(
             f"VAE precision {precision!r}: the VAE engines are exported in fp32 only (as the official code runs "
             "the VAE; ONNX Conv has no bfloat16 before opset 22, beyond TensorRT 10.1's parser)"
         )
-    unknown = [p for p in parts if p not in PARTS]
-    if unknown:
-        raise WanrtError(f"unknown VAE part(s) {unknown}; expected any of {list(PARTS)}")
     weights: dict[str, Callable[[], torch.Tensor]] | None = None
     if isinstance(source, WanVAE):
         vae = source.float().eval()  # in place, like nn.Module.float()
@@ -159,19 +141,10 @@ def export_vae_onnx(
         with torch.device("meta"):
             vae = WanVAE(cfg).eval()
         weights = {f"vae.{name}": (lambda key=key: reader.read(key).float()) for name, key in stored_names.items()}
-    device = "meta" if weights is not None else "cpu"
-    written: dict[str, ComponentFiles] = {}
-    for part in parts:
-        contract = chunk_contract(vae, part)
-        signature = contract.signature()
-        module = VAEChunkModule(vae, part, signature.input_names).eval()
-        onnx_path = Path(out_dir_root) / contract.component / ONNX_NAME
-        files = export_onnx(module, example_inputs(contract, device), onnx_path, signature,
-                            dynamic_dims=derived_dims(signature), weights=weights, progress=progress)  # fmt: skip
-        written[contract.component] = ComponentFiles(
-            contract.component, contract.component, files, signature, precision, contract.attributes()
-        )
-    return written
-
-
-__all__ = ["ComponentFiles", "chunk_contract", "export_vae_onnx"]
+    contract = chunk_contract(vae, part)
+    signature = contract.signature()
+    module = VAEChunkModule(vae, part, signature.input_names).eval()
+    example = example_inputs(contract, "meta" if weights is not None else "cpu")
+    exported = export_onnx(module, example, out_dir, signature, dynamic_dims=derived_dims(signature), weights=weights,
+                           passes=passes, progress=progress)  # fmt: skip
+    return replace(exported, attributes=contract.attributes())

@@ -11,9 +11,9 @@ from onnx.reference import ReferenceEvaluator
 
 from wanrt.engines.errors import WanrtError
 from wanrt.engines.signatures import image_encoder_signature
-from wanrt.export.encoders_onnx import export_image_encoder_onnx
+from wanrt.export.onnx.encoders import export_image_encoder_onnx
 from wanrt.export.models.clip import CLIPVisionConfig, CLIPVisionEncoder
-from wanrt.export.onnx_lint import lint_onnx
+from wanrt.export.onnx.lint import lint_onnx
 
 CFG = CLIPVisionConfig.tiny()
 SIGNATURE = image_encoder_signature(CFG.width, CFG.image_size, CFG.tokens)
@@ -40,10 +40,11 @@ def fp32_export(model, tmp_path_factory):
     state = {"visual." + k: v for k, v in model.state_dict().items()}
     state |= {"textual.token_embedding.weight": torch.zeros(10, 8), "log_scale": torch.tensor(4.6)}
     torch.save(state, root / "clip.pth")
-    return export_image_encoder_onnx(root / "clip.pth", root / "image_encoder", "fp32", progress=False)
+    return export_image_encoder_onnx(root / "clip.pth", root / "image_encoder", "fp32", progress=False).files
 
 
 def test_lint_io_and_only_the_used_weights(fp32_export):
+    assert fp32_export == [fp32_export[0].parent / "model.onnx", fp32_export[0].parent / "model.onnx.data"]
     assert lint_onnx(fp32_export[0], SIGNATURE) == []
     graph = onnx.load(fp32_export[0], load_external_data=False).graph
     assert [i.name for i in graph.input] == ["pixel_values"] and [o.name for o in graph.output] == ["clip_fea"]
@@ -71,7 +72,7 @@ def half_module(model: CLIPVisionEncoder, dtype: torch.dtype) -> CLIPVisionEncod
 
 
 def test_fp16_export_runs_in_onnxruntime(model, tmp_path):
-    files = export_image_encoder_onnx(model, tmp_path / "fp16", "fp16", progress=False)
+    files = export_image_encoder_onnx(model, tmp_path / "fp16", "fp16", progress=False).files
     assert model.patch_embedding.weight.dtype == torch.float32  # the caller's module is not cast
     assert lint_onnx(files[0], SIGNATURE) == []
     dtypes = {t.name: t.data_type for t in onnx.load(files[0], load_external_data=False).graph.initializer}
@@ -84,7 +85,7 @@ def test_fp16_export_runs_in_onnxruntime(model, tmp_path):
 
 
 def test_bf16_export_follows_torch_bf16(model, tmp_path):
-    files = export_image_encoder_onnx(model, tmp_path / "bf16", "bf16", progress=False)
+    files = export_image_encoder_onnx(model, tmp_path / "bf16", "bf16", progress=False).files
     assert lint_onnx(files[0], SIGNATURE) == []  # no bf16 Conv: the patch embedding is a MatMul
     dtypes = {t.name: t.data_type for t in onnx.load(files[0], load_external_data=False).graph.initializer}
     assert dtypes["patch_embedding.weight"] == onnx.TensorProto.BFLOAT16
