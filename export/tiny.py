@@ -38,8 +38,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -51,6 +49,7 @@ from tqdm import tqdm
 from wanrt.calibration.quant import quantize
 from wanrt.engines.defaults import NEGATIVE_PROMPT
 from wanrt.engines.errors import WanrtError
+from wanrt.engines.files import atomic_output
 from wanrt.engines.model import DiTConfig
 from wanrt.export.checkpoint.dit_config import CLIP_TOKENS_FLF2V, CLIP_TOKENS_I2V, HEAD_DIM, expected_shapes
 from wanrt.export.checkpoint.keys import official_to_diffusers
@@ -315,29 +314,21 @@ def make_tiny_model(out: Path, family: str, task: str, layout: str = "official",
         raise WanrtError(f"{out}: already exists and is not an empty folder; remove it or choose another path")
     cfg = tiny_dit_config(family, task, dims)
     experts = _dit_folders(family, task, layout)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     n_params = sum(math.prod(s) for s in expected_shapes(cfg).values()) * len(experts)
-    try:
-        with tqdm(total=n_params, unit="param", unit_scale=True, desc=f"writing {out.name}",
-                  disable=dims is None, file=None) as bar:
-            for component, rel in experts:
-                folder = tmp / rel
-                single = None if layout in ("official", "diffusers") else lightx2v_file_name(family, task, layout, component)
-                write_dit(folder, cfg, layout, seed, component, single, min_shards=1 if dims else 2,
-                          progress=bar.update, sparse=sparse)
-                if layout == "official":
-                    _write_json(folder / "config.json", official_config_json(cfg, task))
-                elif layout == "diffusers":
-                    _write_json(folder / "config.json", diffusers_config_json(cfg))
+    # fsync off: test and demo models, rewritten at will (the rename still makes them all-or-nothing)
+    with atomic_output(out, directory=True, fsync=False) as tmp, tqdm(
+        total=n_params, unit="param", unit_scale=True, desc=f"writing {out.name}", disable=dims is None, file=None
+    ) as bar:
+        for component, rel in experts:
+            folder = tmp / rel
+            single = None if layout in ("official", "diffusers") else lightx2v_file_name(family, task, layout, component)
+            write_dit(folder, cfg, layout, seed, component, single, min_shards=1 if dims else 2,
+                      progress=bar.update, sparse=sparse)
+            if layout == "official":
+                _write_json(folder / "config.json", official_config_json(cfg, task))
+            elif layout == "diffusers":
+                _write_json(folder / "config.json", diffusers_config_json(cfg))
         write_companions(tmp, family, task, layout, seed, cfg, real_widths=dims is not None)
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from wanrt.engines.errors import CheckpointError
-from wanrt.engines.files import current_umask
+from wanrt.engines.files import commit_temporary, discard_temporary, new_temporary
 
 from .safetensors_file import NAME_TO_ST, dtype_name
 
@@ -99,12 +98,10 @@ class SafetensorsWriter:
         self.data_start = len(head)
         self.size = self.data_start + sum(s.nbytes for s in self.specs.values())
         self.written: set[str] = set()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
-        self.tmp_path = Path(tmp)
+        self.tmp_path = new_temporary(self.path)
+        fd = os.open(self.tmp_path, os.O_RDWR)
         self._fd: int | None = fd
         try:
-            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; give the output ordinary permissions
             os.ftruncate(fd, self.size)
             self._pwrite(memoryview(head), 0)
         except BaseException:
@@ -142,11 +139,9 @@ class SafetensorsWriter:
             raise CheckpointError(f"{self.path}: {len(missing)} declared tensors never written, e.g. {missing[:3]}")
         assert self._fd is not None
         try:
-            if self.fsync:
-                os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
-            os.replace(self.tmp_path, self.path)
+            commit_temporary(self.tmp_path, self.path, fsync=self.fsync)
         except BaseException:
             self.abort()
             raise
@@ -157,7 +152,7 @@ class SafetensorsWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        self.tmp_path.unlink(missing_ok=True)
+        discard_temporary(self.tmp_path)
 
     def __enter__(self) -> "SafetensorsWriter":
         return self

@@ -9,8 +9,6 @@ or Ctrl-C never leaves a graph without its data.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from wanrt.engines.errors import WanrtError
+from wanrt.engines.files import commit_temporary, discard_temporary, new_temporary
 from wanrt.engines.manifest import Component
 from wanrt.engines.signatures import EngineSignature
 
@@ -68,19 +67,19 @@ def staged_graph(out_dir: str | os.PathLike) -> Iterator[Path]:
     out_dir = Path(out_dir)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{GRAPH_FILE}.", dir=out_dir))
+    tmp = new_temporary(out_dir / GRAPH_FILE, directory=True)
     try:
         yield tmp
         graph = tmp / GRAPH_FILE
         data_file(graph).touch(exist_ok=True)  # a graph without weights still gets its (empty) data file
-        os.replace(data_file(graph), data_file(out_dir / GRAPH_FILE))  # the data first: a graph never lacks its data
-        os.replace(graph, out_dir / GRAPH_FILE)
+        commit_temporary(data_file(graph), data_file(out_dir / GRAPH_FILE))  # the data first: a graph never lacks its data
+        commit_temporary(graph, out_dir / GRAPH_FILE)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_temporary(tmp)
         if created:
             try:
                 out_dir.rmdir()
             except OSError:
                 pass  # something else was written there meanwhile: leave it
         raise
-    shutil.rmtree(tmp, ignore_errors=True)
+    discard_temporary(tmp)
