@@ -67,8 +67,8 @@ class AppConfig:
 class JobBoard:
     """The JobTable as a Ray actor; its methods run one at a time."""
 
-    def __init__(self, output_dir: str, max_queue: int, retention_seconds: float) -> None:
-        self.table = JobTable(output_dir, max_queue, retention_seconds)
+    def __init__(self, output_dir: str, max_queue: int, retention_seconds: float, replicas: int) -> None:
+        self.table = JobTable(output_dir, max_queue, retention_seconds, replicas)
 
     def call(self, method: str, *args: Any) -> Any:
         return getattr(self.table, method)(*args)

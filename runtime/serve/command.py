@@ -171,7 +171,7 @@ class ServeSession:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.board = JobBoard.options(
             name=config.board_name, namespace=NAMESPACE, scheduling_strategy=here, runtime_env=runtime_env
-        ).remote(str(o.output_dir), o.max_queue, o.retention_hours * 3600)
+        ).remote(str(o.output_dir), o.max_queue, o.retention_hours * 3600, replicas)
         ray.get(self.board.call.remote("counts"))  # it is up
         quiet = {"log_level": "WARNING", "enable_access_log": False}
         serve.start(http_options={"host": o.host, "port": o.port}, proxy_location="HeadOnly", logging_config=quiet)
@@ -243,7 +243,7 @@ def wait_for_stop() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP API listens on.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="HTTP port.")
 @click.option("--replicas", type=click.IntRange(min=1), default=None, help="Generator replicas (default: one per GPU, or 1 on CPUs).")
-@click.option("--max-queue", type=click.IntRange(min=0), default=32, show_default=True, help="Jobs that may wait for a replica; beyond that 429.")
+@click.option("--max-queue", type=click.IntRange(min=0), default=32, show_default=True, help="Jobs that may wait for a busy replica; beyond that 429.")
 @click.option("--output-dir", type=click.Path(), default="wanrt-videos", show_default=True,
               help="Where finished mp4s are kept (on the machine running serve).")  # fmt: skip
 @click.option("--address", default=None, help="Join a Ray cluster (auto, HOST:PORT or ray://HOST:PORT); default: start Ray here on loopback.")

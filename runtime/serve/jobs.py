@@ -74,11 +74,12 @@ class JobTable:
     """Every job of one `serve` session; see the module docstring for the states."""
 
     def __init__(
-        self, output_dir: str | os.PathLike, max_queue: int, retention_seconds: float,
+        self, output_dir: str | os.PathLike, max_queue: int, retention_seconds: float, replicas: int = 1,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.output_dir = Path(output_dir)
-        self.max_queue = max_queue
+        self.max_queue = max_queue  # jobs that may wait beyond those the idle replicas are about to take
+        self.replicas = replicas
         self.retention_seconds = retention_seconds
         self.clock = clock
         self.accepting = True
@@ -92,9 +93,8 @@ class JobTable:
         self.sweep()
         if not self.accepting:
             return {"accepted": False, "reason": "shutting down", "retry_after": None}
-        queued = self.count(QUEUED)
-        if queued >= self.max_queue:
-            return {"accepted": False, "reason": f"queue full ({queued} jobs waiting, --max-queue {self.max_queue})",
+        if self.waiting(extra=1) > self.max_queue:
+            return {"accepted": False, "reason": f"queue full ({self.waiting()} jobs waiting, --max-queue {self.max_queue})",
                     "retry_after": self.retry_after()}  # fmt: skip
         job = Job(job_id, self.clock(), request, steps=int(request.get("steps") or 0))
         self.jobs[job_id] = job
@@ -211,6 +211,10 @@ class JobTable:
 
     def count(self, status: str) -> int:
         return sum(j.status == status for j in self.jobs.values())
+
+    def waiting(self, extra: int = 0) -> int:
+        """Queued jobs (plus `extra` new ones) no idle replica is about to take: a job is queued until a replica starts it."""
+        return max(0, self.count(QUEUED) + extra - max(0, self.replicas - self.count(RUNNING)))
 
     def retry_after(self) -> int:
         """Seconds after which a slot is likely free: the mean run time of the recent jobs."""

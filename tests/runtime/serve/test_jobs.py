@@ -54,14 +54,22 @@ def test_a_job_runs_from_queued_to_done_with_its_mp4_written_atomically(table, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4"]  # no temporary left beside it
 
 
-def test_the_queue_limit_counts_waiting_jobs_only_and_retry_after_follows_run_times(table, clock):
-    assert table.submit("a", REQUEST)["accepted"] and table.submit("b", REQUEST)["accepted"]
+def test_the_queue_limit_counts_jobs_waiting_for_a_busy_replica_and_retry_after_follows_run_times(tmp_path, clock):
+    table = JobTable(tmp_path, max_queue=1, retention_seconds=3600, replicas=1, clock=clock)
+    assert table.submit("a", REQUEST)["accepted"]  # the idle replica is about to take it
+    assert table.submit("b", REQUEST)["accepted"]  # waits
     refused = table.submit("c", REQUEST)
-    assert not refused["accepted"] and "queue full" in refused["reason"] and refused["retry_after"] == DEFAULT_RETRY_AFTER
-    run_to_done(table, clock, "a", seconds=12.25)  # a started: one slot free
-    assert table.submit("c", REQUEST)["accepted"]
+    assert not refused["accepted"] and "queue full (1 jobs waiting" in refused["reason"]
+    assert refused["retry_after"] == DEFAULT_RETRY_AFTER
+    table.start("a", {"replica": "r1"})
+    assert not table.submit("c", REQUEST)["accepted"]  # b still waits: the replica is busy
+    clock.now += 12.25
+    table.finish("a", b"video", {})
+    assert table.submit("c", REQUEST)["accepted"]  # the replica is idle again: b goes to it
     assert table.submit("d", REQUEST)["retry_after"] == 13  # ceil(12.25)
     assert table.get("d") is None
+    none_waiting = JobTable(tmp_path, max_queue=0, retention_seconds=3600, replicas=2, clock=clock)
+    assert [none_waiting.submit(j, REQUEST)["accepted"] for j in "xyz"] == [True, True, False]  # --max-queue 0: idle replicas only
 
 
 def test_cancel_a_queued_job_is_immediate_and_it_never_starts(table):
