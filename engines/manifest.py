@@ -320,9 +320,10 @@ def is_bundle(path: str | os.PathLike) -> bool:
     if not p.is_file():
         return False
     try:
-        return json.loads(p.read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        value = load_json(p.read_bytes(), str(p), BundleError, MANIFEST_LIMITS)
+    except (OSError, BundleError):
         return False
+    return isinstance(value, dict) and value.get("format") == FORMAT
 
 
 def _is_empty_dir(path: Path) -> bool:

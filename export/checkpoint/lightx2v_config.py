@@ -8,7 +8,6 @@ deliberate difference: both Wan2.2 experts use the same precedence
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import replace
@@ -17,6 +16,7 @@ from typing import Any
 
 from wanrt.engines.errors import CheckpointError
 from wanrt.engines.model import SamplingDefaults
+from wanrt.engines.schema import load_json
 
 
 # dit_quant_scheme -> (storage dtype of the block linears, scale layout) of the files it reads.  Every
@@ -67,10 +67,7 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict[str, Any
         raise CheckpointError(f"{path}: {what} not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read {what} ({e})") from None
-    try:
-        obj = json.loads(strip_json_comments(text))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid {what}: {e.msg} at line {e.lineno} column {e.colno}") from None
+    obj = load_json(strip_json_comments(text), f"{path}: invalid {what}", CheckpointError)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: {what} must hold a JSON object, not {type(obj).__name__}")
     return obj
