@@ -582,5 +582,11 @@ def build_engine_command(model, output, config, loras, lora_strict, precision, c
         counts = ", ".join(f"{status} {list(outcome.values()).count(status)}" for status in ("built", "reused", "kept"))
         click.echo(
             f"{output}: {manifest.family} {manifest.task} bundle with {', '.join(manifest.components)}"
-            f" ({summary['bytes'] / 1e6:.1f} MB; {counts}); manifest {Path(output) / MANIFEST_NAME}"
+            f" ({summary['bytes'] / 1e6:.1f} MB; {counts}{plan_count(manifest)}); manifest {Path(output) / MANIFEST_NAME}"
         )
+
+
+def plan_count(manifest: Manifest) -> str:
+    """", 5 TensorRT plans" for the summary line ("" when the bundle holds none)."""
+    n = sum(len(c.plans) for c in manifest.components.values())
+    return f", {n} TensorRT plan{'s' if n != 1 else ''}" if n else ""

@@ -58,10 +58,6 @@ class ShapeRequest:
         """Every (size, frames) pair as a video geometry; the opt pair first."""
         return [VideoGeometry(f, h, w, stride) for f in self.frames for h, w in self.sizes]
 
-    def to_dict(self) -> dict:
-        return {"sizes": [f"{w}x{h}" for h, w in self.sizes], "frames": list(self.frames), "batch": list(self.batch),
-                "static": self.static}  # fmt: skip
-
 
 def _positive_int(text: str, what: str) -> int:
     try:
@@ -163,12 +159,6 @@ def latent_dims(request: ShapeRequest, stride: tuple[int, int, int]) -> dict[str
         "height": _span(g.latent_height for g in geos),
         "width": _span(g.latent_width for g in geos),
     }
-
-
-def token_span(request: ShapeRequest, stride: tuple[int, int, int]) -> DimRange:
-    """(min, opt, max) DiT sequence length (latent frames x h/2 x w/2) over the requested geometries."""
-    geos = request.geometries(stride)
-    return _span(g.tokens for g in (geos[:1] if request.static else geos))
 
 
 def batch_span(request: ShapeRequest, cfg: bool) -> DimRange:

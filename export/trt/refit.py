@@ -103,6 +103,16 @@ def refit_targets(manifest: Manifest, experts: list[str | None]) -> list[str]:
     return names
 
 
+def check_plans_here(manifest: Manifest, names: list[str], plan_name: str) -> None:
+    """RefitError unless each component has a refittable plan for this GPU and TensorRT (`plan_name`), before anything changes."""
+    for name in names:
+        plans = manifest.components[name].plans
+        if not any(Path(p.path).name == plan_name and p.refittable for p in plans):
+            have = ", ".join(Path(p.path).name for p in plans if p.refittable)
+            raise RefitError(f"{name}: no refittable plan for this GPU and TensorRT ({plan_name}); the bundle has {have}: "
+                             "refit on the machine that built it, or build this one with build-engine --refittable")  # fmt: skip
+
+
 def refit_plan(session: RefitSession, plan: PlanInfo, old_path: Path, onnx_path: Path, new_path: Path, name: str,
                graph_sha256: str) -> PlanInfo:  # fmt: skip
     """Refit the plan at `old_path` from `onnx_path` into `new_path` (atomically); its record for the new graph."""
@@ -140,6 +150,7 @@ def refit_bundle(bundle: str | Path, lora_args: tuple[str, ...], log=lambda msg:
     existing = [Path(r.path) for r in manifest.loras if Path(r.path).is_file()]
     check_unchanged(manifest.loras, cached_sha256(existing))
     session = open_refit()
+    check_plans_here(manifest, targets, session.plan_name)
     source = manifest.source or {}
     config = source.get("config")
     config_paths: set[str] = set()
@@ -152,11 +163,7 @@ def refit_bundle(bundle: str | Path, lora_args: tuple[str, ...], log=lambda msg:
                            components=tuple(dict.fromkeys(group_of(c.kind) for c in manifest.components.values())))  # fmt: skip
     new, _, _ = build_bundle(source["model"], bundle, config, (*previous_lora_args(manifest, config_paths), *lora_args),
                                 options, log=log, refit=session)  # fmt: skip
-    refitted = [n for n in targets if any(p.path.endswith(session.plan_name) for p in new.components[n].plans)]
-    missing = [n for n in targets if n not in refitted]
-    if missing:
-        raise RefitError(f"{missing[0]}: no refittable plan for this GPU and TensorRT {session.tensorrt_version} was refitted")
-    return new, refitted
+    return new, targets
 
 
 @click.command("refit")

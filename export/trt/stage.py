@@ -193,8 +193,6 @@ def stage_plans(build: TrtBuild | None, components: dict[str, Component], old: M
                 remove_path(tmp / rel)
             comp = replace(comp, onnx=None, files=[])
         out[comp.name] = comp
-    if build is not None and build.session is not None:
-        save_timing_cache(build.timing_cache_path, build.session.timing_cache)
     return out
 
 
@@ -224,6 +222,7 @@ def build_component_plan(build: TrtBuild, comp: Component, want: PlanInfo, tmp: 
     (tmp / want.path).parent.mkdir(parents=True, exist_ok=True)
     build_plan(build.session, comp.name, tmp / comp.onnx, tmp / want.path, want.builder_flags, build.options, want.profiles,
                plugin=want.plugin is not None)  # fmt: skip
+    save_timing_cache(build.timing_cache_path, build.session.timing_cache)  # after every build: a later failure keeps it
     plan = with_facts(want, read_plan_facts(build.session, tmp / want.path, comp.name))
     log(f"{position}: built in {build.session.seconds[comp.name]:.0f} s ({(tmp / want.path).stat().st_size / 1e6:.1f} MB)")
     return plan

@@ -14,7 +14,14 @@ import pytest
 from tests.export.helpers import assert_one_line_error
 from wanrt.engines.model import LoraRecord
 from wanrt.export.lora import parse_lora_arg
-from wanrt.export.trt.refit import RefitError, RefitSession, check_unchanged, previous_lora_args, refit_targets
+from wanrt.export.trt.refit import (
+    RefitError,
+    RefitSession,
+    check_plans_here,
+    check_unchanged,
+    previous_lora_args,
+    refit_targets,
+)
 from wanrt.export.trt.stage import expected_plan, stage_plans, staged_graph_digest
 
 from .conftest import SHAPE, plan_for, trt_build
@@ -53,6 +60,15 @@ def test_refit_targets_need_refittable_plans_and_the_onnx(tmp_path, small_bundle
     no_onnx = replace(m, components={n: replace(c, onnx=None, files=[]) for n, c in m.components.items()})
     with pytest.raises(RefitError, match="keeps no ONNX graph to refit from"):
         refit_targets(no_onnx, [None])
+
+
+def test_refit_needs_this_machines_plan_before_anything_changes(tmp_path, small_bundle):
+    plans = {"dit_low_noise": [plan_for("dit_low_noise", "g" * 64, "8.9", refittable=True)]}
+    m = small_bundle(tmp_path / "b", plans)
+    check_plans_here(m, ["dit_low_noise"], "model.trt11.4.0.106.sm89.plan")
+    with pytest.raises(RefitError, match=r"dit_low_noise: no refittable plan for this GPU and TensorRT \(model.trt11.4.0.106.sm90.plan\); "
+                                         r"the bundle has model.trt11.4.0.106.sm89.plan"):  # fmt: skip
+        check_plans_here(m, ["dit_low_noise"], "model.trt11.4.0.106.sm90.plan")
 
 
 def test_a_stripped_plan_is_refitted_by_a_new_record_that_a_rebuild_would_reuse(tmp_path, small_bundle):
