@@ -45,6 +45,9 @@ class TrtOptions:
             raise WanrtError(f"--opt-level {self.opt_level}: expected 0..5 (TensorRT's builder optimization level; default 3)")
         if self.strip_plan and not self.refittable:
             raise WanrtError("--strip-plan: a stripped plan gets its weights by refitting, so it needs --refittable")
+        if self.strip_plan and self.version_compatible:
+            raise WanrtError("--strip-plan with --version-compatible: tensorrt-lean has no refitter to give a stripped plan its "
+                             "weights, and the full tensorrt does not run plans without their lean runtime; drop one")  # fmt: skip
         if self.attention not in ATTENTIONS:
             raise WanrtError(f"--attention {self.attention!r}: expected one of {', '.join(ATTENTIONS)}")
         if self.attention == "plugin" and self.plugin_dir is None:

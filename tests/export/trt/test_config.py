@@ -47,6 +47,7 @@ def test_every_flag_we_can_set_exists_in_tensorrt_11_and_none_sets_a_precision()
     (TrtOptions(opt_level=6), "--opt-level 6: expected 0..5"),
     (TrtOptions(opt_level=-1), "--opt-level -1"),
     (TrtOptions(strip_plan=True), "--strip-plan: a stripped plan gets its weights by refitting, so it needs --refittable"),
+    (TrtOptions(refittable=True, strip_plan=True, version_compatible=True), "--strip-plan with --version-compatible"),
     (TrtOptions(attention="plugin"), "--attention plugin with --target trt|all needs --plugin DIR"),
     (TrtOptions(plugin_dir=Path("p")), "--plugin DIR is used only with --attention plugin"),
 ])  # fmt: skip
@@ -54,4 +55,5 @@ def test_bad_combinations_name_the_option(options, message):
     with pytest.raises(WanrtError, match=message.replace("|", r"\|").replace(".", r"\.")):
         options.check()
     TrtOptions(opt_level=0).check()
-    TrtOptions(opt_level=5, refittable=True, strip_plan=True, version_compatible=True).check()
+    TrtOptions(opt_level=5, refittable=True, strip_plan=True).check()
+    TrtOptions(refittable=True, version_compatible=True).check()
