@@ -17,6 +17,7 @@ from wanrt.engines.manifest import (
     read_manifest,
     staging_dir,
     verify_bundle,
+    write_manifest,
 )
 
 from .conftest import make_small_bundle
