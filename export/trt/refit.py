@@ -155,9 +155,10 @@ def refit_bundle(bundle: str | Path, lora_args: tuple[str, ...], log=lambda msg:
     config = source.get("config")
     config_paths: set[str] = set()
     if config:
+        from wanrt.export.checkpoint.lightx2v_config import read_json
         from wanrt.export.lora import loras_from_config
 
-        config_paths = {str(s.path) for s in loras_from_config(json.loads(Path(config).read_text()), config)}
+        config_paths = {str(s.path) for s in loras_from_config(read_json(config, "LightX2V config"), config)}
     attention = next((p.attention for c in manifest.components.values() for p in c.plans if c.kind == "dit"), "native")
     options = BuildOptions(precision=manifest.precision, attention=attention, target="onnx",
                            components=tuple(dict.fromkeys(group_of(c.kind) for c in manifest.components.values())))  # fmt: skip
