@@ -109,3 +109,16 @@ def test_target_trt_reuses_a_current_plan_and_drops_the_onnx(tmp_path, small_bun
     write_manifest(tmp, replace(staged, components=out))
     back = verify_bundle(tmp)
     assert set(back.files) == {p.path for p in current.values()}
+
+
+def test_a_plan_only_component_is_reused_only_while_its_plan_is_current(tmp_path, small_bundle):
+    """`--target trt` again over a plan-only bundle: reused when the plan for this build exists, else its ONNX is exported again."""
+    from wanrt.export.trt.stage import has_current_plan
+
+    root = tmp_path / "b"
+    comp = small_bundle(root).components["dit_low_noise"]
+    build = trt_build(target="trt")
+    plan_only = replace(comp, onnx=None, files=[], plans=[expected_plan(comp, build, staged_graph_digest(comp, root), SHAPE)])
+    assert has_current_plan(plan_only, build, SHAPE)
+    assert not has_current_plan(plan_only, trt_build(target="trt", opt_level=5), SHAPE)
+    assert not has_current_plan(plan_only, trt_build(target="trt", cc="8.9"), SHAPE)
