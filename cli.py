@@ -56,6 +56,8 @@ COMMANDS: dict[str, CommandEntry] = {
     "inspect": CommandEntry("wanrt.export.checkpoint.command:inspect_command", "Detect a checkpoint's layout, precision and components (headers only)."),
     "convert": CommandEntry("wanrt.export.convert:convert_command", "Merge LoRAs / quantize into a single LightX2V-layout safetensors file.", EXPORT_EXTRA),
     "build-engine": CommandEntry("wanrt.export.build:build_engine_command", "Export a model's components to ONNX (and TensorRT) as a verifiable bundle.", EXPORT_EXTRA),
+    "refit": CommandEntry("wanrt.export.trt.refit:refit_command", "Swap LoRA-merged weights into a bundle's refittable TensorRT plans (no rebuild).", EXPORT_EXTRA),
+    "selftest-trt": CommandEntry("wanrt.export.trt.selftest:selftest_command", "Build the tiny model with TensorRT and compare every component with ONNX Runtime (needs TensorRT and a GPU).", EXPORT_EXTRA),
     "plugin-build": CommandEntry("wanrt.plugins_trt.command:plugin_build_command", "Compile the attention plugin's kernels ahead of time (PTX + cubin per GPU architecture).", ("triton",), "trt"),
     "lint-onnx": CommandEntry("wanrt.export.onnx.lint:lint_onnx_command", "Check an ONNX file against what TensorRT's ONNX parser accepts.", ("onnx",)),
     "verify": CommandEntry("wanrt.engines.command:verify_command", "Check a bundle's schema and the sha256 of every file."),
