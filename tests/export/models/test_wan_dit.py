@@ -20,7 +20,7 @@ from wanrt.export.checkpoint.keys import official_to_diffusers
 from wanrt.export.checkpoint.resolve import resolve_model
 from wanrt.export.checkpoint.view import CheckpointView
 from wanrt.export.lora import LoraSpec, apply_loras
-from wanrt.export.models.wan_dit import DiTError, WanDiT, load_dit
+from wanrt.export.models.wan_dit import DiTError, WanDiT, dit_module, load_dit
 from wanrt.export.tiny import make_tiny_model
 from tests.export.models.dit_cases import (
     CASES,
@@ -50,7 +50,7 @@ def references(tmp_path_factory) -> dict[str, tuple[WanTransformer3DModel, Check
 @pytest.mark.parametrize("name", CASES)
 def test_parameter_names_are_the_official_keys(name, references):
     _, view = references[name]
-    ours = {k: tuple(p.shape) for k, p in WanDiT(CASES[name].cfg).named_parameters()}
+    ours = {k: tuple(p.shape) for k, p in dit_module(CASES[name].cfg).named_parameters()}
     assert ours == {k: tuple(view[k].shape) for k in view}
 
 
