@@ -166,6 +166,8 @@ def diffusers_from_state(cfg: DiTConfig, state: dict[str, torch.Tensor]) -> WanT
     ("wan2.2", "i2v", "lightx2v-fp8"),  # MoE, fp8 e4m3 with per-channel scales, dequantized by the view
     ("wan2.2", "ti2v", "lightx2v-int8"),  # per-frame timesteps, int8
     ("wan2.1", "flf2v", "diffusers"),  # diffusers folder, image branch with emb_pos
+    ("wan2.1", "vace", "comfyui-fp8"),  # VACE blocks' linears scaled fp8 too, under model.diffusion_model.
+    ("wan2.1", "vace", "diffusers"),  # WanVACETransformer3DModel folder (proj_in / proj_out)
 ])
 def test_real_folders_each_expert_against_its_own_reference(family, task, layout, tmp_path):
     resolved = resolve_model(make_tiny_model(tmp_path / "model", family, task, layout=layout))
