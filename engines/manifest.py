@@ -23,6 +23,7 @@ from typing import Any
 from .digests import cached_sha256, hash_and_remember
 from .errors import BundleError
 from .files import atomic_output
+from .limits import first_out_of_range
 from .model import EXPERT_NAMES, FAMILIES, TASKS, DiTConfig, LoraRecord, SamplingDefaults, VAEInfo
 from .plans import PlanInfo
 from .schema import JsonLimits, describe, from_json, load_json, short, to_json
@@ -161,6 +162,10 @@ class Manifest:
             )
         # components and files have their own JSON forms, parsed below
         top = from_json(cls, {**d, "components": {}, "files": {}}, where, BundleError)
+        bad = first_out_of_range(top.sampling.to_dict())
+        if bad is not None:
+            field_name, value, rng = bad
+            raise BundleError(f"{where}: sampling.{field_name}: expected {rng.expected()}, got {short(value)}")
         if top.family not in FAMILIES or top.task not in TASKS:
             raise BundleError(f"{where}: family/task {top.family!r}/{top.task!r} not in {FAMILIES}/{TASKS}")
         if not isinstance(d["components"], dict) or not d["components"]:
@@ -320,9 +325,10 @@ def is_bundle(path: str | os.PathLike) -> bool:
     if not p.is_file():
         return False
     try:
-        return json.loads(p.read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        value = load_json(p.read_bytes(), str(p), BundleError, MANIFEST_LIMITS)
+    except (OSError, BundleError):
         return False
+    return isinstance(value, dict) and value.get("format") == FORMAT
 
 
 def _is_empty_dir(path: Path) -> bool:

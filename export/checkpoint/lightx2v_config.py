@@ -8,7 +8,6 @@ deliberate difference: both Wan2.2 experts use the same precedence
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import replace
@@ -17,6 +16,8 @@ from typing import Any
 
 from wanrt.engines.errors import CheckpointError
 from wanrt.engines.model import SamplingDefaults
+from wanrt.engines.limits import MAX_STEPS, SAMPLING_RANGES, TIMESTEP_RANGE
+from wanrt.engines.schema import load_json, short
 
 
 # dit_quant_scheme -> (storage dtype of the block linears, scale layout) of the files it reads.  Every
@@ -67,10 +68,7 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict[str, Any
         raise CheckpointError(f"{path}: {what} not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read {what} ({e})") from None
-    try:
-        obj = json.loads(strip_json_comments(text))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid {what}: {e.msg} at line {e.lineno} column {e.colno}") from None
+    obj = load_json(strip_json_comments(text), f"{path}: invalid {what}", CheckpointError)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: {what} must hold a JSON object, not {type(obj).__name__}")
     return obj
@@ -159,12 +157,15 @@ def names_moe(config: dict[str, Any]) -> bool:
 
 def _guide_scale(value: Any, config_path: Path) -> tuple[float, float]:
     """LightX2V's `sample_guide_scale` (a number, or [high_noise, low_noise]) as our (low_noise, high_noise)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    rng = SAMPLING_RANGES["guide_scale"]
+    if rng.contains(value):
         return float(value), float(value)
-    if isinstance(value, list) and len(value) in (1, 2) and all(isinstance(v, (int, float)) for v in value):
+    if isinstance(value, list) and len(value) in (1, 2) and all(rng.contains(v) for v in value):
         high, low = float(value[0]), float(value[-1])  # wan_runner: [0] while high-noise, [1] while low-noise
         return low, high
-    raise CheckpointError(f"{config_path}: sample_guide_scale must be a number or [high_noise, low_noise], not {value!r}")
+    raise CheckpointError(
+        f"{config_path}: sample_guide_scale {short(value)}: expected {rng.expected()}, or [high_noise, low_noise] of them"
+    )
 
 
 def sampling_from_config(base: SamplingDefaults, config: dict[str, Any], config_path: Path) -> SamplingDefaults:
@@ -173,22 +174,27 @@ def sampling_from_config(base: SamplingDefaults, config: dict[str, Any], config_
     A `denoising_step_list` selects the step-distilled sampler; without `enable_cfg` it also
     turns CFG off, as in every LightX2V distill config (LightX2V's own default is off)."""
 
-    def number(key: str, kind: type) -> Any:
-        v = config[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and int(v) != v):
-            raise CheckpointError(f"{config_path}: {key} must be {'an integer' if kind is int else 'a number'}, not {v!r}")
-        return kind(v)
+    def number(key: str, field: str) -> Any:
+        """config[key], checked against the range of SamplingDefaults.`field` (engines.limits)."""
+        v, rng = config[key], SAMPLING_RANGES[field]
+        if not rng.contains(v):
+            raise CheckpointError(f"{config_path}: {key} {short(v)}: expected {rng.expected()}")
+        return int(v) if rng.integer else float(v)
 
     s = replace(base)
     if "denoising_step_list" in config:
         steps = config["denoising_step_list"]
-        if not (isinstance(steps, list) and steps and all(isinstance(t, int) and 0 <= t <= 1000 for t in steps)):
-            raise CheckpointError(f"{config_path}: denoising_step_list must be a list of timesteps in [0, 1000], not {steps!r}")
-        s = replace(s, sampler="distill", denoising_step_list=list(steps), steps=len(steps), enable_cfg=False)
+        if not (isinstance(steps, list) and 0 < len(steps) <= MAX_STEPS and all(TIMESTEP_RANGE.contains(t) for t in steps)):
+            raise CheckpointError(
+                f"{config_path}: denoising_step_list {short(steps)}: expected a list of 1 to {MAX_STEPS} timesteps,"
+                f" each {TIMESTEP_RANGE.expected()}"
+            )
+        steps = [int(t) for t in steps]
+        s = replace(s, sampler="distill", denoising_step_list=steps, steps=len(steps), enable_cfg=False)
     elif "infer_steps" in config:
-        s = replace(s, steps=number("infer_steps", int))
+        s = replace(s, steps=number("infer_steps", "steps"))
     if "sample_shift" in config:
-        s = replace(s, shift=number("sample_shift", float))
+        s = replace(s, shift=number("sample_shift", "shift"))
     if "sample_guide_scale" in config:
         s = replace(s, guide_scale=_guide_scale(config["sample_guide_scale"], config_path))
     if "enable_cfg" in config:
@@ -196,12 +202,12 @@ def sampling_from_config(base: SamplingDefaults, config: dict[str, Any], config_
             raise CheckpointError(f"{config_path}: enable_cfg must be true or false, not {config['enable_cfg']!r}")
         s = replace(s, enable_cfg=config["enable_cfg"])
     if "boundary" in config:
-        s = replace(s, boundary=number("boundary", float))
+        s = replace(s, boundary=number("boundary", "boundary"))
     if "boundary_step_index" in config:
-        s = replace(s, boundary_step_index=number("boundary_step_index", int))
+        s = replace(s, boundary_step_index=number("boundary_step_index", "boundary_step_index"))
     for key, field in (("target_video_length", "frames"), ("target_height", "height"), ("target_width", "width"), ("fps", "fps")):
         if key in config:
-            s = replace(s, **{field: number(key, int)})
+            s = replace(s, **{field: number(key, field)})
     if s.max_area is not None and (s.height, s.width) != (base.height, base.width):
         s = replace(s, max_area=s.height * s.width)  # i2v: the target area follows the configured size
     return s

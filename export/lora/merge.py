@@ -30,13 +30,23 @@ from wanrt.export.checkpoint.safetensors_file import torch_dtype
 from wanrt.export.checkpoint.storage import QUANTIZED_DTYPES, SCALE_AXES
 from wanrt.export.checkpoint.view import TensorSource, open_source
 
-from .keys import DeltaTerm, LowRankTerm, lightx2v_differences, resolve_terms
+from .keys import LowRankTerm, lightx2v_differences, resolve_terms
 from .spec import LoraError, LoraSpec
 
 log = logging.getLogger("wanrt.lora")
 
 EXPERTS = ("dit", "high_noise", "low_noise")
 MAX_EXAMPLES = 3
+
+
+def read_finite(source: TensorSource, key: str) -> torch.Tensor:
+    """A LoRA tensor in float32; LoraError naming the file and key when it holds NaN or infinite values."""
+    t = source.read(key).to(torch.float32)
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad = int(finite.numel() - finite.sum())
+        raise LoraError(f"{source.path}: {key!r} holds {bad} NaN or infinite value(s) of {t.numel()}; a LoRA must be finite")
+    return t
 
 
 @dataclass(frozen=True)
@@ -49,8 +59,8 @@ class LowRankPatch:
     scale: float
 
     def add_to(self, w: torch.Tensor) -> None:
-        up = self.source.read(self.up).to(torch.float32)
-        down = self.source.read(self.down).to(torch.float32)
+        up = read_finite(self.source, self.up)
+        down = read_finite(self.source, self.down)
         w.view(w.shape[0], -1).addmm_(up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1), alpha=self.scale)
 
 
@@ -63,7 +73,7 @@ class DeltaPatch:
     scale: float
 
     def add_to(self, w: torch.Tensor) -> None:
-        w.add_(self.source.read(self.key).to(torch.float32).reshape(w.shape), alpha=self.scale)  # same shape up to size-1 dims
+        w.add_(read_finite(self.source, self.key).reshape(w.shape), alpha=self.scale)  # same shape up to size-1 dims
 
 
 Patch = LowRankPatch | DeltaPatch
@@ -141,6 +151,8 @@ class MergedRef:
         w = self.base.load(torch.float32)
         for patch in self.patches:
             patch.add_to(w)
+        if not bool(torch.isfinite(w).all()):
+            raise LoraError(f"{self.key}: merging the LoRAs gives NaN or infinite weights (a strength or alpha too large?)")
         return w
 
     def load_stored(self) -> tuple[torch.Tensor, torch.Tensor | None]:
