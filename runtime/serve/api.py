@@ -1,7 +1,8 @@
 """The HTTP API's JSON: request bodies -> GenerationRequest, error bodies, the model card.
 
 A `POST /v1/videos` body has the fields of `run` (GenerationRequest's), with `image` and
-`last_image` as base64 PNG or JPEG.  `parse_body` checks what only JSON can get wrong (the
+`last_image` as base64 PNG or JPEG and VACE's `ref_images` as a list of them.  VACE's `video` and
+`mask` are not taken over HTTP yet: as paths they would name files on the server.  `parse_body` checks what only JSON can get wrong (the
 body, unknown fields, base64, the image format); everything else is checked by the pipeline's
 `prepare`, the same validation `run` uses (`runtime.request`).
 """
@@ -23,13 +24,15 @@ from ..request import FIELDS, GenerationRequest, RequestError, option_name
 from ..sizes import size_multiple
 
 IMAGE_FIELDS = ("image", "last_image")
+IMAGE_LIST_FIELDS = ("ref_images",)  # lists of base64 images
+SERVER_PATH_FIELDS = ("video", "mask")  # paths on the server: refused over HTTP
 MAX_BODY_BYTES = 64 * 2**20  # two base64 images of a few megapixels, with room to spare
 BODY_LIMITS = JsonLimits(max_bytes=MAX_BODY_BYTES, max_depth=8)
 IMAGE_FORMATS = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpg"}  # magic bytes -> file suffix
 _DATA_URL = re.compile(r"data:image/[a-z+.-]+;base64,", re.IGNORECASE)
 
 
-def parse_body(raw: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
+def parse_body(raw: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
     """A POST body -> (the non-image fields, the decoded images); RequestError naming the field at fault."""
     if len(raw) > MAX_BODY_BYTES:
         raise RequestError("body", f"request body of {len(raw)} bytes; at most {MAX_BODY_BYTES} are accepted")
@@ -44,8 +47,17 @@ def parse_body(raw: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
         raise RequestError(unknown[0], f"unknown field {unknown[0]!r}; the fields are {', '.join(FIELDS)}")
     if "prompt" not in body:
         raise RequestError("prompt", "prompt is required")
-    fields = {k: v for k, v in body.items() if k not in IMAGE_FIELDS}
-    images = {k: decode_image(k, v) for k, v in body.items() if k in IMAGE_FIELDS and v is not None}
+    for name in SERVER_PATH_FIELDS:
+        if body.get(name) is not None:
+            raise RequestError(name, f"{name}: not accepted over HTTP (it would be a path on the server); use `run` for VACE control videos")
+    images: dict[str, Any] = {k: decode_image(k, v) for k, v in body.items() if k in IMAGE_FIELDS and v is not None}
+    for name in IMAGE_LIST_FIELDS:
+        value = body.get(name)
+        if value is not None:
+            if not isinstance(value, list):
+                raise RequestError(name, f"{name}: expected a list of base64 PNG or JPEG strings, got {type(value).__name__}")
+            images[name] = [decode_image(name, v) for v in value]
+    fields = {k: v for k, v in body.items() if k not in IMAGE_FIELDS + IMAGE_LIST_FIELDS}
     return fields, images
 
 
@@ -67,13 +79,17 @@ def image_suffix(data: bytes) -> str | None:
     return next((s for magic, s in IMAGE_FORMATS.items() if data.startswith(magic)), None)
 
 
-def materialize(fields: dict[str, Any], images: dict[str, bytes], folder: str | os.PathLike) -> GenerationRequest:
+def materialize(fields: dict[str, Any], images: dict[str, Any], folder: str | os.PathLike) -> GenerationRequest:
     """The GenerationRequest of a parsed body, its images written as files in `folder` (the pipeline reads paths)."""
-    paths = {}
-    for name, data in images.items():
+
+    def write(name: str, data: bytes) -> str:
         path = Path(folder) / f"{name}.{image_suffix(data)}"
         path.write_bytes(data)
-        paths[name] = str(path)
+        return str(path)
+
+    paths: dict[str, Any] = {}
+    for name, data in images.items():
+        paths[name] = [write(f"{name}_{i}", d) for i, d in enumerate(data)] if isinstance(data, list) else write(name, data)
     return GenerationRequest(**fields, **paths)
 
 

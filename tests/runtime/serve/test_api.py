@@ -22,6 +22,14 @@ def test_a_body_becomes_fields_and_decoded_images():
     assert images["image"] == png  # a data: URL is accepted too
 
 
+def test_reference_images_arrive_as_a_list_of_files(tmp_path):
+    """VACE's ref_images: a list of base64 images, each written to its own file, in order."""
+    a, b = png_bytes(3), png_bytes(5)
+    fields, images = parse_body(f'{{"prompt": "a cat", "context_scale": 0.5, "ref_images": ["{b64(a)}", "{b64(b)}"]}}'.encode())
+    request = materialize(fields, images, tmp_path)
+    assert request.context_scale == 0.5 and [open(p, "rb").read() for p in request.ref_images] == [a, b]
+
+
 @pytest.mark.parametrize("raw, field, message", [
     (b"{", "body", "not valid JSON"),
     (b'{"prompt": "x", "guidance": Infinity}', "body", "Infinity is not a JSON number"),
@@ -31,6 +39,10 @@ def test_a_body_becomes_fields_and_decoded_images():
     (b'{"prompt": "x", "image": 5}', "image", "expected a base64 PNG or JPEG string, got int"),
     (b'{"prompt": "x", "last_image": "@@@@"}', "last_image", "not valid base64"),
     (('{"prompt": "x", "image": "%s"}' % base64.b64encode(b"BM a bitmap").decode()).encode(), "image", "not a PNG or JPEG"),
+    (b'{"prompt": "x", "video": "/etc/passwd"}', "video", "not accepted over HTTP"),  # VACE paths name server files
+    (b'{"prompt": "x", "mask": "/tmp/m.mp4"}', "mask", "not accepted over HTTP"),
+    (b'{"prompt": "x", "ref_images": "@@@@"}', "ref_images", "expected a list of base64"),
+    (b'{"prompt": "x", "ref_images": ["@@@@"]}', "ref_images", "not valid base64"),
 ])  # fmt: skip
 def test_a_bad_body_names_its_field(raw, field, message):
     with pytest.raises(RequestError, match=message) as e:
