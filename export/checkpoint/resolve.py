@@ -246,7 +246,7 @@ def resolve_model(path: str | os.PathLike, config: str | os.PathLike | None = No
         unimplemented_variant(e.view.unknown_keys, _where(e), bare=_bare(e))
     dit = _dit_config(experts)
     if dit.vace and all(_declared_vace_layers(e) is None for e in experts):
-        notes.append(f"vace_layers {list(dit.vace_layers)}: no config.json says where the {len(dit.vace_layers)} VACE blocks"
+        notes.append(f"vace_layers {list(dit.vace_layers)}: no config.json (or convert metadata) says where the {len(dit.vace_layers)} VACE blocks"
                      " feed in; they are evenly spaced, as in the official VACE-1.3B and VACE-14B releases")
     for e in experts:
         _check_storage(e)
@@ -366,10 +366,15 @@ def _bare(expert: Expert):
 
 
 def _declared_vace_layers(expert: Expert) -> tuple[int, ...] | None:
-    """The vace_layers of the expert's config.json, if it has one that says."""
-    if expert.config_json is None:
-        return None
-    return declared_vace_layers(lx.read_json(expert.config_json, "config.json"), expert.config_json)
+    """The vace_layers of the expert's config.json, else of its `cli.py convert` metadata, if either says."""
+    if expert.config_json is not None:
+        layers = declared_vace_layers(lx.read_json(expert.config_json, "config.json"), expert.config_json)
+        if layers is not None:
+            return layers
+    record = _convert_record([expert])
+    if record is not None and record.get("vace_layers") is not None:
+        return declared_vace_layers(record, Path(f"{expert.files[0]} ({CONVERT_METADATA_KEY} metadata)"))
+    return None
 
 
 def _check_storage(expert: Expert) -> None:

@@ -61,6 +61,20 @@ def test_config_json_places_the_vace_blocks(tmp_path):
         assert got["task"] == "vace" and got["dit"]["vace_layers"] == [0, 3] and got["dit"]["num_layers"] == 5, folder
 
 
+def test_convert_keeps_the_vace_placement_in_its_single_file(tmp_path):
+    """A converted VACE file has no config.json beside it; its metadata keeps vace_layers."""
+    _, state = uneven_vace(tmp_path)
+    (tmp_path / "src").mkdir()
+    save_file(state, tmp_path / "src" / "diffusion_pytorch_model.safetensors")
+    (tmp_path / "src" / "config.json").write_text(json.dumps({"_class_name": "VaceWanModel", "vace_layers": [0, 3]}))
+    out = tmp_path / "out" / "vace_fp8.safetensors"
+    out.parent.mkdir()
+    r = run_cli("convert", tmp_path / "src", "-o", out, "--quantize", "fp8")
+    assert r.exit_code == 0, r.stderr
+    got = run_cli("inspect", out, "--json").json()
+    assert got["task"] == "vace" and got["dit"]["vace_layers"] == [0, 3]
+
+
 def test_uneven_vace_blocks_without_config_json_ask_for_it(tmp_path):
     _, state = uneven_vace(tmp_path)
     save_file({f"model.diffusion_model.{k}": v for k, v in state.items()}, tmp_path / "vace.safetensors")
