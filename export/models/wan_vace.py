@@ -8,8 +8,11 @@ the math follows its forward:
 - `vace_blocks.N` are Wan attention blocks (`WanBlock`, text cross-attention only) over `c`, with the
   main stream's time modulation, text context and RoPE; block 0 first adds `before_proj(c)` to the
   embedded latent `x` (`c = before_proj(c) + x`); every block N emits the hint `after_proj(c)`;
-- the hints all come from the embedded latent, before any main block runs; main block
-  `vace_layers[N]` then adds `hint_N * context_scale[:, N]` to its output.
+- the hints all come from the embedded latent (the control stream never reads the main one);
+  main block `vace_layers[N]` adds `hint_N * context_scale[:, N]` to its output.  The official
+  code computes every hint before the main blocks; here VACE block N runs just before its hint is
+  added (the same values), so one control stream is alive instead of every hint (VACE-14B at
+  720p: 8 hints of 75,600 x 5120 fp32, 12 GB).
 
 Precision as `WanDiT`: the VACE blocks' linears (attention, FFN, before/after_proj) are stored and
 run in the model dtype; the VACE patch embedding, norms and modulation stay float32; the control
@@ -73,13 +76,13 @@ class WanVaceDiT(WanDiT):
         """latent [B, 16, F, H, W], timestep [B], context [B, 512, text_dim], vace_context [B, vace_in_dim, F, H, W],
         context_scale [B, vace_blocks] -> noise_pred [B, 16, F, H, W] float32."""
         s = self.embed(latent, timestep, context)
+        x0 = s.x  # the embedded latent: every hint is computed from it, before any main block
         c = self.tokens(self.vace_patch_embedding(cast(vace_context, self.vace_patch_embedding.weight.dtype)))
-        hints = {}
-        for n, (layer, block) in enumerate(zip(self.cfg.vace_layers, self.vace_blocks)):
-            c, hint = block(c, s.x, s.e0, s.context, s.cos, s.sin)
-            hints[layer] = hint * context_scale[:, n].reshape(-1, 1, 1, 1)
+        vace = {layer: n for n, layer in enumerate(self.cfg.vace_layers)}
         for i, block in enumerate(self.blocks):
             s.x = block(s.x, s.e0, s.context, s.context_img, s.cos, s.sin)
-            if i in hints:
-                s.x = s.x + hints[i]
+            if i in vace:  # VACE block n runs here, not all up front: one control stream is held, not every hint
+                n = vace[i]
+                c, hint = self.vace_blocks[n](c, x0, s.e0, s.context, s.cos, s.sin)
+                s.x = s.x + hint * context_scale[:, n].reshape(-1, 1, 1, 1)
         return self.unpatchify(self.head(s.x, s.e), s)
