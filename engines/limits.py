@@ -16,7 +16,8 @@ from typing import Any
 MAX_STEPS = 1000  # the models' 1000 training timesteps
 MAX_FRAMES = 1001  # 4n+1 frames: about a minute at 16 fps
 MAX_SIDE = 4096  # pixels per side of a video or of a conditioning image after resizing
-MAX_IMAGE_PIXELS = 8192 * 8192  # an input image larger than this is refused before it is decoded
+MAX_IMAGE_SIDE = 8192
+MAX_IMAGE_PIXELS = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE  # an input image larger than this is refused before it is decoded
 
 
 @dataclass(frozen=True)

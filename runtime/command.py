@@ -110,10 +110,10 @@ def run_command(
             except BaseException:
                 out.unlink(missing_ok=True)
                 raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (cli.Terminated)
         # every engine was released on the way out (context managers); nothing was renamed into place
-        click.echo("interrupted: device memory released, no output written", err=True)
-        raise SystemExit(130) from None
+        click.echo(f"{getattr(e, 'message', 'interrupted')}: device memory released, no output written", err=True)
+        raise SystemExit(getattr(e, "exit_code", 130)) from None
     finally:
         engine_backend.close()
     result.stats.stages["write"] = time.perf_counter() - write_start

@@ -8,6 +8,9 @@ deliberate difference: both Wan2.2 experts use the same precedence
 
 from __future__ import annotations
 
+import difflib
+import functools
+import json
 import os
 import re
 from dataclasses import replace
@@ -102,9 +105,38 @@ IGNORED_KEYS: tuple[tuple[tuple[str, ...], str], ...] = (
 )
 
 
+# Every key wanrt reads from a LightX2V config (the ignored ones included: they get their own note).
+READ_KEYS: tuple[str, ...] = (
+    *SAMPLING_KEYS, *(k for keys in EXPERT_KEYS.values() for k in keys), "dit_quantized", "dit_quant_scheme",
+    "model_path", "model_cls", "t5_original_ckpt", "t5_tokenizer_path", "clip_original_ckpt", "vae_path",
+    "lora_configs", *(k for keys, _ in IGNORED_KEYS for k in keys),
+)  # fmt: skip
+MISSPELLING_CUTOFF = 0.85  # difflib ratio: one or two edits in a key of ten or more characters
+
+
+@functools.cache
+def lightx2v_keys() -> frozenset[str]:
+    """Top-level keys of LightX2V's own configs (data/lightx2v_config_keys.json, its source recorded there)."""
+    data = json.loads((Path(__file__).parent / "data" / "lightx2v_config_keys.json").read_text())
+    return frozenset(data["keys"])
+
+
+def misspelled_key_notes(config: dict[str, Any]) -> list[str]:
+    """A note for each key that no LightX2V config uses but that is close to a key wanrt reads."""
+    known = lightx2v_keys() | set(READ_KEYS)
+    notes = []
+    for key in config:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, READ_KEYS, n=1, cutoff=MISSPELLING_CUTOFF)
+        if close:
+            notes.append(f"{key!r} is not a LightX2V config key and is ignored; did you mean {close[0]!r}?")
+    return notes
+
+
 def config_notes(config: dict[str, Any], experts: list[str]) -> list[str]:
     """Notes on config keys that are set but change nothing here (`experts`: the DiT experts in use)."""
-    notes = []
+    notes = misspelled_key_notes(config)
     for keys, why in IGNORED_KEYS:
         present = [k for k in keys if config.get(k) not in (None, False, "")]
         if present:

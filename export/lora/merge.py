@@ -28,15 +28,14 @@ from wanrt.calibration.quant import (
 )
 from wanrt.export.checkpoint.safetensors_file import torch_dtype
 from wanrt.export.checkpoint.storage import QUANTIZED_DTYPES, SCALE_AXES
-from wanrt.export.checkpoint.view import TensorSource, open_source
+from wanrt.export.checkpoint.view import TensorSource
 
-from .keys import LowRankTerm, lightx2v_differences, resolve_terms
+from .keys import MAX_KEY_EXAMPLES, LowRankTerm, lightx2v_differences, lora_key_examples, resolve_lora_file
 from .spec import LoraError, LoraSpec
 
 log = logging.getLogger("wanrt.lora")
 
 EXPERTS = ("dit", "high_noise", "low_noise")
-MAX_EXAMPLES = 3
 
 
 def read_finite(source: TensorSource, key: str) -> torch.Tensor:
@@ -97,7 +96,7 @@ class LoraMatch:
             "keys": self.keys,
             "patched_tensors": len(self.patched),
             "skipped_keys": len(self.skipped),
-            "skipped_examples": [k for k, _ in self.skipped[:MAX_EXAMPLES]],
+            "skipped_examples": [k for k, _ in self.skipped[:MAX_KEY_EXAMPLES]],
             "notes": self.notes,
         }
 
@@ -294,26 +293,9 @@ def _delta_patch(source: TensorSource, key: str, target: str, base_shape: tuple[
     return DeltaPatch(source, key, scale)
 
 
-def _examples(skipped: list[tuple[str, str | None]]) -> str:
-    """Up to MAX_EXAMPLES skipped keys, one per distinct target."""
-    parts, seen = [], set()
-    for key, target in skipped:
-        if target in seen and target is not None:
-            continue
-        seen.add(target)
-        parts.append(f"{key} (base has no {target})" if target else key)
-        if len(parts) == MAX_EXAMPLES:
-            break
-    return ", ".join(parts) + (", ..." if len(skipped) > len(parts) else "")
-
-
 def match_lora(spec: LoraSpec, base: Mapping[str, Any], strict: bool = False) -> tuple[LoraMatch, dict[str, list[Patch]]]:
     """Resolve one LoRA against a base view: its patches per official key, and what was skipped."""
-    if not spec.path.is_file():
-        raise LoraError(f"LoRA {spec.path}: no such file")
-    source = open_source(spec.path)
-    keys = source.keys()
-    terms = resolve_terms(str(spec.path), keys, base.keys())
+    source, keys, terms = resolve_lora_file(spec, base)
     match = LoraMatch(spec, keys=len(keys), skipped=list(terms.unmatched))
     patches: dict[str, list[Patch]] = {}
     zero_alphas: list[str] = []
@@ -326,16 +308,11 @@ def match_lora(spec: LoraSpec, base: Mapping[str, Any], strict: bool = False) ->
     for term in terms.deltas:
         patches.setdefault(term.target, []).append(_delta_patch(source, term.key, term.target, tuple(base[term.target].shape), spec.strength))
     match.patched = sorted(patches)
-    if not patches:
-        raise LoraError(
-            f"LoRA {spec.path} matches none of the base's {len(base)} tensors (is it for another model?);"
-            f" its keys look like: {_examples(match.skipped)}"
-        )
     if match.skipped:
         unmatched = f"LoRA {spec.path}: {len(match.skipped)} of {len(keys)} keys match nothing in the base model"
         if strict:
-            raise LoraError(f"{unmatched}, e.g. {_examples(match.skipped)}; with --lora-strict every key must match a base tensor")
-        log.warning("warning: %s and are skipped, e.g. %s", unmatched, _examples(match.skipped))
+            raise LoraError(f"{unmatched}, e.g. {lora_key_examples(match.skipped)}; with --lora-strict every key must match a base tensor")
+        log.warning("warning: %s and are skipped, e.g. %s", unmatched, lora_key_examples(match.skipped))
     match.notes = _notes(spec, zero_alphas, lightx2v_differences(terms))
     for note in match.notes:
         log.warning("note: %s", note)  # the level the CLI shows by default, as the warnings above

@@ -89,3 +89,35 @@ def test_a_valid_config_round_trips(tmp_path):
     path.write_text(json.dumps({"infer_steps": 40, "sample_shift": 12.0, "boundary": 0.875, "fps": 16}))
     s = sampling_from_config(BASE, read_json(path), WHERE)
     assert (s.steps, s.shift, s.boundary, s.fps) == (40, 12.0, 0.875, 16)
+
+
+# ---- misspelled keys ------------------------------------------------------------------------
+
+from difflib import SequenceMatcher  # noqa: E402
+
+from wanrt.export.checkpoint.lightx2v_config import READ_KEYS, lightx2v_keys, misspelled_key_notes  # noqa: E402
+
+
+def one_edit_misspellings(key: str) -> set[str]:
+    """Every string one deletion, one transposition or one doubled letter away from `key`."""
+    out = {key[:i] + key[i + 1 :] for i in range(len(key))}
+    out |= {key[:i] + key[i + 1] + key[i] + key[i + 2 :] for i in range(len(key) - 1)}
+    out |= {key[:i] + key[i] + key[i:] for i in range(len(key))}
+    return out - {key}
+
+
+def test_no_key_of_lightx2vs_own_configs_is_called_misspelled():
+    keys = lightx2v_keys()
+    assert {"infer_steps", "sample_shift", "cpu_offload", "feature_caching"} <= keys  # the snapshot is real LightX2V
+    assert misspelled_key_notes(dict.fromkeys(keys, 1)) == []
+
+
+@pytest.mark.parametrize("key", [k for k in READ_KEYS if len(k) >= 8])
+def test_a_one_edit_misspelling_of_a_read_key_names_the_key(key):
+    known = lightx2v_keys() | set(READ_KEYS)
+    for typo in sorted(one_edit_misspellings(key) - known):
+        (note,) = misspelled_key_notes({typo: 1})
+        assert note.startswith(f"{typo!r} is not a LightX2V config key and is ignored; did you mean ")
+        suggested = note.rsplit("did you mean ", 1)[1].rstrip("?").strip("'")
+        # the suggestion is the key the typo came from, or a read key at least as close to it
+        assert suggested == key or SequenceMatcher(None, typo, suggested).ratio() >= SequenceMatcher(None, typo, key).ratio()
