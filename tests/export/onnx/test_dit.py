@@ -203,3 +203,21 @@ def test_bad_precision_and_attention_are_refused(tmp_path):
     with pytest.raises(Exception, match="unknown attention implementation 'flash'"):
         export_dit_onnx(view, tmp_path / "x", cfg=cfg, attention="flash", progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_vace_bf16_graph_lints_and_follows_torch_bf16_at_two_shapes(tmp_path):
+    """VACE blocks' linears in bf16 with the fp32 islands (vace_patch_embedding, norms, modulation) as the main blocks'."""
+    cfg, view = one_layer_view("vace", tmp_path)
+    files = export_dit_onnx(view, tmp_path / "dit", "bf16", cfg=cfg, progress=False).files
+    module = load_dit(view, cfg, dtype=torch.bfloat16)
+    assert lint_onnx(files[0], module.signature) == []
+    dtypes = {t.name: t.data_type for t in onnx.load(str(files[0]), load_external_data=False).graph.initializer}
+    assert dtypes["vace_blocks.1.after_proj.weight"] == dtypes["vace_blocks.0.before_proj.weight"] == onnx.TensorProto.BFLOAT16
+    assert dtypes["vace_patch_embedding.weight"] == dtypes["vace_blocks.0.modulation"] == onnx.TensorProto.FLOAT
+    session = ort_session(files[0], "bf16")
+    for batch, grid in SHAPES:
+        inputs = make_inputs(replace(CASES["vace"], cfg=cfg), batch, grid, seed=17)
+        (got,) = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+        with torch.no_grad():
+            want = module(*inputs.values())
+        assert rel_err(torch.from_numpy(got), want) < 2e-2
