@@ -10,6 +10,7 @@ wan/modules/vace_model.py: `vace_layers`, `vace_in_dim`), the official module na
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -89,6 +90,14 @@ def test_config_json_vace_layers_must_fit_the_weights(tmp_path):
     assert_one_line_error(["inspect", tmp_path], "vace_layers [0, 2, 4]", "2 VACE blocks")
     (tmp_path / "config.json").write_text(json.dumps({**config, "vace_layers": [1, 3]}))
     assert_one_line_error(["inspect", tmp_path], "vace_layers [1, 3]", "starting at 0")
+
+
+@pytest.mark.parametrize("layout,field", [("official", "vace_in_dim"), ("diffusers", "vace_in_channels")])
+def test_config_json_control_channels_must_fit_the_weights(tiny_model, tmp_path, layout, field):
+    folder = shutil.copytree(tiny_model("wan2.1", "vace", layout), tmp_path / "model")
+    config = folder / ("transformer/config.json" if layout == "diffusers" else "config.json")
+    config.write_text(json.dumps({**json.loads(config.read_text()), field: 48}))
+    assert_one_line_error(["inspect", folder], field, "48", "vace_patch_embedding.weight")
 
 
 def test_vace_names_match_diffusers_own_converter(tmp_path):
