@@ -176,3 +176,18 @@ def test_partial_vace_is_refused_not_ignored(tiny_model, tmp_path, key, needle):
     path = tmp_path / src.name
     save_file({**load_file(src), key: torch.zeros(256, 256, dtype=torch.bfloat16)}, path)
     assert_one_line_error(["inspect", path], key, "VACE", needle)
+
+
+def test_two_experts_with_vace_blocks_are_refused(tiny_model, tmp_path):
+    """Wan2.2 Fun-VACE (VACE blocks on both A14B experts) is not Wan2.1-VACE: one line naming what is run."""
+    folder = shutil.copytree(tiny_model("wan2.2", "t2v", "lightx2v-bf16"), tmp_path / "model")
+    block = {k.removeprefix("blocks.0."): v for k, v in load_file(next(folder.rglob("*high_noise*.safetensors"))).items()
+             if k.startswith("blocks.0.")}
+    vace = {f"vace_blocks.0.{k}": v for k, v in block.items()}
+    vace.update({f"vace_blocks.0.{p}_proj.{s}": torch.zeros((256, 256) if s == "weight" else (256,), dtype=torch.bfloat16)
+                 for p in ("before", "after") for s in ("weight", "bias")})
+    vace["vace_patch_embedding.weight"] = torch.zeros(256, VACE_IN_DIM, 1, 2, 2, dtype=torch.bfloat16)
+    vace["vace_patch_embedding.bias"] = torch.zeros(256, dtype=torch.bfloat16)
+    for f in folder.rglob("*.safetensors"):
+        save_file({**load_file(f), **vace}, f)
+    assert_one_line_error(["inspect", folder], "two experts with VACE blocks", "Wan2.1-VACE")
