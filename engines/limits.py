@@ -58,7 +58,8 @@ SAMPLING_RANGES: dict[str, NumberRange] = {
     "fps": NumberRange(1, 240, integer=True),
     "max_area": NumberRange(1, MAX_SIDE * MAX_SIDE, integer=True),
 }
-TIMESTEP_RANGE = NumberRange(0, 1000, integer=True)  # each entry of a denoising_step_list
+TIMESTEP_RANGE = NumberRange(0, 1000, integer=True)
+CONTEXT_SCALE_RANGE = NumberRange(0, 10)  # VACE hint weight (official vace_context_scale: 1.0; 0 turns the control off)  # each entry of a denoising_step_list
 SEED_RANGE = NumberRange(0, 2**64 - 1, integer=True, high_text="2**64 - 1")  # numpy's generator takes any non-negative 64-bit seed
 MEMORY_BUDGET_GIB = NumberRange(0, 2**20, low_open=True)  # --vram-budget
 

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 FAMILIES = ("wan2.1", "wan2.2")
-TASKS = ("t2v", "i2v", "flf2v", "ti2v")
+TASKS = ("t2v", "i2v", "flf2v", "ti2v", "vace")
 EXPERT_NAMES = ("high_noise", "low_noise")
 
 
@@ -28,20 +28,29 @@ class DiTConfig:
     clip_tokens: int | None = None  # 257 (i2v) or 514 (flf2v, with img_emb.emb_pos)
     clip_dim: int = 1280  # width of the CLIP features img_emb projects (1280 for ViT-H/14)
     text_len: int = 512
+    vace_layers: tuple[int, ...] = ()  # VACE: the layers after which each VACE block's hint is added (official order)
+    vace_in_dim: int | None = None  # VACE: channels of the control latents (`vace_patch_embedding` input; 96)
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
+    @property
+    def vace(self) -> bool:
+        """True for a Wan2.1-VACE DiT (VACE blocks and `vace_patch_embedding`)."""
+        return bool(self.vace_layers)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["patch_size"] = list(self.patch_size)
+        d["vace_layers"] = list(self.vace_layers)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DiTConfig":
         d = dict(d)
         d["patch_size"] = tuple(d.get("patch_size", (1, 2, 2)))
+        d["vace_layers"] = tuple(d.get("vace_layers", ()))
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 

@@ -11,6 +11,13 @@ DiT (`dit`, or `dit_high_noise` / `dit_low_noise` for Wan2.2 A14B):
     timestep   float32 [batch]          (ti2v: [batch, frames], one timestep per latent frame)
     context    float32 [batch, 512, text_dim]  T5 output trimmed to its true length, zero-padded
     clip_fea   float32 [batch, 257|514, clip_dim=1280]  Wan2.1 i2v / flf2v only
+    vace_context  float32 [batch, vace_in_dim=96, frames, height, width]  VACE only: the control latents
+               (16 inactive + 16 reactive latent channels, 64 packed mask channels), on the same latent
+               grid as `latent` (reference-image frames first)
+    context_scale float32 [batch, vace_blocks]  VACE only: the weight of each VACE block's hint (the
+               official `vace_context_scale`, one per block as diffusers' `control_hidden_states_scale`);
+               an input, not a build constant, so `run --context-scale` needs no rebuild, and batched like
+               every DiT input, so CFG pairs it like `context`
     -> noise_pred float32 [batch, out_dim, frames, height, width]
 
 Text encoder (`text_encoder`):
@@ -155,8 +162,10 @@ def dit_signature(
     per_frame_timestep: bool = False,
     text_len: int = 512,
     clip_dim: int = CLIP_DIM,
+    vace_in_dim: int | None = None,
+    vace_blocks: int = 0,
 ) -> EngineSignature:
-    """Signature of a DiT expert engine."""
+    """Signature of a DiT expert engine (VACE: `vace_in_dim` control channels and `vace_blocks` hints)."""
     inputs = [
         TensorSpec("latent", "float32", ("batch", in_dim, "frames", "height", "width")),
         TensorSpec("timestep", "float32", ("batch", "frames") if per_frame_timestep else ("batch",)),
@@ -164,6 +173,9 @@ def dit_signature(
     ]
     if clip_tokens is not None:
         inputs.append(TensorSpec("clip_fea", "float32", ("batch", clip_tokens, clip_dim)))
+    if vace_in_dim is not None:
+        inputs.append(TensorSpec("vace_context", "float32", ("batch", vace_in_dim, "frames", "height", "width")))
+        inputs.append(TensorSpec("context_scale", "float32", ("batch", vace_blocks)))
     outputs = [TensorSpec("noise_pred", "float32", ("batch", out_dim, "frames", "height", "width"))]
     return EngineSignature(tuple(inputs), tuple(outputs), _ranges("batch", "frames", "height", "width"))
 

@@ -250,7 +250,7 @@ def plan_components(resolved, options: BuildOptions, loras: list) -> list[Compon
         if resolved.vae is None:
             raise _missing("VAE", vae_file_for(cfg.out_dim), task, resolved.source)
         check_vae_matches(resolved.vae_version, cfg.out_dim, where=str(resolved.vae))
-        parts = ["decoder"] + (["encoder"] if task in ("i2v", "flf2v", "ti2v") else [])
+        parts = ["decoder"] + (["encoder"] if task in ("i2v", "flf2v", "ti2v", "vace") else [])  # vace encodes control video and refs
         for part in parts:
             plans.append(ComponentPlan(f"vae_{part}", f"vae_{part}", "fp32", companion_files(resolved.vae), resolved.vae))
     if not plans:

@@ -23,6 +23,9 @@ How each layout stores each tensor is `export.checkpoint.storage.LAYOUTS`, which
   official layout's companion values (bf16 T5, fp16 CLIP, fp32 VAE) exactly, in fp32.
 
 Wan2.2 A14B writes `high_noise_model/` and `low_noise_model/` (official and LightX2V layouts).
+Wan2.1-VACE (`--task vace`) adds `vace_blocks.N.*` (Wan blocks, block 0 with `before_proj`, each with
+`after_proj`) and `vace_patch_embedding` (96 control channels); config.json says `vace_layers` (tiny: 4
+layers, VACE blocks at 0 and 2; `--dims 1.3B`: every 2nd of 30; `--dims 14B`: every 5th of 40).
 Companions (official and LightX2V layouts): `models_t5_umt5-xxl-enc-bf16.pth` (bf16), for Wan2.1 i2v/flf2v
 `models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth` (fp16, `visual.*` + `log_scale`),
 `Wan2.1_VAE.pth` / `Wan2.2_VAE.pth` (fp32), and `google/umt5-xxl/` (tokenizer.json: Unigram +
@@ -58,7 +61,7 @@ from wanrt.export.checkpoint.safetensors_writer import SafetensorsWriter, Tensor
 from wanrt.export.checkpoint.storage import LAYOUTS as STORAGE_LAYOUTS
 from wanrt.export.checkpoint.storage import StoredTensor, TensorStorage, quantizable
 
-FAMILY_TASKS = {"wan2.1": ("t2v", "i2v", "flf2v"), "wan2.2": ("t2v", "i2v", "ti2v")}
+FAMILY_TASKS = {"wan2.1": ("t2v", "i2v", "flf2v", "vace"), "wan2.2": ("t2v", "i2v", "ti2v")}
 # --layout name -> (storage layout, code format of its block linears or None)
 TINY_LAYOUTS: dict[str, tuple[str, str | None]] = {
     "official": ("official", None),
@@ -72,7 +75,12 @@ LAYOUTS = tuple(TINY_LAYOUTS)
 # name -> (dim, ffn_dim, num_layers) of the released models (wan/configs/*.py)
 REAL_DIMS = {"1.3B": (1536, 8960, 30), "14B": (5120, 13824, 40), "5B": (3072, 14336, 30)}
 TINY_DIMS = (2 * HEAD_DIM, 512, 2)
-TASK_CHANNELS = {"t2v": (16, 16), "i2v": (36, 16), "flf2v": (36, 16), "ti2v": (48, 48)}
+TASK_CHANNELS = {"t2v": (16, 16), "i2v": (36, 16), "flf2v": (36, 16), "ti2v": (48, 48), "vace": (16, 16)}
+# VACE: control channels (16 inactive + 16 reactive latents + 8x8 mask), the tiny model's layers and VACE layers,
+# and the released models' hint layers (VACE-1.3B: every 2nd of 30; VACE-14B: every 5th of 40)
+VACE_IN_DIM = 96
+TINY_VACE_LAYERS = (4, (0, 2))
+REAL_VACE_LAYERS = {"1.3B": tuple(range(0, 30, 2)), "14B": tuple(range(0, 40, 5))}
 REAL_TEXT_DIM, REAL_CLIP_DIM = 4096, 1280
 OFFICIAL_SHARD_BYTES = 10 * 1024**3  # the Wan-AI shards are ~10 GB
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -145,12 +153,21 @@ def tiny_dit_config(family: str, task: str, dims: str | None = None) -> DiTConfi
     dim, ffn, layers = parse_dims(dims)
     in_dim, out_dim = TASK_CHANNELS[task]
     image_branch = family == "wan2.1" and task in ("i2v", "flf2v")
+    vace_layers: tuple[int, ...] = ()
+    if task == "vace":
+        if dims is None:
+            layers, vace_layers = TINY_VACE_LAYERS
+        elif ":" not in dims and dims in REAL_VACE_LAYERS:
+            vace_layers = REAL_VACE_LAYERS[dims]
+        else:
+            vace_layers = tuple(range(0, layers, 2))  # the official default (`VaceWanModel`, vace_layers=None)
     return DiTConfig(
         dim=dim, ffn_dim=ffn, num_heads=dim // HEAD_DIM, num_layers=layers, in_dim=in_dim, out_dim=out_dim,
         text_dim=REAL_TEXT_DIM if dims else T5Config.tiny().dim,
         image_branch=image_branch,
         clip_tokens=(CLIP_TOKENS_FLF2V if task == "flf2v" else CLIP_TOKENS_I2V) if image_branch else None,
         clip_dim=REAL_CLIP_DIM if dims else CLIPVisionConfig.tiny().width,
+        vace_layers=vace_layers, vace_in_dim=VACE_IN_DIM if vace_layers else None,
     )
 
 
@@ -173,7 +190,7 @@ def layout_tensors(plan: TensorStorage, master: torch.Tensor) -> list[torch.Tens
 def lightx2v_file_name(family: str, task: str, layout: str, expert: str) -> str:
     """LightX2V's published naming (`model_structure.md`); flf2v/ti2v names follow the same pattern."""
     if family == "wan2.1":
-        stem = {"t2v": "wan2.1_t2v_14b", "i2v": "wan2.1_i2v_480p", "flf2v": "wan2.1_flf2v_720p"}[task]
+        stem = {"t2v": "wan2.1_t2v_14b", "i2v": "wan2.1_i2v_480p", "flf2v": "wan2.1_flf2v_720p", "vace": "wan2.1_vace_14b"}[task]
     elif task == "ti2v":
         stem = "wan2.2_ti2v_5b"
     else:
@@ -185,25 +202,29 @@ def lightx2v_file_name(family: str, task: str, layout: str, expert: str) -> str:
 
 
 def official_config_json(cfg: DiTConfig, task: str) -> dict:
-    """config.json as the Wan-AI repos ship it (`WanModel` fields; text_dim is not a config field)."""
-    return {
-        "_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": cfg.dim, "eps": cfg.eps,
-        "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim, "in_dim": cfg.in_dim, "model_type": task,
+    """config.json as the Wan-AI repos ship it (`WanModel` / `VaceWanModel` fields; text_dim is not a config field)."""
+    config = {
+        "_class_name": "VaceWanModel" if cfg.vace else "WanModel", "_diffusers_version": "0.30.0", "dim": cfg.dim,
+        "eps": cfg.eps, "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim, "in_dim": cfg.in_dim, "model_type": task,
         "num_heads": cfg.num_heads, "num_layers": cfg.num_layers, "out_dim": cfg.out_dim, "text_len": cfg.text_len,
     }
+    if cfg.vace:
+        config.update(vace_in_dim=cfg.vace_in_dim, vace_layers=list(cfg.vace_layers))
+    return config
 
 
 def diffusers_config_json(cfg: DiTConfig) -> dict:
-    """transformer/config.json of a `WanTransformer3DModel`."""
+    """transformer/config.json of a `WanTransformer3DModel` (`WanVACETransformer3DModel` for VACE)."""
+    vace = {"vace_layers": list(cfg.vace_layers), "vace_in_channels": cfg.vace_in_dim} if cfg.vace else {}
     return {
-        "_class_name": "WanTransformer3DModel", "_diffusers_version": "0.33.0",
+        "_class_name": "WanVACETransformer3DModel" if cfg.vace else "WanTransformer3DModel", "_diffusers_version": "0.33.0",
         "added_kv_proj_dim": cfg.dim if cfg.image_branch else None, "attention_head_dim": cfg.head_dim,
         "cross_attn_norm": True, "eps": cfg.eps, "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim,
         "image_dim": cfg.clip_dim if cfg.image_branch else None, "in_channels": cfg.in_dim,
         "num_attention_heads": cfg.num_heads, "num_layers": cfg.num_layers, "out_channels": cfg.out_dim,
         "patch_size": list(cfg.patch_size),
         "pos_embed_seq_len": CLIP_TOKENS_FLF2V if cfg.clip_tokens == CLIP_TOKENS_FLF2V else None,
-        "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024, "text_dim": cfg.text_dim,
+        "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024, "text_dim": cfg.text_dim, **vace,
     }
 
 
@@ -439,13 +460,14 @@ def _write_diffusers_pipeline(root: Path, family: str, task: str) -> None:
     """model_index.json and scheduler config of a diffusers Wan pipeline (the components this writer makes)."""
     moe = family == "wan2.2" and task in ("t2v", "i2v")
     image = task in ("i2v", "flf2v")
+    vace = task == "vace"
     index = {
-        "_class_name": "WanImageToVideoPipeline" if image else "WanPipeline",
+        "_class_name": "WanImageToVideoPipeline" if image else "WanVACEPipeline" if vace else "WanPipeline",
         "_diffusers_version": "0.35.0",
         "scheduler": ["diffusers", "UniPCMultistepScheduler"],
         "text_encoder": ["transformers", "UMT5EncoderModel"],
         "tokenizer": ["transformers", "T5TokenizerFast"],
-        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer": ["diffusers", "WanVACETransformer3DModel" if vace else "WanTransformer3DModel"],
         "vae": ["diffusers", "AutoencoderKLWan"],
     }
     if family == "wan2.1" and image:
@@ -520,7 +542,7 @@ def write_tokenizer(folder: Path) -> int:
 @click.command("make-tiny-model")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--family", type=click.Choice(list(FAMILY_TASKS)), required=True)
-@click.option("--task", type=click.Choice(["t2v", "i2v", "flf2v", "ti2v"]), required=True)
+@click.option("--task", type=click.Choice(["t2v", "i2v", "flf2v", "ti2v", "vace"]), required=True)
 @click.option("--layout", type=click.Choice(list(LAYOUTS)), default="official", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dims", default=None, metavar="1.3B|14B|5B[:LAYERS]",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from wanrt.engines.limits import MEMORY_BUDGET_GIB, SAMPLING_RANGES, SEED_RANGE
+from wanrt.engines.limits import CONTEXT_SCALE_RANGE, MEMORY_BUDGET_GIB, SAMPLING_RANGES, SEED_RANGE
 from wanrt.engines.manifest import verify_bundle
 from wanrt.engines.options import InRange
 
@@ -25,7 +25,15 @@ from .video import check_frames_dir, check_output_path, to_uint8_frames, write_m
 @click.option("--negative-prompt", default=None, help="What to avoid (default: the official negative prompt).")
 @click.option("--image", type=click.Path(dir_okay=False), default=None, help="First frame (i2v, flf2v; optional for ti2v).")
 @click.option("--last-image", type=click.Path(dir_okay=False), default=None, help="Last frame (flf2v).")
-@click.option("--frames", type=int, default=None, help="Frame count, 4k+1 (default: the bundle's).")
+@click.option("--video", type=click.Path(), default=None,
+              help="VACE: control video (mp4 or a folder of frames: depth, pose, scribble, gray, or the video to edit); gives the size.")
+@click.option("--mask", type=click.Path(), default=None,
+              help="VACE: mask video over --video (file or frames folder, same size): white regenerates, black keeps.")
+@click.option("--ref-image", "ref_images", type=click.Path(dir_okay=False), multiple=True,
+              help="VACE: reference image (repeatable), prepended as a latent frame and dropped from the output.")
+@click.option("--context-scale", type=InRange(CONTEXT_SCALE_RANGE), default=None,
+              help="VACE: weight of the control hints (default 1.0, the official vace_context_scale).")
+@click.option("--frames", type=int, default=None, help="Frame count, 4k+1 (default: the bundle's; VACE: at most the --video's).")
 @click.option("--height", type=int, default=None, help="Height in pixels; with an image, height*width is the max area.")
 @click.option("--width", type=int, default=None, help="Width in pixels.")
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the bundle's).")
@@ -66,7 +74,7 @@ from .video import check_frames_dir, check_output_path, to_uint8_frames, write_m
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 def run_command(
     bundle: str, prompt: str, negative_prompt: str | None, image: str | None, last_image: str | None,
-    frames: int | None, height: int | None, width: int | None, steps: int | None, guidance: float | None,
+    video: str | None, mask: str | None, ref_images: tuple[str, ...], context_scale: float | None, frames: int | None, height: int | None, width: int | None, steps: int | None, guidance: float | None,
     shift: float | None, sampler: str | None, seed: int | None, vae_tiling: bool, vram_budget: float | None, rehash: bool,
     backend: str, device_index: int, cuda_graphs: bool, output: str, frames_dir: str | None, as_json: bool,
 ) -> None:
@@ -85,7 +93,8 @@ def run_command(
     request = GenerationRequest(
         prompt=prompt, negative_prompt=negative_prompt, image=image, last_image=last_image, frames=frames,
         height=height, width=width, steps=steps, guidance=guidance, shift=shift, seed=seed,
-        sampler=sampler, vae_tiling=vae_tiling,
+        sampler=sampler, vae_tiling=vae_tiling, video=video, mask=mask, ref_images=list(ref_images) or None,
+        context_scale=context_scale,
     )
     try:
         pipeline = WanPipeline(bundle, manifest, engine_backend, memory_budget_bytes=budget, progress=Progress(enabled=True))

@@ -89,6 +89,27 @@ def resize_bicubic(x: np.ndarray, height: int, width: int) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] matrix of torch's bilinear (align_corners=False, no antialias) interpolation along one axis."""
+    f32 = np.float32
+    real = np.maximum(f32(n_in) / f32(n_out) * (np.arange(n_out, dtype=f32) + f32(0.5)) - f32(0.5), f32(0))
+    base = np.minimum(real.astype(np.int64), n_in - 1)
+    frac = (real - base).astype(np.float64)
+    m = np.zeros((n_out, n_in), dtype=np.float64)
+    rows = np.arange(n_out)
+    np.add.at(m, (rows, base), 1 - frac)
+    np.add.at(m, (rows, np.minimum(base + 1, n_in - 1)), frac)
+    return m
+
+
+def resize_bilinear(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize float [C, H, W] like torch `interpolate(mode="bilinear", align_corners=False)` (VACE reference images)."""
+    if x.shape[-2:] == (height, width):
+        return x.astype(np.float32, copy=True)
+    mh, mw = _bilinear_matrix(x.shape[-2], height), _bilinear_matrix(x.shape[-1], width)
+    return np.einsum("oh,...hw,pw->...op", mh, x.astype(np.float64), mw, optimize=True).astype(np.float32)
+
+
 def clip_pixel_values(images: list[np.ndarray], size: int = 224) -> np.ndarray:
     """CLIP input [N, 3, size, size]: bicubic to size x size (aspect not kept), to [0, 1], CLIP mean/std."""
     out = []

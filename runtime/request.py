@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from typing import Iterator
 
 from wanrt.engines.errors import BundleError, WanrtError
-from wanrt.engines.limits import SAMPLING_RANGES, SEED_RANGE, NumberRange
+from wanrt.engines.limits import CONTEXT_SCALE_RANGE, SAMPLING_RANGES, SEED_RANGE, NumberRange
 
 from .schedulers import SAMPLERS
 
@@ -41,6 +41,10 @@ class GenerationRequest:
     seed: int | None = None  # None: a random seed (reported in the stats)
     sampler: str | None = None  # "unipc", "euler" or "distill" (needs the bundle's denoising_step_list)
     vae_tiling: bool = False  # encode/decode in overlapping spatial tiles (bounded VAE memory at large sizes)
+    video: str | os.PathLike | None = None  # VACE: control video (file or frames folder); its size is the output's
+    mask: str | os.PathLike | None = None  # VACE: mask video over --video (white: generate, black: keep)
+    ref_images: list | None = None  # VACE: reference image paths, prepended as latent frames
+    context_scale: float | None = None  # VACE: weight of the control hints (official vace_context_scale, 1.0)
 
 
 # field name -> the types its value may have (None included where the field is optional)
@@ -53,13 +57,16 @@ FIELDS = tuple(f.name for f in fields(GenerationRequest))
 REQUEST_RANGES: dict[str, NumberRange] = {
     "frames": SAMPLING_RANGES["frames"], "height": SAMPLING_RANGES["height"], "width": SAMPLING_RANGES["width"],
     "steps": SAMPLING_RANGES["steps"], "guidance": SAMPLING_RANGES["guide_scale"], "shift": SAMPLING_RANGES["shift"],
-    "seed": SEED_RANGE,
+    "seed": SEED_RANGE, "context_scale": CONTEXT_SCALE_RANGE,
 }  # fmt: skip
 
 
+OPTION_NAMES = {"ref_images": "--ref-image"}  # fields whose option is not the field's name (given once per image)
+
+
 def option_name(field: str) -> str:
-    """The `run` option of a request field: image -> --image, last_image -> --last-image."""
-    return "--" + field.replace("_", "-")
+    """The `run` option of a request field: image -> --image, last_image -> --last-image, ref_images -> --ref-image."""
+    return OPTION_NAMES.get(field, "--" + field.replace("_", "-"))
 
 
 class RequestError(WanrtError):
@@ -101,7 +108,8 @@ def _type_ok(value: object, allowed: tuple[type, ...]) -> bool:
 
 
 def _expected(allowed: tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", os.PathLike: "a path"}
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", os.PathLike: "a path",
+             list: "a list of paths"}
     kinds = [names[t] for t in allowed if t in names]
     return " or ".join(kinds) + (" (or omitted)" if type(None) in allowed else "")
 
@@ -116,5 +124,7 @@ def check_fields(request: GenerationRequest) -> None:
         value = getattr(request, name)
         if value is not None and not rng.contains(value):
             raise RequestError(name, f"{option_name(name)} {value!r}: expected {rng.expected()}")
+    if request.ref_images is not None and not all(isinstance(p, (str, os.PathLike)) for p in request.ref_images):
+        raise RequestError("ref_images", f"--ref-image {request.ref_images!r}: expected a list of image paths")
     if request.sampler is not None and request.sampler not in SAMPLERS:
         raise RequestError("sampler", f"--sampler {request.sampler!r}: expected one of {', '.join(SAMPLERS)}")

@@ -49,6 +49,7 @@ def _human(m: ResolvedModel, loras: list[dict[str, Any]]) -> str:
         if len(e.files) > 4:
             lines.append(f"    ... {len(e.files) - 4} more")
     image = f", image branch (CLIP {d.clip_dim}, {d.clip_tokens} tokens)" if d.image_branch else ""
+    image += f", {len(d.vace_layers)} VACE blocks at layers {list(d.vace_layers)} (control in {d.vace_in_dim})" if d.vace else ""
     lines.append(
         f"  dit: dim {d.dim}, ffn {d.ffn_dim}, {d.num_heads} heads, {d.num_layers} layers, in {d.in_dim}, "
         f"out {d.out_dim}, text {d.text_dim}, freq {d.freq_dim}{image}"

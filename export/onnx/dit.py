@@ -5,7 +5,8 @@ The module is traced on the `meta` device and each weight is read from the check
 written, so the export never holds a copy of the model.  I/O is `dit_signature`, float32 in
 every precision; dynamic batch, latent frames, height and width (height/width in multiples of
 the patch size).  `precision="bf16"` stores and runs the big linears and attention in bf16 with
-float32 islands (see `export.models.wan_dit`).
+float32 islands (see `export.models.wan_dit`).  A VACE DiT (`export.models.wan_vace`) adds the
+`vace_context` and `context_scale` inputs.
 
 Wan2.2 A14B's two experts share one graph and differ only in their weights: the second is
 written from the first one's graph (`template=`) without tracing again.
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from wanrt.engines.model import DiTConfig
 from wanrt.engines.signatures import EngineSignature
-from wanrt.export.models.wan_dit import WanDiT, check_view, param_dtype, signature_for, view_config
+from wanrt.export.models.wan_dit import check_view, dit_module, param_dtype, signature_for, view_config
 
 from .component import GRAPH_FILE, ExportedComponent, ExportError, data_file, staged_graph
 from .torch_to_onnx import MIN_OPSET, GraphPass, export_onnx
@@ -62,7 +63,7 @@ def export_dit_onnx(
         return ExportedComponent(files, signature_for(cfg, per_frame_timestep))
     dtype = DTYPES[precision]
     with torch.device("meta"):
-        module = WanDiT(cfg, dtype, attention, per_frame_timestep)
+        module = dit_module(cfg, dtype, attention, per_frame_timestep)
     signature = module.signature
     weights = {name: _view_loader(view, name, param_dtype(name, dtype)) for name, _ in module.named_parameters()}
     return export_onnx(module, dit_example_inputs(signature), out_dir, signature, opset,

@@ -9,6 +9,8 @@ signature, and from there into the shape of every dynamic input (`profile_shapes
     dit            batch       --batch (opt: its max when the bundle samples with CFG, which the
                                runtime runs as one batch-2 call; else its min)
                    frames      latent frames of --frames      height / width: latent rows/columns
+                               (VACE: max + VACE_REFERENCE_FRAMES, the latent frames `run --ref-image`
+                               puts in front; a --static VACE plan takes no reference images)
     text_encoder   batch       as the DiT (prompt + negative prompt)
                    tokens      1 .. text_len (512), opt text_len: the runtime feeds each prompt's
                                own length, at most 512
@@ -39,6 +41,7 @@ SIZE_PRESETS: dict[str, tuple[int, int]] = {"480p": (480, 832), "720p": (720, 12
 SIZES_FORM = "480p, 720p or WIDTHxHEIGHT, comma-separated"
 
 DimRange = tuple[int, int, int]  # (min, opt, max)
+VACE_REFERENCE_FRAMES = 3  # reference images a VACE DiT plan has room for (one latent frame each)
 
 
 class ProfileError(WanrtError):
@@ -173,6 +176,9 @@ def named_dims(kind: str, request: ShapeRequest, stride: tuple[int, int, int], s
     """(min, opt, max) of every named dim a component of `kind` may have (see the module docstring)."""
     latent = latent_dims(request, stride)
     if kind == "dit":
+        if task == "vace" and not request.static:
+            lo, opt, hi = latent["frames"]
+            latent["frames"] = (lo, opt, hi + VACE_REFERENCE_FRAMES)
         return {"batch": batch_span(request, cfg), **latent}
     if kind == "text_encoder":
         return {"batch": batch_span(request, cfg), "tokens": (1, text_len, text_len)}

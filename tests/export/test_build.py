@@ -163,6 +163,7 @@ def test_every_component_kind_has_an_exporter_with_the_common_call():
         ("wan2.1", "flf2v", {"dit", "text_encoder", "image_encoder", "vae_encoder", "vae_decoder"}),
         ("wan2.2", "i2v", {"dit_high_noise", "dit_low_noise", "text_encoder", "vae_encoder", "vae_decoder"}),
         ("wan2.2", "ti2v", {"dit", "text_encoder", "vae_encoder", "vae_decoder"}),
+        ("wan2.1", "vace", {"dit", "text_encoder", "vae_encoder", "vae_decoder"}),  # encodes control video and refs
     ],
 )
 def test_each_task_plans_the_components_it_needs(tmp_path, family, task, expected):

@@ -37,6 +37,16 @@ def test_480p_81_frames_dit_takes_both_orientations_opt_first():
     assert got["context"] == ((1, 512, 64), (2, 512, 64), (2, 512, 64))
 
 
+def test_vace_dit_has_room_for_reference_frames_and_takes_its_control_latents():
+    vace = dit_signature(16, 16, 64, vace_in_dim=96, vace_blocks=8)
+    got = shapes("dit", vace, task="vace")
+    # 81 frames -> 21 latent frames, and up to 3 reference images' frames in front: max 24
+    assert got["latent"] == ((1, 16, 21, 60, 60), (2, 16, 21, 60, 104), (2, 16, 24, 104, 104))
+    assert got["vace_context"] == ((1, 96, 21, 60, 60), (2, 96, 21, 60, 104), (2, 96, 24, 104, 104))
+    assert got["context_scale"] == ((1, 8), (2, 8), (2, 8))
+    assert shapes("dit", vace, task="vace", sizes=None, frames=None, static="832x480x81")["latent"][2][2] == 21  # exact
+
+
 def test_two_sizes_and_two_frame_counts_span_min_to_max():
     got = shapes("dit", DIT, sizes="720p,480p", frames="81,17")
     # 720p: 90x160 and 160x90; 480p: 60x104 and 104x60; 17 frames -> 5 latent frames; opt = 720x1280 at 81 frames
