@@ -27,42 +27,12 @@ from typing import TYPE_CHECKING, Protocol
 from wanrt.engines.errors import CheckpointError
 
 from .companions import HF_PROJECTION, HF_VISION, Shapes
-from .names import NameTable, Row
+from .names import CONCAT, SAME, TRANSPOSE, NameTable, Row, unsqueezed
 from .safetensors_file import TensorHeader
 from .view import TensorSource
 
 if TYPE_CHECKING:  # inspect reads headers without importing torch
     import torch
-
-Shape = tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Transform:
-    """How stored tensors make one official tensor, and how that tensor splits back into them."""
-
-    shape: Callable[[list[Shape]], Shape]  # stored shapes -> official shape
-    combine: Callable[[list[torch.Tensor]], torch.Tensor]
-    split: Callable[[torch.Tensor, int], list[torch.Tensor]]  # (official tensor, number of stored tensors)
-
-
-def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    import torch
-
-    return torch.cat(tensors)
-
-
-SAME = Transform(lambda shapes: shapes[0], lambda ts: ts[0], lambda t, n: [t])  # a row without a transform
-TRANSPOSE = Transform(lambda shapes: tuple(reversed(shapes[0])), lambda ts: ts[0].t().contiguous(), lambda t, n: [t.t().contiguous()])
-CONCAT = Transform(lambda shapes: (sum(s[0] for s in shapes), *shapes[0][1:]), _cat, lambda t, n: list(t.chunk(n)))
-
-
-def unsqueezed(leading: int) -> Transform:
-    """The official tensor is the stored one with `leading` 1-dims in front."""
-    ones = (1,) * leading
-    return Transform(lambda shapes: ones + tuple(shapes[0]), lambda ts: ts[0].reshape(ones + tuple(ts[0].shape)),
-                     lambda t, n: [t.reshape(t.shape[leading:])])
-
 
 # ----------------------------------------------------------------------------- T5
 
