@@ -30,7 +30,7 @@ them like the official scheduler does before calling the engine).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -302,19 +302,30 @@ class WanDiT(nn.Module):
     ) -> torch.Tensor:
         """latent [B, in_dim, F, H, W], timestep [B] (or [B, F]), context [B, 512, text_dim],
         clip_fea [B, 257|514, clip_dim] (Wan2.1 I2V/FLF2V) -> noise_pred [B, out_dim, F, H, W] float32."""
-        cfg = self.cfg
-        batch = latent.shape[0]
-        pt, ph, pw = cfg.patch_size
-        frames, height, width = latent.shape[2] // pt, latent.shape[3] // ph, latent.shape[4] // pw
+        return self.transformer(self.embed(latent), timestep, context, clip_fea)
 
-        x = cast(self.patch_embedding(cast(latent, self.patch_embedding.weight.dtype)), torch.float32)
+    def embed(self, latent: torch.Tensor) -> torch.Tensor:
+        """The patch embedding of the latent, float32 [B, D, F/pt, H/ph, W/pw]."""
+        return cast(self.patch_embedding(cast(latent, self.patch_embedding.weight.dtype)), torch.float32)
+
+    def transformer(
+        self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor | None = None,
+        after_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Embedded patches x [B, D, F, H, W] -> noise_pred [B, out_dim, F*pt, H*ph, W*pw] float32.
+
+        `after_block(i, x)`, when given, rewrites the residual stream [B, T, N, D] after block i
+        (Wan2.2-Animate's face adapter)."""
+        cfg = self.cfg
+        batch, _, frames, height, width = x.shape
+        pt, ph, pw = cfg.patch_size
         if self.per_frame_timestep:  # [B, F, H*W, D], one timestep per latent frame
             x = x.flatten(3).permute(0, 2, 3, 1)
             t = timestep
         else:  # [B, 1, F*H*W, D]
             x = x.flatten(2).transpose(1, 2).unsqueeze(1)
             t = timestep.unsqueeze(1)
-        angles = rope_angles(frames, height, width, cfg.dim // cfg.num_heads, latent.device).unsqueeze(1)
+        angles = rope_angles(frames, height, width, cfg.dim // cfg.num_heads, x.device).unsqueeze(1)
         cos, sin = torch.cos(angles), torch.sin(angles)
 
         e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim)).unsqueeze(2)  # [B, T, 1, D]
@@ -327,8 +338,10 @@ class WanDiT(nn.Module):
                 raise DiTError("this DiT has an image branch (Wan2.1 i2v/flf2v) and needs clip_fea")
             context_img = self.img_emb(clip_fea)
 
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             x = block(x, e0, context, context_img, cos, sin)
+            if after_block is not None:
+                x = after_block(i, x)
 
         x = self.head(x, e)  # [B, T, N, patch * out_dim]
         x = x.reshape(batch, frames, height, width, pt, ph, pw, cfg.out_dim)
