@@ -15,6 +15,8 @@ from typing import Any
 from wanrt.engines.errors import CheckpointError
 from wanrt.engines.model import DiTConfig
 
+from .animate_keys import expected_animate_shapes, infer_animate_config
+
 
 HEAD_DIM = 128
 CLIP_TOKENS_I2V = 257  # CLS + 16x16 patches of ViT-H/14 at 224 px
@@ -76,6 +78,8 @@ def expected_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
         })
         if cfg.clip_tokens == CLIP_TOKENS_FLF2V:
             s["img_emb.emb_pos"] = (1, CLIP_TOKENS_FLF2V, c)
+    if cfg.animate is not None:
+        s.update(expected_animate_shapes(cfg.animate, d, cfg.num_heads, cfg.num_layers, cfg.patch_size))
     return s
 
 
@@ -123,6 +127,7 @@ def infer_dit_config(shapes: Shapes, where: str, unknown: Sequence[str] = ()) ->
         image_branch=image_branch,
         clip_tokens=clip_tokens,
         clip_dim=clip_dim,
+        animate=infer_animate_config(shapes, where),
     )
     check_shapes(shapes, cfg, where, unknown)
     return cfg

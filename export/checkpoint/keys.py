@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from wanrt.engines.errors import CheckpointError
 
+from .animate_keys import ANIMATE_IGNORED, is_animate_key
 from .names import NameTable
 
 # Prefixes other tools put in front of official names (longest first).
@@ -92,11 +93,11 @@ def official_to_diffusers(key: str) -> str | None:
 
 
 def is_official_key(key: str) -> bool:
-    """True for a key an official Wan DiT state dict can hold."""
+    """True for a key an official Wan DiT state dict can hold (Wan2.2-Animate's modules included)."""
     if key.startswith("blocks."):
         index, _, rest = key[len("blocks."):].partition(".")
         return index.isdigit() and rest in OFFICIAL_BLOCK_KEYS
-    return key in OFFICIAL_TOP_KEYS
+    return key in OFFICIAL_TOP_KEYS or is_animate_key(key)
 
 
 def looks_like_diffusers(keys) -> bool:
@@ -155,6 +156,9 @@ def normalize_keys(keys, where: str = "checkpoint") -> KeyMap:
         layer, dot, leaf = stored.rpartition(".")
         if dot and leaf in SCALE_LEAVES:
             km.scales[stored] = layer + ".weight"
+            continue
+        if ANIMATE_IGNORED.match(bare):
+            km.ignored.append(stored)
             continue
         official = bare
         if form == "diffusers":

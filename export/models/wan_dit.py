@@ -378,10 +378,10 @@ def expected_parameters(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
-def check_view(view: Mapping, cfg: DiTConfig) -> None:
-    """Raise DiTError naming the first missing, unexpected or misshaped tensor."""
+def check_view(view: Mapping, cfg: DiTConfig, expected: Mapping[str, tuple[int, ...]] | None = None) -> None:
+    """Raise DiTError naming the first missing, unexpected or misshaped tensor (`expected`: the module's parameters)."""
     where = _where(view)
-    expected = expected_parameters(cfg)
+    expected = expected_parameters(cfg) if expected is None else expected
     missing = [k for k in expected if k not in view]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
