@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .names import CONCAT, NameTable, Row, Transform
@@ -223,3 +224,28 @@ def infer_animate_config(shapes: Mapping[str, tuple[int, ...]], where: str) -> A
         face_hidden_dim=hidden,
         face_heads=shapes["face_encoder.conv1_local.conv.weight"][0] // hidden,
     )
+
+
+# The relighting LoRA of the Wan2.2-Animate-14B release (PEFT, rank 128, alpha 128, every block linear):
+# `relighting_lora/adapter_model.safetensors`; the official code loads `relighting_lora.ckpt` (wan_animate_14B.py).
+RELIGHTING_FILES = ("relighting_lora/adapter_model.safetensors", "relighting_lora.ckpt")
+
+
+def find_relighting_lora(roots: Iterable[Path]) -> Path | None:
+    """The relighting LoRA beside an Animate model, if shipped (safetensors first)."""
+    for name in RELIGHTING_FILES:
+        for root in roots:
+            if (root / name).is_file():
+                return root / name
+    return None
+
+
+def animate_summary(a: AnimateConfig, num_layers: int) -> dict[str, object]:
+    """The Animate modules, as `inspect` reports them."""
+    return {
+        "pose_patch_embedding": {"in_channels": a.pose_dim},
+        "motion_encoder": {"face_size": a.motion_size, "res_blocks": a.motion_res_blocks, "channels": list(a.motion_channels),
+                           "style_dim": a.motion_style_dim, "motion_dim": a.motion_dim, "out_dim": a.motion_out_dim},
+        "face_encoder": {"hidden_dim": a.face_hidden_dim, "heads": a.face_heads, "tokens_per_frame": a.face_heads + 1},
+        "face_adapter": {"blocks": a.adapters(num_layers), "after_dit_blocks": list(range(0, num_layers, a.adapter_every))[:a.adapters(num_layers)]},
+    }

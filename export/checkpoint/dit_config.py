@@ -177,13 +177,25 @@ _DIFFUSERS_FIELDS = {
     "added_kv_proj_dim": (lambda c: c.dim if c.image_branch else None, "blocks.0.cross_attn.k_img.weight"),
     "pos_embed_seq_len": (lambda c: c.clip_tokens if c.clip_tokens == CLIP_TOKENS_FLF2V else None, "img_emb.emb_pos"),
 }
+# Wan2.2-Animate config.json: the official `WanAnimateModel` (motion_encoder_dim) and diffusers' class.
+ANIMATE_CLASSES = ("WanAnimateModel", "WanAnimateTransformer3DModel")
+_ANIMATE_FIELDS = {
+    "motion_encoder_dim": (lambda a: a.motion_out_dim, "motion_encoder.dec.direction.weight"),
+    "motion_encoder_size": (lambda a: a.motion_size, "motion_encoder.enc.net_app.convs"),
+    "motion_style_dim": (lambda a: a.motion_style_dim, "motion_encoder.enc.net_app.convs"),
+    "motion_dim": (lambda a: a.motion_dim, "motion_encoder.dec.direction.weight"),
+    "face_encoder_hidden_dim": (lambda a: a.face_hidden_dim, "face_encoder.conv2.conv.weight"),
+    "face_encoder_num_heads": (lambda a: a.face_heads, "face_encoder.conv1_local.conv.weight"),
+    "inject_face_latents_blocks": (lambda a: a.adapter_every, "face_adapter.fuser_blocks"),
+    "latent_channels": (lambda a: a.pose_dim, "pose_patch_embedding.weight"),
+}
 TORCH_DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def is_dit_config_json(cfg: Mapping[str, Any]) -> bool:
-    """True for an official `WanModel` or a diffusers `WanTransformer3DModel` config.json."""
+    """True for an official `WanModel`/`WanAnimateModel` or a diffusers `WanTransformer3DModel`/`WanAnimateTransformer3DModel` config.json."""
     cls = cfg.get("_class_name")
-    return cls in ("WanModel", "WanTransformer3DModel") or ("dim" in cfg and "num_layers" in cfg and "in_dim" in cfg)
+    return cls in ("WanModel", "WanTransformer3DModel", *ANIMATE_CLASSES) or ("dim" in cfg and "num_layers" in cfg and "in_dim" in cfg)
 
 
 def check_config_json(cfg: DiTConfig, config: Mapping[str, Any], config_path: Path, weights: str,
@@ -198,6 +210,7 @@ def check_config_json(cfg: DiTConfig, config: Mapping[str, Any], config_path: Pa
             raise CheckpointError(
                 f"{config_path}: {name} is {want} but the weights in {weights} have {have} (from {evidence})"
             )
+    _check_animate_fields(cfg, config, config_path, weights)
     if "patch_size" in config and tuple(config["patch_size"]) != tuple(cfg.patch_size):
         raise CheckpointError(
             f"{config_path}: patch_size is {config['patch_size']} but the weights in {weights} have {list(cfg.patch_size)}"
@@ -212,4 +225,22 @@ def check_config_json(cfg: DiTConfig, config: Mapping[str, Any], config_path: Pa
         if precision in TORCH_DTYPE_NAMES.values() and TORCH_DTYPE_NAMES[declared] != precision:
             raise CheckpointError(
                 f"{config_path}: torch_dtype is {declared!r} but the weights in {weights} are stored as {precision}"
+            )
+
+
+def _check_animate_fields(cfg: DiTConfig, config: Mapping[str, Any], config_path: Path, weights: str) -> None:
+    """An Animate config.json needs Animate weights (and the reverse), with the same motion/face encoder sizes."""
+    declared = config.get("_class_name") in ANIMATE_CLASSES
+    if declared and cfg.animate is None:
+        raise CheckpointError(f"{config_path}: _class_name is {config['_class_name']!r} but the weights in {weights}"
+                              " have no Animate modules (pose_patch_embedding, motion_encoder, face_adapter)")
+    if cfg.animate is None:
+        return
+    if config.get("_class_name") in ("WanModel", "WanTransformer3DModel"):
+        raise CheckpointError(f"{config_path}: _class_name is {config['_class_name']!r} but the weights in {weights}"
+                              " are a Wan2.2-Animate DiT (pose_patch_embedding, motion_encoder, face_adapter)")
+    for name, (read, evidence) in _ANIMATE_FIELDS.items():
+        if name in config and config[name] is not None and config[name] != read(cfg.animate):
+            raise CheckpointError(
+                f"{config_path}: {name} is {config[name]} but the weights in {weights} have {read(cfg.animate)} (from {evidence})"
             )

@@ -108,6 +108,12 @@ class EqualConv2d(nn.Module):
         return F.conv2d(x, self.weight * self.scale, self.bias, stride=self.stride, padding=self.padding)
 
 
+def blur_kernel(dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
+    """Official `make_kernel([1, 3, 3, 1])`: the outer product, normalized to sum 1 [4, 4]."""
+    taps = torch.tensor(BLUR_TAPS, dtype=dtype, device=device)
+    return torch.outer(taps, taps) / taps.sum() ** 2
+
+
 class Blur(nn.Module):
     """Official `Blur` (upfirdn2d, up = down = 1): the separable [1, 3, 3, 1] FIR, normalized, per channel.
 
@@ -121,8 +127,7 @@ class Blur(nn.Module):
         self.pad = pad[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        taps = torch.tensor(BLUR_TAPS, dtype=x.dtype, device=x.device)
-        kernel = torch.outer(taps, taps) / taps.sum() ** 2  # symmetric: upfirdn2d's flip changes nothing
+        kernel = blur_kernel(x.dtype, x.device)  # symmetric: upfirdn2d's flip changes nothing
         channels = x.shape[1]
         return F.conv2d(x, kernel.expand(channels, 1, 4, 4), padding=self.pad, groups=channels)
 
