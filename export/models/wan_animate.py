@@ -108,28 +108,32 @@ class EqualConv2d(nn.Module):
         return F.conv2d(x, self.weight * self.scale, self.bias, stride=self.stride, padding=self.padding)
 
 
-def blur_kernel(dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
-    """Official `make_kernel([1, 3, 3, 1])`: the outer product, normalized to sum 1 [4, 4]."""
-    taps = torch.tensor(BLUR_TAPS, dtype=dtype, device=device)
+def blur_kernel(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Official `make_kernel([1, 3, 3, 1])`: the outer product, normalized to sum 1 [4, 4] (the checkpoint's buffer)."""
+    taps = torch.tensor(BLUR_TAPS, dtype=dtype)
     return torch.outer(taps, taps) / taps.sum() ** 2
+
+
+def _fir(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The [1, 3, 3, 1] / 8 FIR along `dim` of an already padded x (valid positions only)."""
+    n = x.shape[dim]
+    taps = [x.narrow(dim, i, n - len(BLUR_TAPS) + 1) * (w / sum(BLUR_TAPS)) for i, w in enumerate(BLUR_TAPS)]
+    return taps[0] + taps[1] + taps[2] + taps[3]
 
 
 class Blur(nn.Module):
     """Official `Blur` (upfirdn2d, up = down = 1): the separable [1, 3, 3, 1] FIR, normalized, per channel.
 
     The official module stores the 4x4 kernel as a buffer (`....kernel` keys in the checkpoint);
-    it is a constant, rebuilt here in the graph."""
+    it is a constant: here the filter is applied as shifted slices (no weight, no constant tensor)."""
 
     def __init__(self, pad: tuple[int, int]):
         super().__init__()
-        if pad[0] != pad[1]:
-            raise DiTError(f"blur padding {pad} is not symmetric")
-        self.pad = pad[0]
+        self.pad = pad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = blur_kernel(x.dtype, x.device)  # symmetric: upfirdn2d's flip changes nothing
-        channels = x.shape[1]
-        return F.conv2d(x, kernel.expand(channels, 1, 4, 4), padding=self.pad, groups=channels)
+        x = F.pad(x, (self.pad[0], self.pad[1], self.pad[0], self.pad[1]))
+        return _fir(_fir(x, 2), 3)
 
 
 def conv_layer(in_channels: int, out_channels: int, kernel: int, downsample: bool = False, activate: bool = True) -> nn.Sequential:
@@ -202,6 +206,11 @@ class MotionNetwork(nn.Module):
         return self.fc(self.net_app(x))
 
 
+def motion_basis(direction: torch.Tensor) -> torch.Tensor:
+    """The orthonormal motion directions Q [out_dim, motion_dim] of `dec.direction.weight` (QR in float32)."""
+    return torch.linalg.qr(direction.float() + DIRECTION_JITTER)[0]
+
+
 class MotionDirections(nn.Module):
     """Official `Direction`: motion = sum_i alpha_i * Q[:, i], Q from the QR of (weight + 1e-8), in float32.
 
@@ -217,10 +226,8 @@ class MotionDirections(nn.Module):
 
     def refresh(self) -> None:
         """Recompute `basis` from the current weight."""
-        if self.weight.is_meta:
-            return
-        q = torch.linalg.qr(self.weight.detach().float() + DIRECTION_JITTER)[0]
-        self.register_buffer("basis", q.to(self.weight.device), persistent=False)
+        if not self.weight.is_meta:
+            self.register_buffer("basis", motion_basis(self.weight.detach()).to(self.weight.device), persistent=False)
 
     def forward(self, alpha: torch.Tensor) -> torch.Tensor:
         """alpha [N, motion_dim] -> motion vectors [N, out_dim] (float32)."""
