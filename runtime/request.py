@@ -41,7 +41,16 @@ class GenerationRequest:
     seed: int | None = None  # None: a random seed (reported in the stats)
     sampler: str | None = None  # "unipc", "euler" or "distill" (needs the bundle's denoising_step_list)
     vae_tiling: bool = False  # encode/decode in overlapping spatial tiles (bounded VAE memory at large sizes)
+    # Wan2.2-Animate: the official preprocessing's videos (`image` is the reference character image)
+    pose_video: str | os.PathLike | None = None  # skeleton video; sets the output size and length
+    face_video: str | os.PathLike | None = None  # face crops (the motion encoder's size), as many frames as the pose video
+    mode: str | None = None  # "animate" (default) or "replace" (needs background_video and mask_video)
+    background_video: str | os.PathLike | None = None
+    mask_video: str | os.PathLike | None = None
 
+
+ANIMATE_MODES = ("animate", "replace")  # Wan2.2-Animate: animate the image, or replace the person in the video
+ANIMATE_FIELDS = ("pose_video", "face_video", "mode", "background_video", "mask_video")  # Animate bundles only
 
 # field name -> the types its value may have (None included where the field is optional)
 FIELD_TYPES: dict[str, tuple[type, ...]] = {
@@ -110,5 +119,7 @@ def check_fields(request: GenerationRequest) -> None:
         value = getattr(request, name)
         if value is not None and not math.isfinite(value):
             raise RequestError(name, f"{option_name(name)} {value!r}: expected a finite number")
+    if request.mode is not None and request.mode not in ANIMATE_MODES:
+        raise RequestError("mode", f"--mode {request.mode!r}: expected one of {', '.join(ANIMATE_MODES)}")
     if request.sampler is not None and request.sampler not in SAMPLERS:
         raise RequestError("sampler", f"--sampler {request.sampler!r}: expected one of {', '.join(SAMPLERS)}")
