@@ -132,7 +132,7 @@ def run_command(
         g = plan.geometry
         experts = sorted(set(summary["experts"]), key=summary["experts"].index)
         click.echo(
-            f"{out}: {g.frames} frames {g.width}x{g.height} at {plan.fps} fps, {len(plan.steps)} steps"
+            f"{out}: {summary.get('output_frames', g.frames)} frames {g.width}x{g.height} at {plan.fps} fps, {len(plan.steps)} steps"
             f" ({', '.join(experts)}), seed {plan.seed}, {summary['total_seconds']:.1f} s"
             f" on {result.stats.backend}"
         )

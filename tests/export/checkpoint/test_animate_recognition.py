@@ -88,3 +88,15 @@ def test_animate_config_class_on_plain_weights_is_one_error(tmp_path):
     path = model / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "_class_name": "WanAnimateModel"}))
     assert_one_line_error(["inspect", model], "WanAnimateModel", "no Animate modules")
+
+
+def test_lightx2v_quantizes_the_face_adapter_linears(models):
+    """LightX2V's `wan_animate_dit` mode: block linears and the adapter keys linear1_kv/linear1_q/linear2 as codes."""
+    view = resolve_model(models["lightx2v-fp8"]).experts[0].view
+    quantized = {k for k, r in view.items() if r.quantized}
+    assert {"face_adapter.fuser_blocks.0.linear1_kv.weight", "face_adapter.fuser_blocks.0.linear1_q.weight",
+            "face_adapter.fuser_blocks.0.linear2.weight", "blocks.0.ffn.0.weight"} <= quantized
+    assert not any(k.startswith(("motion_encoder.", "face_encoder.", "pose_patch_embedding.")) for k in quantized)
+    official = resolve_model(models["official"]).experts[0].view
+    key = "face_adapter.fuser_blocks.0.linear1_kv.weight"
+    assert (view.load(key) - official.load(key)).abs().max() <= official.load(key).abs().max() / 8  # fp8 e4m3 step
