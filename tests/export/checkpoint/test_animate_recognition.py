@@ -100,3 +100,13 @@ def test_lightx2v_quantizes_the_face_adapter_linears(models):
     official = resolve_model(models["official"]).experts[0].view
     key = "face_adapter.fuser_blocks.0.linear1_kv.weight"
     assert (view.load(key) - official.load(key)).abs().max() <= official.load(key).abs().max() / 8  # fp8 e4m3 step
+
+
+def test_lora_relighting_names_the_shipped_file(models):
+    from wanrt.export.build import read_loras
+
+    resolved = resolve_model(models["official"])
+    [spec] = read_loras(resolved, ("relighting:0.5",))
+    assert spec.path == models["official"] / "relighting_lora" / "adapter_model.safetensors" and spec.strength == 0.5
+    [other] = read_loras(resolve_model(models["official"]), (str(spec.path),))  # a path stays a path
+    assert other.path == spec.path and other.strength == 1.0
