@@ -318,9 +318,9 @@ class FaceBlock(nn.Module):
         self.pre_norm_feat = LayerNorm(dim, FACE_EPS, elementwise_affine=False)
         self.pre_norm_motion = LayerNorm(dim, FACE_EPS, elementwise_affine=False)
 
-    def forward(self, x: torch.Tensor, face: torch.Tensor) -> torch.Tensor:
-        """x [B, L, D] (frame-major tokens), face [B, F, K, D] -> [B, L, D] float32; L must split into F frames."""
-        batch, frames = face.shape[:2]
+    def forward(self, x: torch.Tensor, face: torch.Tensor, frames: int) -> torch.Tensor:
+        """x [B, L, D] (`frames` latent frames of tokens), face [B, frames, K, D] -> [B, L, D] float32."""
+        batch = face.shape[0]
         k, v = self.linear1_kv(self.pre_norm_motion(face)).unflatten(-1, (2, self.num_heads, -1)).unbind(-3)
         q = self.linear1_q(self.pre_norm_feat(x)).unflatten(-1, (self.num_heads, -1))  # [B, L, H, d]
         dtype = self.linear1_q.weight.dtype
@@ -379,13 +379,13 @@ class WanAnimateDiT(WanDiT):
         pose = cast(self.pose_patch_embedding(cast(pose_latent, self.pose_patch_embedding.weight.dtype)), torch.float32)
         x = torch.cat([x[:, :, :1], x[:, :, 1:] + pose], dim=2)
         face = self.face_tokens(face_pixels)
-        every = self.cfg.animate.adapter_every
+        every, frames = self.cfg.animate.adapter_every, x.shape[2]
 
         def after_block(i: int, stream: torch.Tensor) -> torch.Tensor:
             if i % every:
                 return stream
             block = self.face_adapter.fuser_blocks[i // every]
-            return stream + block(stream.flatten(1, 2), face).reshape(stream.shape)
+            return stream + block(stream.flatten(1, 2), face, frames).reshape(stream.shape)
 
         return self.transformer(x, timestep, context, clip_fea, after_block=after_block)
 
