@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 
     from wanrt.engines.model import AnimateConfig
 
-    from .view import TensorSource
-
 _RES = r"motion_encoder\.enc\.net_app\.convs\.\d+\."
 # Every Animate-only official key (the DiT keys are `keys.is_official_key`'s).
 ANIMATE_KEY_RE = re.compile(
@@ -120,36 +118,6 @@ def official_to_diffusers_animate(key: str, tensor: torch.Tensor, res_blocks: in
     if m.transform is None:
         return {m.theirs[0]: tensor}
     return dict(zip(m.theirs, m.transform.split(tensor, len(m.theirs))))
-
-
-def read_diffusers_animate(source: TensorSource) -> TensorSource:
-    """`source` with its diffusers Animate tensors under official names (other keys unchanged).
-
-    A source without diffusers Animate keys is returned as it is."""
-    keys = source.keys()
-    if not any(k.startswith(("motion_encoder.res_blocks.", "face_adapter.0.")) or k == DIFFUSERS_ANIMATE_MARKERS[1] for k in keys):
-        return source
-    from .companion_keys import MappedSource, MappedTensor
-    from .names import SAME
-
-    table = diffusers_animate_names(diffusers_res_blocks(keys))
-    shapes = {k: tuple(source.header(k).shape) for k in keys}
-    plan: dict[str, MappedTensor] = {}
-    for key in keys:
-        m = table.match_theirs(key)
-        if m is None:
-            plan[key] = MappedTensor((key,), shapes[key], SAME.combine)
-            continue
-        if m.official in plan:
-            continue
-        missing = [k for k in m.theirs if k not in shapes]
-        if missing:
-            from wanrt.engines.errors import CheckpointError
-
-            raise CheckpointError(f"{source.path}: {key!r} without {missing[0]!r}; both make the official {m.official!r}")
-        how = m.transform or SAME
-        plan[m.official] = MappedTensor(m.theirs, how.shape([shapes[k] for k in m.theirs]), how.combine)
-    return MappedSource(source, plan)
 
 
 def expected_animate_shapes(a: AnimateConfig, dim: int, num_heads: int, num_layers: int,

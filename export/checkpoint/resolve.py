@@ -28,6 +28,7 @@ from .companions import (
     CLIP_FILE, T5_FILE, VAE_FILES, Companion, candidate_files, find_tokenizer, pick, read_companion,
 )
 from .animate_keys import animate_summary, find_relighting_lora
+from .companion_keys import diffusers_animate_source
 from .dit_config import check_config_json, describe, infer_dit_config, is_dit_config_json
 from .keys import looks_like_lora, normalize_keys
 from .safetensors_file import SafetensorsFile
@@ -203,7 +204,7 @@ def _open_expert(name: str, location: Path, root: Path | None) -> Expert:
     sources = [open_source(p) for p in files]
     if any(looks_like_lora(s.keys()) for s in sources):
         raise _lora_error(next(s.path for s in sources if looks_like_lora(s.keys())))
-    view = CheckpointView(sources)
+    view = CheckpointView([diffusers_animate_source(s) for s in sources])  # diffusers Animate: split/reshaped tensors combined
     if index is not None:
         check_index(index, {s.path: s for s in sources})
         if view.layout == "official" and any(p.name == "non_block.safetensors" for p in files):

@@ -173,9 +173,6 @@ class CheckpointView(Mapping[str, TensorRef]):
     """One DiT expert's tensors under official names, read lazily from one or more files."""
 
     def __init__(self, sources: list[TensorSource], layout: str | None = None):
-        from .animate_keys import read_diffusers_animate  # diffusers Animate tensors that combine or reshape
-
-        sources = [read_diffusers_animate(s) for s in sources]
         for src in sources:
             check_comfy_quant(src)  # formats not read here fail by name, not as a shape error below
         self.sources = sources

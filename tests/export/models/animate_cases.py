@@ -2,7 +2,7 @@
 
 The reference is a tiny random diffusers `WanAnimateTransformer3DModel` (the Wan2.1 I2V DiT with
 pose embedding, motion encoder, face encoder and face adapter), saved in the diffusers layout;
-the checkpoint layer reads it under official names. head_dim is 128 (official RoPE split); five
+the checkpoint layer reads it under official names (`diffusers_animate_source`, as `resolve_model` does). head_dim is 128 (official RoPE split); five
 blocks, so one face adapter block (after block 0).
 """
 
@@ -15,6 +15,7 @@ from diffusers import WanAnimateTransformer3DModel
 from safetensors.torch import save_file
 
 from wanrt.engines.model import AnimateConfig, DiTConfig
+from wanrt.export.checkpoint.companion_keys import diffusers_animate_source
 from wanrt.export.checkpoint.view import CheckpointView, SafetensorsSource
 
 # face crops of 32 px: three ResBlocks (32 -> 4); the released model has 512 px and seven.
@@ -55,7 +56,7 @@ def diffusers_animate_model(cfg: DiTConfig, seed: int) -> WanAnimateTransformer3
 def write_diffusers(model: WanAnimateTransformer3DModel, path: Path) -> CheckpointView:
     """Save the diffusers state dict as one safetensors file and open it through the checkpoint layer."""
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return CheckpointView([SafetensorsSource(path)])
+    return CheckpointView([diffusers_animate_source(SafetensorsSource(path))])
 
 
 def animate_inputs(cfg: DiTConfig, batch: int, grid: tuple[int, int, int], seed: int) -> dict[str, torch.Tensor]:
