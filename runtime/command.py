@@ -8,7 +8,9 @@ from pathlib import Path
 
 import click
 
+from wanrt.engines.limits import MEMORY_BUDGET_GIB, SAMPLING_RANGES, SEED_RANGE
 from wanrt.engines.manifest import verify_bundle
+from wanrt.engines.options import InRange
 
 from .backends import BACKENDS, choose_backend, make_backend
 from .animate import pipeline_class
@@ -28,19 +30,19 @@ from .video import check_frames_dir, check_output_path, to_uint8_frames, write_m
 @click.option("--height", type=int, default=None, help="Height in pixels; with an image, height*width is the max area.")
 @click.option("--width", type=int, default=None, help="Width in pixels.")
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the bundle's).")
-@click.option("--guidance", type=float, default=None, help="CFG scale for every expert (default: the bundle's).")
-@click.option("--shift", type=float, default=None, help="Flow-matching schedule shift (default: the bundle's).")
+@click.option("--guidance", type=InRange(SAMPLING_RANGES["guide_scale"]), default=None, help="CFG scale for every expert (default: the bundle's).")
+@click.option("--shift", type=InRange(SAMPLING_RANGES["shift"]), default=None, help="Flow-matching schedule shift (default: the bundle's).")
 @click.option(
     "--sampler", type=click.Choice(SAMPLERS), default=None,
     help="unipc (Wan's default), euler, or distill (LightX2V's step-distilled schedule; needs a distill bundle). Default: the bundle's.",
 )
-@click.option("--seed", type=click.IntRange(min=0), default=None, help="Noise seed (default: random, reported); numpy's generator, so not the official (torch) noise.")
+@click.option("--seed", type=InRange(SEED_RANGE), default=None, help="Noise seed (default: random, reported); numpy's generator, so not the official (torch) noise.")
 @click.option(
     "--vae-tiling", is_flag=True,
     help="Encode/decode in overlapping 256-pixel tiles every 192 pixels (as diffusers): bounded VAE memory at large sizes.",
 )
 @click.option(
-    "--vram-budget", "--memory-budget", "vram_budget", type=click.FloatRange(min=0, min_open=True), default=None,
+    "--vram-budget", "--memory-budget", "vram_budget", type=InRange(MEMORY_BUDGET_GIB), default=None,
     metavar="GIB",
     help="GiB of device memory the run may use (weights, activations, I/O buffers; TensorRT keeps 1 GiB of it"
     " free as a margin). Default: all free GPU memory on TensorRT, 90% of free memory on ONNX Runtime."
@@ -107,10 +109,10 @@ def run_command(
             except BaseException:
                 out.unlink(missing_ok=True)
                 raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (cli.Terminated)
         # every engine was released on the way out (context managers); nothing was renamed into place
-        click.echo("interrupted: device memory released, no output written", err=True)
-        raise SystemExit(130) from None
+        click.echo(f"{getattr(e, 'message', 'interrupted')}: device memory released, no output written", err=True)
+        raise SystemExit(getattr(e, "exit_code", 130)) from None
     finally:
         engine_backend.close()
     result.stats.stages["write"] = time.perf_counter() - write_start

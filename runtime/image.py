@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from wanrt.engines.errors import WanrtError
+from wanrt.engines.limits import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
@@ -27,11 +28,17 @@ def load_image(path: str | os.PathLike):
     p = Path(path)
     if not p.is_file():
         raise WanrtError(f"{p}: image not found")
+    limit = f"at most {MAX_IMAGE_PIXELS} pixels ({MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}) are decoded: downscale it first"
     try:
-        with Image.open(p) as img:
+        with Image.open(p) as img:  # reads the header only: the size is known before any pixel is decoded
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise WanrtError(f"{p}: image of {width}x{height} pixels; {limit}")
             img.load()
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:  # Pillow's own bound (twice its MAX_IMAGE_PIXELS), met while opening
+        raise WanrtError(f"{p}: image of more than {2 * Image.MAX_IMAGE_PIXELS} pixels; {limit}") from None
+    except (UnidentifiedImageError, OSError, ValueError, MemoryError) as e:
         raise WanrtError(f"{p}: unreadable image ({type(e).__name__}: {e})") from None
 
 

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from wanrt.engines.defaults import default_negative_prompt, default_sampling
-from wanrt.engines.errors import BundleError
+from wanrt.engines.errors import BundleError, WanrtError
 from wanrt.engines.manifest import Component, Manifest, tokenizer_file
 
 from . import image as images
@@ -256,8 +256,6 @@ class WanPipeline:
                     f"--steps {request.steps}: this bundle's step-distilled sampler runs exactly {n} steps"
                     f" (denoising_step_list {d.denoising_step_list})"
                 )
-        elif steps < 1:
-            raise RequestError("steps", f"--steps {steps}: expected at least 1")
         shift = float(request.shift if request.shift is not None else self._default_shift(area))
         guide = (float(request.guidance),) * 2 if request.guidance is not None else tuple(float(g) for g in d.guide_scale)
         warnings = []
@@ -273,9 +271,7 @@ class WanPipeline:
             warnings.append("--negative-prompt has no effect: no step uses CFG (guidance 1 or CFG disabled)")
         # as the official code: an empty negative prompt means the default one
         negative = request.negative_prompt or d.negative_prompt or default_negative_prompt(m.family, m.task)
-        seed = request.seed if request.seed is not None else secrets.randbits(63)
-        if not 0 <= seed < 2**64:
-            raise RequestError("seed", f"--seed {seed}: expected 0 <= seed < 2**64")
+        seed = request.seed if request.seed is not None else secrets.randbits(63)  # check_fields checked a given one
         return GenerationPlan(
             task=m.task, family=m.family, prompt=request.prompt, negative_prompt=negative, geometry=geometry,
             seed=seed, sampler=sampler_name, shift=shift, guide_scale=guide, enable_cfg=d.enable_cfg,
@@ -503,6 +499,7 @@ class WanPipeline:
                     latents = sampler.step(velocity, latents)
                     if image_latent is not None:
                         latents[:, :, :1] = image_latent
+                    check_finite_latents(latents, step, len(plan.steps))
                     end = time.perf_counter()
                     stats.steps.append(StepRecord(
                         step.index, step.timestep, step.expert, step.guide_scale, step.cfg, calls,
@@ -608,6 +605,22 @@ class WanPipeline:
             self.progress.close()
         stats.warnings.extend(self.backend.take_warnings())
         return GenerationResult(plan, latents, video, stats)
+
+
+class NonFiniteLatentsError(WanrtError):
+    """The latents held NaN or infinite values after a denoising step: the video would be black or noise."""
+
+
+def check_finite_latents(latents: np.ndarray, step: StepPlan, steps: int) -> None:
+    """NonFiniteLatentsError naming the step and expert when any latent value is NaN or infinite."""
+    if np.isfinite(latents).all():
+        return
+    bad = int(latents.size - np.count_nonzero(np.isfinite(latents)))
+    raise NonFiniteLatentsError(
+        f"step {step.index + 1} of {steps} ({step.expert}, timestep {step.timestep:g}): {bad} of {latents.size} latent"
+        " values are NaN or infinite, so no video is written; the engine overflowed or its weights are not finite"
+        " (rebuild with --precision fp32, or check the checkpoint and LoRAs the bundle was built from)"
+    )
 
 
 def out_of_memory_line(error: DeviceOutOfMemory, memory: VramPlan) -> str:

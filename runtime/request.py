@@ -11,7 +11,6 @@ Every error it raises about the request is a `RequestError` carrying the field's
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import typing
@@ -20,6 +19,7 @@ from dataclasses import dataclass, fields
 from typing import Iterator
 
 from wanrt.engines.errors import BundleError, WanrtError
+from wanrt.engines.limits import SAMPLING_RANGES, SEED_RANGE, NumberRange
 
 from .schedulers import SAMPLERS
 
@@ -58,6 +58,12 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     for name, hint in typing.get_type_hints(GenerationRequest).items()
 }
 FIELDS = tuple(f.name for f in fields(GenerationRequest))
+# request field -> its range (engines.limits: the same table a bundle's and a config's values obey)
+REQUEST_RANGES: dict[str, NumberRange] = {
+    "frames": SAMPLING_RANGES["frames"], "height": SAMPLING_RANGES["height"], "width": SAMPLING_RANGES["width"],
+    "steps": SAMPLING_RANGES["steps"], "guidance": SAMPLING_RANGES["guide_scale"], "shift": SAMPLING_RANGES["shift"],
+    "seed": SEED_RANGE,
+}  # fmt: skip
 
 
 def option_name(field: str) -> str:
@@ -115,10 +121,10 @@ def check_fields(request: GenerationRequest) -> None:
         value = getattr(request, name)
         if not _type_ok(value, FIELD_TYPES[name]):
             raise RequestError(name, f"{option_name(name)} {value!r}: expected {_expected(FIELD_TYPES[name])}")
-    for name in ("guidance", "shift"):
+    for name, rng in REQUEST_RANGES.items():
         value = getattr(request, name)
-        if value is not None and not math.isfinite(value):
-            raise RequestError(name, f"{option_name(name)} {value!r}: expected a finite number")
+        if value is not None and not rng.contains(value):
+            raise RequestError(name, f"{option_name(name)} {value!r}: expected {rng.expected()}")
     if request.mode is not None and request.mode not in ANIMATE_MODES:
         raise RequestError("mode", f"--mode {request.mode!r}: expected one of {', '.join(ANIMATE_MODES)}")
     if request.sampler is not None and request.sampler not in SAMPLERS:

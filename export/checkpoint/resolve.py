@@ -13,15 +13,15 @@ without img_emb -> wan2.2 i2v; in_dim 16 -> wan2.1 t2v.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from wanrt.engines.defaults import default_sampling
-from wanrt.engines.errors import CheckpointError
+from wanrt.engines.errors import CheckpointError, WanrtError
 from wanrt.engines.model import DiTConfig, SamplingDefaults
+from wanrt.engines.schema import load_json
 
 from . import lightx2v_config as lx
 from .companions import (
@@ -405,8 +405,8 @@ def _convert_record(experts: list[Expert]) -> dict[str, Any] | None:
         return None
     raw = experts[0].view.sources[0].metadata.get(CONVERT_METADATA_KEY)
     try:
-        record = json.loads(raw) if raw else None
-    except ValueError:
+        record = load_json(raw, CONVERT_METADATA_KEY) if raw else None
+    except WanrtError:
         return None
     return record if isinstance(record, dict) else None
 

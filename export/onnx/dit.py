@@ -139,7 +139,7 @@ def _write_like(template: Path, view: Mapping, out_dir: str | os.PathLike, progr
                 raise ExportError(f"{template}: inline weight {init.name!r} is not stored as {len(data)} raw bytes")
             init.raw_data = data
     graph = Path(out_dir) / GRAPH_FILE
-    with staged_graph(out_dir) as tmp:
+    with staged_graph(out_dir, data_file(template).stat().st_size) as tmp:
         with open(data_file(template), "rb") as src, open(tmp / data_file(graph).name, "wb") as dst:
             for offset, length, init in tqdm(sorted(externals, key=lambda e: e[0]), desc=f"writing {GRAPH_FILE}",
                                              unit="tensor", file=sys.stderr, disable=not progress):  # fmt: skip

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 import re
 from pathlib import Path
@@ -18,18 +17,16 @@ from typing import Any
 
 from wanrt.engines.errors import WanrtError
 from wanrt.engines.manifest import Manifest
+from wanrt.engines.schema import JsonLimits, load_json
 
 from ..request import FIELDS, GenerationRequest, RequestError, option_name
 from ..sizes import size_multiple
 
 IMAGE_FIELDS = ("image", "last_image")
 MAX_BODY_BYTES = 64 * 2**20  # two base64 images of a few megapixels, with room to spare
+BODY_LIMITS = JsonLimits(max_bytes=MAX_BODY_BYTES, max_depth=8)
 IMAGE_FORMATS = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpg"}  # magic bytes -> file suffix
 _DATA_URL = re.compile(r"data:image/[a-z+.-]+;base64,", re.IGNORECASE)
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def parse_body(raw: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
@@ -37,9 +34,9 @@ def parse_body(raw: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
     if len(raw) > MAX_BODY_BYTES:
         raise RequestError("body", f"request body of {len(raw)} bytes; at most {MAX_BODY_BYTES} are accepted")
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RequestError("body", f"not valid JSON ({e})") from None
+        body = load_json(raw, "request body", limits=BODY_LIMITS)
+    except WanrtError as e:
+        raise RequestError("body", str(e)) from None
     if not isinstance(body, dict):
         raise RequestError("body", f"expected a JSON object with the request's fields, got {type(body).__name__}")
     unknown = sorted(set(body) - set(FIELDS))

@@ -256,7 +256,7 @@ def test_bf16_build_says_the_vae_stays_fp32(moe, tmp_path):
             "beyond TensorRT 10.1's ONNX parser (opsets 9-20)")  # fmt: skip
     assert summary["notes"] == [note] and f"note: {note}\n" in res.stderr
     assert summary["precision"] == "bf16" and summary["components"]["vae_decoder"] == {
-        "status": "reused", "onnx": "vae_decoder/model.onnx", "precision": "fp32"}  # fmt: skip
+        "status": "reused", "onnx": "vae_decoder/model.onnx", "precision": "fp32", "plans": []}  # fmt: skip
     assert set(verify_bundle(copy).components) == {"vae_decoder"}  # the fp32 DiT/T5 are not what bf16 builds
 
 

@@ -61,14 +61,15 @@ def i2v(bundle_factory, tmp_path_factory):
 
 @pytest.mark.parametrize("kw, field, message", [
     (dict(prompt=" "), "prompt", "--prompt is empty"),
-    (dict(frames=0), "frames", "--frames 0: the frame count must be 4k\\+1"),
+    (dict(frames=0), "frames", "--frames 0: expected an integer in \\[1, 1001\\]"),
+    (dict(frames=6), "frames", "--frames 6: the frame count must be 4k\\+1"),
     (dict(frames=125), "frames", "125 frames \\(32 latent frames\\); the engine takes 1..121"),
     (dict(height=40), "height", "--height 40: height and width must be positive multiples of 16"),
     (dict(width=8), "width", "--width 8: "),
     (dict(height=1552), "height", "height 1552 px \\(194 latent\\); the engine takes 16..1536 px"),
-    (dict(steps=0), "steps", "--steps 0: expected at least 1"),
+    (dict(steps=0), "steps", "--steps 0: expected an integer in \\[1, 1000\\]"),
     (dict(sampler="distill"), "sampler", "this bundle has no denoising_step_list"),
-    (dict(seed=2**64), "seed", "--seed 18446744073709551616: expected 0 <= seed < 2\\*\\*64"),
+    (dict(seed=2**64), "seed", "--seed 18446744073709551616: expected an integer in \\[0, 2\\*\\*64 - 1\\]"),
     (dict(image="x.png"), "image", "text-to-video model .*; it takes no --image"),
     (dict(last_image="x.png"), "last_image", "text-to-video model"),
 ])  # fmt: skip
