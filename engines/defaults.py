@@ -32,6 +32,11 @@ def default_sampling(family: str, task: str, dim: int | None = None, moe: bool =
             sampler="unipc", steps=steps, shift=shift, guide_scale=(5.0, 5.0), frames=81, height=h, width=w,
             fps=16, max_area=h * w if task in ("i2v", "flf2v") else None, negative_prompt=neg,
         )
+    if task == "animate":  # wan/configs/wan_animate_14B.py: 77-frame segments, no CFG (guide 1.0), 30 fps
+        return SamplingDefaults(
+            sampler="unipc", steps=20, shift=5.0, guide_scale=(1.0, 1.0), enable_cfg=False, frames=77, height=720,
+            width=1280, fps=30, negative_prompt=neg,
+        )
     if task == "ti2v" or not moe:
         return SamplingDefaults(
             sampler="unipc", steps=50, shift=5.0, guide_scale=(5.0, 5.0), frames=121, height=704, width=1280,

@@ -20,6 +20,12 @@ DiT (`dit`, or `dit_high_noise` / `dit_low_noise` for Wan2.2 A14B):
                every DiT input, so CFG pairs it like `context`
     -> noise_pred float32 [batch, out_dim, frames, height, width]
 
+Animate DiT (`dit`, Wan2.2-Animate-14B): the Wan2.1 i2v inputs, plus
+    pose_latent  float32 [batch, 16, pose_frames, height, width]  VAE latents of the pose video;
+                 pose_frames = frames - 1 (latent frame 0 is the reference image's)
+    face_pixels  float32 [batch, 3, face_frames, 512, 512]  face crops in [-1, 1];
+                 face_frames = 4 * (frames - 2) + 1 (the segment's video frames)
+
 Text encoder (`text_encoder`):
     input_ids int64 [batch, tokens], attention_mask int64 [batch, tokens]
     -> context float32 [batch, tokens, dim]
@@ -46,6 +52,8 @@ DIM_RANGES: dict[str, tuple[int, int]] = {
     "height": (2, 192),  # latent rows; 1536 px / 8
     "width": (2, 192),
     "tokens": (1, 512),
+    "pose_frames": (1, 30),  # Animate: latent frames after the reference frame
+    "face_frames": (1, 117),  # Animate: video frames of one segment (4 * (pose_frames - 1) + 1)
 }
 
 CLIP_DIM = 1280
@@ -178,6 +186,25 @@ def dit_signature(
         inputs.append(TensorSpec("context_scale", "float32", ("batch", vace_blocks)))
     outputs = [TensorSpec("noise_pred", "float32", ("batch", out_dim, "frames", "height", "width"))]
     return EngineSignature(tuple(inputs), tuple(outputs), _ranges("batch", "frames", "height", "width"))
+
+
+def animate_dit_signature(
+    in_dim: int,
+    out_dim: int,
+    text_dim: int,
+    pose_dim: int,
+    face_size: int,
+    clip_tokens: int | None = CLIP_TOKENS,
+    text_len: int = 512,
+    clip_dim: int = CLIP_DIM,
+) -> EngineSignature:
+    """Signature of a Wan2.2-Animate DiT engine: the i2v DiT's, plus the pose latents and the face crops."""
+    base = dit_signature(in_dim, out_dim, text_dim, clip_tokens=clip_tokens, text_len=text_len, clip_dim=clip_dim)
+    inputs = base.inputs + (
+        TensorSpec("pose_latent", "float32", ("batch", pose_dim, "pose_frames", "height", "width")),
+        TensorSpec("face_pixels", "float32", ("batch", 3, "face_frames", face_size, face_size)),
+    )
+    return EngineSignature(inputs, base.outputs, {**base.dim_ranges, **_ranges("pose_frames", "face_frames")})
 
 
 def text_encoder_signature(dim: int = 4096) -> EngineSignature:

@@ -250,7 +250,7 @@ def plan_components(resolved, options: BuildOptions, loras: list) -> list[Compon
         if resolved.vae is None:
             raise _missing("VAE", vae_file_for(cfg.out_dim), task, resolved.source)
         check_vae_matches(resolved.vae_version, cfg.out_dim, where=str(resolved.vae))
-        parts = ["decoder"] + (["encoder"] if task in ("i2v", "flf2v", "ti2v", "vace") else [])  # vace encodes control video and refs
+        parts = ["decoder"] + (["encoder"] if task in ("i2v", "flf2v", "ti2v", "vace", "animate") else [])  # vace/animate encode videos
         for part in parts:
             plans.append(ComponentPlan(f"vae_{part}", f"vae_{part}", "fp32", companion_files(resolved.vae), resolved.vae))
     if not plans:
@@ -358,13 +358,20 @@ def read_loras(resolved, lora_args: tuple[str, ...]) -> list:
     from wanrt.export.lora import loras_from_config, parse_lora_arg
 
     loras = (loras_from_config(resolved.config, resolved.config_path) if resolved.config else []) + [
-        parse_lora_arg(a) for a in lora_args
+        _named_lora(parse_lora_arg(a), resolved.named_loras) for a in lora_args
     ]
     names = {e.name for e in resolved.experts}
     for spec in loras:
         if spec.expert is not None and spec.expert not in names:
             raise WanrtError(f"LoRA {spec.path}: targets expert {spec.expert!r} but this model's experts are {', '.join(sorted(names))}")
     return loras
+
+
+def _named_lora(spec, named: dict[str, Path]):
+    """`--lora NAME[:S]` for a LoRA the model ships (Animate's `relighting`) reads that file; a path stays a path."""
+    if not spec.path.exists() and str(spec.path) in named:
+        return replace(spec, path=named[str(spec.path)])
+    return spec
 
 
 def vae_info(resolved) -> VAEInfo:

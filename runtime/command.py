@@ -13,7 +13,8 @@ from wanrt.engines.manifest import verify_bundle
 from wanrt.engines.options import InRange
 
 from .backends import BACKENDS, choose_backend, make_backend
-from .pipeline import GenerationRequest, WanPipeline
+from .animate import pipeline_class
+from .pipeline import GenerationRequest
 from .progress import Progress
 from .schedulers import SAMPLERS
 from .video import check_frames_dir, check_output_path, to_uint8_frames, write_mp4, write_png_frames
@@ -69,6 +70,11 @@ from .video import check_frames_dir, check_output_path, to_uint8_frames, write_m
     "--cuda-graphs", is_flag=True,
     help="TensorRT: capture each engine's execution into a CUDA graph after its first call and replay it.",
 )
+@click.option("--pose-video", type=click.Path(dir_okay=False), default=None, help="Animate: the pose skeleton video (sets size and length).")
+@click.option("--face-video", type=click.Path(dir_okay=False), default=None, help="Animate: the face crops video (as many frames as the pose video).")
+@click.option("--mode", type=click.Choice(["animate", "replace"]), default=None, help="Animate: animate the --image (default) or replace the person.")
+@click.option("--background-video", type=click.Path(dir_okay=False), default=None, help="Animate --mode replace: the background video.")
+@click.option("--mask-video", type=click.Path(dir_okay=False), default=None, help="Animate --mode replace: the person mask video.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .mp4 (H.264).")
 @click.option("--frames-dir", type=click.Path(file_okay=False), default=None, help="Also write PNG frames here.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
@@ -76,7 +82,8 @@ def run_command(
     bundle: str, prompt: str, negative_prompt: str | None, image: str | None, last_image: str | None,
     video: str | None, mask: str | None, ref_images: tuple[str, ...], context_scale: float | None, frames: int | None, height: int | None, width: int | None, steps: int | None, guidance: float | None,
     shift: float | None, sampler: str | None, seed: int | None, vae_tiling: bool, vram_budget: float | None, rehash: bool,
-    backend: str, device_index: int, cuda_graphs: bool, output: str, frames_dir: str | None, as_json: bool,
+    backend: str, device_index: int, cuda_graphs: bool, pose_video: str | None, face_video: str | None, mode: str | None,
+    background_video: str | None, mask_video: str | None, output: str, frames_dir: str | None, as_json: bool,
 ) -> None:
     """Generate a video from a bundle (torch-free runtime)."""
     start = time.perf_counter()
@@ -94,10 +101,11 @@ def run_command(
         prompt=prompt, negative_prompt=negative_prompt, image=image, last_image=last_image, frames=frames,
         height=height, width=width, steps=steps, guidance=guidance, shift=shift, seed=seed,
         sampler=sampler, vae_tiling=vae_tiling, video=video, mask=mask, ref_images=list(ref_images) or None,
-        context_scale=context_scale,
+        context_scale=context_scale, pose_video=pose_video, face_video=face_video, mode=mode,
+        background_video=background_video, mask_video=mask_video,
     )
     try:
-        pipeline = WanPipeline(bundle, manifest, engine_backend, memory_budget_bytes=budget, progress=Progress(enabled=True))
+        pipeline = pipeline_class(manifest.task)(bundle, manifest, engine_backend, memory_budget_bytes=budget, progress=Progress(enabled=True))
         plan = pipeline.prepare(request)
         result = pipeline.generate(plan)
         write_start = time.perf_counter()
@@ -135,7 +143,7 @@ def run_command(
         g = plan.geometry
         experts = sorted(set(summary["experts"]), key=summary["experts"].index)
         click.echo(
-            f"{out}: {g.frames} frames {g.width}x{g.height} at {plan.fps} fps, {len(plan.steps)} steps"
+            f"{out}: {summary.get('output_frames', g.frames)} frames {g.width}x{g.height} at {plan.fps} fps, {len(plan.steps)} steps"
             f" ({', '.join(experts)}), seed {plan.seed}, {summary['total_seconds']:.1f} s"
             f" on {result.stats.backend}"
         )

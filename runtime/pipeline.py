@@ -40,7 +40,7 @@ from .backends.base import Backend, DeviceOutOfMemory, Engine
 from .guidance import StepPlan, engine_max_batch, pair_static_inputs, plan_steps, predict_velocity, signature_max_batch
 from .memory import estimate_activation_bytes
 from .progress import Progress
-from .request import GenerationRequest, RequestError, check_fields, option_name, request_field
+from .request import ANIMATE_FIELDS, GenerationRequest, RequestError, check_fields, option_name, request_field
 from .residency import ExpertSwitcher, VramBudgetError, VramPlan, gib, plan_vram
 from .schedulers import make_sampler
 from .sizes import VideoGeometry, best_output_size, check_frames, check_latent_range, check_size, i2v_size, size_multiple
@@ -310,6 +310,9 @@ class WanPipeline:
             raise RequestError("image", f"this bundle is an {task} model; --image is required")
         if task == "flf2v" and request.last_image is None:
             raise RequestError("last_image", "this bundle is a first-last-frame model (flf2v); --last-image is required")
+        animate_only = [f for f in ANIMATE_FIELDS if getattr(request, f) is not None]
+        if task != "animate" and animate_only:
+            raise RequestError(animate_only[0], f"{option_name(animate_only[0])} is only for Wan2.2-Animate bundles; this one is {task}")
         if task != "flf2v" and request.last_image is not None:
             raise RequestError("last_image", f"--last-image is only for flf2v bundles; this one is {task}")
         if (request.height is None) != (request.width is None) and (task in IMAGE_TASKS or request.image is not None):
@@ -498,8 +501,11 @@ class WanPipeline:
         memory: VramPlan | None = None,
         on_progress: ProgressCallback | None = None,
         vace: np.ndarray | None = None,
+        inputs: dict[str, np.ndarray] | None = None,
     ) -> np.ndarray:
         """The sampling loop from `noise`; returns the final latents [1, z, F', h', w'].
+
+        `inputs`: other DiT inputs fixed for the run (Animate's `pose_latent`, `face_pixels`).
 
         `y` (I2V/FLF2V) is appended to the latent channels; `image_latent` (TI2V) replaces
         latent frame 0 before the first step and after every step, with timestep 0 on it.  `vace`
@@ -511,7 +517,7 @@ class WanPipeline:
         latents = noise.astype(np.float32, copy=True)
         if image_latent is not None:
             latents[:, :, :1] = image_latent
-        extra = {"clip_fea": clip_fea} if clip_fea is not None else {}
+        extra = {**({"clip_fea": clip_fea} if clip_fea is not None else {}), **(inputs or {})}
         if vace is not None:
             blocks = self.component(self.experts[0]).signature.input("context_scale").shape[1]
             extra.update(vace_context=vace, context_scale=np.full((1, blocks), plan.context_scale, dtype=np.float32))

@@ -45,7 +45,16 @@ class GenerationRequest:
     mask: str | os.PathLike | None = None  # VACE: mask video over --video (white: generate, black: keep)
     ref_images: list | None = None  # VACE: reference image paths, prepended as latent frames
     context_scale: float | None = None  # VACE: weight of the control hints (official vace_context_scale, 1.0)
+    # Wan2.2-Animate: the official preprocessing's videos (`image` is the reference character image)
+    pose_video: str | os.PathLike | None = None  # skeleton video; sets the output size and length
+    face_video: str | os.PathLike | None = None  # face crops (the motion encoder's size), as many frames as the pose video
+    mode: str | None = None  # "animate" (default) or "replace" (needs background_video and mask_video)
+    background_video: str | os.PathLike | None = None
+    mask_video: str | os.PathLike | None = None
 
+
+ANIMATE_MODES = ("animate", "replace")  # Wan2.2-Animate: animate the image, or replace the person in the video
+ANIMATE_FIELDS = ("pose_video", "face_video", "mode", "background_video", "mask_video")  # Animate bundles only
 
 # field name -> the types its value may have (None included where the field is optional)
 FIELD_TYPES: dict[str, tuple[type, ...]] = {
@@ -126,5 +135,7 @@ def check_fields(request: GenerationRequest) -> None:
             raise RequestError(name, f"{option_name(name)} {value!r}: expected {rng.expected()}")
     if request.ref_images is not None and not all(isinstance(p, (str, os.PathLike)) for p in request.ref_images):
         raise RequestError("ref_images", f"--ref-image {request.ref_images!r}: expected a list of image paths")
+    if request.mode is not None and request.mode not in ANIMATE_MODES:
+        raise RequestError("mode", f"--mode {request.mode!r}: expected one of {', '.join(ANIMATE_MODES)}")
     if request.sampler is not None and request.sampler not in SAMPLERS:
         raise RequestError("sampler", f"--sampler {request.sampler!r}: expected one of {', '.join(SAMPLERS)}")

@@ -54,6 +54,15 @@ def _human(m: ResolvedModel, loras: list[dict[str, Any]]) -> str:
         f"  dit: dim {d.dim}, ffn {d.ffn_dim}, {d.num_heads} heads, {d.num_layers} layers, in {d.in_dim}, "
         f"out {d.out_dim}, text {d.text_dim}, freq {d.freq_dim}{image}"
     )
+    if d.animate is not None:
+        a = d.animate
+        adapters = a.adapters(d.num_layers)
+        lines.append(
+            f"  animate: pose patch embedding ({a.pose_dim} ch), motion encoder ({a.motion_size} px faces, "
+            f"{a.motion_res_blocks} res blocks, {a.motion_dim} directions -> {a.motion_out_dim}), face encoder "
+            f"({a.face_heads} heads x {a.face_hidden_dim}), face adapter ({adapters} blocks after DiT blocks "
+            f"0, {a.adapter_every}, ...)"
+        )
     lines.append(f"  text encoder: {m.text_encoder or '-'}")
     lines.append(f"  tokenizer:    {m.tokenizer or '-'}")
     if m.dit.image_branch or m.image_encoder:

@@ -15,6 +15,8 @@ from typing import Any
 from wanrt.engines.errors import CheckpointError
 from wanrt.engines.model import TASKS, DiTConfig
 
+from .animate_keys import expected_animate_shapes, infer_animate_config
+
 
 HEAD_DIM = 128
 CLIP_TOKENS_I2V = 257  # CLS + 16x16 patches of ViT-H/14 at 224 px
@@ -66,6 +68,8 @@ def expected_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
                 s[f"{b}{proj}.bias"] = (d,)
         s["vace_patch_embedding.weight"] = (d, cfg.vace_in_dim, *cfg.patch_size)
         s["vace_patch_embedding.bias"] = (d,)
+    if cfg.animate is not None:
+        s.update(expected_animate_shapes(cfg.animate, d, cfg.num_heads, cfg.num_layers, cfg.patch_size))
     return s
 
 
@@ -149,6 +153,7 @@ def infer_dit_config(shapes: Shapes, where: str, unknown: Sequence[str] = (),
         clip_dim=clip_dim,
         vace_layers=placed,
         vace_in_dim=vace_in_dim,
+        animate=infer_animate_config(shapes, where),
     )
     check_shapes(shapes, cfg, where, unknown)
     return cfg
@@ -242,13 +247,25 @@ _DIFFUSERS_FIELDS = {
 }
 OFFICIAL_CLASSES = ("WanModel", "VaceWanModel")  # config.json `_class_name` of the official releases
 DIFFUSERS_CLASSES = ("WanTransformer3DModel", "WanVACETransformer3DModel")
+# Wan2.2-Animate config.json: the official `WanAnimateModel` (motion_encoder_dim) and diffusers' class.
+ANIMATE_CLASSES = ("WanAnimateModel", "WanAnimateTransformer3DModel")
+_ANIMATE_FIELDS = {
+    "motion_encoder_dim": (lambda a: a.motion_out_dim, "motion_encoder.dec.direction.weight"),
+    "motion_encoder_size": (lambda a: a.motion_size, "motion_encoder.enc.net_app.convs"),
+    "motion_style_dim": (lambda a: a.motion_style_dim, "motion_encoder.enc.net_app.convs"),
+    "motion_dim": (lambda a: a.motion_dim, "motion_encoder.dec.direction.weight"),
+    "face_encoder_hidden_dim": (lambda a: a.face_hidden_dim, "face_encoder.conv2.conv.weight"),
+    "face_encoder_num_heads": (lambda a: a.face_heads, "face_encoder.conv1_local.conv.weight"),
+    "inject_face_latents_blocks": (lambda a: a.adapter_every, "face_adapter.fuser_blocks"),
+    "latent_channels": (lambda a: a.pose_dim, "pose_patch_embedding.weight"),
+}
 TORCH_DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def is_dit_config_json(cfg: Mapping[str, Any]) -> bool:
-    """True for an official `WanModel` / `VaceWanModel` or a diffusers `WanTransformer3DModel` / VACE config.json."""
+    """True for an official `WanModel` / `VaceWanModel` / `WanAnimateModel` or a diffusers DiT config.json."""
     cls = cfg.get("_class_name")
-    return cls in OFFICIAL_CLASSES + DIFFUSERS_CLASSES or ("dim" in cfg and "num_layers" in cfg and "in_dim" in cfg)
+    return cls in OFFICIAL_CLASSES + DIFFUSERS_CLASSES + ANIMATE_CLASSES or ("dim" in cfg and "num_layers" in cfg and "in_dim" in cfg)
 
 
 def declared_vace_layers(config: Mapping[str, Any], config_path: Path) -> tuple[int, ...] | None:
@@ -274,6 +291,7 @@ def check_config_json(cfg: DiTConfig, config: Mapping[str, Any], config_path: Pa
             raise CheckpointError(
                 f"{config_path}: {name} is {want} but the weights in {weights} have {have} (from {evidence})"
             )
+    _check_animate_fields(cfg, config, config_path, weights)
     if "patch_size" in config and tuple(config["patch_size"]) != tuple(cfg.patch_size):
         raise CheckpointError(
             f"{config_path}: patch_size is {config['patch_size']} but the weights in {weights} have {list(cfg.patch_size)}"
@@ -294,4 +312,22 @@ def check_config_json(cfg: DiTConfig, config: Mapping[str, Any], config_path: Pa
         if precision in TORCH_DTYPE_NAMES.values() and TORCH_DTYPE_NAMES[declared] != precision:
             raise CheckpointError(
                 f"{config_path}: torch_dtype is {declared!r} but the weights in {weights} are stored as {precision}"
+            )
+
+
+def _check_animate_fields(cfg: DiTConfig, config: Mapping[str, Any], config_path: Path, weights: str) -> None:
+    """An Animate config.json needs Animate weights (and the reverse), with the same motion/face encoder sizes."""
+    declared = config.get("_class_name") in ANIMATE_CLASSES
+    if declared and cfg.animate is None:
+        raise CheckpointError(f"{config_path}: _class_name is {config['_class_name']!r} but the weights in {weights}"
+                              " have no Animate modules (pose_patch_embedding, motion_encoder, face_adapter)")
+    if cfg.animate is None:
+        return
+    if config.get("_class_name") in ("WanModel", "WanTransformer3DModel"):
+        raise CheckpointError(f"{config_path}: _class_name is {config['_class_name']!r} but the weights in {weights}"
+                              " are a Wan2.2-Animate DiT (pose_patch_embedding, motion_encoder, face_adapter)")
+    for name, (read, evidence) in _ANIMATE_FIELDS.items():
+        if name in config and config[name] is not None and config[name] != read(cfg.animate):
+            raise CheckpointError(
+                f"{config_path}: {name} is {config[name]} but the weights in {weights} have {read(cfg.animate)} (from {evidence})"
             )

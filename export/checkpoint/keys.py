@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from wanrt.engines.errors import CheckpointError
 
+from .animate_keys import ANIMATE_IGNORED, is_animate_key
 from .names import NameTable
 from .variants import BLOCK_LISTS, VARIANT_DIFFUSERS_NAMES, VARIANT_KEYS
 
@@ -114,13 +115,13 @@ def official_to_diffusers(key: str) -> str | None:
 
 
 def is_official_key(key: str) -> bool:
-    """True for a key an official Wan DiT state dict can hold."""
+    """True for a key an official Wan DiT state dict can hold (the implemented variants' modules included)."""
     head, dot, tail = key.partition(".")
     allowed = BLOCK_LIST_KEYS.get(head) if dot else None
     if allowed is not None:
         index, _, rest = tail.partition(".")
         return index.isdigit() and rest in allowed
-    return key in OFFICIAL_TOP_KEYS
+    return key in OFFICIAL_TOP_KEYS or is_animate_key(key)
 
 
 def looks_like_diffusers(keys) -> bool:
@@ -179,6 +180,9 @@ def normalize_keys(keys, where: str = "checkpoint") -> KeyMap:
         layer, dot, leaf = stored.rpartition(".")
         if dot and leaf in SCALE_LEAVES:
             km.scales[stored] = layer + ".weight"
+            continue
+        if ANIMATE_IGNORED.match(bare):
+            km.ignored.append(stored)
             continue
         official = bare
         if form == "diffusers":

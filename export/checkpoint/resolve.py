@@ -5,7 +5,8 @@
 decides family and task, finds the T5 / CLIP / VAE / tokenizer companions, and turns the
 config's sampling keys into `SamplingDefaults`.
 
-Family/task rules (shapes): two experts -> wan2.2 A14B (in_dim 16 t2v, 36 i2v); out_dim 48 ->
+Family/task rules (shapes): Animate modules (pose_patch_embedding, motion_encoder) -> wan2.2
+animate; two experts -> wan2.2 A14B (in_dim 16 t2v, 36 i2v); out_dim 48 ->
 wan2.2 ti2v; in_dim 36 with img_emb -> wan2.1 i2v (flf2v with img_emb.emb_pos); in_dim 36
 without img_emb -> wan2.2 i2v; VACE blocks -> wan2.1 vace; in_dim 16 -> wan2.1 t2v.  Modules of
 a Wan variant wanrt does not implement (`variants.VARIANTS`) are an error naming it.
@@ -27,6 +28,8 @@ from . import lightx2v_config as lx
 from .companions import (
     CLIP_FILE, T5_FILE, VAE_FILES, Companion, candidate_files, find_tokenizer, pick, read_companion,
 )
+from .animate_keys import animate_summary, find_relighting_lora
+from .companion_keys import diffusers_animate_source
 from .dit_config import check_config_json, declared_vace_layers, describe, infer_dit_config, is_dit_config_json
 from .keys import looks_like_lora, normalize_keys
 from .safetensors_file import SafetensorsFile
@@ -77,6 +80,7 @@ class ResolvedModel:
     config_path: Path | None = None
     notes: list[str] = field(default_factory=list)  # non-fatal findings worth showing the user
     lone_expert: str | None = None  # "high_noise"/"low_noise" when the single DiT is one expert of a Wan2.2 A14B pair
+    named_loras: dict[str, Path] = field(default_factory=dict)  # LoRAs shipped with the model (`--lora NAME`): Animate's relighting
 
     def moe_expert(self, expert: Expert) -> str | None:
         """Which Wan2.2 A14B expert `expert` holds ("high_noise"/"low_noise"), None for a single-DiT model."""
@@ -115,7 +119,9 @@ class ResolvedModel:
                 "clip_tokens": d.clip_tokens, "patch_size": list(d.patch_size),
                 "vace_blocks": len(d.vace_layers) if d.vace else None,
                 "vace_layers": list(d.vace_layers) if d.vace else None, "vace_in_dim": d.vace_in_dim,
+                **({"animate": animate_summary(d.animate, d.num_layers)} if d.animate is not None else {}),
             },
+            "named_loras": {name: str(p) for name, p in self.named_loras.items()},
             "text_encoder": _str(self.text_encoder),
             "image_encoder": _str(self.image_encoder),
             "vae": _str(self.vae),
@@ -202,7 +208,7 @@ def _open_expert(name: str, location: Path, root: Path | None) -> Expert:
     sources = [open_source(p) for p in files]
     if any(looks_like_lora(s.keys()) for s in sources):
         raise _lora_error(next(s.path for s in sources if looks_like_lora(s.keys())))
-    view = CheckpointView(sources)
+    view = CheckpointView([diffusers_animate_source(s) for s in sources])  # diffusers Animate: split/reshaped tensors combined
     if index is not None:
         check_index(index, {s.path: s for s in sources})
         if view.layout == "official" and any(p.name == "non_block.safetensors" for p in files):
@@ -289,6 +295,10 @@ def resolve_model(path: str | os.PathLike, config: str | os.PathLike | None = No
         notes.append(f"{family} {task} needs the CLIP image encoder ({CLIP_FILE}) but none was found")
     if t5 is None:
         notes.append(f"no T5 text encoder ({T5_FILE}) found")
+    named_loras = {}
+    if task == "animate" and (relighting := find_relighting_lora(companion_roots)) is not None:
+        named_loras["relighting"] = relighting
+        notes.append(f"relighting LoRA found ({relighting}); merge it with --lora relighting (the official replacement mode uses it)")
     return ResolvedModel(
         family=family, task=task, experts=experts, dit=dit,
         text_encoder=t5.path if t5 else None,
@@ -297,6 +307,7 @@ def resolve_model(path: str | os.PathLike, config: str | os.PathLike | None = No
         vae_version=vae.version if vae else None,
         tokenizer=tokenizer,
         sampling=sampling, config=cfg, source=path, config_path=cfg_path, notes=notes, lone_expert=lone,
+        named_loras=named_loras,
     )
 
 
@@ -397,6 +408,11 @@ def _family_task(experts: list[Expert], dit: DiTConfig) -> tuple[str, str]:
         if dit.in_dim not in tasks or dit.out_dim != 16:
             raise CheckpointError(f"{where}: a two-expert model with in_dim {dit.in_dim}, out_dim {dit.out_dim}; Wan2.2 A14B has 16 or 36 in, 16 out")
         return "wan2.2", tasks[dit.in_dim]
+    if dit.animate is not None:
+        if (dit.in_dim, dit.out_dim, dit.image_branch) != (36, 16, True):
+            raise CheckpointError(f"{where}: Wan2.2-Animate modules on a DiT with in_dim {dit.in_dim}, out_dim {dit.out_dim},"
+                                  f" image branch {dit.image_branch}; Animate-14B is the Wan2.1 I2V DiT (36 in, 16 out, img_emb)")
+        return "wan2.2", "animate"
     if dit.out_dim == 48:
         if dit.in_dim != 48:
             raise CheckpointError(f"{where}: out_dim 48 (Wan2.2 TI2V-5B) needs in_dim 48, found {dit.in_dim}")

@@ -48,9 +48,18 @@ def is_block_linear(key: str) -> bool:
     return suffixes is not None and key.endswith(suffixes)
 
 
+# Wan2.2-Animate's face adapter linears: LightX2V's `wan_animate_dit` mode quantizes them too.
+FACE_ADAPTER_LINEAR_SUFFIXES = (".linear1_kv.weight", ".linear1_q.weight", ".linear2.weight")
+
+
+def is_face_adapter_linear(key: str) -> bool:
+    """True for an official key naming a face adapter linear weight (Wan2.2-Animate)."""
+    return key.startswith("face_adapter.fuser_blocks.") and key.endswith(FACE_ADAPTER_LINEAR_SUFFIXES)
+
+
 def quantizable(key: str, shape: tuple[int, ...]) -> bool:
-    """True for the tensors a quantized layout stores as codes: 2-D block linear weights."""
-    return is_block_linear(key) and len(shape) == 2
+    """True for the tensors a quantized layout stores as codes: 2-D block (and face adapter) linear weights."""
+    return (is_block_linear(key) or is_face_adapter_linear(key)) and len(shape) == 2
 
 
 @dataclass(frozen=True)

@@ -63,8 +63,8 @@ VARIANTS: tuple[Variant, ...] = (
         keys=frozenset(f"vace_patch_embedding.{p}" for p in _PARAMS), block_lists=(VACE_BLOCKS,),
         diffusers=(("vace_patch_embedding", "vace_patch_embedding"),),
     ),
-    Variant(
-        "Wan2.2-Animate-14B", None, ("pose_patch_embedding", "motion_encoder", "face_encoder", "face_adapter"),
+    Variant(  # its keys and diffusers names are animate_keys' NameTable (conv stacks, split to_k/to_v)
+        "Wan2.2-Animate-14B", "animate", ("pose_patch_embedding", "motion_encoder", "face_encoder", "face_adapter"),
         "Wan2.2 wan/modules/animate/model_animate.py (WanAnimateModel); diffusers WanAnimateTransformer3DModel",
     ),
     Variant(

@@ -30,7 +30,7 @@ them like the official scheduler does before calling the engine).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -307,9 +307,12 @@ class WanDiT(nn.Module):
         """latent [B, in_dim, F, H, W], timestep [B] (or [B, F]), context [B, 512, text_dim],
         clip_fea [B, 257|514, clip_dim] (Wan2.1 I2V/FLF2V) -> noise_pred [B, out_dim, F, H, W] float32."""
         s = self.embed(latent, timestep, context, clip_fea)
-        for block in self.blocks:
-            s.x = block(s.x, s.e0, s.context, s.context_img, s.cos, s.sin)
+        self.run_blocks(s)
         return self.unpatchify(self.head(s.x, s.e), s)
+
+    def patch_embed(self, latent: torch.Tensor) -> torch.Tensor:
+        """The patch embedding of the latent, float32 [B, D, F/pt, H/ph, W/pw]."""
+        return cast(self.patch_embedding(cast(latent, self.patch_embedding.weight.dtype)), torch.float32)
 
     def tokens(self, patches: torch.Tensor) -> torch.Tensor:
         """Patch-embedded [B, D, F, H, W] -> the residual stream layout [B, T, N, D] float32 (T: timestep groups)."""
@@ -319,13 +322,15 @@ class WanDiT(nn.Module):
         return x.flatten(2).transpose(1, 2).unsqueeze(1)  # [B, 1, F*H*W, D]
 
     def embed(
-        self, latent: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor | None = None
+        self, latent: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor | None = None,
+        patches: torch.Tensor | None = None,
     ) -> "Stream":
-        """Everything the blocks read: the patch-embedded latent, time modulation, text (and image) context, RoPE."""
+        """Everything the blocks read: the patch-embedded latent (or `patches`, when a variant adds to them:
+        Wan2.2-Animate's pose), time modulation, text (and image) context, RoPE."""
         cfg = self.cfg
         pt, ph, pw = cfg.patch_size
         grid = (latent.shape[2] // pt, latent.shape[3] // ph, latent.shape[4] // pw)
-        x = self.tokens(self.patch_embedding(cast(latent, self.patch_embedding.weight.dtype)))
+        x = self.tokens(self.patch_embed(latent) if patches is None else patches)
         t = timestep if self.per_frame_timestep else timestep.unsqueeze(1)
         angles = rope_angles(*grid, cfg.dim // cfg.num_heads, latent.device).unsqueeze(1)
 
@@ -338,6 +343,14 @@ class WanDiT(nn.Module):
                 raise DiTError("this DiT has an image branch (Wan2.1 i2v/flf2v) and needs clip_fea")
             context_img = self.img_emb(clip_fea)
         return Stream(x, e, e0, self.text_embedding(context), context_img, torch.cos(angles), torch.sin(angles), grid)
+
+    def run_blocks(self, s: "Stream", after_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> None:
+        """The attention blocks over `s.x`; `after_block(i, x)`, when given, rewrites the residual stream
+        [B, T, N, D] after block i (Wan2.2-Animate's face adapter)."""
+        for i, block in enumerate(self.blocks):
+            s.x = block(s.x, s.e0, s.context, s.context_img, s.cos, s.sin)
+            if after_block is not None:
+                s.x = after_block(i, s.x)
 
     def unpatchify(self, x: torch.Tensor, s: "Stream") -> torch.Tensor:
         """The head's [B, T, N, patch * out_dim] -> noise_pred [B, out_dim, F, H, W]."""
@@ -363,7 +376,11 @@ class Stream:
 
 def dit_module(cfg: DiTConfig, dtype: torch.dtype = torch.float32, attention_impl: str = "native",
                per_frame_timestep: bool | None = None) -> WanDiT:
-    """The DiT module of this config: `WanVaceDiT` for Wan2.1-VACE, else `WanDiT`."""
+    """The DiT module of this config: `WanVaceDiT` for Wan2.1-VACE, `WanAnimateDiT` for Wan2.2-Animate, else `WanDiT`."""
+    if cfg.animate is not None:
+        from .wan_animate import WanAnimateDiT
+
+        return WanAnimateDiT(cfg, dtype, attention_impl)
     if cfg.vace:
         from .wan_vace import WanVaceDiT
 
@@ -401,10 +418,10 @@ def expected_parameters(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
-def check_view(view: Mapping, cfg: DiTConfig) -> None:
-    """Raise DiTError naming the first missing, unexpected or misshaped tensor."""
+def check_view(view: Mapping, cfg: DiTConfig, expected: Mapping[str, tuple[int, ...]] | None = None) -> None:
+    """Raise DiTError naming the first missing, unexpected or misshaped tensor (`expected`: the module's parameters)."""
     where = _where(view)
-    expected = expected_parameters(cfg)
+    expected = expected_parameters(cfg) if expected is None else expected
     missing = [k for k in expected if k not in view]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
