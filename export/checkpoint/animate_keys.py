@@ -49,6 +49,11 @@ ANIMATE_MARKERS = ("pose_patch_embedding.weight", "motion_encoder.dec.direction.
 DIFFUSERS_ANIMATE_MARKERS = ("pose_patch_embedding.weight", "motion_encoder.motion_synthesis_weight")
 
 
+def has_diffusers_animate_keys(keys) -> bool:
+    """True when stored keys hold diffusers-named Animate tensors (they need renaming to the official names)."""
+    return any(k.startswith(("motion_encoder.res_blocks.", "face_adapter.0.")) or k == DIFFUSERS_ANIMATE_MARKERS[1] for k in keys)
+
+
 def is_animate_key(key: str) -> bool:
     """True for an official key only Wan2.2-Animate's DiT has."""
     return ANIMATE_KEY_RE.match(key) is not None

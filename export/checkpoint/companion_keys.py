@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from wanrt.engines.errors import CheckpointError
 
-from .animate_keys import DIFFUSERS_ANIMATE_MARKERS, diffusers_animate_names, diffusers_res_blocks
+from .animate_keys import diffusers_animate_names, diffusers_res_blocks, has_diffusers_animate_keys
 from .companions import HF_PROJECTION, HF_VISION, Shapes
 from .names import CONCAT, SAME, TRANSPOSE, NameTable, Row, unsqueezed
 from .safetensors_file import TensorHeader
@@ -245,7 +245,7 @@ def diffusers_animate_source(source: TensorSource) -> TensorSource:
 
     A source without diffusers Animate keys is returned as it is."""
     keys = source.keys()
-    if not any(k.startswith(("motion_encoder.res_blocks.", "face_adapter.0.")) or k == DIFFUSERS_ANIMATE_MARKERS[1] for k in keys):
+    if not has_diffusers_animate_keys(keys):
         return source
     table = diffusers_animate_names(diffusers_res_blocks(keys))
     shapes = {k: tuple(source.header(k).shape) for k in keys}

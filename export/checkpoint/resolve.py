@@ -28,8 +28,7 @@ from . import lightx2v_config as lx
 from .companions import (
     CLIP_FILE, T5_FILE, VAE_FILES, Companion, candidate_files, find_tokenizer, pick, read_companion,
 )
-from .animate_keys import animate_summary, find_relighting_lora
-from .companion_keys import diffusers_animate_source
+from .animate_keys import animate_summary, find_relighting_lora, has_diffusers_animate_keys
 from .dit_config import check_config_json, declared_vace_layers, describe, infer_dit_config, is_dit_config_json
 from .keys import looks_like_lora, normalize_keys
 from .safetensors_file import SafetensorsFile
@@ -208,7 +207,12 @@ def _open_expert(name: str, location: Path, root: Path | None) -> Expert:
     sources = [open_source(p) for p in files]
     if any(looks_like_lora(s.keys()) for s in sources):
         raise _lora_error(next(s.path for s in sources if looks_like_lora(s.keys())))
-    view = CheckpointView([diffusers_animate_source(s) for s in sources])  # diffusers Animate: split/reshaped tensors combined
+    named = sources
+    if any(has_diffusers_animate_keys(s.keys()) for s in sources):  # diffusers Animate: split/reshaped tensors combined
+        from .companion_keys import diffusers_animate_source  # the name maps: only for such a file (inspect stays light)
+
+        named = [diffusers_animate_source(s) for s in sources]
+    view = CheckpointView(named)
     if index is not None:
         check_index(index, {s.path: s for s in sources})
         if view.layout == "official" and any(p.name == "non_block.safetensors" for p in files):
