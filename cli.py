@@ -36,6 +36,8 @@ from wanrt.engines.errors import WanrtError  # noqa: E402
 
 # What the `export` extra installs (`pip install .` alone is the torch-free runtime side).
 EXPORT_EXTRA = ("torch", "safetensors", "onnx", "onnxscript", "ml_dtypes")
+# What the `serve` extra (`ray[serve]`) brings that `serve` imports.
+SERVE_EXTRA = ("ray", "fastapi", "uvicorn")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ COMMANDS: dict[str, CommandEntry] = {
     "lint-onnx": CommandEntry("wanrt.export.onnx.lint:lint_onnx_command", "Check an ONNX file against what TensorRT's ONNX parser accepts.", ("onnx",)),
     "verify": CommandEntry("wanrt.engines.command:verify_command", "Check a bundle's schema and the sha256 of every file."),
     "run": CommandEntry("wanrt.runtime.command:run_command", "Generate a video from a bundle (torch-free runtime)."),
+    "serve": CommandEntry("wanrt.runtime.serve.command:serve_command", "Serve a bundle over HTTP on Ray Serve (one replica per GPU).", SERVE_EXTRA, "serve"),
 }
 
 

@@ -389,6 +389,16 @@ def bundle_manifest(resolved, model: str | os.PathLike, options: BuildOptions, c
     )
 
 
+def lora_notes(plans: list[ComponentPlan]) -> list[str]:
+    """The LoRA merge reports' notes of every planned DiT (each once, in order): what differs from LightX2V."""
+    notes: dict[str, None] = {}
+    for plan in plans:
+        report = getattr(plan.source, "report", None)
+        for match in report.loras if report is not None else []:
+            notes.update(dict.fromkeys(match.notes))
+    return list(notes)
+
+
 def build_bundle(
     model: str | os.PathLike,
     output: str | os.PathLike,
@@ -396,8 +406,8 @@ def build_bundle(
     lora_args: tuple[str, ...] = (),
     options: BuildOptions = BuildOptions(),
     log: Callable[[str], None] = lambda msg: click.echo(msg, err=True),
-) -> tuple[Manifest, dict[str, str]]:
-    """Build (or update) the bundle at `output`; return its manifest and what happened to each component."""
+) -> tuple[Manifest, dict[str, str], list[str]]:
+    """Build (or update) the bundle at `output`; return its manifest, what happened to each component, and the notes."""
     from wanrt.export.checkpoint.resolve import resolve_model
     from wanrt.export.lora import lora_records
 
@@ -412,8 +422,10 @@ def build_bundle(
     records = lora_records(loras)
     lora_keys = [{"sha256": r.sha256, "strength": r.strength, "experts": r.experts, "alpha": r.alpha} for r in records]
     plans = plan_components(resolved, options, loras)
-    for note in precision_notes(options.precision, plans):
+    notes = precision_notes(options.precision, plans)
+    for note in notes:
         log(f"note: {note}")
+    notes += lora_notes(plans)  # printed as the merge planned them
     old = _read_old_manifest(output)
     outcome: dict[str, str] = {}
     components: dict[str, Component] = {}
@@ -452,7 +464,7 @@ def build_bundle(
             tokenizer = TOKENIZER_DIR
         manifest = bundle_manifest(resolved, model, options, components, records, tokenizer)
         write_manifest(tmp, manifest)
-    return manifest, outcome
+    return manifest, outcome, notes
 
 
 @click.command("build-engine")
@@ -485,7 +497,7 @@ def build_engine_command(model, output, config, loras, lora_strict, precision, c
         lora_strict=lora_strict,
         force=force,
     )
-    manifest, outcome = build_bundle(model, output, config, loras, options)
+    manifest, outcome, notes = build_bundle(model, output, config, loras, options)
     summary = {
         "bundle": str(output),
         "family": manifest.family,
@@ -494,7 +506,7 @@ def build_engine_command(model, output, config, loras, lora_strict, precision, c
         "components": {n: {"status": outcome[n], "onnx": c.onnx, "precision": c.precision} for n, c in manifest.components.items()},
         "loras": [vars(r) for r in manifest.loras],
         "bytes": sum(f["size"] for f in manifest.files.values()),
-        "notes": precision_notes(manifest.precision, list(manifest.components.values())),
+        "notes": notes,
     }
     if as_json:
         click.echo(json.dumps(summary))

@@ -26,12 +26,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from wanrt.engines.defaults import default_negative_prompt, default_sampling
-from wanrt.engines.errors import BundleError, WanrtError
+from wanrt.engines.errors import BundleError
 from wanrt.engines.manifest import Component, Manifest, tokenizer_file
 
 from . import image as images
@@ -39,31 +39,13 @@ from .backends.base import Backend, DeviceOutOfMemory, Engine
 from .guidance import StepPlan, engine_max_batch, pair_static_inputs, plan_steps, predict_velocity, signature_max_batch
 from .memory import estimate_activation_bytes
 from .progress import Progress
+from .request import GenerationRequest, RequestError, check_fields, request_field
 from .residency import ExpertSwitcher, VramBudgetError, VramPlan, gib, plan_vram
 from .schedulers import make_sampler
 from .sizes import VideoGeometry, best_output_size, check_frames, check_latent_range, check_size, i2v_size, size_multiple
 from .vae import Tiling, contract_of
 
 IMAGE_TASKS = ("i2v", "flf2v")
-
-
-@dataclass
-class GenerationRequest:
-    """What the user asked for; `None` means the bundle's default."""
-
-    prompt: str
-    negative_prompt: str | None = None
-    image: str | os.PathLike | None = None
-    last_image: str | os.PathLike | None = None
-    frames: int | None = None
-    height: int | None = None  # I2V/FLF2V/TI2V-with-image: height*width is the max area
-    width: int | None = None
-    steps: int | None = None
-    guidance: float | None = None  # both experts
-    shift: float | None = None
-    seed: int | None = None  # None: a random seed (reported in the stats)
-    sampler: str | None = None  # "unipc", "euler" or "distill" (needs the bundle's denoising_step_list)
-    vae_tiling: bool = False  # encode/decode in overlapping spatial tiles (bounded VAE memory at large sizes)
 
 
 @dataclass
@@ -184,14 +166,19 @@ class GenerationResult:
     stats: RunStats
 
 
+# on_progress(stage, step, steps): at the start of each stage (step 0) and after each denoising step;
+# steps is the stage's step count (0 for stages without steps).  Raising from it stops the run there.
+ProgressCallback = Callable[[str, int, int], None]
+
+
 class WanPipeline:
-    """Runs one bundle on one backend."""
+    """Runs one bundle on one backend (`backend=None`: a pipeline that only plans, as `serve`'s HTTP front)."""
 
     def __init__(
         self,
         bundle: str | os.PathLike,
         manifest: Manifest,
-        backend: Backend,
+        backend: Backend | None,
         memory_budget_bytes: int | None = None,
         progress: Progress | None = None,
     ) -> None:
@@ -236,11 +223,16 @@ class WanPipeline:
     # ---- planning ---------------------------------------------------------------------------
 
     def prepare(self, request: GenerationRequest) -> GenerationPlan:
-        """Validate the request against the bundle and resolve defaults; loads images, no engines."""
+        """Validate the request against the bundle and resolve defaults; loads images, no engines.
+
+        The one validation of a request (`run` and `serve` both call it): RequestError names the field.
+        """
+        check_fields(request)
         self._check_inputs(request)
         geometry, plan_images, area = self._resolve_size(request)
-        for name in self.experts:
-            check_latent_range(name, geometry, self.component(name).signature.dim_ranges)
+        with request_field("frames", "height", "width"):
+            for name in self.experts:
+                check_latent_range(name, geometry, self.component(name).signature.dim_ranges)
         if plan_images.get("condition_image") is not None:
             self._require("vae_encoder")
         if self.dit_takes_clip:
@@ -250,7 +242,7 @@ class WanPipeline:
         steps = request.steps if request.steps is not None else d.steps
         sampler_name = request.sampler or d.sampler
         if sampler_name == "distill" and not d.denoising_step_list:
-            raise WanrtError("sampler 'distill': this bundle has no denoising_step_list (build it with a LightX2V distill config)")
+            raise RequestError("sampler", "sampler 'distill': this bundle has no denoising_step_list (build it with a LightX2V distill config)")
         boundary, boundary_step_index = d.boundary, d.boundary_step_index
         if sampler_name != "distill" and boundary_step_index is not None:
             # a step index splits the distilled step list only; other schedules switch experts by timestep
@@ -260,18 +252,19 @@ class WanPipeline:
         if sampler_name == "distill":
             n = len(d.denoising_step_list)
             if request.steps is not None and request.steps != n:
-                raise WanrtError(
+                raise RequestError("steps", 
                     f"--steps {request.steps}: this bundle's step-distilled sampler runs exactly {n} steps"
                     f" (denoising_step_list {d.denoising_step_list})"
                 )
         elif steps < 1:
-            raise WanrtError(f"--steps {steps}: expected at least 1")
+            raise RequestError("steps", f"--steps {steps}: expected at least 1")
         shift = float(request.shift if request.shift is not None else self._default_shift(area))
         guide = (float(request.guidance),) * 2 if request.guidance is not None else tuple(float(g) for g in d.guide_scale)
         warnings = []
         if request.guidance is not None and not d.enable_cfg and request.guidance != 1.0:
             warnings.append(f"--guidance {request.guidance} has no effect: this bundle's sampling disables CFG")
-        sampler = make_sampler(sampler_name, steps, shift, d.denoising_step_list)
+        with request_field("sampler", "steps", "shift"):
+            sampler = make_sampler(sampler_name, steps, shift, d.denoising_step_list)
         kinds = {n: self.component(n).expert for n in self.experts}
         step_plans = plan_steps(
             sampler.timesteps, self.experts, kinds, guide, d.enable_cfg, boundary, boundary_step_index
@@ -282,7 +275,7 @@ class WanPipeline:
         negative = request.negative_prompt or d.negative_prompt or default_negative_prompt(m.family, m.task)
         seed = request.seed if request.seed is not None else secrets.randbits(63)
         if not 0 <= seed < 2**64:
-            raise WanrtError(f"--seed {seed}: expected 0 <= seed < 2**64")
+            raise RequestError("seed", f"--seed {seed}: expected 0 <= seed < 2**64")
         return GenerationPlan(
             task=m.task, family=m.family, prompt=request.prompt, negative_prompt=negative, geometry=geometry,
             seed=seed, sampler=sampler_name, shift=shift, guide_scale=guide, enable_cfg=d.enable_cfg,
@@ -295,46 +288,51 @@ class WanPipeline:
         """The prompt and images a task takes."""
         m, task = self.manifest, self.manifest.task
         if not request.prompt or not request.prompt.strip():
-            raise WanrtError("--prompt is empty")
+            raise RequestError("prompt", "--prompt is empty")
         if task == "t2v" and (request.image is not None or request.last_image is not None):
-            raise WanrtError(f"this bundle is a text-to-video model ({m.family} t2v); it takes no --image/--last-image")
+            raise RequestError("image" if request.image is not None else "last_image", f"this bundle is a text-to-video model ({m.family} t2v); it takes no --image/--last-image")
         if task in IMAGE_TASKS and request.image is None:
-            raise WanrtError(f"this bundle is an {task} model; --image is required")
+            raise RequestError("image", f"this bundle is an {task} model; --image is required")
         if task == "flf2v" and request.last_image is None:
-            raise WanrtError("this bundle is a first-last-frame model (flf2v); --last-image is required")
+            raise RequestError("last_image", "this bundle is a first-last-frame model (flf2v); --last-image is required")
         if task != "flf2v" and request.last_image is not None:
-            raise WanrtError(f"--last-image is only for flf2v bundles; this one is {task}")
+            raise RequestError("last_image", f"--last-image is only for flf2v bundles; this one is {task}")
         if (request.height is None) != (request.width is None) and (task in IMAGE_TASKS or request.image is not None):
-            raise WanrtError("give both --height and --width (their product is the max area of the video)")
+            raise RequestError("width" if request.width is None else "height", "give both --height and --width (their product is the max area of the video)")
 
     def _resolve_size(self, request: GenerationRequest) -> tuple[VideoGeometry, dict[str, np.ndarray], int]:
         """Video geometry, conditioning images and the max area, by the official rules of the task."""
         m, task, d = self.manifest, self.manifest.task, self.manifest.sampling
         stride = m.vae.stride
-        frames = check_frames(request.frames if request.frames is not None else d.frames, stride[0])
+        with request_field("frames"):
+            frames = check_frames(request.frames if request.frames is not None else d.frames, stride[0])
         multiple = size_multiple(stride)
         given_area = request.height * request.width if request.height and request.width else None
         area = given_area or d.max_area or d.height * d.width
         plan_images: dict[str, np.ndarray] = {}
         if task in IMAGE_TASKS:
-            first = images.load_image(request.image)
-            height, width = i2v_size(first.height, first.width, area, stride)
+            with request_field("image"):
+                first = images.load_image(request.image)
+                height, width = i2v_size(first.height, first.width, area, stride)
             first_arr = images.image_to_array(first)
             plan_images["first_image"] = first_arr
             plan_images["condition_image"] = images.resize_bicubic(first_arr, height, width)
             if request.last_image is not None:
-                last = images.match_last_frame(first, images.load_image(request.last_image))
+                with request_field("last_image"):
+                    last = images.match_last_frame(first, images.load_image(request.last_image))
                 last_arr = images.image_to_array(last)
                 plan_images["last_image"] = last_arr
                 plan_images["condition_last"] = images.resize_bicubic(last_arr, height, width)
         elif task == "ti2v" and request.image is not None:
-            img = images.load_image(request.image)
-            width, height = best_output_size(img.width, img.height, multiple, multiple, area)
+            with request_field("image"):
+                img = images.load_image(request.image)
+                width, height = best_output_size(img.width, img.height, multiple, multiple, area)
             plan_images["condition_image"] = images.ti2v_image(img, width, height)
         else:
             height = request.height if request.height is not None else d.height
             width = request.width if request.width is not None else d.width
-            check_size(height, width, multiple)
+            with request_field("height", "width"):
+                check_size(height, width, multiple)
         return VideoGeometry(frames, height, width, stride), plan_images, area
 
     def _default_shift(self, area: int) -> float:
@@ -463,11 +461,13 @@ class WanPipeline:
         image_latent: np.ndarray | None = None,
         stats: RunStats | None = None,
         memory: VramPlan | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> np.ndarray:
         """The sampling loop from `noise`; returns the final latents [1, z, F', h', w'].
 
         `y` (I2V/FLF2V) is appended to the latent channels; `image_latent` (TI2V) replaces
         latent frame 0 before the first step and after every step, with timestep 0 on it.
+        `on_progress("denoise", i, n)` follows step i of n (it may raise to stop the loop).
         """
         stats = stats if stats is not None else RunStats(self.backend.describe())
         sampler = make_sampler(plan.sampler, len(plan.steps), plan.shift, plan.denoising_step_list)
@@ -507,6 +507,8 @@ class WanPipeline:
                     self._sample_device_memory(stats)
                     bar.set_postfix_str(f"t={step.timestep:g} {step.expert}", refresh=False)
                     bar.update(1)
+                    if on_progress is not None:
+                        on_progress("denoise", len(stats.steps), len(plan.steps))
             stats.residency = [asdict(e) for e in switcher.events]
             stats.warnings.extend(switcher.warnings)
         finally:
@@ -552,8 +554,16 @@ class WanPipeline:
             names.append("vae_decoder")
         return names
 
-    def generate(self, plan: GenerationPlan, decode: bool = True) -> GenerationResult:
-        """Run every stage of `plan`; engines are loaded per stage and released after it."""
+    def generate(
+        self, plan: GenerationPlan, decode: bool = True, on_progress: ProgressCallback | None = None
+    ) -> GenerationResult:
+        """Run every stage of `plan`; engines are loaded per stage and released after it.
+
+        `on_progress` (see ProgressCallback) hears each stage start and each denoising step;
+        an exception it raises (a cancelled job) ends the run after the engines are released.
+        """
+        if self.backend is None:
+            raise RuntimeError("this pipeline was made without a backend: it can plan, not generate")
         stats = RunStats(self.backend.describe(), warnings=list(plan.warnings))
         names = self.stages(plan, decode)
         self._require(*(n for n in names if n != "denoise"))
@@ -564,6 +574,8 @@ class WanPipeline:
         self.progress.start(names)
 
         def timed(name: str, fn, *args):
+            if on_progress is not None:
+                on_progress(name, 0, len(plan.steps) if name == "denoise" else 0)
             start = time.perf_counter()
             with self.progress.stage(name):
                 out = fn(*args)
@@ -580,7 +592,8 @@ class WanPipeline:
             y, image_latent = (cond, None) if plan.task in IMAGE_TASKS else (None, cond)
             noise = self.initial_noise(plan)
             latents = timed(
-                "denoise", self.denoise, plan, context[:1], context_null, noise, clip_fea, y, image_latent, stats, memory
+                "denoise", self.denoise, plan, context[:1], context_null, noise, clip_fea, y, image_latent, stats,
+                memory, on_progress,
             )
             video = timed("vae_decoder", self.decode, latents, plan.vae_tiling, memory) if decode else None
         except DeviceOutOfMemory as e:

@@ -10,12 +10,11 @@ import json
 import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
-import av
 import pytest
+
+from tests.helpers import cli, frame_count
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -26,18 +25,6 @@ def readme_blocks() -> list[str]:
     text = (REPO / "README.md").read_text()
     section = text.split("## Set up on a fresh machine", 1)[1].split("\n## ", 1)[0]
     return [b.strip() for b in re.findall(r"```\n(.*?)```", section, re.S)]
-
-
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "cli.py", *args], cwd=REPO, env=env, capture_output=True, text=True)
-
-
-def frame_count(mp4: Path) -> tuple[int, int, int, float]:
-    """(frames, width, height, fps) read back from an mp4."""
-    with av.open(str(mp4)) as container:
-        stream = container.streams.video[0]
-        n = sum(1 for _ in container.decode(video=0))
-        return n, stream.width, stream.height, float(stream.average_rate)
 
 
 def test_readme_has_exactly_the_two_setup_commands_and_ci_runs_the_test_one():

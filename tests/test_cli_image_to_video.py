@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_cli import cli, frame_count
+from tests.helpers import cli, frame_count
 
 pytestmark = pytest.mark.slow
 

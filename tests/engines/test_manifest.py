@@ -10,20 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from wanrt.engines.defaults import default_sampling
 from wanrt.engines.errors import BundleError
 from wanrt.engines.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
-    Component,
-    Manifest,
     read_manifest,
     staging_dir,
     verify_bundle,
-    write_manifest,
 )
-from wanrt.engines.model import DiTConfig, LoraRecord, VAEInfo
-from wanrt.engines.signatures import dit_signature
 
 from .conftest import make_small_bundle
 

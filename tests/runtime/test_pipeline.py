@@ -12,11 +12,11 @@ from wanrt.engines.errors import BundleError, WanrtError
 from wanrt.engines.manifest import read_manifest
 from wanrt.engines.model import SamplingDefaults
 from wanrt.runtime.backends import make_backend
-from wanrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from wanrt.runtime.pipeline import GenerationRequest, RunStats, WanPipeline
 from wanrt.runtime.vae import Tiling
 from tests.runtime.bundles import CLIP_WIDTH, TEXT_DIM, clip_weight, dit_fn, text_table, tokenize, vae_gains
 from tests.runtime.oracles import diffusers_euler, diffusers_unipc
+from tests.runtime.recording import RecordingBackend
 
 HIGH, LOW = "dit_high_noise", "dit_low_noise"
 DISTILL = SamplingDefaults(
@@ -371,19 +371,6 @@ def test_missing_components_are_named(bundle_factory):
         pipe.generate(plan)
 
 
-class _RecordingBackend(OnnxRuntimeBackend):
-    """The real ONNX Runtime backend, keeping the engines it loads so a test can read their call counts."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.engines = []
-
-    def load(self, component, bundle_dir, **kw):
-        engine = super().load(component, bundle_dir, **kw)
-        self.engines.append(engine)
-        return engine
-
-
 def test_vae_tiling_decodes_in_tiles_with_the_same_video(bundle_factory):
     """--vae-tiling: one decoder call per tile and latent frame; the test VAE is pointwise, so tiles blend to the same video."""
     bundle = bundle_factory("moe_t2v")
@@ -395,7 +382,7 @@ def test_vae_tiling_decodes_in_tiles_with_the_same_video(bundle_factory):
     assert tiles > 1
     videos, calls = [], []
     for t in (None, tiling):
-        backend = _RecordingBackend()
+        backend = RecordingBackend()
         pipe = WanPipeline(bundle, read_manifest(bundle), backend)
         videos.append(pipe.decode(z, t))
         calls.append(sum(e.calls for e in backend.engines if e.name == "vae_decoder"))

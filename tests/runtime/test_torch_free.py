@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
 FORBIDDEN = ("torch", "wanrt.export", "wanrt.calibration", "diffusers", "transformers", "onnx", "safetensors")
 

@@ -26,7 +26,7 @@ from wanrt.export.onnx.lint import lint_onnx
 from wanrt.export.onnx.vae import export_vae_onnx
 from wanrt.runtime.backends.onnxruntime import OnnxRuntimeBackend, OrtOptions
 from wanrt.runtime.vae import Tiling, decode_latents, encode_video
-from tests.export.models.test_vae import diffusers_encode, diffusers_vae, official_state, one_thread  # noqa: F401
+from tests.vae_oracle import diffusers_encode, diffusers_vae, official_state, one_thread  # noqa: F401
 
 RTOL = 1e-4
 

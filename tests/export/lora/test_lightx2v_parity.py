@@ -148,7 +148,7 @@ def test_convert_prints_the_notes_and_reports_them_in_json(base_file, noted_lora
     check_two_notes([f"note: {n}" for n in json.loads(r.stdout)["loras"][0]["notes"]], noted_lora)
 
 
-def test_build_engine_prints_the_notes(tmp_path, base_sd):
+def test_build_engine_prints_the_notes_and_reports_them_in_json(tmp_path, base_sd):
     from wanrt.export.tiny import make_tiny_model
 
     model = make_tiny_model(tmp_path / "model", "wan2.1", "t2v", seed=2)
@@ -162,3 +162,4 @@ def test_build_engine_prints_the_notes(tmp_path, base_sd):
     r = cli_run("build-engine", model, "-o", out, "--components", "dit", "--lora", lora, "--json")  # reused: still noted
     check_two_notes(notes_on_stderr(r), lora)
     assert json.loads(r.stdout)["components"]["dit"]["status"] == "reused"
+    check_two_notes([f"note: {n}" for n in json.loads(r.stdout)["notes"] if n.startswith("LoRA ")], lora)

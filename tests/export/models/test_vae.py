@@ -2,8 +2,7 @@
 
 diffusers is the independent oracle: a tiny random `AutoencoderKLWan` (Wan2.1 layout, or the
 Wan2.2 residual layout with 2x2 patches), its weights renamed to official keys, must encode and
-decode like our module on clips that cross several chunks.  The helpers here are shared with
-tests/runtime/test_vae_runtime.py.
+decode like our module on clips that cross several chunks (the oracle helpers: tests/vae_oracle.py).
 """
 
 from __future__ import annotations
@@ -12,87 +11,19 @@ import dataclasses
 
 import pytest
 import torch
-from diffusers import AutoencoderKLWan
 from safetensors.torch import save_file
 
 from wanrt.engines.errors import CheckpointError, WanrtError
 from wanrt.engines.vae_contract import check_vae_matches
+from tests.vae_oracle import diffusers_decode, diffusers_encode, diffusers_vae, official_state, one_thread, ours_from_diffusers  # noqa: F401
 from wanrt.export.checkpoint.companion_keys import diffusers_vae_names, official_to_diffusers_vae_key
 from wanrt.export.models.vae import VAEConfig, WanVAE, load_vae
 
 RTOL = 1e-4
 
 
-def diffusers_vae(cfg: VAEConfig, seed: int = 0) -> AutoencoderKLWan:
-    """A random diffusers `AutoencoderKLWan` of `cfg`'s architecture; norm gains and biases randomized too."""
-    torch.manual_seed(seed)
-    extra = {}
-    if cfg.version == "2.2":
-        extra = dict(is_residual=True, in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16)
-    model = AutoencoderKLWan(
-        base_dim=cfg.dim,
-        decoder_base_dim=cfg.dec_dim,
-        z_dim=cfg.z_dim,
-        dim_mult=list(cfg.dim_mult),
-        num_res_blocks=cfg.num_res_blocks,
-        temperal_downsample=list(cfg.temporal_downsample),
-        latents_mean=list(cfg.latents_mean),
-        latents_std=list(cfg.latents_std),
-        **extra,
-    ).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn_like(p))
-    return model
-
-
-def official_state(model: AutoencoderKLWan, cfg: VAEConfig) -> dict[str, torch.Tensor]:
-    """The diffusers weights under official keys (every key must map)."""
-    with torch.device("meta"):
-        names = diffusers_vae_names(WanVAE(cfg).state_dict(), cfg)
-    state = {}
-    for key, value in model.state_dict().items():
-        assert key in names, key
-        state[names[key]] = value.clone()
-    return state
-
-
-def ours_from_diffusers(model: AutoencoderKLWan, cfg: VAEConfig) -> WanVAE:
-    vae = WanVAE(cfg).eval()
-    vae.load_state_dict(official_state(model, cfg), strict=True)
-    return vae
-
-
-def latent_stats(cfg: VAEConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (1, cfg.z_dim, 1, 1, 1)
-    return torch.tensor(cfg.latents_mean).view(shape), torch.tensor(cfg.latents_std).view(shape)
-
-
-def diffusers_encode(model: AutoencoderKLWan, cfg: VAEConfig, video: torch.Tensor) -> torch.Tensor:
-    """diffusers' latent mean, normalized the official way."""
-    mean, std = latent_stats(cfg)
-    return (model.encode(video).latent_dist.mode() - mean) / std
-
-
-def diffusers_decode(model: AutoencoderKLWan, cfg: VAEConfig, z: torch.Tensor) -> torch.Tensor:
-    mean, std = latent_stats(cfg)
-    return model.decode(z * std + mean).sample
-
-
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: these tiny convolutions only lose time to thread handoffs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=["2.1", "2.2"])
