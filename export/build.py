@@ -70,6 +70,9 @@ class BuildOptions:
     target: str = "onnx"
     lora_strict: bool = False
     force: bool = False
+    quantize: str | None = None  # "int8" / "fp8": the DiT block linears (calibration.qdq)
+    weights_only: bool = False  # W8A16: weight Q/DQ only, no activation calibration
+    calibration: Any = None  # calibration.calibrate.CalibrationOptions (None: the defaults)
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ class ComponentPlan:
     expert: str | None = None
     options: dict[str, Any] = field(default_factory=dict)  # what else the cache key covers
     graph_key: str | None = None  # plans with one graph key share a graph (DiT experts of one architecture)
+    quantization: Any = None  # calibration.qdq.WeightQuantReport of a quantized DiT (filled while it exports)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,13 +219,12 @@ def plan_components(resolved, options: BuildOptions, loras: list) -> list[Compon
             view = apply_loras(expert.view, loras, expert.name, strict=options.lora_strict) if loras else expert.view
             name = "dit" if expert.name == "dit" else f"dit_{expert.name}"
             plan_options = {"attention": options.attention, **lora_opts, "dit": cfg.to_dict()}
-            plans.append(
-                ComponentPlan(
-                    name, "dit", options.precision, list(expert.files), view, {"cfg": cfg, "attention": options.attention},
-                    expert=None if expert.name == "dit" else expert.name, options=plan_options,
-                    graph_key=json.dumps([options.precision, options.attention, cfg.to_dict()], sort_keys=True),
-                )
+            plan = ComponentPlan(
+                name, "dit", options.precision, list(expert.files), view, {"cfg": cfg, "attention": options.attention},
+                expert=None if expert.name == "dit" else expert.name, options=plan_options,
+                graph_key=json.dumps([options.precision, options.attention, cfg.to_dict()], sort_keys=True),
             )  # fmt: skip
+            plans.append(quantized_plan(plan, options) if options.quantize else plan)
     if "text_encoder" in groups:
         if resolved.text_encoder is None:
             raise _missing("T5 text encoder", "models_t5_umt5-xxl-enc-bf16.pth", task, resolved.source)
@@ -249,6 +252,81 @@ def plan_components(resolved, options: BuildOptions, loras: list) -> list[Compon
     if not plans:
         raise WanrtError(f"--components {','.join(sorted(groups))}: nothing to build for this {resolved.family} {task} model")
     return plans
+
+
+def quantized_plan(plan: ComponentPlan, options: BuildOptions) -> ComponentPlan:
+    """`plan` with its block linears quantized (`--quantize`): the weight Q/DQ pass, the options in its cache key.
+
+    Quantized experts never share a graph: their weights' codes and scales, and their activation
+    scales, are each expert's own."""
+    from wanrt.calibration.calibrate import CalibrationOptions, calibration_key
+    from wanrt.calibration.qdq import WeightQuantReport, check_scheme, weight_qdq_pass
+
+    check_scheme(options.quantize)
+    report = WeightQuantReport(options.quantize)
+    calib = None if options.weights_only else calibration_key(options.calibration or CalibrationOptions())
+    return replace(
+        plan, graph_key=None, quantization=report,
+        export_options={**plan.export_options, "passes": [weight_qdq_pass(plan.source, options.quantize, report)]},
+        options={**plan.options, "quantize": {"scheme": options.quantize, "weights_only": options.weights_only,
+                                              "calibration": calib}},
+    )  # fmt: skip
+
+
+def quantize_notes(plans: list[ComponentPlan]) -> list[str]:
+    """One line per quantized DiT whose source stores its block linears in another 8-bit format (requantized)."""
+    from wanrt.calibration.formats import FORMAT_OF_DTYPE
+
+    notes = []
+    for plan in plans:
+        if plan.quantization is None:
+            continue
+        stored = FORMAT_OF_DTYPE.get(getattr(plan.source, "precision", ""))
+        if stored is not None and stored != plan.quantization.scheme:
+            notes.append(f"{plan.name}: the source stores {stored} block linears; --quantize {plan.quantization.scheme} "
+                         "requantizes them from their dequantized values")  # fmt: skip
+    return notes
+
+
+def check_quantize_options(options: BuildOptions) -> None:
+    """The --quantize family of options that cannot work together."""
+    from wanrt.calibration.calibrate import CalibrationOptions
+
+    if options.quantize is None:
+        if options.weights_only or options.calibration is not None:
+            raise WanrtError(f"{'--weights-only' if options.weights_only else '--calib-*'} needs --quantize int8|fp8")
+        return
+    from wanrt.calibration.qdq import check_scheme
+
+    check_scheme(options.quantize)
+    if options.weights_only and options.calibration is not None and options.calibration != CalibrationOptions():
+        raise WanrtError("--calib-* options have no effect with --weights-only (W8A16 graphs are not calibrated)")
+    if options.calibration is not None:
+        options.calibration.check()
+
+
+def quantization_attributes(plan: ComponentPlan) -> dict[str, Any]:
+    """The manifest record of a quantized DiT's weights (its activations are added after calibration)."""
+    report = plan.quantization
+    return {"quantization": {
+        "scheme": report.scheme, "weights": {"granularity": "per_channel", "symmetric": True, "axis": 1, **report.to_dict()},
+        "activations": None,
+    }}  # fmt: skip
+
+
+def calibrate_staged(tmp: Path, manifest: Manifest, built: list[str], options: BuildOptions,
+                     log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    """Calibrate the quantized experts built into the staged bundle `tmp` (W8A8), re-lint them; return the timing."""
+    from wanrt.calibration.calibrate import CalibrationOptions, calibrate_bundle
+
+    log(f"calibrating {', '.join(built)} ({options.quantize} activations)")
+    result = calibrate_bundle(tmp, manifest, built, options.quantize, options.calibration or CalibrationOptions(), log)
+    for name in built:
+        comp = manifest.components[name]
+        lint_exported(name, tmp / comp.onnx, comp.signature)
+        comp.attributes["quantization"]["activations"] = {"granularity": "per_tensor", "symmetric": True,
+                                                          **result.records[name]}  # fmt: skip
+    return {"seconds": round(result.seconds, 3), "prompts": result.prompts}
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,6 +494,7 @@ def build_bundle(
                          "(fp8/int8 engines come with calibrated Q/DQ export)")  # fmt: skip
     if options.target not in TARGETS:
         raise WanrtError(f"--target {options.target!r}: expected one of {', '.join(TARGETS)}")
+    check_quantize_options(options)
     output = Path(output)
     resolved = resolve_model(model, config)
     loras = read_loras(resolved, lora_args)
@@ -425,6 +504,9 @@ def build_bundle(
     notes = precision_notes(options.precision, plans)
     for note in notes:
         log(f"note: {note}")
+    for note in quantize_notes(plans):
+        log(f"note: {note}")
+        notes.append(note)
     notes += lora_notes(plans)  # printed as the merge planned them
     old = _read_old_manifest(output)
     outcome: dict[str, str] = {}
@@ -457,12 +539,18 @@ def build_bundle(
                 graphs[plan.graph_key] = exported.graph
             components[plan.name] = exported.manifest_entry(plan.name, plan.kind, plan.precision, tmp,
                                                             expert=plan.expert, cache_key=key)  # fmt: skip
+            if plan.quantization is not None:
+                components[plan.name] = replace(components[plan.name], precision=plan.quantization.scheme,
+                                                attributes=quantization_attributes(plan))  # fmt: skip
             outcome[plan.name] = "built"
         tokenizer = None
         if resolved.tokenizer is not None and any(c.kind == "text_encoder" for c in components.values()):
             shutil.copytree(resolved.tokenizer, tmp / TOKENIZER_DIR)
             tokenizer = TOKENIZER_DIR
         manifest = bundle_manifest(resolved, model, options, components, records, tokenizer)
+        built_quantized = [p.name for p in plans if p.quantization is not None and outcome.get(p.name) == "built"]
+        if built_quantized and not options.weights_only:
+            calibrate_staged(tmp, manifest, built_quantized, options, log)
         write_manifest(tmp, manifest)
     return manifest, outcome, notes
 
@@ -484,10 +572,31 @@ def build_bundle(
 @click.option("--attention", type=click.Choice(["native", "plugin"]), default="native", show_default=True,
               help="Attention as standard ONNX ops, or as our TensorRT plugin op.")  # fmt: skip
 @click.option("--target", default="onnx", show_default=True, help="What to build: onnx.")
+@click.option("--quantize", type=click.Choice(["int8", "fp8"]), default=None,
+              help="Quantize every DiT block linear (attention q/k/v/o, image k/v, FFN) per output channel: explicit "
+                   "Q/DQ graphs. Weights and activations (W8A8, calibrated) unless --weights-only.")
+@click.option("--weights-only", is_flag=True, help="With --quantize: weight Q/DQ only (W8A16), no calibration.")
+@click.option("--calib-prompts", type=click.Path(), default=None,
+              help="Calibration prompts, one per line (default: the built-in set of varied prompts).")
+@click.option("--calib-steps", type=int, default=None, help="Sampling steps per calibration prompt (default: the bundle's).")
+@click.option("--calib-method", type=click.Choice(["max", "percentile"]), default=None,
+              help="Activation range: running max of |x| (default), or a percentile of |x| per call.")
+@click.option("--calib-percentile", type=float, default=None, help="With --calib-method percentile: P in (0, 100] (default 99.99).")
+@click.option("--calib-size", default=None, metavar="WxH[xF]",
+              help="Calibration video size (default: the bundle's default size, 5 frames).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT even if it is not a wanrt bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
-def build_engine_command(model, output, config, loras, lora_strict, precision, components, experts, attention, target, force, as_json):
+def build_engine_command(model, output, config, loras, lora_strict, precision, components, experts, attention, target,
+                         quantize, weights_only, calib_prompts, calib_steps, calib_method, calib_percentile, calib_size,
+                         force, as_json):  # fmt: skip
     """Export MODEL's components to ONNX and write a verifiable bundle at OUTPUT."""
+    from wanrt.calibration.calibrate import CalibrationOptions, parse_size
+
+    calib_args = (calib_prompts, calib_steps, calib_method, calib_percentile, calib_size)
+    calibration = None
+    if any(a is not None for a in calib_args):
+        calibration = CalibrationOptions(method=calib_method or "max", percentile=calib_percentile, prompts_file=calib_prompts,
+                                         steps=calib_steps, size=parse_size(calib_size) if calib_size else None)  # fmt: skip
     options = BuildOptions(
         precision=precision,
         components=tuple(c.strip() for c in components.split(",") if c.strip()) if components else None,
@@ -496,6 +605,9 @@ def build_engine_command(model, output, config, loras, lora_strict, precision, c
         target=target,
         lora_strict=lora_strict,
         force=force,
+        quantize=quantize,
+        weights_only=weights_only,
+        calibration=calibration,
     )
     manifest, outcome, notes = build_bundle(model, output, config, loras, options)
     summary = {
@@ -503,7 +615,9 @@ def build_engine_command(model, output, config, loras, lora_strict, precision, c
         "family": manifest.family,
         "task": manifest.task,
         "precision": manifest.precision,
-        "components": {n: {"status": outcome[n], "onnx": c.onnx, "precision": c.precision} for n, c in manifest.components.items()},
+        "components": {n: {"status": outcome[n], "onnx": c.onnx, "precision": c.precision,
+                           **({"quantization": c.attributes["quantization"]} if "quantization" in c.attributes else {})}
+                       for n, c in manifest.components.items()},  # fmt: skip
         "loras": [vars(r) for r in manifest.loras],
         "bytes": sum(f["size"] for f in manifest.files.values()),
         "notes": notes,
