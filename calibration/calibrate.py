@@ -10,6 +10,10 @@ percentile method.  So the ranges are those of our own graph, weights already qu
 ONNX Runtime; no second model is built.  Then `x -> Q -> DQ` goes in front of each MatMul with
 scale = amax / qmax (`calibration.qdq.insert_activation_qdq`), rewriting only `model.onnx`.
 
+Image-to-video models (Wan2.1 i2v/flf2v, Wan2.2 i2v) also need conditioning images; each
+prompt gets a seeded synthetic picture (smooth random colour fields plus fine noise,
+`calibration_image`), so the CLIP and VAE-encoder paths run as they do for a user's image.
+
 Methods: `max` keeps the running max of |x| over every call; `percentile` takes, per call, the
 P-th percentile of |x| and keeps the max of those over calls (clips the rare outliers of each
 call, not those of whole steps).  Why our own collection rather than ModelOpt's `mtq.quantize`
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -164,6 +169,20 @@ class CalibrationBackend(OnnxRuntimeBackend):
         return ObservingEngine(component, session, self.observers[component.name], activations)
 
 
+def calibration_image(path: Path, seed: int, width: int, height: int) -> Path:
+    """Write a seeded synthetic RGB picture: low-frequency colour fields (bicubic 4x4 -> size) plus fine noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray((rng.random((4, 4, 3)) * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
+    pixels = np.asarray(coarse, dtype=np.float32) + rng.normal(0.0, 8.0, (height, width, 3))
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+IMAGE_SIZE = (832, 480)  # synthetic conditioning pictures when --calib-size leaves the size to the bundle
+
+
 # --------------------------------------------------------------------------------------------
 # calibrating a staged bundle
 
@@ -204,6 +223,7 @@ def calibrate_bundle(
         observers[name] = RangeObserver(outputs, options.clip_percentile)
         models[name] = (graph, model)
     start = time.perf_counter()
+    images = tempfile.TemporaryDirectory(prefix="wanrt-calib-")  # the synthetic conditioning pictures
     try:
         backend = CalibrationBackend(graphs, observers)
         pipeline = WanPipeline(root, manifest, backend)
@@ -212,6 +232,11 @@ def calibrate_bundle(
         for i, prompt in enumerate(bar):
             request = GenerationRequest(prompt=prompt, frames=frames, height=height, width=width,
                                         steps=options.steps, seed=options.seed + i)  # fmt: skip
+            if manifest.task in ("i2v", "flf2v"):
+                size = (width or IMAGE_SIZE[0], height or IMAGE_SIZE[1])
+                request.image = calibration_image(Path(images.name) / f"{i}.png", options.seed + i, *size)
+                if manifest.task == "flf2v":
+                    request.last_image = calibration_image(Path(images.name) / f"{i}_last.png", options.seed + i + 10**6, *size)
             if manifest.sampling.sampler == "distill":
                 request.steps = None  # a step-distilled schedule runs its own step list
             try:
@@ -220,6 +245,7 @@ def calibrate_bundle(
                 raise CalibrationError(f"calibration prompt {i + 1} of {len(prompts.prompts)}: {e}") from None
         bar.close()
     finally:
+        images.cleanup()
         for path in graphs.values():
             path.unlink(missing_ok=True)
     seconds = time.perf_counter() - start

@@ -80,13 +80,15 @@ def source_of_codes(ref: Any, scheme: str) -> str:
     return "requantize"  # another format, or a LoRA merged into the codes
 
 
-def weight_codes(ref: Any, scheme: str, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes [K, N] in `scheme`, scale [N] in `scale_dtype`) of the weight `ref` ([N, K], a view's ref).
+def weight_codes(view: Mapping[str, Any], key: str, scheme: str,
+                 scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(codes [K, N] in `scheme`, scale [N] in `scale_dtype`) of the weight `view[key]` ([N, K]).
 
     Passthrough keeps the file's codes bit for bit (transposed) and its scales (a per-tensor
     scale repeated per channel); otherwise the real values (LoRAs merged) are quantized per
     output channel."""
     fmt = check_scheme(scheme)
+    ref = view[key]
     rows = ref.shape[0]
     how = source_of_codes(ref, scheme)
     if how == "passthrough":
@@ -96,22 +98,23 @@ def weight_codes(ref: Any, scheme: str, scale_dtype: torch.dtype = torch.float32
         elif SCALE_AXES.get(ref.scale_layout) is None:
             scale = scale.reshape(()).expand(rows)
     else:
-        w = ref.merged_fp32() if getattr(ref, "patches", ()) else ref.load(torch.float32)
-        codes, scale = quantize(w, fmt, axis=0, overwrite=True)
+        # a LoRA merged into codes: its merged real values (not requantized-then-dequantized first)
+        w = ref.merged_fp32() if getattr(ref, "patches", ()) else view.load(key, torch.float32)
+        codes, scale = quantize(w, fmt, axis=0)  # not in place: a view may hand out its own tensor
     return codes.t().contiguous(), scale.reshape(rows).to(scale_dtype)
 
 
 class _WeightLoader:
     """Computes one weight's (codes, scale) once for the two initializers that hold them."""
 
-    def __init__(self, ref: Any, scheme: str, scale_dtype: torch.dtype):
-        self.ref, self.scheme, self.scale_dtype = ref, scheme, scale_dtype
+    def __init__(self, view: Mapping[str, Any], key: str, scheme: str, scale_dtype: torch.dtype):
+        self.view, self.key, self.scheme, self.scale_dtype = view, key, scheme, scale_dtype
         self._codes: torch.Tensor | None = None
         self._scale: torch.Tensor | None = None
         self._codes_taken = False
 
     def _compute(self) -> None:
-        codes, self._scale = weight_codes(self.ref, self.scheme, self.scale_dtype)
+        codes, self._scale = weight_codes(self.view, self.key, self.scheme, self.scale_dtype)
         if not self._codes_taken:
             self._codes = codes
 
@@ -119,12 +122,12 @@ class _WeightLoader:
         if self._codes is None:
             self._compute()
         codes, self._codes, self._codes_taken = self._codes, None, True
-        return _ir_tensor(codes, layer_of(self.ref.key) + ".weight")
+        return _ir_tensor(codes, self.key)
 
     def scale(self) -> ir.Tensor:
         if self._scale is None:
             self._compute()
-        return _ir_tensor(self._scale, self.ref.key + SCALE_SUFFIX)
+        return _ir_tensor(self._scale, self.key + SCALE_SUFFIX)
 
 
 def _ir_tensor(t: torch.Tensor, name: str) -> ir.Tensor:
@@ -173,8 +176,7 @@ def weight_qdq_pass(view: Mapping[str, Any], scheme: str, report: WeightQuantRep
             ):
                 raise QuantizeError(f"{w.name}: expected Transpose -> MatMul B in the traced graph, found another pattern")
             key, (n_out, k_in) = w.name, (int(w.shape[0]), int(w.shape[1]))
-            ref = view[key]
-            loader = _WeightLoader(ref, scheme, _TORCH_SCALE[w.dtype])
+            loader = _WeightLoader(view, key, scheme, _TORCH_SCALE[w.dtype])
             graph.initializers.pop(key)
             codes = ir.Value(name=key, shape=ir.Shape([k_in, n_out]), type=ir.TensorType(code_type),
                              const_value=ir.LazyTensor(loader.codes, code_type, ir.Shape([k_in, n_out]), name=key))
@@ -191,7 +193,7 @@ def weight_qdq_pass(view: Mapping[str, Any], scheme: str, report: WeightQuantRep
             node.outputs[0].replace_all_uses_with(dq.outputs[0])
             graph.remove(node, safe=True)
             report.layers.append(layer_of(key))
-            how = source_of_codes(ref, scheme)
+            how = source_of_codes(view[key], scheme)
             report.sources[how] = report.sources.get(how, 0) + 1
 
     return run

@@ -313,7 +313,7 @@ def test_matching_source_codes_pass_through_byte_identical(prequantized):
     assert len(keys) == 2 * 10  # 2 layers, t2v: 10 block linears each
     for key in keys:
         assert source_of_codes(view[key], scheme) == "passthrough"
-        codes, scale = weight_codes(view[key], scheme)
+        codes, scale = weight_codes(view, key, scheme)
         want_codes, want_scale = expected_passthrough(view, key)
         assert codes.view(torch.uint8).numpy().tobytes() == want_codes, key
         assert scale.dtype == torch.float32 and scale.numpy().tobytes() == want_scale, key
@@ -338,10 +338,39 @@ def test_mismatched_source_is_requantized(prequantized):
         pytest.skip("one mismatch (an int8 file built as fp8) is enough")
     key = "blocks.1.ffn.2.weight"
     assert source_of_codes(view[key], "fp8") == "requantize"
-    codes8, scale8 = weight_codes(view[key], "fp8")
+    codes8, scale8 = weight_codes(view, key, "fp8")
     codes, scale = file_codes_and_scales(view, key)
     w = codes.view(np.int8).astype(np.float32) * scale.reshape(-1, 1)  # the int8 file's real values
     s = np.maximum(np.abs(w).max(axis=1), 1e-5) / 448.0
     np.testing.assert_allclose(scale8.numpy(), s, rtol=1e-6)
     ref = (w / s[:, None]).astype(ml_dtypes.float8_e4m3fn)
     assert (codes8.t().contiguous().view(torch.uint8).numpy() != ref.view(np.uint8)).mean() < 1e-3
+
+
+def test_lora_merged_into_codes_is_merged_first_then_quantized(prequantized, tmp_path):
+    """A LoRA on an int8 file built as int8: codes of (file codes * scales + up @ down), per channel, from fresh scales."""
+    from safetensors.torch import save_file
+
+    from wanrt.export.lora import apply_loras
+    from wanrt.export.lora.spec import LoraSpec
+
+    layout, view, _ = prequantized
+    if layout != "lightx2v-int8":
+        pytest.skip("one quantized base is enough")
+    key, other = "blocks.0.self_attn.q.weight", "blocks.0.self_attn.k.weight"
+    g = torch.Generator().manual_seed(4)
+    n, k = view[key].shape
+    up, down = torch.randn(n, 4, generator=g) * 0.05, torch.randn(4, k, generator=g) * 0.05
+    lora = tmp_path / "lora.safetensors"
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_up.weight": up,
+               "diffusion_model.blocks.0.self_attn.q.lora_down.weight": down}, str(lora))  # fmt: skip
+    merged = apply_loras(view, [LoraSpec(lora)], "dit")
+    assert source_of_codes(merged[key], "int8") == "requantize"
+    assert source_of_codes(merged[other], "int8") == "passthrough"  # untouched layers keep the file's codes
+    codes, scale = file_codes_and_scales(view, key)
+    w = codes.view(np.int8).astype(np.float64) * scale.reshape(-1, 1).astype(np.float64) + (up.double() @ down.double()).numpy()
+    s = np.maximum(np.abs(w).max(axis=1), 1e-5) / 127.0
+    got_codes, got_scale = weight_codes(merged, key, "int8")
+    np.testing.assert_allclose(got_scale.numpy(), s, rtol=1e-5)
+    ref = np.clip(np.round(w / s[:, None]), -128, 127).astype(np.int8)
+    assert (got_codes.t().numpy() != ref).mean() < 1e-3  # float32 vs float64 may round a tie the other way
