@@ -224,7 +224,7 @@ def plan_components(resolved, options: BuildOptions, loras: list) -> list[Compon
                 expert=None if expert.name == "dit" else expert.name, options=plan_options,
                 graph_key=json.dumps([options.precision, options.attention, cfg.to_dict()], sort_keys=True),
             )  # fmt: skip
-            plans.append(quantized_plan(plan, options) if options.quantize else plan)
+            plans.append(quantized_plan(plan, options, calibration_sources(resolved)) if options.quantize else plan)
     if "text_encoder" in groups:
         if resolved.text_encoder is None:
             raise _missing("T5 text encoder", "models_t5_umt5-xxl-enc-bf16.pth", task, resolved.source)
@@ -254,11 +254,18 @@ def plan_components(resolved, options: BuildOptions, loras: list) -> list[Compon
     return plans
 
 
-def quantized_plan(plan: ComponentPlan, options: BuildOptions) -> ComponentPlan:
+def calibration_sources(resolved) -> list[Path]:
+    """The companion files a calibration runs besides the DiT (text encoder, CLIP, VAE): their digests key its scales."""
+    from wanrt.export.checkpoint.companions import companion_files
+
+    return [f for c in (resolved.text_encoder, resolved.image_encoder, resolved.vae) if c is not None for f in companion_files(c)]
+
+
+def quantized_plan(plan: ComponentPlan, options: BuildOptions, calib_sources: list[Path] = ()) -> ComponentPlan:
     """`plan` with its block linears quantized (`--quantize`): the weight Q/DQ pass, the options in its cache key.
 
     Quantized experts never share a graph: their weights' codes and scales, and their activation
-    scales, are each expert's own."""
+    scales, are each expert's own.  A calibrated plan's cache key also covers `calib_sources`."""
     from wanrt.calibration.calibrate import CalibrationOptions, calibration_key
     from wanrt.calibration.qdq import WeightQuantReport, check_scheme, weight_qdq_pass
 
@@ -267,6 +274,7 @@ def quantized_plan(plan: ComponentPlan, options: BuildOptions) -> ComponentPlan:
     calib = None if options.weights_only else calibration_key(options.calibration or CalibrationOptions())
     return replace(
         plan, graph_key=None, quantization=report,
+        sources=list(plan.sources) + ([] if options.weights_only else [p for p in calib_sources if p not in plan.sources]),
         export_options={**plan.export_options, "passes": [weight_qdq_pass(plan.source, options.quantize, report)]},
         options={**plan.options, "quantize": {"scheme": options.quantize, "weights_only": options.weights_only,
                                               "calibration": calib}},
@@ -533,7 +541,10 @@ def build_bundle(
                 continue
             template = graphs.get(plan.graph_key) if plan.graph_key is not None else None
             shared = f", graph shared with {template.parent.name}" if template is not None else ""
-            log(f"[{i}/{len(plans)}] {plan.name}: exporting ({plan.precision}{shared})")
+            what = plan.precision
+            if plan.quantization is not None:
+                what = f"{plan.quantization.scheme} {'W8A16' if options.weights_only else 'W8A8'}, {plan.precision} elsewhere"
+            log(f"[{i}/{len(plans)}] {plan.name}: exporting ({what}{shared})")
             exported = export_component(plan, tmp / plan.name, template)
             if plan.graph_key is not None:
                 graphs[plan.graph_key] = exported.graph
