@@ -156,3 +156,17 @@ def test_bad_quantize_options(tiny_model, tmp_path, args, needle):
     args = [str(empty) if a == "EMPTY" else str(tmp_path / "nope.txt") if a == "MISSING" else a for a in args]
     assert_one_line_error(["build-engine", model, "-o", tmp_path / "out", *args], needle)
     assert not (tmp_path / "out").exists()
+
+
+def test_mismatched_source_gets_a_note(tmp_path):
+    """An int8 LightX2V file built with --quantize fp8 is requantized, and the build says so; fp8 into int8 likewise."""
+    from wanrt.export.build import plan_components, quantize_notes
+    from wanrt.export.checkpoint.resolve import resolve_model
+
+    model = make_tiny_model(tmp_path / "m", "wan2.1", "t2v", layout="lightx2v-int8", seed=1)
+    resolved = resolve_model(model)
+    plans = plan_components(resolved, BuildOptions(quantize="fp8", weights_only=True, components=("dit",)), [])
+    assert quantize_notes(plans) == [
+        "dit: the source stores int8 block linears; --quantize fp8 requantizes them from their dequantized values"]
+    same = plan_components(resolved, BuildOptions(quantize="int8", weights_only=True, components=("dit",)), [])
+    assert quantize_notes(same) == []
