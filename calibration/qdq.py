@@ -105,28 +105,31 @@ def weight_codes(view: Mapping[str, Any], key: str, scheme: str,
 
 
 class _WeightLoader:
-    """Computes one weight's (codes, scale) once for the two initializers that hold them."""
+    """Computes one weight's (codes, scale) for the two initializers that hold them, reading the weight once.
+
+    Whichever is asked first computes both; the other is kept until asked for (codes are dropped
+    once written, the small scale is kept); a second request for the codes computes them again."""
 
     def __init__(self, view: Mapping[str, Any], key: str, scheme: str, scale_dtype: torch.dtype):
         self.view, self.key, self.scheme, self.scale_dtype = view, key, scheme, scale_dtype
         self._codes: torch.Tensor | None = None
         self._scale: torch.Tensor | None = None
-        self._codes_taken = False
 
-    def _compute(self) -> None:
-        codes, self._scale = weight_codes(self.view, self.key, self.scheme, self.scale_dtype)
-        if not self._codes_taken:
-            self._codes = codes
+    def _compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        codes, scale = weight_codes(self.view, self.key, self.scheme, self.scale_dtype)
+        if self._scale is None:
+            self._scale = scale
+        return codes, scale
 
     def codes(self) -> ir.Tensor:
-        if self._codes is None:
-            self._compute()
-        codes, self._codes, self._codes_taken = self._codes, None, True
+        codes, self._codes = self._codes, None
+        if codes is None:
+            codes, _ = self._compute()
         return _ir_tensor(codes, self.key)
 
     def scale(self) -> ir.Tensor:
         if self._scale is None:
-            self._compute()
+            self._codes, _ = self._compute()
         return _ir_tensor(self._scale, self.key + SCALE_SUFFIX)
 
 
