@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,8 @@ COMMANDS: dict[str, CommandEntry] = {
     "inspect": CommandEntry("wanrt.export.checkpoint.command:inspect_command", "Detect a checkpoint's layout, precision and components (headers only)."),
     "convert": CommandEntry("wanrt.export.convert:convert_command", "Merge LoRAs / quantize into a single LightX2V-layout safetensors file.", EXPORT_EXTRA),
     "build-engine": CommandEntry("wanrt.export.build:build_engine_command", "Export a model's components to ONNX (and TensorRT) as a verifiable bundle.", EXPORT_EXTRA),
+    "refit": CommandEntry("wanrt.export.trt.refit:refit_command", "Swap LoRA-merged weights into a bundle's refittable TensorRT plans (no rebuild).", EXPORT_EXTRA),
+    "selftest-trt": CommandEntry("wanrt.export.trt.selftest:selftest_command", "Build the tiny model with TensorRT and compare every component with ONNX Runtime (needs TensorRT and a GPU).", EXPORT_EXTRA),
     "plugin-build": CommandEntry("wanrt.plugins_trt.command:plugin_build_command", "Compile the attention plugin's kernels ahead of time (PTX + cubin per GPU architecture).", ("triton",), "trt"),
     "lint-onnx": CommandEntry("wanrt.export.onnx.lint:lint_onnx_command", "Check an ONNX file against what TensorRT's ONNX parser accepts.", ("onnx",)),
     "verify": CommandEntry("wanrt.engines.command:verify_command", "Check a bundle's schema and the sha256 of every file."),
@@ -89,11 +92,21 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(module), attr)
 
     def invoke(self, ctx: click.Context):
+        """Run the command (its lazy import included): a WanrtError or an OSError is one line and exit 2;
+        Ctrl-C and SIGTERM (`Terminated`) end with 130 / 143 after every `finally` and atomic output has
+        cleaned up (click itself would print "Aborted!" and exit 1)."""
         try:
             return super().invoke(ctx)
         except WanrtError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except OSError as e:  # an I/O failure outside the writers that name their output (they raise DiskError)
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"error: {where}{e.strerror or e}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt as e:
+            click.echo(f"\n{getattr(e, 'message', 'interrupted')}: nothing half-written was left behind", err=True)
+            ctx.exit(getattr(e, "exit_code", 130))
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -101,8 +114,21 @@ def cli() -> None:
     """wanrt: compiled engines and a thin runtime for Wan2.1 / Wan2.2 video models."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so the same cleanup runs (what `timeout`,
+    `docker stop` and process managers send)."""
+
+    exit_code = 128 + signal.SIGTERM
+    message = "terminated (SIGTERM)"
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main() -> None:
-    """Entry point of the installed `wanrt` command."""
+    """Entry point of the installed `wanrt` command: SIGTERM is handled as Ctrl-C is."""
+    signal.signal(signal.SIGTERM, raise_terminated)
     cli()
 
 

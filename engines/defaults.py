@@ -25,12 +25,17 @@ def default_sampling(family: str, task: str, dim: int | None = None, moe: bool =
     neg = default_negative_prompt(family, task)
     if family == "wan2.1":
         steps = 40 if task == "i2v" else 50  # generate.py: 40 when the task name contains "i2v"
-        shift = 16.0 if task == "flf2v" else 5.0
-        small = dim == 1536  # T2V-1.3B is a 480p model
+        shift = 16.0 if task in ("flf2v", "vace") else 5.0  # generate.py: 16 for flf2v and vace
+        small = dim == 1536  # T2V-1.3B and VACE-1.3B are 480p models
         h, w = (480, 832) if small else (720, 1280)
         return SamplingDefaults(
             sampler="unipc", steps=steps, shift=shift, guide_scale=(5.0, 5.0), frames=81, height=h, width=w,
             fps=16, max_area=h * w if task in ("i2v", "flf2v") else None, negative_prompt=neg,
+        )
+    if task == "animate":  # wan/configs/wan_animate_14B.py: 77-frame segments, no CFG (guide 1.0), 30 fps
+        return SamplingDefaults(
+            sampler="unipc", steps=20, shift=5.0, guide_scale=(1.0, 1.0), enable_cfg=False, frames=77, height=720,
+            width=1280, fps=30, negative_prompt=neg,
         )
     if task == "ti2v" or not moe:
         return SamplingDefaults(

@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from .files import atomic_write_text
+from .files import DiskError, atomic_write_text
 
 MAX_ENTRIES = 20_000  # oldest entries are dropped beyond this
 
@@ -54,7 +54,7 @@ def _store(entries: dict[str, str]) -> None:
     path = cache_file()
     if len(entries) > MAX_ENTRIES:
         entries = dict(list(entries.items())[-MAX_ENTRIES:])
-    with contextlib.suppress(OSError):  # the cache only saves time
+    with contextlib.suppress(OSError, DiskError):  # the cache only saves time
         atomic_write_text(path, json.dumps(entries), fsync=False)
 
 

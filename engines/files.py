@@ -12,20 +12,128 @@ files, tiny models, mp4s and PNG frames:
    `discard_temporary(tmp)` removes it instead.
 
 `atomic_output(target)` is the three steps as a context manager: on any exception (Ctrl-C
-included) the temporary is removed and `target` is left as it was.
+included) the temporary is removed and `target` is left as it was.  A full disk, a quota, a
+file-size limit or an I/O error while writing becomes one `DiskError` naming the target and the
+bytes needed (`disk_error`).
+
+Temporaries are named after the process that owns them, so one left by a process that was
+killed (SIGKILL, a crash, a power cut) is recognised and removed by the next writer of the same
+target (`remove_stale_temporaries`), with a note.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from .errors import WanrtError
+
 TEMP_TAG = ".tmp-"  # `.NAME.tmp-PID-RANDOM`
 OLD_TAG = ".old-"  # `.NAME.old-PID`: a replaced folder, between the two renames of a swap
+# errnos that mean "the disk cannot take this output" rather than "this input is wrong"
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS})
+log = logging.getLogger("wanrt.files")
+
+
+class DiskError(WanrtError):
+    """An output could not be written (disk full, quota, file-size limit, I/O error); nothing half-written remains."""
+
+    def __init__(self, target: Path, reason: str, need: str, room: str, inner: str = "") -> None:
+        where = f" while writing {inner}" if inner else ""
+        super().__init__(f"{target}: cannot write it ({reason}){where}: {need}{room}; nothing was left half-written")
+        self.target, self.reason, self.need, self.room = target, reason, need, room
+
+    def within(self, tmp: Path, target: Path) -> "DiskError":
+        """This error as seen from an output that contains it (`tmp` being built for `target`)."""
+        try:
+            inner = self.target.relative_to(tmp.absolute())
+        except ValueError:
+            return self
+        return DiskError(target.absolute(), self.reason, self.need, self.room, str(inner))
+
+
+def tree_bytes(path: str | os.PathLike) -> int:
+    """Bytes allocated on disk under `path` (a file or a folder tree); 0 when it is gone."""
+    path = Path(path)
+    try:
+        if not path.is_dir():
+            return path.stat().st_blocks * 512
+        return sum(p.lstat().st_blocks * 512 for p in path.rglob("*"))
+    except OSError:
+        return 0
+
+
+def free_bytes(folder: str | os.PathLike) -> int | None:
+    """Free bytes on the file system holding `folder` (None when it cannot be asked)."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """True for the OSErrors that mean the output cannot be written here (ENOSPC, EDQUOT, EFBIG, EIO, EROFS),
+    and for a short write reported without an errno (Python's buffered writer: "N requested and M written")."""
+    return isinstance(error, OSError) and (error.errno in WRITE_ERRNOS or (error.errno is None and "written" in str(error)))
+
+
+def disk_error(error: OSError, target: str | os.PathLike, tmp: str | os.PathLike | None = None,
+               needed_bytes: int | None = None) -> DiskError:  # fmt: skip
+    """One line for a failed write: the target, the reason, the bytes needed (or written before it failed), the free space."""
+    target = Path(target).absolute()
+    code = errno.errorcode.get(error.errno or 0, "")
+    reason = (error.strerror or str(error)) + (f", {code}" if code else "")
+    written = tree_bytes(tmp) if tmp is not None else 0
+    if needed_bytes is not None:
+        need = f"{needed_bytes} bytes needed"
+    else:
+        need = f"more than the {written} bytes written before it failed" if written else "its size was not known ahead"
+    free = free_bytes(target.parent if target.parent.exists() else Path.cwd())
+    room = f", {free} bytes free there" if free is not None else ""
+    return DiskError(target, reason, need, room)
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
+    """Remove `.NAME.tmp-PID-*` / `.NAME.old-PID` beside `target` whose PID no longer runs; returns what was removed.
+
+    Only names of exactly our form, for this target, are touched; a live owner's are kept.
+    """
+    target = Path(target)
+    pattern = re.compile(rf"^\.{re.escape(target.name)}(?:{re.escape(TEMP_TAG)}(\d+)-[0-9a-f]{{8}}|{re.escape(OLD_TAG)}(\d+))$")
+    removed = []
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None:
+            continue
+        pid = int(m.group(1) or m.group(2))
+        if pid == os.getpid() or _pid_running(pid):
+            continue
+        remove_path(entry)
+        removed.append(entry)
+        log.warning("note: removed %s, left by process %d that no longer runs (killed while writing %s)",
+                    entry.absolute(), pid, target.absolute())
+    return removed
 
 
 def current_umask() -> int:
@@ -50,6 +158,7 @@ def new_temporary(target: str | os.PathLike, directory: bool = False) -> Path:
     """Create an empty file (or folder) beside `target` under a fresh temporary name, and return its path."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
     while True:
         tmp = temporary_name(target)
         try:
@@ -124,16 +233,32 @@ def discard_temporary(tmp: str | os.PathLike) -> None:
 
 
 @contextmanager
-def atomic_output(target: str | os.PathLike, directory: bool = False, fsync: bool = True) -> Iterator[Path]:
-    """Yield a temporary file (or empty folder) to write; it replaces `target` when the block succeeds."""
-    tmp = new_temporary(target, directory=directory)
+def atomic_output(
+    target: str | os.PathLike, directory: bool = False, fsync: bool = True, needed_bytes: int | None = None
+) -> Iterator[Path]:
+    """Yield a temporary file (or empty folder) to write; it replaces `target` when the block succeeds.
+
+    A write failure (`is_write_failure`) in the block or the commit is re-raised as a DiskError
+    naming `target` and `needed_bytes` (when the caller knows it) after the temporary is removed.
+    """
     try:
-        yield tmp
-    except BaseException:
-        discard_temporary(tmp)
+        tmp = new_temporary(target, directory=directory)
+    except OSError as e:
+        if is_write_failure(e):
+            raise disk_error(e, target, None, needed_bytes) from None
         raise
     try:
+        yield tmp
         commit_temporary(tmp, target, fsync=fsync)
+    except OSError as e:
+        failure = disk_error(e, target, tmp, needed_bytes) if is_write_failure(e) else None
+        discard_temporary(tmp)
+        if failure is not None:
+            raise failure from None
+        raise
+    except DiskError as e:  # a writer inside this output ran out of room: name this output, and that file in it
+        discard_temporary(tmp)
+        raise e.within(tmp, Path(target)) from None
     except BaseException:
         discard_temporary(tmp)
         raise

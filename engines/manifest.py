@@ -4,6 +4,7 @@ A bundle is a folder:
 
     BUNDLE/manifest.json         this schema (see `Manifest`)
     BUNDLE/<component>/...       model.onnx + model.onnx.data per component, and its TensorRT plans
+                                 (a bundle built with `--target trt` holds plans only: `onnx` is null)
     BUNDLE/tokenizer/...         tokenizer files for the text encoder
 
 `manifest["files"]` lists every file of the bundle with its size and sha256, so
@@ -23,6 +24,7 @@ from typing import Any
 from .digests import cached_sha256, hash_and_remember
 from .errors import BundleError
 from .files import atomic_output
+from .limits import first_out_of_range
 from .model import EXPERT_NAMES, FAMILIES, TASKS, DiTConfig, LoraRecord, SamplingDefaults, VAEInfo
 from .plans import PlanInfo
 from .schema import JsonLimits, describe, from_json, load_json, short, to_json
@@ -42,10 +44,10 @@ class Component:
 
     name: str  # "dit", "dit_high_noise", "text_encoder", "vae_decoder", ...
     kind: str  # one of COMPONENT_KINDS
-    onnx: str  # path relative to the bundle
+    onnx: str | None  # path relative to the bundle; None when the bundle holds only TensorRT plans (--target trt)
     signature: EngineSignature
     precision: str  # "fp32", "bf16", "fp16", "fp8", "int8"
-    files: list[str] = field(default_factory=list)  # every file of this component (onnx + data)
+    files: list[str] = field(default_factory=list)  # every ONNX file of this component (graphs + data; plans: `plans`)
     expert: str | None = None  # "high_noise" / "low_noise" for Wan2.2 A14B DiTs
     plans: list[PlanInfo] = field(default_factory=list)  # TensorRT plans (`engines.plans`), one per GPU/TensorRT built for
     cache_key: str = ""  # hash of the sources and options that produced the files
@@ -68,16 +70,19 @@ class Component:
             raise BundleError(f"{where}: {path}.kind {fields.kind!r}: expected one of {', '.join(COMPONENT_KINDS)}")
         if fields.expert is not None and fields.expert not in EXPERT_NAMES:
             raise BundleError(f"{where}: {path}.expert {fields.expert!r}: expected one of {', '.join(EXPERT_NAMES)} or null")
+        if fields.onnx is None and not fields.plans:
+            raise BundleError(f"{where}: {path}: no ONNX graph (onnx is null) and no TensorRT plan; the component cannot run")
         return cls(
             name=name, kind=fields.kind, onnx=fields.onnx, signature=signature, precision=fields.precision,
-            files=list(fields.files if fields.files is not None else [fields.onnx]), expert=fields.expert,
+            files=list(fields.files if fields.files is not None else [fields.onnx] if fields.onnx else []), expert=fields.expert,
             plans=fields.plans, cache_key=fields.cache_key, attributes=fields.attributes,
         )
 
     def bundle_paths(self) -> list[tuple[str, str]]:
         """(manifest field, relative path) of every file this component names."""
         where = f"components.{self.name}"
-        paths = [(f"{where}.onnx", self.onnx)] + [(f"{where}.files[{i}]", f) for i, f in enumerate(self.files)]
+        paths = [(f"{where}.onnx", self.onnx)] if self.onnx is not None else []
+        paths += [(f"{where}.files[{i}]", f) for i, f in enumerate(self.files)]
         return paths + [(f"{where}.plans[{i}].path", plan.path) for i, plan in enumerate(self.plans)]
 
 
@@ -86,7 +91,7 @@ class _ComponentFields:
     """The JSON fields of a component besides its signature (types for `from_json`)."""
 
     kind: str
-    onnx: str
+    onnx: str | None
     precision: str
     files: list[str] | None = None
     expert: str | None = None
@@ -161,6 +166,10 @@ class Manifest:
             )
         # components and files have their own JSON forms, parsed below
         top = from_json(cls, {**d, "components": {}, "files": {}}, where, BundleError)
+        bad = first_out_of_range(top.sampling.to_dict())
+        if bad is not None:
+            field_name, value, rng = bad
+            raise BundleError(f"{where}: sampling.{field_name}: expected {rng.expected()}, got {short(value)}")
         if top.family not in FAMILIES or top.task not in TASKS:
             raise BundleError(f"{where}: family/task {top.family!r}/{top.task!r} not in {FAMILIES}/{TASKS}")
         if not isinstance(d["components"], dict) or not d["components"]:
@@ -305,7 +314,8 @@ def write_manifest(root: str | os.PathLike, manifest: Manifest) -> None:
     rels: set[str] = set()
     for comp in manifest.components.values():
         rels.update(comp.files)
-        rels.add(comp.onnx)
+        if comp.onnx is not None:
+            rels.add(comp.onnx)
         rels.update(plan.path for plan in comp.plans)
     if manifest.tokenizer:
         tok = root / manifest.tokenizer
@@ -320,9 +330,10 @@ def is_bundle(path: str | os.PathLike) -> bool:
     if not p.is_file():
         return False
     try:
-        return json.loads(p.read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        value = load_json(p.read_bytes(), str(p), BundleError, MANIFEST_LIMITS)
+    except (OSError, BundleError):
         return False
+    return isinstance(value, dict) and value.get("format") == FORMAT
 
 
 def _is_empty_dir(path: Path) -> bool:

@@ -13,6 +13,7 @@ Compatibility (TensorRT developer guide, "Version Compatibility" and "Hardware C
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -57,8 +58,24 @@ class PlanInfo:
     profiles: list[ProfileShapes] = field(default_factory=list)
     attention: str = "native"  # "native" or "plugin"
     plugin: PluginRecord | None = None
-    onnx_sha256: str = ""  # the graph the plan was built from
+    onnx_sha256: str = ""  # the graph the plan was built from: `graph_digest` of its ONNX file(s)
     cache_key: str = ""  # graph + options + TensorRT version + GPU: a plan is rebuilt when it changes
+    build_key: str = ""  # options + TensorRT version + GPU + plugin, without the graph (cache_key = graph + this)
+    graph: str = ""  # the ONNX file it was built from, relative to the bundle ("" when the bundle keeps no ONNX);
+    #                  a stripped plan gets its weights from this graph at load, and `refit` refits from it
+    builder_flags: list[str] = field(default_factory=list)  # trt.BuilderFlag member names set for the build
+
+
+def plan_file_name(tensorrt_version: str, compute_capability: str) -> str:
+    """The plan file of one TensorRT version and GPU in its component's folder: `model.trt11.4.0.106.sm90.plan`."""
+    major, minor = parse_compute_capability(compute_capability)
+    return f"model.trt{tensorrt_version}.sm{major}{minor}.plan"
+
+
+def graph_digest(file_digests: Mapping[str, str]) -> str:
+    """One sha256 for an ONNX graph and its external data: over the files' names (in the folder) and sha256s."""
+    text = "".join(f"{name}\0{digest}\n" for name, digest in sorted(file_digests.items()))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def shapes_fit(profile: ProfileShapes, shapes: Mapping[str, tuple[int, ...]]) -> bool:

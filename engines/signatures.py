@@ -11,7 +11,20 @@ DiT (`dit`, or `dit_high_noise` / `dit_low_noise` for Wan2.2 A14B):
     timestep   float32 [batch]          (ti2v: [batch, frames], one timestep per latent frame)
     context    float32 [batch, 512, text_dim]  T5 output trimmed to its true length, zero-padded
     clip_fea   float32 [batch, 257|514, clip_dim=1280]  Wan2.1 i2v / flf2v only
+    vace_context  float32 [batch, vace_in_dim=96, frames, height, width]  VACE only: the control latents
+               (16 inactive + 16 reactive latent channels, 64 packed mask channels), on the same latent
+               grid as `latent` (reference-image frames first)
+    context_scale float32 [batch, vace_blocks]  VACE only: the weight of each VACE block's hint (the
+               official `vace_context_scale`, one per block as diffusers' `control_hidden_states_scale`);
+               an input, not a build constant, so `run --context-scale` needs no rebuild, and batched like
+               every DiT input, so CFG pairs it like `context`
     -> noise_pred float32 [batch, out_dim, frames, height, width]
+
+Animate DiT (`dit`, Wan2.2-Animate-14B): the Wan2.1 i2v inputs, plus
+    pose_latent  float32 [batch, 16, pose_frames, height, width]  VAE latents of the pose video;
+                 pose_frames = frames - 1 (latent frame 0 is the reference image's)
+    face_pixels  float32 [batch, 3, face_frames, 512, 512]  face crops in [-1, 1];
+                 face_frames = 4 * (frames - 2) + 1 (the segment's video frames)
 
 Text encoder (`text_encoder`):
     input_ids int64 [batch, tokens], attention_mask int64 [batch, tokens]
@@ -39,6 +52,8 @@ DIM_RANGES: dict[str, tuple[int, int]] = {
     "height": (2, 192),  # latent rows; 1536 px / 8
     "width": (2, 192),
     "tokens": (1, 512),
+    "pose_frames": (1, 30),  # Animate: latent frames after the reference frame
+    "face_frames": (1, 117),  # Animate: video frames of one segment (4 * (pose_frames - 1) + 1)
 }
 
 CLIP_DIM = 1280
@@ -155,8 +170,10 @@ def dit_signature(
     per_frame_timestep: bool = False,
     text_len: int = 512,
     clip_dim: int = CLIP_DIM,
+    vace_in_dim: int | None = None,
+    vace_blocks: int = 0,
 ) -> EngineSignature:
-    """Signature of a DiT expert engine."""
+    """Signature of a DiT expert engine (VACE: `vace_in_dim` control channels and `vace_blocks` hints)."""
     inputs = [
         TensorSpec("latent", "float32", ("batch", in_dim, "frames", "height", "width")),
         TensorSpec("timestep", "float32", ("batch", "frames") if per_frame_timestep else ("batch",)),
@@ -164,8 +181,30 @@ def dit_signature(
     ]
     if clip_tokens is not None:
         inputs.append(TensorSpec("clip_fea", "float32", ("batch", clip_tokens, clip_dim)))
+    if vace_in_dim is not None:
+        inputs.append(TensorSpec("vace_context", "float32", ("batch", vace_in_dim, "frames", "height", "width")))
+        inputs.append(TensorSpec("context_scale", "float32", ("batch", vace_blocks)))
     outputs = [TensorSpec("noise_pred", "float32", ("batch", out_dim, "frames", "height", "width"))]
     return EngineSignature(tuple(inputs), tuple(outputs), _ranges("batch", "frames", "height", "width"))
+
+
+def animate_dit_signature(
+    in_dim: int,
+    out_dim: int,
+    text_dim: int,
+    pose_dim: int,
+    face_size: int,
+    clip_tokens: int | None = CLIP_TOKENS,
+    text_len: int = 512,
+    clip_dim: int = CLIP_DIM,
+) -> EngineSignature:
+    """Signature of a Wan2.2-Animate DiT engine: the i2v DiT's, plus the pose latents and the face crops."""
+    base = dit_signature(in_dim, out_dim, text_dim, clip_tokens=clip_tokens, text_len=text_len, clip_dim=clip_dim)
+    inputs = base.inputs + (
+        TensorSpec("pose_latent", "float32", ("batch", pose_dim, "pose_frames", "height", "width")),
+        TensorSpec("face_pixels", "float32", ("batch", 3, "face_frames", face_size, face_size)),
+    )
+    return EngineSignature(inputs, base.outputs, {**base.dim_ranges, **_ranges("pose_frames", "face_frames")})
 
 
 def text_encoder_signature(dim: int = 4096) -> EngineSignature:

@@ -23,7 +23,7 @@ import json
 import os
 import platform
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +31,7 @@ import click
 
 from wanrt import __version__
 from wanrt.engines.digests import cached_sha256
+from wanrt.export.trt.stage import ModelShape, TrtBuild, has_current_plan, intact, open_build, stage_plans
 from wanrt.engines.errors import WanrtError
 from wanrt.engines.manifest import (
     MANIFEST_NAME,
@@ -45,10 +46,11 @@ from wanrt.engines.model import VAEInfo
 from wanrt.engines.signatures import EngineSignature
 from wanrt.engines.vae_contract import check_vae_matches
 from wanrt.export.onnx.component import ExportedComponent
+from wanrt.export.trt.config import TrtOptions
+from wanrt.export.trt.stage import TARGETS
 
 COMPONENT_GROUPS = ("dit", "text_encoder", "image_encoder", "vae")
 PRECISIONS = ("fp32", "bf16")
-TARGETS = ("onnx",)
 TOKENIZER_DIR = "tokenizer"
 BUILD_FORMAT = 1  # bump when the exported graphs change for the same inputs
 # Why a component is built in another precision than the bundle's (component kind -> reason).
@@ -70,6 +72,11 @@ class BuildOptions:
     target: str = "onnx"
     lora_strict: bool = False
     force: bool = False
+    trt: TrtOptions = TrtOptions()  # --target trt|all: how the plans are built (`export.trt.config`)
+    sizes: str | None = None  # --sizes / --frames / --batch / --static: the plans' optimization profiles
+    frames: str | None = None
+    batch: str = "1-2"
+    static: str | None = None
     quantize: str | None = None  # "int8" / "fp8": the DiT block linears (calibration.qdq)
     weights_only: bool = False  # W8A16: weight Q/DQ only, no activation calibration
     calibration: Any = None  # calibration.calibrate.CalibrationOptions (None: the defaults)
@@ -246,7 +253,7 @@ def plan_components(resolved, options: BuildOptions, loras: list) -> list[Compon
         if resolved.vae is None:
             raise _missing("VAE", vae_file_for(cfg.out_dim), task, resolved.source)
         check_vae_matches(resolved.vae_version, cfg.out_dim, where=str(resolved.vae))
-        parts = ["decoder"] + (["encoder"] if task in ("i2v", "flf2v", "ti2v") else [])
+        parts = ["decoder"] + (["encoder"] if task in ("i2v", "flf2v", "ti2v", "vace", "animate") else [])  # vace/animate encode videos
         for part in parts:
             plans.append(ComponentPlan(f"vae_{part}", f"vae_{part}", "fp32", companion_files(resolved.vae), resolved.vae))
     if not plans:
@@ -346,13 +353,7 @@ def _reusable(old: Manifest | None, old_root: Path, plan: ComponentPlan, key: st
     if old is None or plan.name not in old.components:
         return None
     comp = old.components[plan.name]
-    if comp.cache_key != key:
-        return None
-    metas = [(old_root / rel, old.files.get(rel)) for rel in comp.files]
-    if any(meta is None or not path.is_file() or path.stat().st_size != meta["size"] for path, meta in metas):
-        return None
-    digests = cached_sha256([path for path, _ in metas])
-    return comp if all(digests[str(path)] == meta["sha256"] for path, meta in metas) else None
+    return comp if comp.cache_key == key and intact(old, old_root, comp.files) else None
 
 
 def unrequested_plans(
@@ -367,7 +368,7 @@ def unrequested_plans(
     names = {p.name for p in plans}
     others: list[ComponentPlan] = []
     for group in COMPONENT_GROUPS:
-        if not any(_group_of(c.kind) == group and c.name not in names for c in old.components.values()):
+        if not any(group_of(c.kind) == group and c.name not in names for c in old.components.values()):
             continue
         try:
             full = plan_components(resolved, replace(options, components=(group,), experts=None), [])
@@ -405,19 +406,19 @@ def _carry_over(comp: Component, plan: ComponentPlan, old_root: Path, tmp: Path,
     """Link an existing bundle's component files into the staged bundle (and register its graph); return it."""
     for rel in comp.files:
         _link_or_copy(old_root / rel, tmp / rel)
-    if plan.graph_key is not None:
+    if plan.graph_key is not None and comp.onnx is not None:
         graphs[plan.graph_key] = tmp / comp.onnx
     return comp
 
 
-def _group_of(kind: str) -> str:
+def group_of(kind: str) -> str:
     """The `--components` group of a component kind (the VAE parts are one group)."""
     return "vae" if kind.startswith("vae_") else kind
 
 
 def _component_rank(kind: str, name: str) -> tuple[int, str]:
     """Manifest order: DiT experts, text encoder, image encoder, VAE parts (by name within a group)."""
-    group = _group_of(kind)
+    group = group_of(kind)
     return COMPONENT_GROUPS.index(group) if group in COMPONENT_GROUPS else len(COMPONENT_GROUPS), name
 
 
@@ -443,13 +444,48 @@ def read_loras(resolved, lora_args: tuple[str, ...]) -> list:
     from wanrt.export.lora import loras_from_config, parse_lora_arg
 
     loras = (loras_from_config(resolved.config, resolved.config_path) if resolved.config else []) + [
-        parse_lora_arg(a) for a in lora_args
+        _named_lora(parse_lora_arg(a), resolved.named_loras) for a in lora_args
     ]
     names = {e.name for e in resolved.experts}
     for spec in loras:
         if spec.expert is not None and spec.expert not in names:
             raise WanrtError(f"LoRA {spec.path}: targets expert {spec.expert!r} but this model's experts are {', '.join(sorted(names))}")
     return loras
+
+
+def _named_lora(spec, named: dict[str, Path]):
+    """`--lora NAME[:S]` for a LoRA the model ships (Animate's `relighting`) reads that file; a path stays a path."""
+    if not spec.path.exists() and str(spec.path) in named:
+        return replace(spec, path=named[str(spec.path)])
+    return spec
+
+
+def vae_info(resolved) -> VAEInfo:
+    """The VAE of a resolved model (its version, else the DiT's output channels: 48 is Wan2.2's 16x VAE)."""
+    return VAEInfo.for_version(resolved.vae_version or ("2.2" if resolved.dit.out_dim == 48 else "2.1"))
+
+
+def model_shape(resolved) -> ModelShape:
+    """What the optimization-profile rules need: the VAE stride, whether sampling uses CFG, the task."""
+    s = resolved.sampling
+    return ModelShape(vae_info(resolved).stride, s.enable_cfg and any(g != 1.0 for g in s.guide_scale), resolved.task)
+
+
+def open_trt_build(resolved, options: BuildOptions) -> TrtBuild | None:
+    """The TensorRT side of the build (`export.trt.stage.open_build`), or None for `--target onnx`."""
+    from wanrt.export.trt.profiles import shape_request
+
+    if options.target == "onnx":
+        given = [n for n, v in (("--sizes", options.sizes), ("--frames", options.frames), ("--static", options.static)) if v]
+        given += [f"--{f.name.replace('_dir', '').replace('_', '-')}" for f in fields(TrtOptions)
+                  if getattr(options.trt, f.name) != f.default]  # fmt: skip
+        if given:
+            raise WanrtError(f"{given[0]}: a TensorRT build option; it needs --target trt or all")
+        return None
+    s = resolved.sampling
+    request = shape_request(vae_info(resolved).stride, options.sizes, options.frames, options.batch, options.static,
+                            (s.height, s.width), s.frames)  # fmt: skip
+    return open_build(options.target, replace(options.trt, attention=options.attention), request)
 
 
 def bundle_manifest(resolved, model: str | os.PathLike, options: BuildOptions, components: dict[str, Component],
@@ -459,7 +495,7 @@ def bundle_manifest(resolved, model: str | os.PathLike, options: BuildOptions, c
         family=resolved.family,
         task=resolved.task,
         dit=resolved.dit,
-        vae=VAEInfo.for_version(resolved.vae_version or ("2.2" if resolved.dit.out_dim == 48 else "2.1")),
+        vae=vae_info(resolved),
         components=dict(sorted(components.items(), key=lambda item: _component_rank(item[1].kind, item[0]))),
         sampling=resolved.sampling,
         precision=options.precision,
@@ -492,8 +528,11 @@ def build_bundle(
     lora_args: tuple[str, ...] = (),
     options: BuildOptions = BuildOptions(),
     log: Callable[[str], None] = lambda msg: click.echo(msg, err=True),
+    refit: Any = None,
 ) -> tuple[Manifest, dict[str, str], list[str]]:
-    """Build (or update) the bundle at `output`; return its manifest, what happened to each component, and the notes."""
+    """Build (or update) the bundle at `output`; return its manifest, what happened to each component, and the notes.
+
+    `refit` (`export.trt.refit.RefitSession`): refittable plans of changed graphs are refitted, not dropped (`cli.py refit`)."""
     from wanrt.export.checkpoint.resolve import resolve_model
     from wanrt.export.lora import lora_records
 
@@ -516,6 +555,8 @@ def build_bundle(
         log(f"note: {note}")
         notes.append(note)
     notes += lora_notes(plans)  # printed as the merge planned them
+    trt_build = open_trt_build(resolved, options)  # before anything is written: TensorRT, the GPU, the shapes
+    shape = model_shape(resolved)
     old = _read_old_manifest(output)
     outcome: dict[str, str] = {}
     components: dict[str, Component] = {}
@@ -534,6 +575,9 @@ def build_bundle(
         for i, plan in enumerate(plans, 1):
             key = cache_key(plan, lora_keys)
             reused = _reusable(old, output, plan, key)
+            if reused is not None and reused.onnx is None and (trt_build is None or trt_build.keeps_onnx
+                                                               or not has_current_plan(reused, trt_build, shape)):
+                reused = None  # a plan-only component, and a graph is needed: export it again
             if reused is not None:
                 components[plan.name] = _carry_over(reused, plan, output, tmp, graphs)
                 outcome[plan.name] = "reused"
@@ -558,10 +602,13 @@ def build_bundle(
         if resolved.tokenizer is not None and any(c.kind == "text_encoder" for c in components.values()):
             shutil.copytree(resolved.tokenizer, tmp / TOKENIZER_DIR)
             tokenizer = TOKENIZER_DIR
-        manifest = bundle_manifest(resolved, model, options, components, records, tokenizer)
         built_quantized = [p.name for p in plans if p.quantization is not None and outcome.get(p.name) == "built"]
-        if built_quantized and not options.weights_only:
-            calibrate_staged(tmp, manifest, built_quantized, options, log)
+        if built_quantized and not options.weights_only:  # before any TensorRT plan is built from the graphs
+            staged = bundle_manifest(resolved, model, options, components, records, tokenizer)
+            calibrate_staged(tmp, staged, built_quantized, options, log)  # records into the components' attributes
+        components = stage_plans(trt_build, components, old, output, tmp, shape, log, _link_or_copy, {p.name for p in plans},
+                                 refit)  # fmt: skip
+        manifest = bundle_manifest(resolved, model, options, components, records, tokenizer)
         write_manifest(tmp, manifest)
     return manifest, outcome, notes
 
@@ -582,7 +629,25 @@ def build_bundle(
               help="Only these Wan2.2 experts (high_noise, low_noise); other components are kept as with --components.")
 @click.option("--attention", type=click.Choice(["native", "plugin"]), default="native", show_default=True,
               help="Attention as standard ONNX ops, or as our TensorRT plugin op.")  # fmt: skip
-@click.option("--target", default="onnx", show_default=True, help="What to build: onnx.")
+@click.option("--target", type=click.Choice(TARGETS), default="onnx", show_default=True,
+              help="onnx: ONNX graphs; trt: TensorRT plans for this GPU (the ONNX is exported, built from, then dropped); "
+                   "all: both.")  # fmt: skip
+@click.option("--sizes", default=None, metavar="480p,720p,WxH",
+              help="Sizes the plans take (480p = 480x832 and 832x480, 720p = 720x1280 and 1280x720); the first is opt. "
+                   "Default: the model's default size.")  # fmt: skip
+@click.option("--frames", default=None, metavar="N[,N...]", help="Frame counts (4k+1) the plans take; default the model's.")
+@click.option("--batch", default="1-2", show_default=True, metavar="MIN-MAX", help="DiT/text-encoder batch (2: CFG in one call).")
+@click.option("--static", default=None, metavar="WxHxF", help="Build plans for this one shape only (e.g. 832x480x81).")
+@click.option("--opt-level", type=int, default=3, show_default=True, help="TensorRT builder optimization level 0-5.")
+@click.option("--version-compatible", is_flag=True,
+              help="VERSION_COMPATIBLE + EXCLUDE_LEAN_RUNTIME plans: later TensorRT of the same major runs them, "
+                   "with only the tensorrt-lean package.")  # fmt: skip
+@click.option("--refittable", is_flag=True, help="REFIT DiT plans: `cli.py refit BUNDLE --lora ...` swaps LoRA weights in.")
+@click.option("--strip-plan", is_flag=True, help="With --refittable and --target all: DiT plans without weights (taken from the ONNX at load).")
+@click.option("--timing-cache", type=click.Path(), default=None,
+              help="TensorRT timing cache file (default: one per TensorRT version and GPU in the wanrt cache folder).")
+@click.option("--plugin", "plugin_dir", type=click.Path(), default=None,
+              help="With --attention plugin: the folder `plugin-build` wrote (the plugin's kernels).")
 @click.option("--quantize", type=click.Choice(["int8", "fp8"]), default=None,
               help="Quantize every DiT block linear (attention q/k/v/o, image k/v, FFN) per output channel: explicit "
                    "Q/DQ graphs. Weights and activations (W8A8, calibrated) unless --weights-only.")
@@ -597,10 +662,14 @@ def build_bundle(
               help="Calibration video size (default: the bundle's default size, 5 frames).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT even if it is not a wanrt bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
-def build_engine_command(model, output, config, loras, lora_strict, precision, components, experts, attention, target,
-                         quantize, weights_only, calib_prompts, calib_steps, calib_method, calib_percentile, calib_size,
-                         force, as_json):  # fmt: skip
-    """Export MODEL's components to ONNX and write a verifiable bundle at OUTPUT."""
+def build_engine_command(model, output, config, loras, lora_strict, precision, components, experts, attention, target, sizes,
+                         frames, batch, static, opt_level, version_compatible, refittable, strip_plan, timing_cache,
+                         plugin_dir, quantize, weights_only, calib_prompts, calib_steps, calib_method, calib_percentile,
+                         calib_size, force, as_json):  # fmt: skip
+    """Export MODEL's components to ONNX (and TensorRT plans) and write a verifiable bundle at OUTPUT."""
+    trt_options = TrtOptions(opt_level=opt_level, version_compatible=version_compatible, refittable=refittable,
+                             strip_plan=strip_plan, timing_cache=Path(timing_cache) if timing_cache else None,
+                             plugin_dir=Path(plugin_dir) if plugin_dir else None)  # fmt: skip
     from wanrt.calibration.calibrate import CalibrationOptions, parse_size
 
     calib_args = (calib_prompts, calib_steps, calib_method, calib_percentile, calib_size)
@@ -616,6 +685,11 @@ def build_engine_command(model, output, config, loras, lora_strict, precision, c
         target=target,
         lora_strict=lora_strict,
         force=force,
+        trt=trt_options,
+        sizes=sizes,
+        frames=frames,
+        batch=batch,
+        static=static,
         quantize=quantize,
         weights_only=weights_only,
         calibration=calibration,
@@ -626,7 +700,7 @@ def build_engine_command(model, output, config, loras, lora_strict, precision, c
         "family": manifest.family,
         "task": manifest.task,
         "precision": manifest.precision,
-        "components": {n: {"status": outcome[n], "onnx": c.onnx, "precision": c.precision,
+        "components": {n: {"status": outcome[n], "onnx": c.onnx, "precision": c.precision, "plans": [p.path for p in c.plans],
                            **({"quantization": c.attributes["quantization"]} if "quantization" in c.attributes else {})}
                        for n, c in manifest.components.items()},  # fmt: skip
         "loras": [vars(r) for r in manifest.loras],
@@ -639,5 +713,11 @@ def build_engine_command(model, output, config, loras, lora_strict, precision, c
         counts = ", ".join(f"{status} {list(outcome.values()).count(status)}" for status in ("built", "reused", "kept"))
         click.echo(
             f"{output}: {manifest.family} {manifest.task} bundle with {', '.join(manifest.components)}"
-            f" ({summary['bytes'] / 1e6:.1f} MB; {counts}); manifest {Path(output) / MANIFEST_NAME}"
+            f" ({summary['bytes'] / 1e6:.1f} MB; {counts}{plan_count(manifest)}); manifest {Path(output) / MANIFEST_NAME}"
         )
+
+
+def plan_count(manifest: Manifest) -> str:
+    """", 5 TensorRT plans" for the summary line ("" when the bundle holds none)."""
+    n = sum(len(c.plans) for c in manifest.components.values())
+    return f", {n} TensorRT plan{'s' if n != 1 else ''}" if n else ""

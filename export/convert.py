@@ -189,6 +189,8 @@ def _metadata(
         "scale_layout": layout,
         "loras": [vars(r) for r in lora_records(loras)],
     }
+    if model.dit.vace:  # a single file has no config.json: keep where the VACE blocks feed in
+        info["vace_layers"] = list(model.dit.vace_layers)
     return {"format": "pt", CONVERT_METADATA_KEY: json.dumps(info, sort_keys=True)}
 
 

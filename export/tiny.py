@@ -23,6 +23,9 @@ How each layout stores each tensor is `export.checkpoint.storage.LAYOUTS`, which
   official layout's companion values (bf16 T5, fp16 CLIP, fp32 VAE) exactly, in fp32.
 
 Wan2.2 A14B writes `high_noise_model/` and `low_noise_model/` (official and LightX2V layouts).
+Wan2.1-VACE (`--task vace`) adds `vace_blocks.N.*` (Wan blocks, block 0 with `before_proj`, each with
+`after_proj`) and `vace_patch_embedding` (96 control channels); config.json says `vace_layers` (tiny: 4
+layers, VACE blocks at 0 and 2; `--dims 1.3B`: every 2nd of 30; `--dims 14B`: every 5th of 40).
 Companions (official and LightX2V layouts): `models_t5_umt5-xxl-enc-bf16.pth` (bf16), for Wan2.1 i2v/flf2v
 `models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth` (fp16, `visual.*` + `log_scale`),
 `Wan2.1_VAE.pth` / `Wan2.2_VAE.pth` (fp32), and `google/umt5-xxl/` (tokenizer.json: Unigram +
@@ -39,7 +42,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
@@ -50,15 +53,17 @@ from wanrt.calibration.quant import quantize
 from wanrt.engines.defaults import NEGATIVE_PROMPT
 from wanrt.engines.errors import WanrtError
 from wanrt.engines.files import atomic_output
-from wanrt.engines.model import DiTConfig
+from wanrt.engines.model import AnimateConfig, DiTConfig
 from wanrt.export.checkpoint.dit_config import CLIP_TOKENS_FLF2V, CLIP_TOKENS_I2V, HEAD_DIM, expected_shapes
+from wanrt.export.checkpoint.animate_keys import RELIGHTING_FILES, diffusers_animate_names, is_animate_key
 from wanrt.export.checkpoint.keys import official_to_diffusers
+from wanrt.export.checkpoint.names import SAME, Transform
 from wanrt.export.checkpoint.safetensors_file import ITEMSIZE, torch_dtype
 from wanrt.export.checkpoint.safetensors_writer import SafetensorsWriter, TensorSpec, build_header
 from wanrt.export.checkpoint.storage import LAYOUTS as STORAGE_LAYOUTS
-from wanrt.export.checkpoint.storage import StoredTensor, TensorStorage, quantizable
+from wanrt.export.checkpoint.storage import StoredTensor, TensorStorage, is_block_linear, quantizable
 
-FAMILY_TASKS = {"wan2.1": ("t2v", "i2v", "flf2v"), "wan2.2": ("t2v", "i2v", "ti2v")}
+FAMILY_TASKS = {"wan2.1": ("t2v", "i2v", "flf2v", "vace"), "wan2.2": ("t2v", "i2v", "ti2v", "animate")}
 # --layout name -> (storage layout, code format of its block linears or None)
 TINY_LAYOUTS: dict[str, tuple[str, str | None]] = {
     "official": ("official", None),
@@ -72,7 +77,15 @@ LAYOUTS = tuple(TINY_LAYOUTS)
 # name -> (dim, ffn_dim, num_layers) of the released models (wan/configs/*.py)
 REAL_DIMS = {"1.3B": (1536, 8960, 30), "14B": (5120, 13824, 40), "5B": (3072, 14336, 30)}
 TINY_DIMS = (2 * HEAD_DIM, 512, 2)
-TASK_CHANNELS = {"t2v": (16, 16), "i2v": (36, 16), "flf2v": (36, 16), "ti2v": (48, 48)}
+TASK_CHANNELS = {"t2v": (16, 16), "i2v": (36, 16), "flf2v": (36, 16), "ti2v": (48, 48), "vace": (16, 16), "animate": (36, 16)}
+# VACE: control channels (16 inactive + 16 reactive latents + 8x8 mask), the tiny model's layers and VACE layers,
+# and the released models' hint layers (VACE-1.3B: every 2nd of 30; VACE-14B: every 5th of 40)
+VACE_IN_DIM = 96
+TINY_VACE_LAYERS = (4, (0, 2))
+REAL_VACE_LAYERS = {"1.3B": tuple(range(0, 30, 2)), "14B": tuple(range(0, 40, 5))}
+# Wan2.2-Animate: tiny motion/face encoders on 32 px face crops (three ResBlocks); five layers give one face adapter block.
+TINY_ANIMATE = AnimateConfig(motion_size=32, motion_channels=(8, 16, 16, 16), motion_style_dim=32, motion_dim=4,
+                             motion_out_dim=32, face_hidden_dim=32, face_heads=4)
 REAL_TEXT_DIM, REAL_CLIP_DIM = 4096, 1280
 OFFICIAL_SHARD_BYTES = 10 * 1024**3  # the Wan-AI shards are ~10 GB
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -144,26 +157,63 @@ def tiny_dit_config(family: str, task: str, dims: str | None = None) -> DiTConfi
     check_family_task(family, task)
     dim, ffn, layers = parse_dims(dims)
     in_dim, out_dim = TASK_CHANNELS[task]
-    image_branch = family == "wan2.1" and task in ("i2v", "flf2v")
+    image_branch = (family == "wan2.1" and task in ("i2v", "flf2v")) or task == "animate"
+    vace_layers: tuple[int, ...] = ()
+    if task == "vace":
+        if dims is None:
+            layers, vace_layers = TINY_VACE_LAYERS
+        elif ":" not in dims and dims in REAL_VACE_LAYERS:
+            vace_layers = REAL_VACE_LAYERS[dims]
+        else:
+            vace_layers = tuple(range(0, layers, 2))  # the official default (`VaceWanModel`, vace_layers=None)
+    animate = None
+    if task == "animate":
+        animate = AnimateConfig() if dims else TINY_ANIMATE
+        layers = layers if dims else animate.adapter_every  # at least one face adapter block
     return DiTConfig(
         dim=dim, ffn_dim=ffn, num_heads=dim // HEAD_DIM, num_layers=layers, in_dim=in_dim, out_dim=out_dim,
         text_dim=REAL_TEXT_DIM if dims else T5Config.tiny().dim,
         image_branch=image_branch,
         clip_tokens=(CLIP_TOKENS_FLF2V if task == "flf2v" else CLIP_TOKENS_I2V) if image_branch else None,
         clip_dim=REAL_CLIP_DIM if dims else CLIPVisionConfig.tiny().width,
+        vace_layers=vace_layers, vace_in_dim=VACE_IN_DIM if vace_layers else None,
+        animate=animate,
     )
 
 
-def stored_tensors(layout: str, key: str, shape: tuple[int, ...]) -> TensorStorage:
-    """How a `--layout` stores one official tensor (a quantized weight brings its scale)."""
+@dataclass(frozen=True)
+class RenamedStorage(TensorStorage):
+    """An official tensor another layout stores differently shaped or split (diffusers Animate: to_k + to_v, [C] biases)."""
+
+    parts: tuple[StoredTensor, ...] = ()
+    transform: Transform | None = None
+
+    @property
+    def entries(self) -> list[StoredTensor]:
+        return list(self.parts)
+
+
+def stored_tensors(layout: str, key: str, shape: tuple[int, ...], res_blocks: int = 0) -> TensorStorage:
+    """How a `--layout` stores one official tensor (a quantized weight brings its scale).
+
+    `res_blocks`: the Animate motion encoder's ResBlocks (diffusers names depend on it)."""
     name, fmt = TINY_LAYOUTS[layout]
     storage = STORAGE_LAYOUTS[name]
+    if storage.names == "diffusers" and is_animate_key(key):
+        m = diffusers_animate_names(res_blocks).match_official(key)
+        how = m.transform or SAME
+        shapes = [tuple(t.shape) for t in how.split(torch.empty(shape, device="meta"), len(m.theirs))]
+        parts = tuple(StoredTensor(k, storage.float_dtype, s) for k, s in zip(m.theirs, shapes))
+        return RenamedStorage(parts[0], parts=parts, transform=how)
     stored_key = official_to_diffusers(key) if storage.names == "diffusers" else key
     return storage.store(stored_key, shape, fmt if quantizable(key, shape) else None)
 
 
 def layout_tensors(plan: TensorStorage, master: torch.Tensor) -> list[torch.Tensor]:
     """The stored tensors of one official tensor (its fp32 master values), in the order of `plan.entries`."""
+    if isinstance(plan, RenamedStorage):
+        parts = plan.transform.split(master, len(plan.parts))
+        return [t.to(torch_dtype(e.dtype)).contiguous() for t, e in zip(parts, plan.parts)]
     if plan.fmt is None:
         return [master.to(torch_dtype(plan.tensor.dtype))]
     q, scale = quantize(master, plan.fmt, plan.axis)
@@ -173,9 +223,11 @@ def layout_tensors(plan: TensorStorage, master: torch.Tensor) -> list[torch.Tens
 def lightx2v_file_name(family: str, task: str, layout: str, expert: str) -> str:
     """LightX2V's published naming (`model_structure.md`); flf2v/ti2v names follow the same pattern."""
     if family == "wan2.1":
-        stem = {"t2v": "wan2.1_t2v_14b", "i2v": "wan2.1_i2v_480p", "flf2v": "wan2.1_flf2v_720p"}[task]
+        stem = {"t2v": "wan2.1_t2v_14b", "i2v": "wan2.1_i2v_480p", "flf2v": "wan2.1_flf2v_720p", "vace": "wan2.1_vace_14b"}[task]
     elif task == "ti2v":
         stem = "wan2.2_ti2v_5b"
+    elif task == "animate":
+        stem = "wan2.2_animate_14b"
     else:
         stem = f"wan2.2_{task}_A14b_{expert}"
     storage, fmt = TINY_LAYOUTS[layout]
@@ -185,25 +237,53 @@ def lightx2v_file_name(family: str, task: str, layout: str, expert: str) -> str:
 
 
 def official_config_json(cfg: DiTConfig, task: str) -> dict:
-    """config.json as the Wan-AI repos ship it (`WanModel` fields; text_dim is not a config field)."""
-    return {
-        "_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": cfg.dim, "eps": cfg.eps,
-        "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim, "in_dim": cfg.in_dim, "model_type": task,
+    """config.json as the Wan-AI repos ship it (`WanModel` / `VaceWanModel` / `WanAnimateModel` fields)."""
+    if cfg.animate is not None:  # Wan2.2-Animate-14B: `WanAnimateModel` (register_to_config fields), no model_type
+        return {
+            "_class_name": "WanAnimateModel", "_diffusers_version": "0.33.1", "cross_attn_norm": True, "dim": cfg.dim,
+            "eps": cfg.eps, "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim, "in_dim": cfg.in_dim,
+            "motion_encoder_dim": cfg.animate.motion_out_dim, "num_heads": cfg.num_heads, "num_layers": cfg.num_layers,
+            "out_dim": cfg.out_dim, "patch_size": list(cfg.patch_size), "qk_norm": True, "text_dim": cfg.text_dim,
+            "text_len": cfg.text_len, "use_context_parallel": False, "use_img_emb": True, "window_size": [-1, -1],
+        }
+    config = {
+        "_class_name": "VaceWanModel" if cfg.vace else "WanModel", "_diffusers_version": "0.30.0", "dim": cfg.dim,
+        "eps": cfg.eps, "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim, "in_dim": cfg.in_dim, "model_type": task,
         "num_heads": cfg.num_heads, "num_layers": cfg.num_layers, "out_dim": cfg.out_dim, "text_len": cfg.text_len,
     }
+    if cfg.vace:
+        config.update(vace_in_dim=cfg.vace_in_dim, vace_layers=list(cfg.vace_layers))
+    return config
 
 
 def diffusers_config_json(cfg: DiTConfig) -> dict:
-    """transformer/config.json of a `WanTransformer3DModel`."""
+    """transformer/config.json of a `WanTransformer3DModel` (`WanVACETransformer3DModel` for VACE,
+    `WanAnimateTransformer3DModel` for Animate)."""
+    if cfg.animate is not None:
+        a = cfg.animate
+        sizes = [a.motion_size >> i for i in range(len(a.motion_channels))]
+        return {
+            "_class_name": "WanAnimateTransformer3DModel", "_diffusers_version": "0.36.0",
+            "added_kv_proj_dim": cfg.dim, "attention_head_dim": cfg.head_dim, "cross_attn_norm": True, "eps": cfg.eps,
+            "face_encoder_hidden_dim": a.face_hidden_dim, "face_encoder_num_heads": a.face_heads, "ffn_dim": cfg.ffn_dim,
+            "freq_dim": cfg.freq_dim, "image_dim": cfg.clip_dim, "in_channels": cfg.in_dim,
+            "inject_face_latents_blocks": a.adapter_every, "latent_channels": a.pose_dim, "motion_dim": a.motion_dim,
+            "motion_encoder_channel_sizes": {str(n): c for n, c in zip(sizes, a.motion_channels)},
+            "motion_encoder_dim": a.motion_out_dim, "motion_encoder_size": a.motion_size, "motion_style_dim": a.motion_style_dim,
+            "num_attention_heads": cfg.num_heads, "num_layers": cfg.num_layers, "out_channels": cfg.out_dim,
+            "patch_size": list(cfg.patch_size), "pos_embed_seq_len": None, "qk_norm": "rms_norm_across_heads",
+            "rope_max_seq_len": 1024, "text_dim": cfg.text_dim,
+        }
+    vace = {"vace_layers": list(cfg.vace_layers), "vace_in_channels": cfg.vace_in_dim} if cfg.vace else {}
     return {
-        "_class_name": "WanTransformer3DModel", "_diffusers_version": "0.33.0",
+        "_class_name": "WanVACETransformer3DModel" if cfg.vace else "WanTransformer3DModel", "_diffusers_version": "0.33.0",
         "added_kv_proj_dim": cfg.dim if cfg.image_branch else None, "attention_head_dim": cfg.head_dim,
         "cross_attn_norm": True, "eps": cfg.eps, "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim,
         "image_dim": cfg.clip_dim if cfg.image_branch else None, "in_channels": cfg.in_dim,
         "num_attention_heads": cfg.num_heads, "num_layers": cfg.num_layers, "out_channels": cfg.out_dim,
         "patch_size": list(cfg.patch_size),
         "pos_embed_seq_len": CLIP_TOKENS_FLF2V if cfg.clip_tokens == CLIP_TOKENS_FLF2V else None,
-        "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024, "text_dim": cfg.text_dim,
+        "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024, "text_dim": cfg.text_dim, **vace,
     }
 
 
@@ -239,7 +319,9 @@ def write_dit(folder: Path, cfg: DiTConfig, layout: str, seed: int, component: s
 
     `sparse` writes the headers only and leaves the data section as a hole (all zeros)."""
     folder.mkdir(parents=True, exist_ok=True)
-    plan = [(key, stored_tensors(layout, key, shape)) for key, shape in expected_shapes(cfg).items()]
+    shapes = expected_shapes(cfg)
+    res_blocks = cfg.animate.motion_res_blocks if cfg.animate is not None else 0
+    plan = [(key, stored_tensors(layout, key, shape, res_blocks)) for key, shape in shapes.items()]
     if file_name is not None:  # single file
         shards = [plan]
         names = [file_name]
@@ -249,13 +331,17 @@ def write_dit(folder: Path, cfg: DiTConfig, layout: str, seed: int, component: s
         names = ["diffusion_pytorch_model.safetensors"] if n == 1 else [
             f"diffusion_pytorch_model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
         ]
-    markers = STORAGE_LAYOUTS[TINY_LAYOUTS[layout][0]].markers
+    storage = STORAGE_LAYOUTS[TINY_LAYOUTS[layout][0]]
+    markers = storage.markers
+    # the official Animate checkpoint's Blur kernels (constants; diffusers' converter drops them)
+    constants = animate_blur_kernels(cfg, storage.float_dtype) if cfg.animate is not None and storage.names == "official" else {}
     weight_map: dict[str, str] = {}
     total = 0
     written = []
     for i, (name, shard) in enumerate(zip(names, shards)):
         shard_markers = markers if i == len(shards) - 1 else []
-        entries = [e for _, st in shard for e in st.entries] + shard_markers
+        shard_constants = constants if i == len(shards) - 1 else {}
+        entries = [e for _, st in shard for e in st.entries] + shard_markers + [e for e, _ in shard_constants.values()]
         specs = [TensorSpec(e.key, torch_dtype(e.dtype), e.shape) for e in entries]
         if sparse:
             _write_sparse(folder / name, specs)
@@ -266,7 +352,7 @@ def write_dit(folder: Path, cfg: DiTConfig, layout: str, seed: int, component: s
             continue
         with SafetensorsWriter(folder / name, specs, metadata={"format": "pt"}, fsync=False) as w:
             for key, st in shard:
-                master = random_tensor(key, st.tensor.shape, seed, component)
+                master = random_tensor(key, shapes[key], seed, component)
                 for e, t in zip(st.entries, layout_tensors(st, master)):
                     w.write(e.key, t)
                     weight_map[e.key] = name
@@ -275,11 +361,27 @@ def write_dit(folder: Path, cfg: DiTConfig, layout: str, seed: int, component: s
             for marker in shard_markers:
                 w.write(marker.key, torch.zeros(marker.shape, dtype=torch_dtype(marker.dtype)))
                 weight_map[marker.key] = name
+            for entry, value in shard_constants.values():
+                w.write(entry.key, value)
+                weight_map[entry.key] = name
         written.append(folder / name)
     if len(names) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         _write_json(folder / "diffusion_pytorch_model.safetensors.index.json", index)
     return written
+
+
+def animate_blur_kernels(cfg: DiTConfig, dtype: str) -> dict[str, tuple[StoredTensor, torch.Tensor]]:
+    """The Blur buffers (`....conv2.0.kernel`, `....skip.0.kernel`: the normalized [1, 3, 3, 1] outer product) of each ResBlock."""
+    from wanrt.export.models.wan_animate import blur_kernel
+
+    kernel = blur_kernel(torch_dtype(dtype))
+    out = {}
+    for i in range(1, cfg.animate.motion_res_blocks + 1):
+        for part in ("conv2", "skip"):
+            key = f"motion_encoder.enc.net_app.convs.{i}.{part}.0.kernel"
+            out[key] = (StoredTensor(key, dtype, (4, 4)), kernel)
+    return out
 
 
 def _write_sparse(path: Path, specs: list[TensorSpec]) -> None:
@@ -329,7 +431,33 @@ def make_tiny_model(out: Path, family: str, task: str, layout: str = "official",
             elif layout == "diffusers":
                 _write_json(folder / "config.json", diffusers_config_json(cfg))
         write_companions(tmp, family, task, layout, seed, cfg, real_widths=dims is not None)
+        if task == "animate" and layout != "diffusers":
+            write_relighting_lora(tmp / RELIGHTING_FILES[0], cfg, seed)
     return out
+
+
+RELIGHTING_RANK = 4
+
+
+def write_relighting_lora(path: Path, cfg: DiTConfig, seed: int) -> None:
+    """Animate's `relighting_lora/`: a PEFT LoRA (`adapter_model.safetensors` + `adapter_config.json`) on every
+    block linear, as the release ships it (rank 128, alpha 128 there; a small rank here)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    shapes = expected_shapes(cfg)
+    for key, (out_features, in_features) in ((k, s) for k, s in shapes.items() if is_block_linear(k)):
+        module = "base_model.model." + key.removesuffix(".weight")
+        down = random_tensor(module + ".lora_A.weight", (RELIGHTING_RANK, in_features), seed, "relighting")
+        up = 0.1 * random_tensor(module + ".lora_B.weight", (out_features, RELIGHTING_RANK), seed, "relighting")
+        tensors[module + ".lora_A.weight"], tensors[module + ".lora_B.weight"] = down, up
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    targets = sorted({k.removesuffix(".weight") for k in shapes if is_block_linear(k)})
+    _write_json(path.parent / "adapter_config.json", {
+        "peft_type": "LORA", "r": RELIGHTING_RANK, "lora_alpha": RELIGHTING_RANK, "target_modules": targets,
+        "init_lora_weights": "gaussian", "bias": "none",
+    })
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,17 +566,18 @@ def _write_diffusers_companions(root: Path, t5: dict, t5_cfg, clip: dict | None,
 def _write_diffusers_pipeline(root: Path, family: str, task: str) -> None:
     """model_index.json and scheduler config of a diffusers Wan pipeline (the components this writer makes)."""
     moe = family == "wan2.2" and task in ("t2v", "i2v")
-    image = task in ("i2v", "flf2v")
+    image = task in ("i2v", "flf2v", "animate")
+    pipeline = {"animate": "WanAnimatePipeline", "vace": "WanVACEPipeline"}.get(task, "WanImageToVideoPipeline" if image else "WanPipeline")
     index = {
-        "_class_name": "WanImageToVideoPipeline" if image else "WanPipeline",
+        "_class_name": pipeline,
         "_diffusers_version": "0.35.0",
         "scheduler": ["diffusers", "UniPCMultistepScheduler"],
         "text_encoder": ["transformers", "UMT5EncoderModel"],
         "tokenizer": ["transformers", "T5TokenizerFast"],
-        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer": ["diffusers", {"animate": "WanAnimateTransformer3DModel", "vace": "WanVACETransformer3DModel"}.get(task, "WanTransformer3DModel")],
         "vae": ["diffusers", "AutoencoderKLWan"],
     }
-    if family == "wan2.1" and image:
+    if (family == "wan2.1" or task == "animate") and image:
         index["image_encoder"] = ["transformers", "CLIPVisionModelWithProjection"]
         index["image_processor"] = ["transformers", "CLIPImageProcessor"]
     if moe:
@@ -457,7 +586,7 @@ def _write_diffusers_pipeline(root: Path, family: str, task: str) -> None:
     if task == "ti2v":
         index["expand_timesteps"] = True
     _write_json(root / "model_index.json", index)
-    shift = {"ti2v": 5.0, "flf2v": 16.0}.get(task, 3.0)  # convert_wan_to_diffusers.py
+    shift = {"ti2v": 5.0, "flf2v": 16.0, "animate": 5.0}.get(task, 3.0)  # convert_wan_to_diffusers.py
     _write_json(root / "scheduler" / "scheduler_config.json", {
         "_class_name": "UniPCMultistepScheduler", "_diffusers_version": "0.35.0", "flow_shift": shift,
         "num_train_timesteps": 1000, "prediction_type": "flow_prediction", "use_flow_sigmas": True,
@@ -520,7 +649,7 @@ def write_tokenizer(folder: Path) -> int:
 @click.command("make-tiny-model")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--family", type=click.Choice(list(FAMILY_TASKS)), required=True)
-@click.option("--task", type=click.Choice(["t2v", "i2v", "flf2v", "ti2v"]), required=True)
+@click.option("--task", type=click.Choice(["t2v", "i2v", "flf2v", "ti2v", "vace", "animate"]), required=True)
 @click.option("--layout", type=click.Choice(list(LAYOUTS)), default="official", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dims", default=None, metavar="1.3B|14B|5B[:LAYERS]",

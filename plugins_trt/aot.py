@@ -31,6 +31,7 @@ from typing import Any
 from wanrt.engines.errors import WanrtError
 from wanrt.engines.files import atomic_output
 from wanrt.engines.plans import PluginRecord
+from wanrt.engines.schema import load_json
 
 from .kernels import (
     HEAD_DIMS, IO_DTYPES, KERNEL_NAME, MEAN_ROWS, MIN_ARCH, OUTPUT_ARGS, POINTER_ARGS, PRECISIONS, SCALAR_ARGS,
@@ -346,11 +347,11 @@ def read_plugin(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     path = folder / PLUGIN_JSON
     try:
-        description = json.loads(path.read_text())
+        description = load_json(path.read_bytes(), str(path), PluginBuildError)
     except FileNotFoundError as e:
         raise PluginBuildError(f"{path}: no plugin description here (run plugin-build)") from e
-    except (OSError, ValueError) as e:
-        raise PluginBuildError(f"{path}: not readable as JSON ({e})") from e
+    except OSError as e:
+        raise PluginBuildError(f"{path}: not readable ({e.strerror})") from e
     if not isinstance(description, dict) or description.get("format") != FORMAT:
         raise PluginBuildError(f"{path}: not a wanrt attention plugin description (format {description.get('format') if isinstance(description, dict) else None!r}, expected {FORMAT!r})")
     if description.get("schema_version") != SCHEMA_VERSION:

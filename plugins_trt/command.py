@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from wanrt.engines.errors import WanrtError
+from wanrt.engines.schema import load_json
 
 from .aot import PLUGIN_JSON, FORMAT, arch_name, build_plugin, default_archs, parse_archs
 from .kernels import HEAD_DIMS, PRECISIONS
@@ -38,8 +39,9 @@ def _check_output(output: Path, force: bool) -> None:
     if force or not any(output.iterdir()):
         return
     try:
-        is_plugin = json.loads((output / PLUGIN_JSON).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        description = load_json((output / PLUGIN_JSON).read_bytes(), str(output / PLUGIN_JSON))
+        is_plugin = isinstance(description, dict) and description.get("format") == FORMAT
+    except (OSError, WanrtError):
         is_plugin = False
     if not is_plugin:
         raise WanrtError(f"{output}: exists and is not a plugin folder; choose another -o or pass --force")

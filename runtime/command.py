@@ -8,10 +8,13 @@ from pathlib import Path
 
 import click
 
+from wanrt.engines.limits import CONTEXT_SCALE_RANGE, MEMORY_BUDGET_GIB, SAMPLING_RANGES, SEED_RANGE
 from wanrt.engines.manifest import verify_bundle
+from wanrt.engines.options import InRange
 
 from .backends import BACKENDS, choose_backend, make_backend
-from .pipeline import GenerationRequest, WanPipeline
+from .animate import pipeline_class
+from .pipeline import GenerationRequest
 from .progress import Progress
 from .schedulers import SAMPLERS
 from .video import check_frames_dir, check_output_path, to_uint8_frames, write_mp4, write_png_frames
@@ -23,23 +26,31 @@ from .video import check_frames_dir, check_output_path, to_uint8_frames, write_m
 @click.option("--negative-prompt", default=None, help="What to avoid (default: the official negative prompt).")
 @click.option("--image", type=click.Path(dir_okay=False), default=None, help="First frame (i2v, flf2v; optional for ti2v).")
 @click.option("--last-image", type=click.Path(dir_okay=False), default=None, help="Last frame (flf2v).")
-@click.option("--frames", type=int, default=None, help="Frame count, 4k+1 (default: the bundle's).")
+@click.option("--video", type=click.Path(), default=None,
+              help="VACE: control video (mp4 or a folder of frames: depth, pose, scribble, gray, or the video to edit); gives the size.")
+@click.option("--mask", type=click.Path(), default=None,
+              help="VACE: mask video over --video (file or frames folder, same size): white regenerates, black keeps.")
+@click.option("--ref-image", "ref_images", type=click.Path(dir_okay=False), multiple=True,
+              help="VACE: reference image (repeatable), prepended as a latent frame and dropped from the output.")
+@click.option("--context-scale", type=InRange(CONTEXT_SCALE_RANGE), default=None,
+              help="VACE: weight of the control hints (default 1.0, the official vace_context_scale).")
+@click.option("--frames", type=int, default=None, help="Frame count, 4k+1 (default: the bundle's; VACE: at most the --video's).")
 @click.option("--height", type=int, default=None, help="Height in pixels; with an image, height*width is the max area.")
 @click.option("--width", type=int, default=None, help="Width in pixels.")
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the bundle's).")
-@click.option("--guidance", type=float, default=None, help="CFG scale for every expert (default: the bundle's).")
-@click.option("--shift", type=float, default=None, help="Flow-matching schedule shift (default: the bundle's).")
+@click.option("--guidance", type=InRange(SAMPLING_RANGES["guide_scale"]), default=None, help="CFG scale for every expert (default: the bundle's).")
+@click.option("--shift", type=InRange(SAMPLING_RANGES["shift"]), default=None, help="Flow-matching schedule shift (default: the bundle's).")
 @click.option(
     "--sampler", type=click.Choice(SAMPLERS), default=None,
     help="unipc (Wan's default), euler, or distill (LightX2V's step-distilled schedule; needs a distill bundle). Default: the bundle's.",
 )
-@click.option("--seed", type=click.IntRange(min=0), default=None, help="Noise seed (default: random, reported); numpy's generator, so not the official (torch) noise.")
+@click.option("--seed", type=InRange(SEED_RANGE), default=None, help="Noise seed (default: random, reported); numpy's generator, so not the official (torch) noise.")
 @click.option(
     "--vae-tiling", is_flag=True,
     help="Encode/decode in overlapping 256-pixel tiles every 192 pixels (as diffusers): bounded VAE memory at large sizes.",
 )
 @click.option(
-    "--vram-budget", "--memory-budget", "vram_budget", type=click.FloatRange(min=0, min_open=True), default=None,
+    "--vram-budget", "--memory-budget", "vram_budget", type=InRange(MEMORY_BUDGET_GIB), default=None,
     metavar="GIB",
     help="GiB of device memory the run may use (weights, activations, I/O buffers; TensorRT keeps 1 GiB of it"
     " free as a margin). Default: all free GPU memory on TensorRT, 90% of free memory on ONNX Runtime."
@@ -59,14 +70,20 @@ from .video import check_frames_dir, check_output_path, to_uint8_frames, write_m
     "--cuda-graphs", is_flag=True,
     help="TensorRT: capture each engine's execution into a CUDA graph after its first call and replay it.",
 )
+@click.option("--pose-video", type=click.Path(dir_okay=False), default=None, help="Animate: the pose skeleton video (sets size and length).")
+@click.option("--face-video", type=click.Path(dir_okay=False), default=None, help="Animate: the face crops video (as many frames as the pose video).")
+@click.option("--mode", type=click.Choice(["animate", "replace"]), default=None, help="Animate: animate the --image (default) or replace the person.")
+@click.option("--background-video", type=click.Path(dir_okay=False), default=None, help="Animate --mode replace: the background video.")
+@click.option("--mask-video", type=click.Path(dir_okay=False), default=None, help="Animate --mode replace: the person mask video.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .mp4 (H.264).")
 @click.option("--frames-dir", type=click.Path(file_okay=False), default=None, help="Also write PNG frames here.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 def run_command(
     bundle: str, prompt: str, negative_prompt: str | None, image: str | None, last_image: str | None,
-    frames: int | None, height: int | None, width: int | None, steps: int | None, guidance: float | None,
+    video: str | None, mask: str | None, ref_images: tuple[str, ...], context_scale: float | None, frames: int | None, height: int | None, width: int | None, steps: int | None, guidance: float | None,
     shift: float | None, sampler: str | None, seed: int | None, vae_tiling: bool, vram_budget: float | None, rehash: bool,
-    backend: str, device_index: int, cuda_graphs: bool, output: str, frames_dir: str | None, as_json: bool,
+    backend: str, device_index: int, cuda_graphs: bool, pose_video: str | None, face_video: str | None, mode: str | None,
+    background_video: str | None, mask_video: str | None, output: str, frames_dir: str | None, as_json: bool,
 ) -> None:
     """Generate a video from a bundle (torch-free runtime)."""
     start = time.perf_counter()
@@ -83,10 +100,12 @@ def run_command(
     request = GenerationRequest(
         prompt=prompt, negative_prompt=negative_prompt, image=image, last_image=last_image, frames=frames,
         height=height, width=width, steps=steps, guidance=guidance, shift=shift, seed=seed,
-        sampler=sampler, vae_tiling=vae_tiling,
+        sampler=sampler, vae_tiling=vae_tiling, video=video, mask=mask, ref_images=list(ref_images) or None,
+        context_scale=context_scale, pose_video=pose_video, face_video=face_video, mode=mode,
+        background_video=background_video, mask_video=mask_video,
     )
     try:
-        pipeline = WanPipeline(bundle, manifest, engine_backend, memory_budget_bytes=budget, progress=Progress(enabled=True))
+        pipeline = pipeline_class(manifest.task)(bundle, manifest, engine_backend, memory_budget_bytes=budget, progress=Progress(enabled=True))
         plan = pipeline.prepare(request)
         result = pipeline.generate(plan)
         write_start = time.perf_counter()
@@ -99,10 +118,10 @@ def run_command(
             except BaseException:
                 out.unlink(missing_ok=True)
                 raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (cli.Terminated)
         # every engine was released on the way out (context managers); nothing was renamed into place
-        click.echo("interrupted: device memory released, no output written", err=True)
-        raise SystemExit(130) from None
+        click.echo(f"{getattr(e, 'message', 'interrupted')}: device memory released, no output written", err=True)
+        raise SystemExit(getattr(e, "exit_code", 130)) from None
     finally:
         engine_backend.close()
     result.stats.stages["write"] = time.perf_counter() - write_start
@@ -124,7 +143,7 @@ def run_command(
         g = plan.geometry
         experts = sorted(set(summary["experts"]), key=summary["experts"].index)
         click.echo(
-            f"{out}: {g.frames} frames {g.width}x{g.height} at {plan.fps} fps, {len(plan.steps)} steps"
+            f"{out}: {summary.get('output_frames', g.frames)} frames {g.width}x{g.height} at {plan.fps} fps, {len(plan.steps)} steps"
             f" ({', '.join(experts)}), seed {plan.seed}, {summary['total_seconds']:.1f} s"
             f" on {result.stats.backend}"
         )

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from wanrt.engines.errors import WanrtError
+from wanrt.engines.limits import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
@@ -27,11 +28,17 @@ def load_image(path: str | os.PathLike):
     p = Path(path)
     if not p.is_file():
         raise WanrtError(f"{p}: image not found")
+    limit = f"at most {MAX_IMAGE_PIXELS} pixels ({MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}) are decoded: downscale it first"
     try:
-        with Image.open(p) as img:
+        with Image.open(p) as img:  # reads the header only: the size is known before any pixel is decoded
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise WanrtError(f"{p}: image of {width}x{height} pixels; {limit}")
             img.load()
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:  # Pillow's own bound (twice its MAX_IMAGE_PIXELS), met while opening
+        raise WanrtError(f"{p}: image of more than {2 * Image.MAX_IMAGE_PIXELS} pixels; {limit}") from None
+    except (UnidentifiedImageError, OSError, ValueError, MemoryError) as e:
         raise WanrtError(f"{p}: unreadable image ({type(e).__name__}: {e})") from None
 
 
@@ -80,6 +87,27 @@ def resize_bicubic(x: np.ndarray, height: int, width: int) -> np.ndarray:
     mw = _bicubic_matrix(x.shape[-1], width)
     out = np.einsum("oh,...hw,pw->...op", mh, x.astype(np.float64), mw, optimize=True)
     return out.astype(np.float32)
+
+
+def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] matrix of torch's bilinear (align_corners=False, no antialias) interpolation along one axis."""
+    f32 = np.float32
+    real = np.maximum(f32(n_in) / f32(n_out) * (np.arange(n_out, dtype=f32) + f32(0.5)) - f32(0.5), f32(0))
+    base = np.minimum(real.astype(np.int64), n_in - 1)
+    frac = (real - base).astype(np.float64)
+    m = np.zeros((n_out, n_in), dtype=np.float64)
+    rows = np.arange(n_out)
+    np.add.at(m, (rows, base), 1 - frac)
+    np.add.at(m, (rows, np.minimum(base + 1, n_in - 1)), frac)
+    return m
+
+
+def resize_bilinear(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize float [C, H, W] like torch `interpolate(mode="bilinear", align_corners=False)` (VACE reference images)."""
+    if x.shape[-2:] == (height, width):
+        return x.astype(np.float32, copy=True)
+    mh, mw = _bilinear_matrix(x.shape[-2], height), _bilinear_matrix(x.shape[-1], width)
+    return np.einsum("oh,...hw,pw->...op", mh, x.astype(np.float64), mw, optimize=True).astype(np.float32)
 
 
 def clip_pixel_values(images: list[np.ndarray], size: int = 224) -> np.ndarray:

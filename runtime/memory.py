@@ -13,7 +13,9 @@ The estimates (bytes, at the run's shapes), and why:
   token), the modulated LayerNorm output, q, k, v and the attention output in bf16 (5 x 2 * dim),
   and the FFN hidden state before and after its GELU (2 x 2 * ffn_dim); TensorRT reuses every
   other block's memory.  E.g. Wan2.1 1.3B (1536 / 8960) at 480p (32,760 tokens), batch 1:
-  1.75 GiB; a 14B expert (5120 / 13824) at 720p (75,600 tokens): 8.94 GiB.
+  1.75 GiB; a 14B expert (5120 / 13824) at 720p (75,600 tokens): 8.94 GiB.  A VACE DiT also
+  keeps the embedded latent and the control stream alive across blocks: `8 * dim` more a token
+  (VACE-14B at 720p, batch 1: 2.9 GiB more).
 * text encoder (umt5): the same rule per token, with `ffn = 2.5 * dim` (umt5-xxl: 10240 / 4096).
 * image encoder (CLIP ViT-H/14): the same rule per token, with `ffn = 4 * dim` (5120 / 1280).
 * VAE chunk engines: 4 fp32 tensors of the largest feature map a chunk touches (a residual
@@ -97,7 +99,9 @@ def estimate_activation_bytes(component: Component, inputs: Shapes, dit: DiTConf
     shapes = resolve_shapes(component.signature, inputs)
     if component.kind == "dit":
         b, _, f, h, w = shapes["latent"]
-        return transformer_activation_bytes(f * h * w // 4, b, dit.dim, dit.ffn_dim)  # 1x2x2 patches
+        tokens = f * h * w // 4  # 1x2x2 patches
+        vace = b * tokens * 8 * dit.dim if dit.vace else 0  # VACE: the embedded latent and the control stream, fp32
+        return transformer_activation_bytes(tokens, b, dit.dim, dit.ffn_dim) + vace
     if component.kind == "text_encoder":
         b, tokens, dim = shapes["context"]
         return transformer_activation_bytes(tokens, b, dim, dim * 5 // 2)

@@ -1,4 +1,4 @@
-"""Text/image to video from a bundle, torch-free: T2V, I2V, FLF2V and TI2V for Wan2.1 / Wan2.2.
+"""Text/image to video from a bundle, torch-free: T2V, I2V, FLF2V, TI2V and VACE for Wan2.1 / Wan2.2.
 
     plan = pipeline.prepare(GenerationRequest(prompt=..., image=...))   # validate, no engines loaded
     result = pipeline.generate(plan)                                    # frames + latents + stats
@@ -8,7 +8,8 @@ Stages, each loading its engines and releasing them before the next stage:
     image_encoder  Wan2.1 I2V/FLF2V: CLIP features of the image(s) -> [1, 257|514, 1280]
     vae_encoder    I2V/FLF2V: the image video -> 16 latent channels, with the 4-channel mask ahead
                    of them (`y`, 20 channels appended to the 16 noise channels: in_dim 36);
-                   TI2V with an image: its latent frame, which replaces latent frame 0 every step
+                   TI2V with an image: its latent frame, which replaces latent frame 0 every step;
+                   VACE: control video, mask and reference images -> `vace_context` (runtime.vace)
     denoise        the sampler loop; DiT experts through `ExpertSwitcher`
     vae_decoder    latents -> video in [-1, 1]
 
@@ -31,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from wanrt.engines.defaults import default_negative_prompt, default_sampling
-from wanrt.engines.errors import BundleError
+from wanrt.engines.errors import BundleError, WanrtError
 from wanrt.engines.manifest import Component, Manifest, tokenizer_file
 
 from . import image as images
@@ -39,13 +40,15 @@ from .backends.base import Backend, DeviceOutOfMemory, Engine
 from .guidance import StepPlan, engine_max_batch, pair_static_inputs, plan_steps, predict_velocity, signature_max_batch
 from .memory import estimate_activation_bytes
 from .progress import Progress
-from .request import GenerationRequest, RequestError, check_fields, request_field
+from .request import ANIMATE_FIELDS, GenerationRequest, RequestError, check_fields, option_name, request_field
 from .residency import ExpertSwitcher, VramBudgetError, VramPlan, gib, plan_vram
 from .schedulers import make_sampler
 from .sizes import VideoGeometry, best_output_size, check_frames, check_latent_range, check_size, i2v_size, size_multiple
+from .vace import VaceSource, load_source, vace_context
 from .vae import Tiling, contract_of
 
 IMAGE_TASKS = ("i2v", "flf2v")
+VACE_FIELDS = ("video", "mask", "ref_images", "context_scale")  # request fields only VACE bundles take
 
 
 @dataclass
@@ -72,6 +75,8 @@ class GenerationPlan:
     condition_image: np.ndarray | None = None  # [3, h, w] at the video size (VAE input)
     condition_last: np.ndarray | None = None
     vae_tiling: Tiling | None = None
+    vace: VaceSource | None = None  # VACE: what the control branch sees (zeros and an all-ones mask without --video)
+    context_scale: float = 1.0  # VACE: hint weight
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -87,6 +92,7 @@ class GenerationPlan:
             "guide_scale": list(self.guide_scale), "enable_cfg": self.enable_cfg, "boundary": self.boundary,
             "boundary_step_index": self.boundary_step_index, "fps": self.fps,
             "vae_tiles": self.vae_tiling.count(g.latent_height, g.latent_width) if self.vae_tiling else 1,
+            **({"reference_images": g.ref_frames, "context_scale": self.context_scale} if self.vace is not None else {}),
         }
 
 
@@ -161,7 +167,7 @@ class RunStats:
 @dataclass
 class GenerationResult:
     plan: GenerationPlan
-    latents: np.ndarray  # [1, z, F', h', w'] final latents
+    latents: np.ndarray  # [1, z, F', h', w'] final latents (VACE: the reference frames first)
     video: np.ndarray | None  # [1, 3, T, H, W] in [-1, 1], None when not decoded
     stats: RunStats
 
@@ -233,7 +239,7 @@ class WanPipeline:
         with request_field("frames", "height", "width"):
             for name in self.experts:
                 check_latent_range(name, geometry, self.component(name).signature.dim_ranges)
-        if plan_images.get("condition_image") is not None:
+        if plan_images.get("condition_image") is not None or plan_images.get("vace") is not None:
             self._require("vae_encoder")
         if self.dit_takes_clip:
             self._require("image_encoder")
@@ -256,8 +262,6 @@ class WanPipeline:
                     f"--steps {request.steps}: this bundle's step-distilled sampler runs exactly {n} steps"
                     f" (denoising_step_list {d.denoising_step_list})"
                 )
-        elif steps < 1:
-            raise RequestError("steps", f"--steps {steps}: expected at least 1")
         shift = float(request.shift if request.shift is not None else self._default_shift(area))
         guide = (float(request.guidance),) * 2 if request.guidance is not None else tuple(float(g) for g in d.guide_scale)
         warnings = []
@@ -273,15 +277,14 @@ class WanPipeline:
             warnings.append("--negative-prompt has no effect: no step uses CFG (guidance 1 or CFG disabled)")
         # as the official code: an empty negative prompt means the default one
         negative = request.negative_prompt or d.negative_prompt or default_negative_prompt(m.family, m.task)
-        seed = request.seed if request.seed is not None else secrets.randbits(63)
-        if not 0 <= seed < 2**64:
-            raise RequestError("seed", f"--seed {seed}: expected 0 <= seed < 2**64")
+        seed = request.seed if request.seed is not None else secrets.randbits(63)  # check_fields checked a given one
         return GenerationPlan(
             task=m.task, family=m.family, prompt=request.prompt, negative_prompt=negative, geometry=geometry,
             seed=seed, sampler=sampler_name, shift=shift, guide_scale=guide, enable_cfg=d.enable_cfg,
             boundary=boundary, boundary_step_index=boundary_step_index,
             denoising_step_list=d.denoising_step_list, fps=d.fps, steps=step_plans, warnings=warnings,
-            vae_tiling=Tiling.for_stride(m.vae.stride[1]) if request.vae_tiling else None, **plan_images,
+            vae_tiling=Tiling.for_stride(m.vae.stride[1]) if request.vae_tiling else None,
+            context_scale=float(request.context_scale) if request.context_scale is not None else 1.0, **plan_images,
         )
 
     def _check_inputs(self, request: GenerationRequest) -> None:
@@ -291,10 +294,25 @@ class WanPipeline:
             raise RequestError("prompt", "--prompt is empty")
         if task == "t2v" and (request.image is not None or request.last_image is not None):
             raise RequestError("image" if request.image is not None else "last_image", f"this bundle is a text-to-video model ({m.family} t2v); it takes no --image/--last-image")
+        for name in VACE_FIELDS:
+            if task != "vace" and getattr(request, name) not in (None, []):
+                raise RequestError(name, f"{option_name(name)} is only for VACE bundles; this one is {m.family} {task}")
+        if task == "vace":
+            if request.image is not None or request.last_image is not None:
+                raise RequestError("image" if request.image is not None else "last_image",
+                                   "this bundle is a VACE model; it takes --video, --mask and --ref-image, not --image/--last-image")
+            if request.mask is not None and request.video is None:
+                raise RequestError("mask", "--mask needs --video (the frames the mask edits)")
+            if request.video is not None and (request.height is not None or request.width is not None):
+                raise RequestError("height" if request.height is not None else "width",
+                                   "--video gives the size of the output; drop --height/--width")
         if task in IMAGE_TASKS and request.image is None:
             raise RequestError("image", f"this bundle is an {task} model; --image is required")
         if task == "flf2v" and request.last_image is None:
             raise RequestError("last_image", "this bundle is a first-last-frame model (flf2v); --last-image is required")
+        animate_only = [f for f in ANIMATE_FIELDS if getattr(request, f) is not None]
+        if task != "animate" and animate_only:
+            raise RequestError(animate_only[0], f"{option_name(animate_only[0])} is only for Wan2.2-Animate bundles; this one is {task}")
         if task != "flf2v" and request.last_image is not None:
             raise RequestError("last_image", f"--last-image is only for flf2v bundles; this one is {task}")
         if (request.height is None) != (request.width is None) and (task in IMAGE_TASKS or request.image is not None):
@@ -306,6 +324,7 @@ class WanPipeline:
         stride = m.vae.stride
         with request_field("frames"):
             frames = check_frames(request.frames if request.frames is not None else d.frames, stride[0])
+        ref_frames = 0
         multiple = size_multiple(stride)
         given_area = request.height * request.width if request.height and request.width else None
         area = given_area or d.max_area or d.height * d.width
@@ -333,7 +352,17 @@ class WanPipeline:
             width = request.width if request.width is not None else d.width
             with request_field("height", "width"):
                 check_size(height, width, multiple)
-        return VideoGeometry(frames, height, width, stride), plan_images, area
+            if task == "vace":
+                with request_field("video", "mask", "ref_images"):
+                    source, count = load_source(
+                        request.video, request.mask, list(request.ref_images or ()), request.frames, height, width,
+                        d.frames, multiple, stride[0],
+                    )
+                with request_field("frames"):
+                    frames = check_frames(count, stride[0])
+                height, width = source.video.shape[-2:]
+                plan_images["vace"], ref_frames = source, source.ref_frames
+        return VideoGeometry(frames, height, width, stride, ref_frames), plan_images, area
 
     def _default_shift(self, area: int) -> float:
         """The bundle's shift; Wan2.1 `generate.py` uses 3.0 instead of 5.0 for i2v at 832*480 (480p)."""
@@ -367,8 +396,9 @@ class WanPipeline:
             batch = 2 if plan.cfg and signature_max_batch(sig) >= 2 else 1
             latent = (batch, sig.inputs[0].shape[1], g.latent_frames, g.latent_height, g.latent_width)
             dit = {"latent": latent, "timestep": (batch, g.latent_frames) if self.per_frame_timestep else (batch,)}
-            for spec in sig.inputs[2:]:  # context, clip_fea: fixed but for the batch
-                dit[spec.name] = (batch, *spec.shape[1:])
+            grid = {"frames": g.latent_frames, "height": g.latent_height, "width": g.latent_width}
+            for spec in sig.inputs[2:]:  # context, clip_fea: fixed but for the batch; vace_context on the latent grid
+                dit[spec.name] = (batch, *(grid.get(d, d) for d in spec.shape[1:]))
             shapes[name] = dit
         h, w = g.latent_height, g.latent_width
         if plan.vae_tiling is not None and plan.vae_tiling.needed(h, w):
@@ -429,10 +459,18 @@ class WanPipeline:
         return feats.reshape(1, -1, feats.shape[-1]).astype(np.float32, copy=False)
 
     def encode_condition(self, plan: GenerationPlan, memory: VramPlan | None = None) -> np.ndarray:
-        """I2V/FLF2V: `y` = [mask 4 | image latents z] [1, 4+z, F', h', w']; TI2V: the image latent [1, z, 1, h', w']."""
+        """I2V/FLF2V: `y` = [mask 4 | image latents z] [1, 4+z, F', h', w']; TI2V: the image latent [1, z, 1, h', w'];
+        VACE: `vace_context` [1, 96, refs + F', h', w']."""
         from .vae import encode_video
 
         g = plan.geometry
+        if plan.vace is not None:
+            component = self.component("vae_encoder")
+            with self._load("vae_encoder", memory) as engine:
+                def encode(video: np.ndarray) -> np.ndarray:
+                    return encode_video(engine, component, video, plan.vae_tiling, self.progress.enabled).astype(np.float32)
+
+                return vace_context(plan.vace, encode, g.stride[0])
         if plan.task == "ti2v":
             video = plan.condition_image[None, :, None]
         else:
@@ -462,11 +500,16 @@ class WanPipeline:
         stats: RunStats | None = None,
         memory: VramPlan | None = None,
         on_progress: ProgressCallback | None = None,
+        vace: np.ndarray | None = None,
+        inputs: dict[str, np.ndarray] | None = None,
     ) -> np.ndarray:
         """The sampling loop from `noise`; returns the final latents [1, z, F', h', w'].
 
+        `inputs`: other DiT inputs fixed for the run (Animate's `pose_latent`, `face_pixels`).
+
         `y` (I2V/FLF2V) is appended to the latent channels; `image_latent` (TI2V) replaces
-        latent frame 0 before the first step and after every step, with timestep 0 on it.
+        latent frame 0 before the first step and after every step, with timestep 0 on it.  `vace`
+        (VACE's `vace_context`) goes to every call with `context_scale` for each VACE block.
         `on_progress("denoise", i, n)` follows step i of n (it may raise to stop the loop).
         """
         stats = stats if stats is not None else RunStats(self.backend.describe())
@@ -474,7 +517,10 @@ class WanPipeline:
         latents = noise.astype(np.float32, copy=True)
         if image_latent is not None:
             latents[:, :, :1] = image_latent
-        extra = {"clip_fea": clip_fea} if clip_fea is not None else {}
+        extra = {**({"clip_fea": clip_fea} if clip_fea is not None else {}), **(inputs or {})}
+        if vace is not None:
+            blocks = self.component(self.experts[0]).signature.input("context_scale").shape[1]
+            extra.update(vace_context=vace, context_scale=np.full((1, blocks), plan.context_scale, dtype=np.float32))
         paired = pair_static_inputs(context, context_null, extra) if context_null is not None and plan.cfg else None
         if memory is None:
             memory = self.plan_memory(plan)
@@ -497,6 +543,7 @@ class WanPipeline:
                     latents = sampler.step(velocity, latents)
                     if image_latent is not None:
                         latents[:, :, :1] = image_latent
+                    check_finite_latents(latents, step, len(plan.steps))
                     end = time.perf_counter()
                     stats.steps.append(StepRecord(
                         step.index, step.timestep, step.expert, step.guide_scale, step.cfg, calls,
@@ -547,7 +594,7 @@ class WanPipeline:
         names = ["text_encoder"]
         if self.dit_takes_clip:
             names.append("image_encoder")
-        if plan.condition_image is not None:
+        if plan.condition_image is not None or plan.vace is not None:
             names.append("vae_encoder")
         names.append("denoise")
         if decode:
@@ -589,19 +636,38 @@ class WanPipeline:
             context_null = context[1:2] if plan.cfg else None
             clip_fea = timed("image_encoder", self.encode_clip, plan, memory) if "image_encoder" in names else None
             cond = timed("vae_encoder", self.encode_condition, plan, memory) if "vae_encoder" in names else None
-            y, image_latent = (cond, None) if plan.task in IMAGE_TASKS else (None, cond)
+            vace = cond if plan.task == "vace" else None
+            y, image_latent = (cond, None) if plan.task in IMAGE_TASKS else (None, None if vace is not None else cond)
             noise = self.initial_noise(plan)
             latents = timed(
                 "denoise", self.denoise, plan, context[:1], context_null, noise, clip_fea, y, image_latent, stats,
-                memory, on_progress,
+                memory, on_progress, vace,
             )
-            video = timed("vae_decoder", self.decode, latents, plan.vae_tiling, memory) if decode else None
+            # VACE: the reference images' latent frames are dropped before decoding (official decode_latent)
+            video_latents = latents[:, :, plan.geometry.ref_frames:]
+            video = timed("vae_decoder", self.decode, video_latents, plan.vae_tiling, memory) if decode else None
         except DeviceOutOfMemory as e:
             raise VramBudgetError(out_of_memory_line(e, memory)) from None
         finally:
             self.progress.close()
         stats.warnings.extend(self.backend.take_warnings())
         return GenerationResult(plan, latents, video, stats)
+
+
+class NonFiniteLatentsError(WanrtError):
+    """The latents held NaN or infinite values after a denoising step: the video would be black or noise."""
+
+
+def check_finite_latents(latents: np.ndarray, step: StepPlan, steps: int) -> None:
+    """NonFiniteLatentsError naming the step and expert when any latent value is NaN or infinite."""
+    if np.isfinite(latents).all():
+        return
+    bad = int(latents.size - np.count_nonzero(np.isfinite(latents)))
+    raise NonFiniteLatentsError(
+        f"step {step.index + 1} of {steps} ({step.expert}, timestep {step.timestep:g}): {bad} of {latents.size} latent"
+        " values are NaN or infinite, so no video is written; the engine overflowed or its weights are not finite"
+        " (rebuild with --precision fp32, or check the checkpoint and LoRAs the bundle was built from)"
+    )
 
 
 def out_of_memory_line(error: DeviceOutOfMemory, memory: VramPlan) -> str:

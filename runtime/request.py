@@ -11,7 +11,6 @@ Every error it raises about the request is a `RequestError` carrying the field's
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import typing
@@ -20,6 +19,7 @@ from dataclasses import dataclass, fields
 from typing import Iterator
 
 from wanrt.engines.errors import BundleError, WanrtError
+from wanrt.engines.limits import CONTEXT_SCALE_RANGE, SAMPLING_RANGES, SEED_RANGE, NumberRange
 
 from .schedulers import SAMPLERS
 
@@ -41,7 +41,20 @@ class GenerationRequest:
     seed: int | None = None  # None: a random seed (reported in the stats)
     sampler: str | None = None  # "unipc", "euler" or "distill" (needs the bundle's denoising_step_list)
     vae_tiling: bool = False  # encode/decode in overlapping spatial tiles (bounded VAE memory at large sizes)
+    video: str | os.PathLike | None = None  # VACE: control video (file or frames folder); its size is the output's
+    mask: str | os.PathLike | None = None  # VACE: mask video over --video (white: generate, black: keep)
+    ref_images: list | None = None  # VACE: reference image paths, prepended as latent frames
+    context_scale: float | None = None  # VACE: weight of the control hints (official vace_context_scale, 1.0)
+    # Wan2.2-Animate: the official preprocessing's videos (`image` is the reference character image)
+    pose_video: str | os.PathLike | None = None  # skeleton video; sets the output size and length
+    face_video: str | os.PathLike | None = None  # face crops (the motion encoder's size), as many frames as the pose video
+    mode: str | None = None  # "animate" (default) or "replace" (needs background_video and mask_video)
+    background_video: str | os.PathLike | None = None
+    mask_video: str | os.PathLike | None = None
 
+
+ANIMATE_MODES = ("animate", "replace")  # Wan2.2-Animate: animate the image, or replace the person in the video
+ANIMATE_FIELDS = ("pose_video", "face_video", "mode", "background_video", "mask_video")  # Animate bundles only
 
 # field name -> the types its value may have (None included where the field is optional)
 FIELD_TYPES: dict[str, tuple[type, ...]] = {
@@ -49,11 +62,20 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     for name, hint in typing.get_type_hints(GenerationRequest).items()
 }
 FIELDS = tuple(f.name for f in fields(GenerationRequest))
+# request field -> its range (engines.limits: the same table a bundle's and a config's values obey)
+REQUEST_RANGES: dict[str, NumberRange] = {
+    "frames": SAMPLING_RANGES["frames"], "height": SAMPLING_RANGES["height"], "width": SAMPLING_RANGES["width"],
+    "steps": SAMPLING_RANGES["steps"], "guidance": SAMPLING_RANGES["guide_scale"], "shift": SAMPLING_RANGES["shift"],
+    "seed": SEED_RANGE, "context_scale": CONTEXT_SCALE_RANGE,
+}  # fmt: skip
+
+
+OPTION_NAMES = {"ref_images": "--ref-image"}  # fields whose option is not the field's name (given once per image)
 
 
 def option_name(field: str) -> str:
-    """The `run` option of a request field: image -> --image, last_image -> --last-image."""
-    return "--" + field.replace("_", "-")
+    """The `run` option of a request field: image -> --image, last_image -> --last-image, ref_images -> --ref-image."""
+    return OPTION_NAMES.get(field, "--" + field.replace("_", "-"))
 
 
 class RequestError(WanrtError):
@@ -95,7 +117,8 @@ def _type_ok(value: object, allowed: tuple[type, ...]) -> bool:
 
 
 def _expected(allowed: tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", os.PathLike: "a path"}
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", os.PathLike: "a path",
+             list: "a list of paths"}
     kinds = [names[t] for t in allowed if t in names]
     return " or ".join(kinds) + (" (or omitted)" if type(None) in allowed else "")
 
@@ -106,9 +129,13 @@ def check_fields(request: GenerationRequest) -> None:
         value = getattr(request, name)
         if not _type_ok(value, FIELD_TYPES[name]):
             raise RequestError(name, f"{option_name(name)} {value!r}: expected {_expected(FIELD_TYPES[name])}")
-    for name in ("guidance", "shift"):
+    for name, rng in REQUEST_RANGES.items():
         value = getattr(request, name)
-        if value is not None and not math.isfinite(value):
-            raise RequestError(name, f"{option_name(name)} {value!r}: expected a finite number")
+        if value is not None and not rng.contains(value):
+            raise RequestError(name, f"{option_name(name)} {value!r}: expected {rng.expected()}")
+    if request.ref_images is not None and not all(isinstance(p, (str, os.PathLike)) for p in request.ref_images):
+        raise RequestError("ref_images", f"--ref-image {request.ref_images!r}: expected a list of image paths")
+    if request.mode is not None and request.mode not in ANIMATE_MODES:
+        raise RequestError("mode", f"--mode {request.mode!r}: expected one of {', '.join(ANIMATE_MODES)}")
     if request.sampler is not None and request.sampler not in SAMPLERS:
         raise RequestError("sampler", f"--sampler {request.sampler!r}: expected one of {', '.join(SAMPLERS)}")

@@ -26,10 +26,12 @@ class VideoGeometry:
     height: int
     width: int
     stride: tuple[int, int, int]  # VAE (t, h, w) compression
+    ref_frames: int = 0  # VACE: latent frames of reference images before the video's (dropped before decoding)
 
     @property
     def latent_frames(self) -> int:
-        return (self.frames - 1) // self.stride[0] + 1
+        """Latent frames the DiT denoises: the video's, and any reference frames in front."""
+        return (self.frames - 1) // self.stride[0] + 1 + self.ref_frames
 
     @property
     def latent_height(self) -> int:

@@ -54,3 +54,14 @@ def cli_modules() -> Callable[..., tuple[int, set[str]]]:
         return result["exit"], set(result["modules"])
 
     return run
+
+
+@pytest.fixture(scope="session")
+def stub_folder(tmp_path_factory) -> Path:
+    """The stand-in TensorRT libraries (`tests/trt_stub.py`) that let the real bindings import; skips when they cannot be made."""
+    from tests.trt_stub import build_stub_libraries, missing_prerequisite
+
+    reason = missing_prerequisite()
+    if reason:
+        pytest.skip(reason)
+    return build_stub_libraries(tmp_path_factory.mktemp("nvinfer-stub"))

@@ -324,7 +324,7 @@ class _Checker(ast.NodeVisitor):
             name = node.attr
             if name in self.allow:
                 self.checked(node, f"trt.{name} (allowed outside the 11.4 surface)")
-            elif name in self.s.classes or name in self.s.functions or name in self.s.constants or name == "plugin":
+            elif name in self.s.classes or name in self.s.functions or name in self.s.constants or name in ("plugin", "__version__"):
                 self.checked(node, f"trt.{name}")
             else:
                 self.error(node, f"trt.{name} is not in {self.s.module} {SURFACE_VERSION}")

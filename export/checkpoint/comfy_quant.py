@@ -18,10 +18,10 @@ packed weights or block scales can surface as a confusing shape or dtype error.
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from wanrt.engines.errors import CheckpointError
+from wanrt.engines.schema import JsonLimits, load_json
 
 if TYPE_CHECKING:
     from .view import TensorSource
@@ -29,13 +29,11 @@ if TYPE_CHECKING:
 SUFFIX = ".comfy_quant"
 METADATA_KEY = "_quantization_metadata"
 READ_FORMATS = ("float8_e4m3fn", "int8_tensorwise")
+DESCRIPTION_LIMITS = JsonLimits(max_bytes=1 << 20, max_depth=8)  # one layer's description, or the file's table of them
 
 
 def _json(raw: bytes | str, where: str) -> dict[str, Any]:
-    try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{where} is not a JSON description ({e})") from None
+    value = load_json(raw, f"{where} is not a JSON description", CheckpointError, DESCRIPTION_LIMITS)
     if not isinstance(value, dict):
         raise CheckpointError(f"{where} is not a JSON object")
     return value

@@ -26,43 +26,14 @@ from typing import TYPE_CHECKING, Protocol
 
 from wanrt.engines.errors import CheckpointError
 
+from .animate_keys import DIFFUSERS_ANIMATE_MARKERS, diffusers_animate_names, diffusers_res_blocks
 from .companions import HF_PROJECTION, HF_VISION, Shapes
-from .names import NameTable, Row
+from .names import CONCAT, SAME, TRANSPOSE, NameTable, Row, unsqueezed
 from .safetensors_file import TensorHeader
 from .view import TensorSource
 
 if TYPE_CHECKING:  # inspect reads headers without importing torch
     import torch
-
-Shape = tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Transform:
-    """How stored tensors make one official tensor, and how that tensor splits back into them."""
-
-    shape: Callable[[list[Shape]], Shape]  # stored shapes -> official shape
-    combine: Callable[[list[torch.Tensor]], torch.Tensor]
-    split: Callable[[torch.Tensor, int], list[torch.Tensor]]  # (official tensor, number of stored tensors)
-
-
-def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    import torch
-
-    return torch.cat(tensors)
-
-
-SAME = Transform(lambda shapes: shapes[0], lambda ts: ts[0], lambda t, n: [t])  # a row without a transform
-TRANSPOSE = Transform(lambda shapes: tuple(reversed(shapes[0])), lambda ts: ts[0].t().contiguous(), lambda t, n: [t.t().contiguous()])
-CONCAT = Transform(lambda shapes: (sum(s[0] for s in shapes), *shapes[0][1:]), _cat, lambda t, n: list(t.chunk(n)))
-
-
-def unsqueezed(leading: int) -> Transform:
-    """The official tensor is the stored one with `leading` 1-dims in front."""
-    ones = (1,) * leading
-    return Transform(lambda shapes: ones + tuple(shapes[0]), lambda ts: ts[0].reshape(ones + tuple(ts[0].shape)),
-                     lambda t, n: [t.reshape(t.shape[leading:])])
-
 
 # ----------------------------------------------------------------------------- T5
 
@@ -264,3 +235,31 @@ def hf_t5_plan(source: TensorSource) -> dict[str, MappedTensor]:
             raise CheckpointError(f"{source.path}: unexpected key {key!r} for a transformers UMT5EncoderModel")
         plan[official] = MappedTensor((key,), tuple(source.header(key).shape), SAME.combine)
     return plan
+
+
+# ----------------------------------------------------------------------------- Wan2.2-Animate (diffusers)
+
+
+def diffusers_animate_source(source: TensorSource) -> TensorSource:
+    """`source` with its diffusers Animate tensors under official names (other keys unchanged).
+
+    A source without diffusers Animate keys is returned as it is."""
+    keys = source.keys()
+    if not any(k.startswith(("motion_encoder.res_blocks.", "face_adapter.0.")) or k == DIFFUSERS_ANIMATE_MARKERS[1] for k in keys):
+        return source
+    table = diffusers_animate_names(diffusers_res_blocks(keys))
+    shapes = {k: tuple(source.header(k).shape) for k in keys}
+    plan: dict[str, MappedTensor] = {}
+    for key in keys:
+        m = table.match_theirs(key)
+        if m is None:
+            plan[key] = MappedTensor((key,), shapes[key], SAME.combine)
+            continue
+        if m.official in plan:
+            continue
+        missing = [k for k in m.theirs if k not in shapes]
+        if missing:
+            raise CheckpointError(f"{source.path}: {key!r} without {missing[0]!r}; both make the official {m.official!r}")
+        how = m.transform or SAME
+        plan[m.official] = MappedTensor(m.theirs, how.shape([shapes[k] for k in m.theirs]), how.combine)
+    return MappedSource(source, plan)

@@ -4,7 +4,9 @@ Official names are those of `wan/modules/model.py` (`blocks.N.self_attn.q.weight
 The diffusers names are those of `WanTransformer3DModel`, written once as `DIFFUSERS_NAMES`
 (both directions are lookups in it); the rows are the inverse of diffusers'
 `scripts/convert_wan_to_diffusers.py` (note the norm2/norm3 swap: official `norm3` is the
-affine cross-attention norm, diffusers calls it `norm2`).
+affine cross-attention norm, diffusers calls it `norm2`).  A variant's block list (VACE's
+`vace_blocks`, `export.checkpoint.variants`) gets the same block rows, plus its own linears
+(`before_proj` -> `proj_in`, `after_proj` -> `proj_out`).
 """
 
 from __future__ import annotations
@@ -14,12 +16,43 @@ from dataclasses import dataclass, field
 
 from wanrt.engines.errors import CheckpointError
 
+from .animate_keys import ANIMATE_IGNORED, is_animate_key
 from .names import NameTable
+from .variants import BLOCK_LISTS, VARIANT_DIFFUSERS_NAMES, VARIANT_KEYS
 
 # Prefixes other tools put in front of official names (longest first).
 OFFICIAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 
-# official <-> diffusers `WanTransformer3DModel` names, one row per module or parameter (`{n}`: block index).
+# official <-> diffusers names inside one Wan attention block (`blocks.N.`, and every variant's block list).
+BLOCK_ROWS = (
+    ("modulation", "scale_shift_table"),
+    ("self_attn.q", "attn1.to_q"),
+    ("self_attn.k", "attn1.to_k"),
+    ("self_attn.v", "attn1.to_v"),
+    ("self_attn.o", "attn1.to_out.0"),
+    ("self_attn.norm_q", "attn1.norm_q"),
+    ("self_attn.norm_k", "attn1.norm_k"),
+    ("cross_attn.q", "attn2.to_q"),
+    ("cross_attn.k", "attn2.to_k"),
+    ("cross_attn.v", "attn2.to_v"),
+    ("cross_attn.o", "attn2.to_out.0"),
+    ("cross_attn.norm_q", "attn2.norm_q"),
+    ("cross_attn.norm_k", "attn2.norm_k"),
+    ("cross_attn.k_img", "attn2.add_k_proj"),
+    ("cross_attn.v_img", "attn2.add_v_proj"),
+    ("cross_attn.norm_k_img", "attn2.norm_added_k"),
+    ("norm3", "norm2"),  # the affine cross-attention norm
+    ("ffn.0", "ffn.net.0.proj"),
+    ("ffn.2", "ffn.net.2"),
+)
+
+
+def _block_rows(head: str, extra: tuple[tuple[str, str], ...] = ()) -> list[tuple[str, str]]:
+    return [(f"{head}.{{n}}.{o}", f"{head}.{{n}}.{t}") for o, t in BLOCK_ROWS + extra]
+
+
+# official <-> diffusers `WanTransformer3DModel` (and `WanVACETransformer3DModel`) names, one row per module or
+# parameter (`{n}`: block index).
 DIFFUSERS_NAMES = NameTable((
     ("patch_embedding", "patch_embedding"),
     ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
@@ -34,37 +67,22 @@ DIFFUSERS_NAMES = NameTable((
     ("img_emb.emb_pos", "condition_embedder.image_embedder.pos_embed"),
     ("head.head", "proj_out"),
     ("head.modulation", "scale_shift_table"),
-    ("blocks.{n}.modulation", "blocks.{n}.scale_shift_table"),
-    ("blocks.{n}.self_attn.q", "blocks.{n}.attn1.to_q"),
-    ("blocks.{n}.self_attn.k", "blocks.{n}.attn1.to_k"),
-    ("blocks.{n}.self_attn.v", "blocks.{n}.attn1.to_v"),
-    ("blocks.{n}.self_attn.o", "blocks.{n}.attn1.to_out.0"),
-    ("blocks.{n}.self_attn.norm_q", "blocks.{n}.attn1.norm_q"),
-    ("blocks.{n}.self_attn.norm_k", "blocks.{n}.attn1.norm_k"),
-    ("blocks.{n}.cross_attn.q", "blocks.{n}.attn2.to_q"),
-    ("blocks.{n}.cross_attn.k", "blocks.{n}.attn2.to_k"),
-    ("blocks.{n}.cross_attn.v", "blocks.{n}.attn2.to_v"),
-    ("blocks.{n}.cross_attn.o", "blocks.{n}.attn2.to_out.0"),
-    ("blocks.{n}.cross_attn.norm_q", "blocks.{n}.attn2.norm_q"),
-    ("blocks.{n}.cross_attn.norm_k", "blocks.{n}.attn2.norm_k"),
-    ("blocks.{n}.cross_attn.k_img", "blocks.{n}.attn2.add_k_proj"),
-    ("blocks.{n}.cross_attn.v_img", "blocks.{n}.attn2.add_v_proj"),
-    ("blocks.{n}.cross_attn.norm_k_img", "blocks.{n}.attn2.norm_added_k"),
-    ("blocks.{n}.norm3", "blocks.{n}.norm2"),  # the affine cross-attention norm
-    ("blocks.{n}.ffn.0", "blocks.{n}.ffn.net.0.proj"),
-    ("blocks.{n}.ffn.2", "blocks.{n}.ffn.net.2"),
+    *_block_rows("blocks"),
+    *(row for b in BLOCK_LISTS for row in _block_rows(b.name, b.diffusers)),
+    *VARIANT_DIFFUSERS_NAMES,
 ))
 # Keys diffusers checkpoints may carry that the official model has no use for.
-DIFFUSERS_IGNORED = re.compile(r"^blocks\.\d+\.attn2\.norm_added_q\.weight$")
+DIFFUSERS_IGNORED = re.compile(rf"^({'|'.join(('blocks', *(b.name for b in BLOCK_LISTS)))})\.\d+\.attn2\.norm_added_q\.weight$")
 
 # Every key an official Wan DiT state dict may hold (Wan2.1 t2v/i2v/flf2v, Wan2.2 all): outside the
-# blocks, and inside `blocks.N.`.
+# blocks, and inside `blocks.N.`; the implemented variants' keys come from `variants`.
 _PARAMS = ("weight", "bias")
 OFFICIAL_TOP_KEYS = frozenset((
     *(f"{m}.{p}" for m in ("patch_embedding", "text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2",
                            "time_projection.1", "head.head", "img_emb.proj.0", "img_emb.proj.1", "img_emb.proj.3",
                            "img_emb.proj.4") for p in _PARAMS),
     "head.modulation", "img_emb.emb_pos",
+    *VARIANT_KEYS,
 ))  # fmt: skip
 OFFICIAL_BLOCK_KEYS = frozenset((
     "modulation",
@@ -74,6 +92,11 @@ OFFICIAL_BLOCK_KEYS = frozenset((
     "cross_attn.norm_k_img.weight",
     *(f"{m}.{p}" for m in ("norm3", "ffn.0", "ffn.2") for p in _PARAMS),
 ))  # fmt: skip
+# Lists of Wan attention blocks: name -> the keys allowed inside `name.N.`.
+BLOCK_LIST_KEYS: dict[str, frozenset[str]] = {
+    "blocks": OFFICIAL_BLOCK_KEYS,
+    **{b.name: OFFICIAL_BLOCK_KEYS | b.keys for b in BLOCK_LISTS},
+}
 
 # Per-layer quantization companions: LightX2V `weight_scale` [out,1]; ComfyUI `scale_weight`
 # (per tensor) and `scale_input`; newer ComfyUI `input_scale`/`comfy_quant`.
@@ -92,11 +115,13 @@ def official_to_diffusers(key: str) -> str | None:
 
 
 def is_official_key(key: str) -> bool:
-    """True for a key an official Wan DiT state dict can hold."""
-    if key.startswith("blocks."):
-        index, _, rest = key[len("blocks."):].partition(".")
-        return index.isdigit() and rest in OFFICIAL_BLOCK_KEYS
-    return key in OFFICIAL_TOP_KEYS
+    """True for a key an official Wan DiT state dict can hold (the implemented variants' modules included)."""
+    head, dot, tail = key.partition(".")
+    allowed = BLOCK_LIST_KEYS.get(head) if dot else None
+    if allowed is not None:
+        index, _, rest = tail.partition(".")
+        return index.isdigit() and rest in allowed
+    return key in OFFICIAL_TOP_KEYS or is_animate_key(key)
 
 
 def looks_like_diffusers(keys) -> bool:
@@ -155,6 +180,9 @@ def normalize_keys(keys, where: str = "checkpoint") -> KeyMap:
         layer, dot, leaf = stored.rpartition(".")
         if dot and leaf in SCALE_LEAVES:
             km.scales[stored] = layer + ".weight"
+            continue
+        if ANIMATE_IGNORED.match(bare):
+            km.ignored.append(stored)
             continue
         official = bare
         if form == "diffusers":

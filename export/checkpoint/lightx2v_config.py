@@ -8,6 +8,8 @@ deliberate difference: both Wan2.2 experts use the same precedence
 
 from __future__ import annotations
 
+import difflib
+import functools
 import json
 import os
 import re
@@ -17,6 +19,8 @@ from typing import Any
 
 from wanrt.engines.errors import CheckpointError
 from wanrt.engines.model import SamplingDefaults
+from wanrt.engines.limits import MAX_STEPS, SAMPLING_RANGES, TIMESTEP_RANGE
+from wanrt.engines.schema import load_json, short
 
 
 # dit_quant_scheme -> (storage dtype of the block linears, scale layout) of the files it reads.  Every
@@ -67,10 +71,7 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict[str, Any
         raise CheckpointError(f"{path}: {what} not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read {what} ({e})") from None
-    try:
-        obj = json.loads(strip_json_comments(text))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid {what}: {e.msg} at line {e.lineno} column {e.colno}") from None
+    obj = load_json(strip_json_comments(text), f"{path}: invalid {what}", CheckpointError)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: {what} must hold a JSON object, not {type(obj).__name__}")
     return obj
@@ -104,9 +105,38 @@ IGNORED_KEYS: tuple[tuple[tuple[str, ...], str], ...] = (
 )
 
 
+# Every key wanrt reads from a LightX2V config (the ignored ones included: they get their own note).
+READ_KEYS: tuple[str, ...] = (
+    *SAMPLING_KEYS, *(k for keys in EXPERT_KEYS.values() for k in keys), "dit_quantized", "dit_quant_scheme",
+    "model_path", "model_cls", "t5_original_ckpt", "t5_tokenizer_path", "clip_original_ckpt", "vae_path",
+    "lora_configs", *(k for keys, _ in IGNORED_KEYS for k in keys),
+)  # fmt: skip
+MISSPELLING_CUTOFF = 0.85  # difflib ratio: one or two edits in a key of ten or more characters
+
+
+@functools.cache
+def lightx2v_keys() -> frozenset[str]:
+    """Top-level keys of LightX2V's own configs (data/lightx2v_config_keys.json, its source recorded there)."""
+    data = json.loads((Path(__file__).parent / "data" / "lightx2v_config_keys.json").read_text())
+    return frozenset(data["keys"])
+
+
+def misspelled_key_notes(config: dict[str, Any]) -> list[str]:
+    """A note for each key that no LightX2V config uses but that is close to a key wanrt reads."""
+    known = lightx2v_keys() | set(READ_KEYS)
+    notes = []
+    for key in config:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, READ_KEYS, n=1, cutoff=MISSPELLING_CUTOFF)
+        if close:
+            notes.append(f"{key!r} is not a LightX2V config key and is ignored; did you mean {close[0]!r}?")
+    return notes
+
+
 def config_notes(config: dict[str, Any], experts: list[str]) -> list[str]:
     """Notes on config keys that are set but change nothing here (`experts`: the DiT experts in use)."""
-    notes = []
+    notes = misspelled_key_notes(config)
     for keys, why in IGNORED_KEYS:
         present = [k for k in keys if config.get(k) not in (None, False, "")]
         if present:
@@ -159,12 +189,15 @@ def names_moe(config: dict[str, Any]) -> bool:
 
 def _guide_scale(value: Any, config_path: Path) -> tuple[float, float]:
     """LightX2V's `sample_guide_scale` (a number, or [high_noise, low_noise]) as our (low_noise, high_noise)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    rng = SAMPLING_RANGES["guide_scale"]
+    if rng.contains(value):
         return float(value), float(value)
-    if isinstance(value, list) and len(value) in (1, 2) and all(isinstance(v, (int, float)) for v in value):
+    if isinstance(value, list) and len(value) in (1, 2) and all(rng.contains(v) for v in value):
         high, low = float(value[0]), float(value[-1])  # wan_runner: [0] while high-noise, [1] while low-noise
         return low, high
-    raise CheckpointError(f"{config_path}: sample_guide_scale must be a number or [high_noise, low_noise], not {value!r}")
+    raise CheckpointError(
+        f"{config_path}: sample_guide_scale {short(value)}: expected {rng.expected()}, or [high_noise, low_noise] of them"
+    )
 
 
 def sampling_from_config(base: SamplingDefaults, config: dict[str, Any], config_path: Path) -> SamplingDefaults:
@@ -173,22 +206,27 @@ def sampling_from_config(base: SamplingDefaults, config: dict[str, Any], config_
     A `denoising_step_list` selects the step-distilled sampler; without `enable_cfg` it also
     turns CFG off, as in every LightX2V distill config (LightX2V's own default is off)."""
 
-    def number(key: str, kind: type) -> Any:
-        v = config[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and int(v) != v):
-            raise CheckpointError(f"{config_path}: {key} must be {'an integer' if kind is int else 'a number'}, not {v!r}")
-        return kind(v)
+    def number(key: str, field: str) -> Any:
+        """config[key], checked against the range of SamplingDefaults.`field` (engines.limits)."""
+        v, rng = config[key], SAMPLING_RANGES[field]
+        if not rng.contains(v):
+            raise CheckpointError(f"{config_path}: {key} {short(v)}: expected {rng.expected()}")
+        return int(v) if rng.integer else float(v)
 
     s = replace(base)
     if "denoising_step_list" in config:
         steps = config["denoising_step_list"]
-        if not (isinstance(steps, list) and steps and all(isinstance(t, int) and 0 <= t <= 1000 for t in steps)):
-            raise CheckpointError(f"{config_path}: denoising_step_list must be a list of timesteps in [0, 1000], not {steps!r}")
-        s = replace(s, sampler="distill", denoising_step_list=list(steps), steps=len(steps), enable_cfg=False)
+        if not (isinstance(steps, list) and 0 < len(steps) <= MAX_STEPS and all(TIMESTEP_RANGE.contains(t) for t in steps)):
+            raise CheckpointError(
+                f"{config_path}: denoising_step_list {short(steps)}: expected a list of 1 to {MAX_STEPS} timesteps,"
+                f" each {TIMESTEP_RANGE.expected()}"
+            )
+        steps = [int(t) for t in steps]
+        s = replace(s, sampler="distill", denoising_step_list=steps, steps=len(steps), enable_cfg=False)
     elif "infer_steps" in config:
-        s = replace(s, steps=number("infer_steps", int))
+        s = replace(s, steps=number("infer_steps", "steps"))
     if "sample_shift" in config:
-        s = replace(s, shift=number("sample_shift", float))
+        s = replace(s, shift=number("sample_shift", "shift"))
     if "sample_guide_scale" in config:
         s = replace(s, guide_scale=_guide_scale(config["sample_guide_scale"], config_path))
     if "enable_cfg" in config:
@@ -196,12 +234,12 @@ def sampling_from_config(base: SamplingDefaults, config: dict[str, Any], config_
             raise CheckpointError(f"{config_path}: enable_cfg must be true or false, not {config['enable_cfg']!r}")
         s = replace(s, enable_cfg=config["enable_cfg"])
     if "boundary" in config:
-        s = replace(s, boundary=number("boundary", float))
+        s = replace(s, boundary=number("boundary", "boundary"))
     if "boundary_step_index" in config:
-        s = replace(s, boundary_step_index=number("boundary_step_index", int))
+        s = replace(s, boundary_step_index=number("boundary_step_index", "boundary_step_index"))
     for key, field in (("target_video_length", "frames"), ("target_height", "height"), ("target_width", "width"), ("fps", "fps")):
         if key in config:
-            s = replace(s, **{field: number(key, int)})
+            s = replace(s, **{field: number(key, field)})
     if s.max_area is not None and (s.height, s.width) != (base.height, base.width):
         s = replace(s, max_area=s.height * s.width)  # i2v: the target area follows the configured size
     return s

@@ -7,17 +7,49 @@ tries the whole key, then the key without one of the table's parameter suffixes 
 
 A row may name several stored tensors that make one official tensor (CLIP's q/k/v projections
 are one official `to_qkv`), with a transform that combines them and splits them back
-(`companion_keys.Transform`).  A lookup answers with the row, its names filled in for the key.
+(`Transform`).  A lookup answers with the row, its names filled in for the key.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the tables are read without torch; only combining tensors needs it
+    import torch
+
+Shape = tuple[int, ...]
 
 _INDEX = re.compile(r"\d+")
+
+
+@dataclass(frozen=True)
+class Transform:
+    """How stored tensors make one official tensor, and how that tensor splits back into them."""
+
+    shape: Callable[[list[Shape]], Shape]  # stored shapes -> official shape
+    combine: Callable[[list[torch.Tensor]], torch.Tensor]
+    split: Callable[[torch.Tensor, int], list[torch.Tensor]]  # (official tensor, number of stored tensors)
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    import torch
+
+    return torch.cat(tensors)
+
+
+SAME = Transform(lambda shapes: shapes[0], lambda ts: ts[0], lambda t, n: [t])  # a row without a transform
+TRANSPOSE = Transform(lambda shapes: tuple(reversed(shapes[0])), lambda ts: ts[0].t().contiguous(), lambda t, n: [t.t().contiguous()])
+CONCAT = Transform(lambda shapes: (sum(s[0] for s in shapes), *shapes[0][1:]), _cat, lambda t, n: list(t.chunk(n)))
+
+
+def unsqueezed(leading: int) -> Transform:
+    """The official tensor is the stored one with `leading` 1-dims in front."""
+    ones = (1,) * leading
+    return Transform(lambda shapes: ones + tuple(shapes[0]), lambda ts: ts[0].reshape(ones + tuple(ts[0].shape)),
+                     lambda t, n: [t.reshape(t.shape[leading:])])
 
 
 @dataclass(frozen=True)
@@ -26,7 +58,7 @@ class Row:
 
     official: str
     theirs: tuple[str, ...]
-    transform: Any = None  # how the stored tensors make the official one; None: the one stored tensor as it is
+    transform: Transform | None = None  # how the stored tensors make the official one; None: the one stored tensor as it is
 
 
 class _Templates:

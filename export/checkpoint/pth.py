@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wanrt.engines.errors import CheckpointError
+from wanrt.engines.schema import short
 
 from .safetensors_file import ITEMSIZE
 
@@ -67,10 +68,22 @@ class _Unknown(Exception):
     """The pickle holds something the header reader does not model (torch decides)."""
 
 
+class _Invalid(Exception):
+    """The pickle is well formed but describes an impossible tensor (final: torch is not asked)."""
+
+
+MAX_RANK = 16  # as for safetensors headers: no Wan tensor has more than 5 dims
+MAX_DIM = 2**63 - 1
+
+
 def _rebuild_tensor(storage, _offset, size, *_rest) -> PthTensorInfo:
     if not isinstance(storage, _StorageRef):
         raise _Unknown("tensor without a storage")
-    return PthTensorInfo(storage.dtype, tuple(int(s) for s in size))
+    if not isinstance(size, tuple) or len(size) > MAX_RANK:
+        raise _Invalid(f"a tensor has an invalid shape {short(size)} (expected a tuple of at most {MAX_RANK} sizes)")
+    if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM for s in size):
+        raise _Invalid(f"a tensor has an invalid shape {short(size)} (sizes must be integers in [0, 2**63))")
+    return PthTensorInfo(storage.dtype, size)
 
 
 def _rebuild_parameter(data, *_rest):
@@ -123,8 +136,14 @@ def read_pth_header(path: str | Path) -> dict[str, PthTensorInfo]:
         return state
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
-    except (_Unknown, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError):
-        pass  # legacy (non-zip) format or unusual content: let torch's weights_only loader decide
+    except _Invalid as e:
+        raise CheckpointError(f"{path}: not a valid tensor state dict: {e}") from None
+    except CheckpointError:
+        raise
+    except (OSError, MemoryError) as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from None
+    except Exception:  # noqa: BLE001 - legacy (non-zip) format or content this reader does not model (a bad memo
+        pass  # index is a KeyError, a bad opcode a ValueError...): torch's weights_only loader decides, and its verdict is final
     from .safetensors_file import dtype_name
 
     infos = {}
@@ -182,7 +201,7 @@ def load_pth_state_dict(path: str | Path) -> dict[str, "torch.Tensor"]:
         ) from None
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - RuntimeError, OSError, EOFError, KeyError...: a hostile file never escapes as a traceback
         raise CheckpointError(f"{path}: not a readable .pth file: {_unreadable_reason(e)}") from None
     state = unwrap_state_dict(obj, path)
     if not all(isinstance(v, torch.Tensor) for v in state.values()):

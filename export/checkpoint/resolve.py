@@ -5,31 +5,36 @@
 decides family and task, finds the T5 / CLIP / VAE / tokenizer companions, and turns the
 config's sampling keys into `SamplingDefaults`.
 
-Family/task rules (shapes): two experts -> wan2.2 A14B (in_dim 16 t2v, 36 i2v); out_dim 48 ->
+Family/task rules (shapes): Animate modules (pose_patch_embedding, motion_encoder) -> wan2.2
+animate; two experts -> wan2.2 A14B (in_dim 16 t2v, 36 i2v); out_dim 48 ->
 wan2.2 ti2v; in_dim 36 with img_emb -> wan2.1 i2v (flf2v with img_emb.emb_pos); in_dim 36
-without img_emb -> wan2.2 i2v; in_dim 16 -> wan2.1 t2v.
+without img_emb -> wan2.2 i2v; VACE blocks -> wan2.1 vace; in_dim 16 -> wan2.1 t2v.  Modules of
+a Wan variant wanrt does not implement (`variants.VARIANTS`) are an error naming it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from wanrt.engines.defaults import default_sampling
-from wanrt.engines.errors import CheckpointError
+from wanrt.engines.errors import CheckpointError, WanrtError
 from wanrt.engines.model import DiTConfig, SamplingDefaults
+from wanrt.engines.schema import load_json
 
 from . import lightx2v_config as lx
 from .companions import (
     CLIP_FILE, T5_FILE, VAE_FILES, Companion, candidate_files, find_tokenizer, pick, read_companion,
 )
-from .dit_config import check_config_json, describe, infer_dit_config, is_dit_config_json
+from .animate_keys import animate_summary, find_relighting_lora
+from .companion_keys import diffusers_animate_source
+from .dit_config import check_config_json, declared_vace_layers, describe, infer_dit_config, is_dit_config_json
 from .keys import looks_like_lora, normalize_keys
 from .safetensors_file import SafetensorsFile
 from .shards import INDEX_SUFFIX, ShardIndex, check_index, index_listing, read_index
+from .variants import incomplete_variant, unimplemented_variant
 from .view import WEIGHT_FILE_SUFFIXES, CheckpointView, is_block_linear, open_source
 
 MOE_FOLDERS = {"high_noise": "high_noise_model", "low_noise": "low_noise_model"}
@@ -75,6 +80,7 @@ class ResolvedModel:
     config_path: Path | None = None
     notes: list[str] = field(default_factory=list)  # non-fatal findings worth showing the user
     lone_expert: str | None = None  # "high_noise"/"low_noise" when the single DiT is one expert of a Wan2.2 A14B pair
+    named_loras: dict[str, Path] = field(default_factory=dict)  # LoRAs shipped with the model (`--lora NAME`): Animate's relighting
 
     def moe_expert(self, expert: Expert) -> str | None:
         """Which Wan2.2 A14B expert `expert` holds ("high_noise"/"low_noise"), None for a single-DiT model."""
@@ -111,7 +117,11 @@ class ResolvedModel:
                 "in_dim": d.in_dim, "out_dim": d.out_dim, "text_dim": d.text_dim, "freq_dim": d.freq_dim,
                 "image_branch": d.image_branch, "clip_dim": d.clip_dim if d.image_branch else None,
                 "clip_tokens": d.clip_tokens, "patch_size": list(d.patch_size),
+                "vace_blocks": len(d.vace_layers) if d.vace else None,
+                "vace_layers": list(d.vace_layers) if d.vace else None, "vace_in_dim": d.vace_in_dim,
+                **({"animate": animate_summary(d.animate, d.num_layers)} if d.animate is not None else {}),
             },
+            "named_loras": {name: str(p) for name, p in self.named_loras.items()},
             "text_encoder": _str(self.text_encoder),
             "image_encoder": _str(self.image_encoder),
             "vae": _str(self.vae),
@@ -198,7 +208,7 @@ def _open_expert(name: str, location: Path, root: Path | None) -> Expert:
     sources = [open_source(p) for p in files]
     if any(looks_like_lora(s.keys()) for s in sources):
         raise _lora_error(next(s.path for s in sources if looks_like_lora(s.keys())))
-    view = CheckpointView(sources)
+    view = CheckpointView([diffusers_animate_source(s) for s in sources])  # diffusers Animate: split/reshaped tensors combined
     if index is not None:
         check_index(index, {s.path: s for s in sources})
         if view.layout == "official" and any(p.name == "non_block.safetensors" for p in files):
@@ -239,10 +249,16 @@ def resolve_model(path: str | os.PathLike, config: str | os.PathLike | None = No
     for e in experts:
         if looks_like_lora(e.view.keymap.unknown) and not e.view.keymap.to_source:
             raise _lora_error(e.files[0])
+        unimplemented_variant(e.view.unknown_keys, _where(e), bare=_bare(e))
     dit = _dit_config(experts)
+    if dit.vace and all(_declared_vace_layers(e) is None for e in experts):
+        notes.append(f"vace_layers {list(dit.vace_layers)}: no config.json (or convert metadata) says where the {len(dit.vace_layers)} VACE blocks"
+                     " feed in; they are evenly spaced, as in the official VACE-1.3B and VACE-14B releases")
     for e in experts:
         _check_storage(e)
     family, task = _family_task(experts, dit)
+    for e in experts:
+        incomplete_variant(e.view.unknown_keys, task, _where(e), bare=_bare(e))
     record = _convert_record(experts)
     lone, known_from = _lone_expert_name(experts, record)
     if lone is not None:
@@ -279,6 +295,10 @@ def resolve_model(path: str | os.PathLike, config: str | os.PathLike | None = No
         notes.append(f"{family} {task} needs the CLIP image encoder ({CLIP_FILE}) but none was found")
     if t5 is None:
         notes.append(f"no T5 text encoder ({T5_FILE}) found")
+    named_loras = {}
+    if task == "animate" and (relighting := find_relighting_lora(companion_roots)) is not None:
+        named_loras["relighting"] = relighting
+        notes.append(f"relighting LoRA found ({relighting}); merge it with --lora relighting (the official replacement mode uses it)")
     return ResolvedModel(
         family=family, task=task, experts=experts, dit=dit,
         text_encoder=t5.path if t5 else None,
@@ -287,6 +307,7 @@ def resolve_model(path: str | os.PathLike, config: str | os.PathLike | None = No
         vae_version=vae.version if vae else None,
         tokenizer=tokenizer,
         sampling=sampling, config=cfg, source=path, config_path=cfg_path, notes=notes, lone_expert=lone,
+        named_loras=named_loras,
     )
 
 
@@ -340,13 +361,31 @@ def _locate_experts(path: Path, root: Path, cfg: dict | None, cfg_path: Path | N
 
 
 def _dit_config(experts: list[Expert]) -> DiTConfig:
-    configs = [infer_dit_config(e.view.shapes(), _where(e), e.view.unknown_keys) for e in experts]
+    configs = [infer_dit_config(e.view.shapes(), _where(e), e.view.unknown_keys, _declared_vace_layers(e)) for e in experts]
     if len(configs) == 2 and configs[0] != configs[1]:
         raise CheckpointError(
             f"the high_noise expert ({_where(experts[0])}: {describe(configs[0])}) and the low_noise expert"
             f" ({_where(experts[1])}: {describe(configs[1])}) have different architectures"
         )
     return configs[0]
+
+
+def _bare(expert: Expert):
+    """A stored key of this expert -> its name without the file's prefix (`model.diffusion_model.`, ...)."""
+    prefix = expert.view.keymap.prefix
+    return lambda key: key.removeprefix(prefix)
+
+
+def _declared_vace_layers(expert: Expert) -> tuple[int, ...] | None:
+    """The vace_layers of the expert's config.json, else of its `cli.py convert` metadata, if either says."""
+    if expert.config_json is not None:
+        layers = declared_vace_layers(lx.read_json(expert.config_json, "config.json"), expert.config_json)
+        if layers is not None:
+            return layers
+    record = _convert_record([expert])
+    if record is not None and record.get("vace_layers") is not None:
+        return declared_vace_layers(record, Path(f"{expert.files[0]} ({CONVERT_METADATA_KEY} metadata)"))
+    return None
 
 
 def _check_storage(expert: Expert) -> None:
@@ -362,16 +401,31 @@ def _check_storage(expert: Expert) -> None:
 def _family_task(experts: list[Expert], dit: DiTConfig) -> tuple[str, str]:
     where = _where(experts[0])
     if len(experts) == 2:
+        if dit.vace:
+            raise CheckpointError(f"{where}: two experts with VACE blocks (a Wan2.2 A14B VACE model); wanrt runs"
+                                  " Wan2.1-VACE (one DiT) only")
         tasks = {16: "t2v", 36: "i2v"}
         if dit.in_dim not in tasks or dit.out_dim != 16:
             raise CheckpointError(f"{where}: a two-expert model with in_dim {dit.in_dim}, out_dim {dit.out_dim}; Wan2.2 A14B has 16 or 36 in, 16 out")
         return "wan2.2", tasks[dit.in_dim]
+    if dit.animate is not None:
+        if (dit.in_dim, dit.out_dim, dit.image_branch) != (36, 16, True):
+            raise CheckpointError(f"{where}: Wan2.2-Animate modules on a DiT with in_dim {dit.in_dim}, out_dim {dit.out_dim},"
+                                  f" image branch {dit.image_branch}; Animate-14B is the Wan2.1 I2V DiT (36 in, 16 out, img_emb)")
+        return "wan2.2", "animate"
     if dit.out_dim == 48:
         if dit.in_dim != 48:
             raise CheckpointError(f"{where}: out_dim 48 (Wan2.2 TI2V-5B) needs in_dim 48, found {dit.in_dim}")
         return "wan2.2", "ti2v"
     if dit.out_dim != 16:
         raise CheckpointError(f"{where}: out_dim {dit.out_dim}; Wan models output 16 (Wan2.1 VAE) or 48 (Wan2.2 VAE) channels")
+    if dit.vace:
+        if dit.in_dim != 16 or dit.image_branch:
+            raise CheckpointError(
+                f"{where}: VACE blocks on a DiT with in_dim {dit.in_dim}{' and an image branch' if dit.image_branch else ''};"
+                " Wan2.1-VACE is a text-to-video DiT (in_dim 16, no img_emb)"
+            )
+        return "wan2.1", "vace"
     if dit.in_dim == 36:
         if dit.image_branch:
             return "wan2.1", "flf2v" if dit.clip_tokens == 514 else "i2v"
@@ -389,8 +443,8 @@ def _convert_record(experts: list[Expert]) -> dict[str, Any] | None:
         return None
     raw = experts[0].view.sources[0].metadata.get(CONVERT_METADATA_KEY)
     try:
-        record = json.loads(raw) if raw else None
-    except ValueError:
+        record = load_json(raw, CONVERT_METADATA_KEY) if raw else None
+    except WanrtError:
         return None
     return record if isinstance(record, dict) else None
 

@@ -8,7 +8,6 @@ Parsing headers needs no torch (so `inspect` stays fast); torch is imported on t
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import struct
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wanrt.engines.errors import CheckpointError
+from wanrt.engines.schema import JsonLimits, describe, load_json, short
 
 if TYPE_CHECKING:
     import torch
@@ -187,7 +187,18 @@ def empty_bytes(nbytes: int) -> "torch.Tensor":
     return buf
 
 
-def _parse_header(path: Path) -> tuple[dict[str, TensorHeader], dict[str, str]]:
+# What a header may hold before any arithmetic is done on it: a header is untrusted input.
+HEADER_LIMITS = JsonLimits(max_bytes=MAX_HEADER_SIZE, max_depth=3, max_number_chars=20)  # 20 digits: a uint64
+MAX_RANK = 16  # no Wan tensor has more than 5 dims; torch itself allows at most 64
+MAX_DIM = 2**63 - 1
+
+
+def _header_error(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: corrupt safetensors header: {what}")
+
+
+def _read_header_bytes(path: Path) -> tuple[bytes, int, int]:
+    """(the header's JSON bytes, its length n, the file size); the length checked against the file."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -196,50 +207,72 @@ def _parse_header(path: Path) -> tuple[dict[str, TensorHeader], dict[str, str]]:
                 raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER_SIZE or 8 + n > size:
-                raise CheckpointError(
-                    f"{path}: corrupt safetensors header: header length {n} runs past the end of the file ({size} bytes)"
-                )
-            raw = f.read(n)
+                raise _header_error(path, f"header length {n} runs past the end of the file ({size} bytes)"
+                                    if 8 + n > size else f"header length {n} is over the {MAX_HEADER_SIZE}-byte limit")  # fmt: skip
+            return f.read(n), n, size
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header: not valid JSON ({e})") from None
+
+
+def _checked_shape(path: Path, key: str, shape: Any) -> tuple[int, ...]:
+    """A shape: a list of at most MAX_RANK non-negative integers, each below 2**63."""
+    if not isinstance(shape, list) or len(shape) > MAX_RANK:
+        raise CheckpointError(f"{path}: tensor {short(key)} has an invalid shape {short(shape)}"
+                              f" (expected a list of at most {MAX_RANK} sizes)")  # fmt: skip
+    for dim in shape:
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= dim <= MAX_DIM:
+            raise CheckpointError(f"{path}: tensor {short(key)} has an invalid shape {short(shape)}"
+                                  f" (dimension {short(dim)} is not an integer in [0, 2**63))")  # fmt: skip
+    return tuple(shape)
+
+
+def _parse_entry(path: Path, key: str, entry: Any, data_start: int, data_size: int) -> TensorHeader:
+    """One tensor entry, checked: dtype known, shape bounded, offsets inside the data section and matching the size."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise _header_error(path, f"entry {short(key)} lacks dtype/shape/data_offsets")
+    st_dtype, offsets = entry["dtype"], entry["data_offsets"]
+    if not isinstance(st_dtype, str) or st_dtype not in ST_DTYPES:
+        raise CheckpointError(f"{path}: tensor {short(key)} has unknown dtype {short(st_dtype)}; supported: {', '.join(ST_DTYPES)}")
+    shape = _checked_shape(path, key, entry["shape"])
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):  # fmt: skip
+        raise CheckpointError(f"{path}: tensor {short(key)} has invalid data_offsets {short(offsets)}")
+    begin, end = offsets
+    if end > data_size:
+        raise CheckpointError(
+            f"{path}: tensor {short(key)} data_offsets [{begin}, {end}] out of range: the data section holds {data_size} bytes"
+            " (file truncated or corrupt)"
+        )
+    name, _, itemsize = ST_DTYPES[st_dtype]
+    needed = itemsize
+    for dim in shape:  # stops as soon as the product passes the span: no arithmetic on huge products
+        needed *= dim
+        if needed > end - begin:
+            break
+    if needed != end - begin:
+        wants = f"needs {needed}" if needed <= data_size else f"needs more than the {data_size}-byte data section"
+        raise CheckpointError(f"{path}: tensor {short(key)} spans {end - begin} bytes but {st_dtype} {short(list(shape))} {wants}")
+    return TensorHeader(key, name, shape, data_start + begin, data_start + end)
+
+
+def _parse_header(path: Path) -> tuple[dict[str, TensorHeader], dict[str, str]]:
+    """Every tensor entry and the metadata of a safetensors file, or one CheckpointError naming what is wrong.
+
+    The header is bounded before it is parsed (size, nesting, number length) and each entry before
+    any arithmetic (rank, dims), so a hostile header fails fast with a short message.
+    """
+    raw, n, size = _read_header_bytes(path)
+    header = load_json(raw, f"{path}: corrupt safetensors header", CheckpointError, HEADER_LIMITS)
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header: expected a JSON object")
+        raise _header_error(path, f"expected a JSON object, got {describe(header)}")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ must be an object of strings")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _header_error(path, "__metadata__ must be an object of strings")
     data_start = 8 + n
     data_size = size - data_start
-    tensors: dict[str, TensorHeader] = {}
-    for key, entry in header.items():
-        try:
-            st_dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header: entry {key!r} lacks dtype/shape/data_offsets") from None
-        if st_dtype not in ST_DTYPES:
-            raise CheckpointError(
-                f"{path}: tensor {key!r} has unknown dtype {st_dtype!r}; supported: {', '.join(ST_DTYPES)}"
-            )
-        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
-            raise CheckpointError(f"{path}: tensor {key!r} has an invalid shape {shape!r}")
-        name, _, itemsize = ST_DTYPES[st_dtype]
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
-            raise CheckpointError(f"{path}: tensor {key!r} has invalid data_offsets [{begin}, {end}]")
-        if end > data_size:
-            raise CheckpointError(
-                f"{path}: tensor {key!r} data_offsets [{begin}, {end}] out of range: the data section holds {data_size} bytes"
-                " (file truncated or corrupt)"
-            )
-        if end - begin != math.prod(shape) * itemsize:
-            raise CheckpointError(
-                f"{path}: tensor {key!r} spans {end - begin} bytes but {st_dtype} {shape} needs {math.prod(shape) * itemsize}"
-            )
-        tensors[key] = TensorHeader(key, name, tuple(shape), data_start + begin, data_start + end)
+    tensors = {key: _parse_entry(path, key, entry, data_start, data_size) for key, entry in header.items()}
     spans = sorted((t.begin, t.end, t.key) for t in tensors.values() if t.end > t.begin)
     for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
         if b1 < e0:
-            raise CheckpointError(f"{path}: corrupt safetensors header: tensors {k0!r} and {k1!r} overlap")
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+            raise _header_error(path, f"tensors {short(k0)} and {short(k1)} overlap")
+    return tensors, dict(metadata)

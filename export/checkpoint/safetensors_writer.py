@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from wanrt.engines.errors import CheckpointError
-from wanrt.engines.files import commit_temporary, discard_temporary, new_temporary
+from wanrt.engines.files import commit_temporary, discard_temporary, disk_error, is_write_failure, new_temporary
 
 from .safetensors_file import NAME_TO_ST, dtype_name
 
@@ -98,20 +98,29 @@ class SafetensorsWriter:
         self.data_start = len(head)
         self.size = self.data_start + sum(s.nbytes for s in self.specs.values())
         self.written: set[str] = set()
-        self.tmp_path = new_temporary(self.path)
-        fd = os.open(self.tmp_path, os.O_RDWR)
-        self._fd: int | None = fd
+        self._fd: int | None = None
+        self.tmp_path = self._disk_errors(new_temporary, self.path)
+        self._fd = os.open(self.tmp_path, os.O_RDWR)
         try:
-            os.ftruncate(fd, self.size)
+            self._disk_errors(os.ftruncate, self._fd, self.size)
             self._pwrite(memoryview(head), 0)
         except BaseException:
             self.abort()
             raise
 
+    def _disk_errors(self, fn, *args):
+        """fn(*args), a full disk / quota / I/O error becoming one DiskError naming the file and its size."""
+        try:
+            return fn(*args)
+        except OSError as e:
+            if is_write_failure(e):
+                raise disk_error(e, self.path, None, self.size) from None
+            raise
+
     def _pwrite(self, data: memoryview, offset: int) -> None:
         assert self._fd is not None
         while len(data):
-            n = os.pwrite(self._fd, data, offset)
+            n = self._disk_errors(os.pwrite, self._fd, data, offset)
             data, offset = data[n:], offset + n
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
@@ -141,7 +150,7 @@ class SafetensorsWriter:
         try:
             os.close(self._fd)
             self._fd = None
-            commit_temporary(self.tmp_path, self.path, fsync=self.fsync)
+            self._disk_errors(commit_temporary, self.tmp_path, self.path, self.fsync)
         except BaseException:
             self.abort()
             raise
@@ -152,7 +161,8 @@ class SafetensorsWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        discard_temporary(self.tmp_path)
+        if getattr(self, "tmp_path", None) is not None:
+            discard_temporary(self.tmp_path)
 
     def __enter__(self) -> "SafetensorsWriter":
         return self

@@ -5,7 +5,8 @@ Facts (shared/reference/lightx2v-formats.md §1, peer-formats.md §2, LightX2V
 `tools/convert/converter.py::quantize_model` and `tools/convert/quant/quant.py`):
 - `official`: every tensor fp32 (the Wan-AI releases), official names.
 - `diffusers`: every tensor fp32, `WanTransformer3DModel` names.
-- `lightx2v`: official names; the block linears (2-D `self_attn`/`cross_attn`/`ffn` weights) as
+- `lightx2v`: official names; the block linears (2-D `self_attn`/`cross_attn`/`ffn` weights, in VACE's
+  `vace_blocks.N.` too with their `before_proj`/`after_proj`) as
   fp8 e4m3 or int8 codes with `<layer>.weight_scale` [out, 1] (one scale per output channel),
   every other tensor bf16 (`--non_linear_dtype torch.bfloat16`).  LightX2V's converter keeps a
   scale in its source weight's dtype: fp32 from the official release, so fp32 here.
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 
 from wanrt.calibration.formats import FORMATS
 
+from .variants import BLOCK_LISTS
+
 # Stored dtypes that hold codes (real value = code * scale), and those a scale may be stored in.
 QUANTIZED_DTYPES = ("fp8_e4m3", "fp8_e5m2", "int8")
 SCALE_DTYPES = ("fp32", "bf16", "fp16")
@@ -30,16 +33,33 @@ BLOCK_LINEARS = (
     "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2",
 )  # fmt: skip
 BLOCK_LINEAR_SUFFIXES = tuple(f".{m}.weight" for m in BLOCK_LINEARS)
+# Lists of Wan attention blocks -> the linear weight suffixes inside them (a variant's blocks add linears:
+# VACE's before_proj / after_proj, which LightX2V's VACE loader reads in the quantized scheme too).
+BLOCK_LIST_LINEARS: dict[str, tuple[str, ...]] = {
+    "blocks.": BLOCK_LINEAR_SUFFIXES,
+    **{f"{b.name}.": BLOCK_LINEAR_SUFFIXES + tuple(f".{m}.weight" for m in b.linears) for b in BLOCK_LISTS},
+}
 
 
 def is_block_linear(key: str) -> bool:
-    """True for an official key naming a block linear weight (the ones fp8/int8 files quantize)."""
-    return key.startswith("blocks.") and key.endswith(BLOCK_LINEAR_SUFFIXES)
+    """True for an official key naming a block linear weight (the ones fp8/int8 files quantize), VACE blocks' too."""
+    head = key[: key.find(".") + 1]
+    suffixes = BLOCK_LIST_LINEARS.get(head)
+    return suffixes is not None and key.endswith(suffixes)
+
+
+# Wan2.2-Animate's face adapter linears: LightX2V's `wan_animate_dit` mode quantizes them too.
+FACE_ADAPTER_LINEAR_SUFFIXES = (".linear1_kv.weight", ".linear1_q.weight", ".linear2.weight")
+
+
+def is_face_adapter_linear(key: str) -> bool:
+    """True for an official key naming a face adapter linear weight (Wan2.2-Animate)."""
+    return key.startswith("face_adapter.fuser_blocks.") and key.endswith(FACE_ADAPTER_LINEAR_SUFFIXES)
 
 
 def quantizable(key: str, shape: tuple[int, ...]) -> bool:
-    """True for the tensors a quantized layout stores as codes: 2-D block linear weights."""
-    return is_block_linear(key) and len(shape) == 2
+    """True for the tensors a quantized layout stores as codes: 2-D block (and face adapter) linear weights."""
+    return (is_block_linear(key) or is_face_adapter_linear(key)) and len(shape) == 2
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,25 @@
-"""LoRA support: read every common key form, merge into any precision, lazily per tensor."""
+"""LoRA support: read every common key form, merge into any precision, lazily per tensor.
 
-from .keys import LoraTerms, parse_key, resolve_terms
-from .merge import LoraMatch, MergedRef, MergedView, MergeReport, apply_loras, match_lora
+The merge (torch) is imported on first use, so `inspect` can check a config's LoRAs
+(`spec`, `keys`: headers only) without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .keys import LoraTerms, parse_key, resolve_lora_file, resolve_terms
 from .spec import LoraError, LoraSpec, lora_records, loras_from_config, normalize_expert, parse_lora_arg
+
+_MERGE_NAMES = ("LoraMatch", "MergedRef", "MergedView", "MergeReport", "apply_loras", "match_lora")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MERGE_NAMES:
+        return getattr(importlib.import_module(".merge", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "LoraError",
@@ -19,5 +36,6 @@ __all__ = [
     "normalize_expert",
     "parse_key",
     "parse_lora_arg",
+    "resolve_lora_file",
     "resolve_terms",
 ]

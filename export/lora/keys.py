@@ -22,8 +22,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from wanrt.export.checkpoint.keys import diffusers_to_official, is_official_key, official_to_diffusers
+from wanrt.export.checkpoint.view import TensorSource, open_source
 
-from .spec import LoraError
+from .spec import LoraError, LoraSpec
 
 # Prefixes trainers and UIs put in front of module names; stripped repeatedly, longest first.
 LORA_PREFIXES = (
@@ -294,3 +295,38 @@ def lightx2v_differences(terms: LoraTerms) -> dict[str, list[str]]:
     for d in terms.deltas:
         check(d.key, d.target)
     return found
+
+
+MAX_KEY_EXAMPLES = 3
+
+
+def lora_key_examples(skipped: list[tuple[str, str | None]]) -> str:
+    """Up to MAX_KEY_EXAMPLES skipped keys, one per distinct target."""
+    parts, seen = [], set()
+    for key, target in skipped:
+        if target in seen and target is not None:
+            continue
+        seen.add(target)
+        parts.append(f"{key} (base has no {target})" if target else key)
+        if len(parts) == MAX_KEY_EXAMPLES:
+            break
+    return ", ".join(parts) + (", ..." if len(skipped) > len(parts) else "")
+
+
+def resolve_lora_file(spec: LoraSpec, base_keys: Iterable[str]) -> tuple[TensorSource, list[str], LoraTerms]:
+    """Open a LoRA file (headers only) and resolve its keys against the base: (source, its keys, the terms).
+
+    LoraError when the file is missing or unreadable, or when none of its keys patches the base;
+    `convert`/`build-engine` merge from the terms, `inspect --config` stops here (no torch)."""
+    if not spec.path.is_file():
+        raise LoraError(f"LoRA {spec.path}: no such file")
+    base = list(base_keys)
+    source = open_source(spec.path)
+    keys = source.keys()
+    terms = resolve_terms(str(spec.path), keys, base)
+    if not terms.low_rank and not terms.deltas:
+        raise LoraError(
+            f"LoRA {spec.path} matches none of the base's {len(base)} tensors (is it for another model?);"
+            f" its keys look like: {lora_key_examples(terms.unmatched)}"
+        )
+    return source, keys, terms

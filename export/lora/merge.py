@@ -28,15 +28,24 @@ from wanrt.calibration.quant import (
 )
 from wanrt.export.checkpoint.safetensors_file import torch_dtype
 from wanrt.export.checkpoint.storage import QUANTIZED_DTYPES, SCALE_AXES
-from wanrt.export.checkpoint.view import TensorSource, open_source
+from wanrt.export.checkpoint.view import TensorSource
 
-from .keys import DeltaTerm, LowRankTerm, lightx2v_differences, resolve_terms
+from .keys import MAX_KEY_EXAMPLES, LowRankTerm, lightx2v_differences, lora_key_examples, resolve_lora_file
 from .spec import LoraError, LoraSpec
 
 log = logging.getLogger("wanrt.lora")
 
 EXPERTS = ("dit", "high_noise", "low_noise")
-MAX_EXAMPLES = 3
+
+
+def read_finite(source: TensorSource, key: str) -> torch.Tensor:
+    """A LoRA tensor in float32; LoraError naming the file and key when it holds NaN or infinite values."""
+    t = source.read(key).to(torch.float32)
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad = int(finite.numel() - finite.sum())
+        raise LoraError(f"{source.path}: {key!r} holds {bad} NaN or infinite value(s) of {t.numel()}; a LoRA must be finite")
+    return t
 
 
 @dataclass(frozen=True)
@@ -49,8 +58,8 @@ class LowRankPatch:
     scale: float
 
     def add_to(self, w: torch.Tensor) -> None:
-        up = self.source.read(self.up).to(torch.float32)
-        down = self.source.read(self.down).to(torch.float32)
+        up = read_finite(self.source, self.up)
+        down = read_finite(self.source, self.down)
         w.view(w.shape[0], -1).addmm_(up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1), alpha=self.scale)
 
 
@@ -63,7 +72,7 @@ class DeltaPatch:
     scale: float
 
     def add_to(self, w: torch.Tensor) -> None:
-        w.add_(self.source.read(self.key).to(torch.float32).reshape(w.shape), alpha=self.scale)  # same shape up to size-1 dims
+        w.add_(read_finite(self.source, self.key).reshape(w.shape), alpha=self.scale)  # same shape up to size-1 dims
 
 
 Patch = LowRankPatch | DeltaPatch
@@ -87,7 +96,7 @@ class LoraMatch:
             "keys": self.keys,
             "patched_tensors": len(self.patched),
             "skipped_keys": len(self.skipped),
-            "skipped_examples": [k for k, _ in self.skipped[:MAX_EXAMPLES]],
+            "skipped_examples": [k for k, _ in self.skipped[:MAX_KEY_EXAMPLES]],
             "notes": self.notes,
         }
 
@@ -141,6 +150,8 @@ class MergedRef:
         w = self.base.load(torch.float32)
         for patch in self.patches:
             patch.add_to(w)
+        if not bool(torch.isfinite(w).all()):
+            raise LoraError(f"{self.key}: merging the LoRAs gives NaN or infinite weights (a strength or alpha too large?)")
         return w
 
     def load_stored(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -282,26 +293,9 @@ def _delta_patch(source: TensorSource, key: str, target: str, base_shape: tuple[
     return DeltaPatch(source, key, scale)
 
 
-def _examples(skipped: list[tuple[str, str | None]]) -> str:
-    """Up to MAX_EXAMPLES skipped keys, one per distinct target."""
-    parts, seen = [], set()
-    for key, target in skipped:
-        if target in seen and target is not None:
-            continue
-        seen.add(target)
-        parts.append(f"{key} (base has no {target})" if target else key)
-        if len(parts) == MAX_EXAMPLES:
-            break
-    return ", ".join(parts) + (", ..." if len(skipped) > len(parts) else "")
-
-
 def match_lora(spec: LoraSpec, base: Mapping[str, Any], strict: bool = False) -> tuple[LoraMatch, dict[str, list[Patch]]]:
     """Resolve one LoRA against a base view: its patches per official key, and what was skipped."""
-    if not spec.path.is_file():
-        raise LoraError(f"LoRA {spec.path}: no such file")
-    source = open_source(spec.path)
-    keys = source.keys()
-    terms = resolve_terms(str(spec.path), keys, base.keys())
+    source, keys, terms = resolve_lora_file(spec, base)
     match = LoraMatch(spec, keys=len(keys), skipped=list(terms.unmatched))
     patches: dict[str, list[Patch]] = {}
     zero_alphas: list[str] = []
@@ -314,16 +308,11 @@ def match_lora(spec: LoraSpec, base: Mapping[str, Any], strict: bool = False) ->
     for term in terms.deltas:
         patches.setdefault(term.target, []).append(_delta_patch(source, term.key, term.target, tuple(base[term.target].shape), spec.strength))
     match.patched = sorted(patches)
-    if not patches:
-        raise LoraError(
-            f"LoRA {spec.path} matches none of the base's {len(base)} tensors (is it for another model?);"
-            f" its keys look like: {_examples(match.skipped)}"
-        )
     if match.skipped:
         unmatched = f"LoRA {spec.path}: {len(match.skipped)} of {len(keys)} keys match nothing in the base model"
         if strict:
-            raise LoraError(f"{unmatched}, e.g. {_examples(match.skipped)}; with --lora-strict every key must match a base tensor")
-        log.warning("warning: %s and are skipped, e.g. %s", unmatched, _examples(match.skipped))
+            raise LoraError(f"{unmatched}, e.g. {lora_key_examples(match.skipped)}; with --lora-strict every key must match a base tensor")
+        log.warning("warning: %s and are skipped, e.g. %s", unmatched, lora_key_examples(match.skipped))
     match.notes = _notes(spec, zero_alphas, lightx2v_differences(terms))
     for note in match.notes:
         log.warning("note: %s", note)  # the level the CLI shows by default, as the warnings above

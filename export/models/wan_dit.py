@@ -30,7 +30,8 @@ them like the official scheduler does before calling the engine).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,7 @@ ROPE_THETA = 10000.0
 IMG_EMB_EPS = 1e-5  # img_emb LayerNorms (MLPProj uses torch's default eps)
 # Parameters kept in float32 whatever the model dtype: the official fp32 islands, and the patch
 # embedding (ONNX Conv has no bf16 before opset 22; it runs once per step).
-FP32_PREFIXES = ("time_embedding.", "time_projection.", "head.", "patch_embedding.")
+FP32_PREFIXES = ("time_embedding.", "time_projection.", "head.", "patch_embedding.", "vace_patch_embedding.")
 FP32_SUFFIXES = (
     "modulation", "emb_pos", "norm_q.weight", "norm_k.weight", "norm_k_img.weight", "norm3.weight", "norm3.bias",
     "img_emb.proj.0.weight", "img_emb.proj.0.bias", "img_emb.proj.4.weight", "img_emb.proj.4.bias",
@@ -78,6 +79,7 @@ def signature_for(cfg: DiTConfig, per_frame_timestep: bool | None = None) -> Eng
         cfg.in_dim, cfg.out_dim, cfg.text_dim,
         clip_tokens=cfg.clip_tokens if cfg.image_branch else None,
         per_frame_timestep=per_frame, text_len=cfg.text_len, clip_dim=cfg.clip_dim,
+        vace_in_dim=cfg.vace_in_dim if cfg.vace else None, vace_blocks=len(cfg.vace_layers),
     )
 
 
@@ -279,6 +281,8 @@ class WanDiT(nn.Module):
             raise DiTError(f"unknown attention implementation {attention_impl!r}; expected one of {ATTENTION_IMPLS}")
         if cfg.dim % cfg.num_heads or (cfg.dim // cfg.num_heads) % 2:
             raise DiTError(f"dim {cfg.dim} does not split into {cfg.num_heads} heads of even size")
+        if cfg.vace and type(self) is WanDiT:
+            raise DiTError("a VACE config needs the VACE module (export.models.wan_vace.WanVaceDiT; dit_module picks it)")
         self.cfg = cfg
         self.per_frame_timestep = uses_per_frame_timestep(cfg) if per_frame_timestep is None else per_frame_timestep
         dim = cfg.dim
@@ -302,42 +306,91 @@ class WanDiT(nn.Module):
     ) -> torch.Tensor:
         """latent [B, in_dim, F, H, W], timestep [B] (or [B, F]), context [B, 512, text_dim],
         clip_fea [B, 257|514, clip_dim] (Wan2.1 I2V/FLF2V) -> noise_pred [B, out_dim, F, H, W] float32."""
-        cfg = self.cfg
-        batch = latent.shape[0]
-        pt, ph, pw = cfg.patch_size
-        frames, height, width = latent.shape[2] // pt, latent.shape[3] // ph, latent.shape[4] // pw
+        s = self.embed(latent, timestep, context, clip_fea)
+        self.run_blocks(s)
+        return self.unpatchify(self.head(s.x, s.e), s)
 
-        x = cast(self.patch_embedding(cast(latent, self.patch_embedding.weight.dtype)), torch.float32)
+    def patch_embed(self, latent: torch.Tensor) -> torch.Tensor:
+        """The patch embedding of the latent, float32 [B, D, F/pt, H/ph, W/pw]."""
+        return cast(self.patch_embedding(cast(latent, self.patch_embedding.weight.dtype)), torch.float32)
+
+    def tokens(self, patches: torch.Tensor) -> torch.Tensor:
+        """Patch-embedded [B, D, F, H, W] -> the residual stream layout [B, T, N, D] float32 (T: timestep groups)."""
+        x = cast(patches, torch.float32)
         if self.per_frame_timestep:  # [B, F, H*W, D], one timestep per latent frame
-            x = x.flatten(3).permute(0, 2, 3, 1)
-            t = timestep
-        else:  # [B, 1, F*H*W, D]
-            x = x.flatten(2).transpose(1, 2).unsqueeze(1)
-            t = timestep.unsqueeze(1)
-        angles = rope_angles(frames, height, width, cfg.dim // cfg.num_heads, latent.device).unsqueeze(1)
-        cos, sin = torch.cos(angles), torch.sin(angles)
+            return x.flatten(3).permute(0, 2, 3, 1)
+        return x.flatten(2).transpose(1, 2).unsqueeze(1)  # [B, 1, F*H*W, D]
+
+    def embed(
+        self, latent: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor | None = None,
+        patches: torch.Tensor | None = None,
+    ) -> "Stream":
+        """Everything the blocks read: the patch-embedded latent (or `patches`, when a variant adds to them:
+        Wan2.2-Animate's pose), time modulation, text (and image) context, RoPE."""
+        cfg = self.cfg
+        pt, ph, pw = cfg.patch_size
+        grid = (latent.shape[2] // pt, latent.shape[3] // ph, latent.shape[4] // pw)
+        x = self.tokens(self.patch_embed(latent) if patches is None else patches)
+        t = timestep if self.per_frame_timestep else timestep.unsqueeze(1)
+        angles = rope_angles(*grid, cfg.dim // cfg.num_heads, latent.device).unsqueeze(1)
 
         e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim)).unsqueeze(2)  # [B, T, 1, D]
         e0 = self.time_projection(e).unflatten(-1, (6, cfg.dim))  # [B, T, 1, 6, D]
 
-        context = self.text_embedding(context)
         context_img = None
         if cfg.image_branch:
             if clip_fea is None:
                 raise DiTError("this DiT has an image branch (Wan2.1 i2v/flf2v) and needs clip_fea")
             context_img = self.img_emb(clip_fea)
+        return Stream(x, e, e0, self.text_embedding(context), context_img, torch.cos(angles), torch.sin(angles), grid)
 
-        for block in self.blocks:
-            x = block(x, e0, context, context_img, cos, sin)
+    def run_blocks(self, s: "Stream", after_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> None:
+        """The attention blocks over `s.x`; `after_block(i, x)`, when given, rewrites the residual stream
+        [B, T, N, D] after block i (Wan2.2-Animate's face adapter)."""
+        for i, block in enumerate(self.blocks):
+            s.x = block(s.x, s.e0, s.context, s.context_img, s.cos, s.sin)
+            if after_block is not None:
+                s.x = after_block(i, s.x)
 
-        x = self.head(x, e)  # [B, T, N, patch * out_dim]
-        x = x.reshape(batch, frames, height, width, pt, ph, pw, cfg.out_dim)
-        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(batch, cfg.out_dim, frames * pt, height * ph, width * pw)
+    def unpatchify(self, x: torch.Tensor, s: "Stream") -> torch.Tensor:
+        """The head's [B, T, N, patch * out_dim] -> noise_pred [B, out_dim, F, H, W]."""
+        cfg, (frames, height, width) = self.cfg, s.grid
+        pt, ph, pw = cfg.patch_size
+        x = x.reshape(x.shape[0], frames, height, width, pt, ph, pw, cfg.out_dim)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(x.shape[0], cfg.out_dim, frames * pt, height * ph, width * pw)
+
+
+@dataclass
+class Stream:
+    """What every block of one forward pass reads; `x` is the residual stream [B, T, N, D] float32."""
+
+    x: torch.Tensor
+    e: torch.Tensor  # time embedding [B, T, 1, D] (the head's modulation)
+    e0: torch.Tensor  # block modulation [B, T, 1, 6, D]
+    context: torch.Tensor  # embedded text [B, 512, D]
+    context_img: torch.Tensor | None  # embedded CLIP tokens (Wan2.1 I2V/FLF2V)
+    cos: torch.Tensor
+    sin: torch.Tensor
+    grid: tuple[int, int, int]  # latent (frames, height, width) in patches
+
+
+def dit_module(cfg: DiTConfig, dtype: torch.dtype = torch.float32, attention_impl: str = "native",
+               per_frame_timestep: bool | None = None) -> WanDiT:
+    """The DiT module of this config: `WanVaceDiT` for Wan2.1-VACE, `WanAnimateDiT` for Wan2.2-Animate, else `WanDiT`."""
+    if cfg.animate is not None:
+        from .wan_animate import WanAnimateDiT
+
+        return WanAnimateDiT(cfg, dtype, attention_impl)
+    if cfg.vace:
+        from .wan_vace import WanVaceDiT
+
+        return WanVaceDiT(cfg, dtype, attention_impl, per_frame_timestep)
+    return WanDiT(cfg, dtype, attention_impl, per_frame_timestep)
 
 
 def load_dit(view: Mapping, cfg: DiTConfig | None = None, dtype: torch.dtype = torch.float32,
              attention_impl: str = "native", per_frame_timestep: bool | None = None) -> WanDiT:
-    """A WanDiT holding the weights of `view` (official key -> ref with `.shape`; `view.load(key, dtype)`).
+    """A WanDiT (WanVaceDiT for VACE) holding the weights of `view` (official key -> ref with `.shape`; `view.load(key, dtype)`).
 
     `cfg` defaults to the one the view's shapes imply.  Every official key the module needs must
     be in the view with its shape, and the view must hold nothing else.
@@ -345,7 +398,7 @@ def load_dit(view: Mapping, cfg: DiTConfig | None = None, dtype: torch.dtype = t
     cfg = cfg or view_config(view)
     check_view(view, cfg)
     with torch.device("meta"):
-        model = WanDiT(cfg, dtype, attention_impl, per_frame_timestep)
+        model = dit_module(cfg, dtype, attention_impl, per_frame_timestep)
     state = {name: view.load(name, param_dtype(name, dtype)) for name, _ in model.named_parameters()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
@@ -361,14 +414,14 @@ def view_config(view: Mapping) -> DiTConfig:
 def expected_parameters(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
     """Official key -> shape of every parameter of a WanDiT with this config (built on meta)."""
     with torch.device("meta"):
-        model = WanDiT(cfg)
+        model = dit_module(cfg)
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
-def check_view(view: Mapping, cfg: DiTConfig) -> None:
-    """Raise DiTError naming the first missing, unexpected or misshaped tensor."""
+def check_view(view: Mapping, cfg: DiTConfig, expected: Mapping[str, tuple[int, ...]] | None = None) -> None:
+    """Raise DiTError naming the first missing, unexpected or misshaped tensor (`expected`: the module's parameters)."""
     where = _where(view)
-    expected = expected_parameters(cfg)
+    expected = expected_parameters(cfg) if expected is None else expected
     missing = [k for k in expected if k not in view]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -377,7 +430,8 @@ def check_view(view: Mapping, cfg: DiTConfig) -> None:
     if unknown:
         more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
         raise DiTError(f"{where}: tensor(s) {', '.join(unknown[:3])}{more} do not belong to a DiT with this config "
-                       f"(dim {cfg.dim}, {cfg.num_layers} layers, image_branch {cfg.image_branch})")
+                       f"(dim {cfg.dim}, {cfg.num_layers} layers, image_branch {cfg.image_branch}, "
+                       f"vace_layers {list(cfg.vace_layers)})")
     for k, shape in expected.items():
         got = tuple(view[k].shape)
         if got != shape:

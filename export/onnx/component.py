@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from wanrt.engines.errors import WanrtError
-from wanrt.engines.files import commit_temporary, discard_temporary, new_temporary
+from wanrt.engines.files import DiskError, commit_temporary, discard_temporary, disk_error, is_write_failure, new_temporary
 from wanrt.engines.manifest import Component
 from wanrt.engines.signatures import EngineSignature
 
@@ -59,10 +59,11 @@ class ExportedComponent:
 
 
 @contextmanager
-def staged_graph(out_dir: str | os.PathLike) -> Iterator[Path]:
+def staged_graph(out_dir: str | os.PathLike, needed_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary folder to write `model.onnx` + `model.onnx.data` into; on success both move to `out_dir`.
 
-    On any error the temporary folder is removed, and so is `out_dir` if this created it (and it is empty).
+    On any error the temporary folder is removed, and so is `out_dir` if this created it (and it is empty);
+    a full disk is a DiskError naming the graph and `needed_bytes` (about the weights' size).
     """
     out_dir = Path(out_dir)
     created = not out_dir.exists()
@@ -74,12 +75,17 @@ def staged_graph(out_dir: str | os.PathLike) -> Iterator[Path]:
         data_file(graph).touch(exist_ok=True)  # a graph without weights still gets its (empty) data file
         commit_temporary(data_file(graph), data_file(out_dir / GRAPH_FILE))  # the data first: a graph never lacks its data
         commit_temporary(graph, out_dir / GRAPH_FILE)
-    except BaseException:
+    except BaseException as e:
+        failure = disk_error(e, out_dir / GRAPH_FILE, tmp, needed_bytes) if is_write_failure(e) else None  # before removal
+        if isinstance(e, DiskError):
+            failure = e.within(tmp, out_dir / GRAPH_FILE)
         discard_temporary(tmp)
         if created:
             try:
                 out_dir.rmdir()
             except OSError:
                 pass  # something else was written there meanwhile: leave it
+        if failure is not None:
+            raise failure from None
         raise
     discard_temporary(tmp)

@@ -5,7 +5,8 @@ The module is traced on the `meta` device and each weight is read from the check
 written, so the export never holds a copy of the model.  I/O is `dit_signature`, float32 in
 every precision; dynamic batch, latent frames, height and width (height/width in multiples of
 the patch size).  `precision="bf16"` stores and runs the big linears and attention in bf16 with
-float32 islands (see `export.models.wan_dit`).
+float32 islands (see `export.models.wan_dit`).  A VACE DiT (`export.models.wan_vace`) adds the
+`vace_context` and `context_scale` inputs.
 
 Wan2.2 A14B's two experts share one graph and differ only in their weights: the second is
 written from the first one's graph (`template=`) without tracing again.
@@ -25,13 +26,15 @@ from tqdm import tqdm
 
 from wanrt.engines.model import DiTConfig
 from wanrt.engines.signatures import EngineSignature
-from wanrt.export.models.wan_dit import WanDiT, check_view, param_dtype, signature_for, view_config
+from wanrt.export.models.wan_animate import WanAnimateDiT, animate_param_dtype, animate_signature_for, expected_animate_parameters, motion_basis
+from wanrt.export.models.wan_dit import check_view, dit_module, param_dtype, signature_for, view_config
 
 from .component import GRAPH_FILE, ExportedComponent, ExportError, data_file, staged_graph
 from .torch_to_onnx import MIN_OPSET, GraphPass, export_onnx
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the DiT's export precisions
-EXAMPLE_SIZES = {"batch": 2, "frames": 3, "height": 6, "width": 10}  # a 3x3x5-patch grid; batch 2 (not 1)
+EXAMPLE_SIZES = {"batch": 2, "frames": 3, "height": 6, "width": 10,  # a 3x3x5-patch grid; batch 2 (not 1)
+                 "pose_frames": 2, "face_frames": 5}  # Animate: frames - 1 pose latents, 4 * (frames - 2) + 1 face crops
 
 
 def export_dit_onnx(
@@ -56,18 +59,31 @@ def export_dit_onnx(
     if precision not in DTYPES:
         raise ExportError(f"unsupported DiT precision {precision!r}; expected one of {sorted(DTYPES)}")
     cfg = cfg or view_config(view)
-    check_view(view, cfg)
+    check_view(view, cfg, expected_animate_parameters(cfg) if cfg.animate is not None else None)
     if template is not None:
         files = _write_like(Path(template), view, out_dir, progress)
-        return ExportedComponent(files, signature_for(cfg, per_frame_timestep))
+        signature = animate_signature_for(cfg) if cfg.animate is not None else signature_for(cfg, per_frame_timestep)
+        return ExportedComponent(files, signature)
     dtype = DTYPES[precision]
+    dtype_of = param_dtype
     with torch.device("meta"):
-        module = WanDiT(cfg, dtype, attention, per_frame_timestep)
+        module = dit_module(cfg, dtype, attention, per_frame_timestep)
+        if cfg.animate is not None:
+            dtype_of = animate_param_dtype
     signature = module.signature
-    weights = {name: _view_loader(view, name, param_dtype(name, dtype)) for name, _ in module.named_parameters()}
+    weights = {name: _view_loader(view, name, dtype_of(name, dtype)) for name, _ in module.named_parameters()}
+    buffers = _animate_buffers(module, view)
     return export_onnx(module, dit_example_inputs(signature), out_dir, signature, opset,
-                       dynamic_dims=dit_dynamic_dims(cfg, signature), weights=weights, passes=passes,
+                       dynamic_dims=dit_dynamic_dims(cfg, signature), weights={**weights, **buffers}, passes=passes,
                        progress=progress)  # fmt: skip
+
+
+def _animate_buffers(module: torch.nn.Module, view: Mapping) -> dict[str, Callable[[], torch.Tensor]]:
+    """Loaders of the Animate DiT's derived buffers: the motion directions' QR basis, from the view's weight."""
+    if not isinstance(module, WanAnimateDiT):
+        return {}
+    key = "motion_encoder.dec.direction.weight"
+    return {"motion_encoder.dec.direction.basis": lambda: motion_basis(view.load(key, torch.float32))}
 
 
 def _view_loader(view: Mapping, key: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
@@ -81,6 +97,10 @@ def dit_dynamic_dims(cfg: DiTConfig, signature: EngineSignature) -> dict[str, An
         if patch > 1:
             lo, hi = signature.dim_ranges[name]
             dims[name] = patch * torch.export.Dim(f"{name}_patches", min=max(1, -(-lo // patch)), max=hi // patch)
+    if cfg.animate is not None:  # Animate: pose latents skip the reference frame; face frames are the segment's video frames
+        lo, hi = signature.dim_ranges["pose_frames"]
+        pose = torch.export.Dim("pose_frames", min=max(lo, 2), max=hi)
+        dims.update(frames=pose + 1, pose_frames=pose, face_frames=4 * pose - 3)
     return dims
 
 
@@ -119,7 +139,7 @@ def _write_like(template: Path, view: Mapping, out_dir: str | os.PathLike, progr
                 raise ExportError(f"{template}: inline weight {init.name!r} is not stored as {len(data)} raw bytes")
             init.raw_data = data
     graph = Path(out_dir) / GRAPH_FILE
-    with staged_graph(out_dir) as tmp:
+    with staged_graph(out_dir, data_file(template).stat().st_size) as tmp:
         with open(data_file(template), "rb") as src, open(tmp / data_file(graph).name, "wb") as dst:
             for offset, length, init in tqdm(sorted(externals, key=lambda e: e[0]), desc=f"writing {GRAPH_FILE}",
                                              unit="tensor", file=sys.stderr, disable=not progress):  # fmt: skip

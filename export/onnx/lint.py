@@ -450,7 +450,7 @@ def _bundle_signature(onnx_path: Path) -> EngineSignature | None:
         if (root / MANIFEST_NAME).is_file():
             manifest = read_manifest(root)
             for comp in manifest.components.values():
-                if (root / comp.onnx).resolve() == onnx_path.resolve():
+                if comp.onnx is not None and (root / comp.onnx).resolve() == onnx_path.resolve():
                     return comp.signature
             return None
     return None

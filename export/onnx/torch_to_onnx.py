@@ -332,7 +332,8 @@ def save_with_external_data(model: ir.Model, out_dir: str | os.PathLike, progres
     """Write `out_dir/model.onnx` and its one data file (through `staged_graph`); return both paths."""
     graph = Path(out_dir) / GRAPH_FILE
     externals = sum(1 for v in model.graph.initializers.values() if v.const_value.nbytes > SMALL_TENSOR_BYTES)
-    with staged_graph(out_dir) as tmp, tqdm(total=externals, desc=f"writing {GRAPH_FILE}", unit="tensor",
+    weights = sum(v.const_value.nbytes for v in model.graph.initializers.values())
+    with staged_graph(out_dir, weights) as tmp, tqdm(total=externals, desc=f"writing {GRAPH_FILE}", unit="tensor",
                                             file=sys.stderr, disable=not progress) as bar:  # fmt: skip
         ir.save(
             model,

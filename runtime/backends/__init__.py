@@ -31,23 +31,23 @@ def choose_backend(requested: str, manifest: Manifest | None = None, device_inde
     if requested not in BACKENDS:
         raise WanrtError(f"unknown backend {requested!r}; expected one of {', '.join(BACKENDS)}")
     if requested == "onnxruntime":
-        return BackendChoice(requested, "onnxruntime", "requested with --backend onnxruntime", {})
+        return _onnxruntime(requested, "requested with --backend onnxruntime", manifest)
     if manifest is None or not any(c.plans for c in manifest.components.values()):
         if requested == "tensorrt":
             raise WanrtError("--backend tensorrt: the bundle holds no TensorRT plans (build them with build-engine --target trt)")
-        return BackendChoice(requested, "onnxruntime", "the bundle holds no TensorRT plans", {})
+        return _onnxruntime(requested, "the bundle holds no TensorRT plans", manifest)
     from .tensorrt import plans_for_bundle, probe_tensorrt
 
     probe = probe if probe is not None else probe_tensorrt(device_index)
     if probe.problem is not None:
         if requested == "tensorrt":
             raise WanrtError(f"--backend tensorrt: {probe.problem}")
-        return BackendChoice(requested, "onnxruntime", f"TensorRT cannot run here: {probe.problem}", {})
+        return _onnxruntime(requested, f"TensorRT cannot run here: {probe.problem}", manifest)
     chosen, problems = plans_for_bundle(manifest, probe)
     if problems:
         if requested == "tensorrt":
             raise WanrtError(f"--backend tensorrt: {problems[0]}")
-        return BackendChoice(requested, "onnxruntime", f"not every component has a plan for this GPU: {problems[0]}", {})
+        return _onnxruntime(requested, f"not every component has a plan for this GPU: {problems[0]}", manifest)
     d = probe.device
     runtimes = sorted({rt.describe() for _, rt in chosen.values()})
     reason = (
@@ -55,6 +55,15 @@ def choose_backend(requested: str, manifest: Manifest | None = None, device_inde
         f" that {', '.join(runtimes)} runs"
     )
     return BackendChoice(requested, "tensorrt", reason, {n: f"{p.path} ({rt.describe()})" for n, (p, rt) in chosen.items()})
+
+
+def _onnxruntime(requested: str, reason: str, manifest: Manifest | None) -> BackendChoice:
+    """ONNX Runtime for `reason`, unless a component has no ONNX graph (a `--target trt` bundle): then a WanrtError."""
+    missing = [n for n, c in manifest.components.items() if c.onnx is None] if manifest is not None else []
+    if missing:
+        raise WanrtError(f"--backend {requested}: {reason}, and component {missing[0]!r} has no ONNX graph for ONNX Runtime"
+                         " (the bundle was built with --target trt; rebuild with --target all to run it without TensorRT)")
+    return BackendChoice(requested, "onnxruntime", reason, {})
 
 
 def make_backend(

@@ -105,7 +105,7 @@ class ActivationPool:
 def component_file_bytes(component: Component, bundle_dir: str | os.PathLike) -> int:
     """Bytes on disk of a component's files (ONNX graph + external weights)."""
     root = Path(bundle_dir)
-    names = set(component.files) | {component.onnx}
+    names = set(component.files) | ({component.onnx} if component.onnx is not None else set())
     total = 0
     for rel in names:
         path = root / rel

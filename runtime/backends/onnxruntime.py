@@ -181,6 +181,9 @@ class OnnxRuntimeBackend(Backend):
         """Create an InferenceSession for `component`; `weight_budget_bytes` is accepted but
         ONNX Runtime cannot stream weights, so every weight stays resident."""
         ort = _import_ort()
+        if component.onnx is None:
+            raise BundleError(f"component {component.name!r} has no ONNX graph (the bundle was built with --target trt): "
+                              "ONNX Runtime cannot run it; run it on TensorRT, or rebuild with --target all")
         path = Path(bundle_dir) / component.onnx
         if not path.is_file():
             raise BundleError(f"{path}: missing (component {component.name!r})")

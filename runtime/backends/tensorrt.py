@@ -111,6 +111,10 @@ def runtime_for_plan(
         if rt.kind == "lean" and not plan.version_compatible:
             reasons.append(f"{rt.describe()} (lean) runs only version-compatible plans; {plan.path} is not")
             continue
+        if rt.kind == "lean" and plan.stripped:
+            reasons.append(f"{rt.describe()} (lean): {plan.path} is stripped (STRIP_PLAN); its weights are refitted from the"
+                           " ONNX at load, which needs the full tensorrt's ONNX refitter")
+            continue
         if rt.kind == "full" and plan.lean_runtime_excluded:
             reasons.append(f"{plan.path} was built without its lean runtime (EXCLUDE_LEAN_RUNTIME); it needs tensorrt_lean")
             continue
@@ -745,6 +749,13 @@ class TensorRTBackend(Backend):
             runtime.engine_host_code_allowed = True  # the plan embeds its lean runtime; verify_bundle checked its sha256
         engine: "trt.ICudaEngine" = deserialize_plan(rt, runtime, log, path, component.name)
         check_engine_matches(trt, component, engine, path)
+        if plan.stripped:
+            graph = plan.graph or component.onnx
+            if not graph:
+                raise BundleError(f"{path}: a stripped plan, but component {component.name!r} keeps no ONNX graph to take its weights from")
+            from .tensorrt_refit import refit_from_onnx  # the full tensorrt only (runtime_for_plan sends stripped plans there)
+
+            refit_from_onnx(trt, engine, self._runtimes[rt.module_name][1], log, Path(bundle_dir) / graph, component.name)
         budget = apply_weight_budget(engine, log, weight_budget_bytes, path, component.name)
         mark = log.mark()
         context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)

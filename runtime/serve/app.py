@@ -35,7 +35,7 @@ from wanrt.engines.errors import BundleError, WanrtError
 from wanrt.engines.manifest import verify_bundle
 
 from ..backends import make_backend
-from ..pipeline import WanPipeline
+from ..animate import pipeline_class
 from ..progress import Progress
 from ..video import to_uint8_frames, write_mp4
 from .api import MAX_BODY_BYTES, error_body, materialize, model_card, parse_body
@@ -96,7 +96,7 @@ class Generator:
         if budget is None:
             budget = backend.default_budget_bytes()  # as `run`'s default, taken once
         self.backend = replica_backend(backend, manifest, config.bundle, budget)
-        self.pipeline = WanPipeline(config.bundle, manifest, self.backend, budget, progress=Progress(enabled=False))
+        self.pipeline = pipeline_class(manifest.task)(config.bundle, manifest, self.backend, budget, progress=Progress(enabled=False))
         self.board = board(config)
         self.worker = {
             "replica": serve.get_replica_context().replica_id.unique_id,
@@ -156,7 +156,7 @@ class Api:
     def __init__(self, generator, config: AppConfig) -> None:
         self.config = config
         self.manifest = verify_bundle(config.bundle, remembered=True)
-        self.planner = WanPipeline(config.bundle, self.manifest, None)  # plans (validates), never generates
+        self.planner = pipeline_class(self.manifest.task)(config.bundle, self.manifest, None)  # plans (validates), never generates
         self.board = board(config)
         self.generator = generator
         self.waiting: dict[str, Any] = {}  # job id -> its DeploymentResponse, until it ends

@@ -28,7 +28,9 @@ from typing import Any
 import click
 
 from wanrt.engines.errors import WanrtError
+from wanrt.engines.limits import MEMORY_BUDGET_GIB
 from wanrt.engines.manifest import verify_bundle
+from wanrt.engines.options import InRange
 
 from ..backends import BACKENDS
 
@@ -248,7 +250,7 @@ def wait_for_stop() -> None:
               help="Where finished mp4s are kept (on the machine running serve).")  # fmt: skip
 @click.option("--address", default=None, help="Join a Ray cluster (auto, HOST:PORT or ray://HOST:PORT); default: start Ray here on loopback.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True, help="Inference backend (as run's --backend).")
-@click.option("--vram-budget", type=click.FloatRange(min=0, min_open=True), default=None, metavar="GIB",
+@click.option("--vram-budget", type=InRange(MEMORY_BUDGET_GIB), default=None, metavar="GIB",
               help="GiB each replica's engines may occupy (as run's --vram-budget); default: 90% of free memory.")  # fmt: skip
 @click.option("--retention", type=click.FloatRange(min=0), default=24.0, show_default=True, metavar="HOURS",
               help="How long finished jobs and their mp4s are kept.")  # fmt: skip

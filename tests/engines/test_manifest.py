@@ -17,6 +17,7 @@ from wanrt.engines.manifest import (
     read_manifest,
     staging_dir,
     verify_bundle,
+    write_manifest,
 )
 
 from .conftest import make_small_bundle
@@ -123,3 +124,32 @@ def test_verify_cli_exit_codes(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and "dit_low_noise/model.onnx: missing" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_a_plan_only_component_round_trips_and_one_without_graph_or_plan_is_refused(tmp_path):
+    """`--target trt` bundles keep plans only (onnx null); a component with neither cannot run and is a BundleError."""
+    from dataclasses import replace
+
+    from wanrt.engines.plans import PlanInfo, ProfileShapes
+
+    root = tmp_path / "b"
+    m = make_small_bundle(root)
+    plan_rel = "dit_low_noise/model.trt11.4.0.106.sm90.plan"
+    (root / plan_rel).write_bytes(b"plan bytes")
+    for rel in ("dit_low_noise/model.onnx", "dit_low_noise/model.onnx.data"):
+        (root / rel).unlink()
+    profile = ProfileShapes({"latent": ((1, 16, 1, 2, 2), (2, 16, 21, 60, 104), (2, 16, 21, 104, 104))})
+    plan = PlanInfo(plan_rel, "11.4.0.106", "9.0", weight_streaming=True, streamable_weights_bytes=123, profiles=[profile],
+                    builder_flags=["WEIGHT_STREAMING"])  # fmt: skip
+    comps = dict(m.components)
+    comps["dit_low_noise"] = replace(comps["dit_low_noise"], onnx=None, files=[], plans=[plan])
+    write_manifest(root, replace(m, components=comps))
+    back = verify_bundle(root)
+    assert back.components["dit_low_noise"].onnx is None
+    assert back.components["dit_low_noise"].plans == [plan]
+    assert back.files[plan_rel]["sha256"] == hashlib.sha256(b"plan bytes").hexdigest()
+    raw = json.loads((root / MANIFEST_NAME).read_text())
+    raw["components"]["dit_low_noise"]["plans"] = []
+    (root / MANIFEST_NAME).write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="no ONNX graph .* and no TensorRT plan"):
+        read_manifest(root)

@@ -163,6 +163,7 @@ def test_every_component_kind_has_an_exporter_with_the_common_call():
         ("wan2.1", "flf2v", {"dit", "text_encoder", "image_encoder", "vae_encoder", "vae_decoder"}),
         ("wan2.2", "i2v", {"dit_high_noise", "dit_low_noise", "text_encoder", "vae_encoder", "vae_decoder"}),
         ("wan2.2", "ti2v", {"dit", "text_encoder", "vae_encoder", "vae_decoder"}),
+        ("wan2.1", "vace", {"dit", "text_encoder", "vae_encoder", "vae_decoder"}),  # encodes control video and refs
     ],
 )
 def test_each_task_plans_the_components_it_needs(tmp_path, family, task, expected):
@@ -256,7 +257,7 @@ def test_bf16_build_says_the_vae_stays_fp32(moe, tmp_path):
             "beyond TensorRT 10.1's ONNX parser (opsets 9-20)")  # fmt: skip
     assert summary["notes"] == [note] and f"note: {note}\n" in res.stderr
     assert summary["precision"] == "bf16" and summary["components"]["vae_decoder"] == {
-        "status": "reused", "onnx": "vae_decoder/model.onnx", "precision": "fp32"}  # fmt: skip
+        "status": "reused", "onnx": "vae_decoder/model.onnx", "precision": "fp32", "plans": []}  # fmt: skip
     assert set(verify_bundle(copy).components) == {"vae_decoder"}  # the fp32 DiT/T5 are not what bf16 builds
 
 

@@ -49,3 +49,14 @@ def test_make_tiny_model_writes_atomically(tmp_path):
     r = run_cli("make-tiny-model", tmp_path / "out", "--family", "wan2.2", "--task", "ti2v", "--layout", "lightx2v-int8", "--seed", "3")
     assert r.exit_code == 0 and r.stdout.strip() == str(tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left beside it
+
+
+def test_vace_fp8_layout_equals_convert_output(tmp_path):
+    """VACE blocks' linears (before/after_proj too) quantize like the main blocks' in convert and make-tiny-model."""
+    official = make_tiny_model(tmp_path / "official", "wan2.1", "vace", "official", seed=4)
+    [tiny_file] = make_tiny_model(tmp_path / "fp8", "wan2.1", "vace", "lightx2v-fp8", seed=4).glob("*.safetensors")
+    out = convert_checkpoint(official, tmp_path / "converted.safetensors", quantize="fp8", progress=False)
+    a, b = load_file(str(tiny_file)), load_file(str(out.output))
+    assert sorted(a) == sorted(b) and "vace_blocks.0.before_proj.weight_scale" in a
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k

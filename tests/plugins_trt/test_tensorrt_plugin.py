@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.trt_stub import ALIAS_TENSORRT, build_stub_libraries, missing_prerequisite, stub_env
+from tests.trt_stub import ALIAS_TENSORRT, stub_env
 from wanrt.plugins_trt.tensorrt_plugin import PLUGIN_ID, PluginRegistrationError, load_registration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,14 +32,6 @@ def kernel_launch_params_written(path: Path) -> list[str]:
                 and node.value.id in holders:
             written.add(node.attr)
     return sorted(written)
-
-
-@pytest.fixture(scope="module")
-def stub_folder(tmp_path_factory):
-    reason = missing_prerequisite()
-    if reason:
-        pytest.skip(reason)
-    return build_stub_libraries(tmp_path_factory.mktemp("nvinfer-stub"))
 
 
 def run_with_real_bindings(stub_folder: Path, code: str) -> dict:

@@ -24,13 +24,16 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from wanrt.engines.manifest import Component, Manifest, write_manifest
-from wanrt.engines.model import DiTConfig, SamplingDefaults, VAEInfo
-from wanrt.engines.signatures import EngineSignature, dit_signature, image_encoder_signature, text_encoder_signature
+from wanrt.engines.model import AnimateConfig, DiTConfig, SamplingDefaults, VAEInfo
+from wanrt.engines.signatures import (
+    EngineSignature, animate_dit_signature, dit_signature, image_encoder_signature, text_encoder_signature,
+)
 from wanrt.engines.vae_contract import VAEChunkContract
 
 OPSET = 17
 TEXT_DIM = 8
 CLIP_WIDTH = 6
+FACE_SIZE = 8  # Animate test bundles: face crops of 8x8 pixels
 VOCAB = ["<pad>", "</s>", "<unk>", "a", "red", "fox", "runs", "in", "snow", "cat", "the", "bad", "blurry"]
 # (a, b, c, d, e) per DiT component
 DIT_COEFFS = {
@@ -51,7 +54,7 @@ class DitFn:
     e: float
     out_dim: int
 
-    def __call__(self, latent, timestep, context, clip_fea=None):
+    def __call__(self, latent, timestep, context, clip_fea=None, pose_latent=None, face_pixels=None):
         out = self.a * latent[:, : self.out_dim]
         t = timestep.astype(np.float64) / 1000.0
         t = t.reshape(t.shape[0], 1, -1, 1, 1)  # [B] -> [B,1,1,1,1], [B,F] -> [B,1,F,1,1]
@@ -61,6 +64,9 @@ class DitFn:
             out = out + self.e * latent[:, self.out_dim :].mean(axis=1, keepdims=True)
         if clip_fea is not None:
             out = out + self.d * clip_fea.mean(axis=(1, 2)).reshape(-1, 1, 1, 1, 1)
+        for x in (pose_latent, face_pixels):  # Animate: each adds d * its mean
+            if x is not None:
+                out = out + self.d * x.mean(axis=(1, 2, 3, 4)).reshape(-1, 1, 1, 1, 1)
         return out.astype(np.float32)
 
 
@@ -134,6 +140,15 @@ def build_dit_graph(path: Path, sig: EngineSignature, dit: str, out_dim: int, pa
             helper.make_node("Add", [last, "t5"], ["s5"]),
         ]
         last = "s5"
+    for extra in ("pose_latent", "face_pixels"):  # Animate
+        if extra in names:
+            nodes += [
+                helper.make_node("ReduceMean", [extra], [f"{extra}_mean"], axes=[1, 2, 3, 4], keepdims=0),
+                helper.make_node("Reshape", [f"{extra}_mean", "shape5"], [f"{extra}5"]),
+                helper.make_node("Mul", [f"{extra}5", "d"], [f"{extra}_t"]),
+                helper.make_node("Add", [last, f"{extra}_t"], [f"{extra}_s"]),
+            ]
+            last = f"{extra}_s"
     nodes.append(helper.make_node("Identity", [last], ["noise_pred"]))
     graph = helper.make_graph(
         nodes, dit, [_value_info(s) for s in sig.inputs], [_value_info(s) for s in sig.outputs], inits
@@ -268,10 +283,16 @@ def make_bundle(
     """A real bundle (manifest + ONNX files + tokenizer) with DiT, text, VAE and (optionally) CLIP engines."""
     root.mkdir(parents=True, exist_ok=True)
     vae = VAEInfo.for_version(vae_version)
-    in_dim = vae.z_dim + (4 + vae.z_dim if task in ("i2v", "flf2v") else 0)
+    in_dim = vae.z_dim + (4 + vae.z_dim if task in ("i2v", "flf2v", "animate") else 0)
     per_frame = task == "ti2v"
-    sig = dit_signature(in_dim, vae.z_dim, TEXT_DIM, clip_tokens=clip_tokens, per_frame_timestep=per_frame,
-                        clip_dim=CLIP_WIDTH)  # fmt: skip
+    animate = AnimateConfig(motion_size=FACE_SIZE, motion_channels=(4, 4)) if task == "animate" else None
+    if animate is not None:
+        clip_tokens = clip_tokens or 257
+        sig = animate_dit_signature(in_dim, vae.z_dim, TEXT_DIM, vae.z_dim, FACE_SIZE, clip_tokens=clip_tokens,
+                                    clip_dim=CLIP_WIDTH)  # fmt: skip
+    else:
+        sig = dit_signature(in_dim, vae.z_dim, TEXT_DIM, clip_tokens=clip_tokens, per_frame_timestep=per_frame,
+                            clip_dim=CLIP_WIDTH)  # fmt: skip
     ranges = dict(sig.dim_ranges, batch=batch_range)
     sig = dataclasses.replace(sig, dim_ranges=ranges)
     components: dict[str, Component] = {}
@@ -294,7 +315,7 @@ def make_bundle(
     write_tokenizer(root / "tokenizer")
     dit = DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=in_dim, out_dim=vae.z_dim,
                     text_dim=TEXT_DIM, image_branch=clip_tokens is not None, clip_tokens=clip_tokens,
-                    clip_dim=CLIP_WIDTH)  # fmt: skip
+                    clip_dim=CLIP_WIDTH, animate=animate)  # fmt: skip
     if sampling is None:
         sampling = SamplingDefaults(sampler="unipc", steps=6, shift=5.0, guide_scale=(3.0, 4.0),
                                     boundary=0.875 if moe else None, frames=5, height=32, width=48, fps=8,

@@ -36,3 +36,19 @@ def diffusers_distill(denoising_step_list: list[int], shift: float) -> FlowMatch
     sched.set_timesteps(sigmas=[t / 1000 for t in denoising_step_list])
     sched.set_begin_index(0)
     return sched
+
+
+class OfficialSigmasUniPC(UniPCMultistepScheduler):
+    """diffusers' flow UniPC, given Wan's official sigmas whatever step count a diffusers pipeline asks for."""
+
+    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None):
+        super().set_timesteps(device=device, sigmas=official_unshifted_sigmas(num_inference_steps))
+
+
+def text_embeddings(dim: int) -> np.ndarray:
+    """[cond, uncond] contexts as pad_context leaves them: true rows, then zeros up to 512."""
+    rng = np.random.default_rng(1)
+    ctx = np.zeros((2, 512, dim), np.float32)
+    ctx[0, :7] = rng.standard_normal((7, dim))
+    ctx[1, :23] = rng.standard_normal((23, dim))
+    return ctx

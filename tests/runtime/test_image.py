@@ -93,3 +93,23 @@ def test_load_image_errors_and_modes(tmp_path):
     with pytest.raises(WanrtError, match="cut.png: unreadable image"):
         load_image(tmp_path / "cut.png")
     assert load_image(good).mode == "RGB"
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR chunk (PNG spec: length, type, data, CRC-32 over type + data), no pixel data."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("width, height", [(100_000, 100_000), (8193, 8192), (2**31 - 1, 1 << 16)])
+def test_an_image_too_large_to_decode_is_refused_from_its_header(tmp_path, width, height):
+    path = tmp_path / "huge.png"
+    path.write_bytes(png_header_only(width, height))
+    with pytest.raises(WanrtError, match=r"huge\.png: image of (\d+x\d+|more than \d+) pixels; at most 67108864 pixels"):
+        load_image(path)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from diffusers import WanPipeline, WanTransformer3DModel
 from safetensors.torch import load_file
 
 from cli import cli
@@ -23,18 +23,11 @@ from wanrt.export.tiny import make_tiny_model
 from wanrt.runtime.backends import make_backend
 from wanrt.runtime.pipeline import GenerationRequest, RunStats
 from wanrt.runtime.pipeline import WanPipeline as RuntimePipeline
-from tests.runtime.oracles import official_unshifted_sigmas
+from tests.runtime.oracles import OfficialSigmasUniPC, text_embeddings
 
 pytestmark = pytest.mark.slow  # two tiny models exported to ONNX: about a minute of CPU
 TOLERANCE = 1e-4
 STEPS = 6
-
-
-class OfficialSigmasUniPC(UniPCMultistepScheduler):
-    """diffusers' flow UniPC, given Wan's official sigmas whatever step count the pipeline asks for."""
-
-    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None):
-        super().set_timesteps(device=device, sigmas=official_unshifted_sigmas(num_inference_steps))
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +55,6 @@ def diffusers_transformer(folder, cfg) -> WanTransformer3DModel:
     ).eval()  # fmt: skip
     model.load_state_dict({official_to_diffusers(k): v for k, v in state.items()}, strict=True)
     return model
-
-
-def text_embeddings(dim: int) -> np.ndarray:
-    """[cond, uncond] contexts as pad_context leaves them: true rows, then zeros up to 512."""
-    rng = np.random.default_rng(1)
-    ctx = np.zeros((2, 512, dim), np.float32)
-    ctx[0, :7] = rng.standard_normal((7, dim))
-    ctx[1, :23] = rng.standard_normal((23, dim))
-    return ctx
 
 
 @pytest.mark.parametrize("family", ["wan2.1", "wan2.2"])

@@ -14,6 +14,7 @@ from wanrt.runtime.request import RequestError, check_fields, field_named, optio
 
 def test_option_names_and_the_field_a_message_names_first():
     assert option_name("last_image") == "--last-image" and option_name("prompt") == "--prompt"
+    assert option_name("ref_images") == "--ref-image"  # given once per image
     assert field_named("--height 40, --width 60: must be multiples of 16", ("height", "width")) == "height"
     assert field_named("--width 60: height and width must be multiples", ("height", "width")) == "width"  # options first
     assert field_named("17 frames (5 latent frames); the engine takes 1..9", ("frames", "height", "width")) == "frames"
@@ -32,6 +33,9 @@ def test_option_names_and_the_field_a_message_names_first():
     (dict(sampler="ddim"), "sampler", "--sampler 'ddim': expected one of unipc, euler, distill"),
     (dict(image=3), "image", "--image 3: expected a string or a path"),
     (dict(vae_tiling=None), "vae_tiling", "--vae-tiling None: expected true or false"),
+    (dict(context_scale=-0.5), "context_scale", "--context-scale -0.5: expected a finite number in [0, 10]"),
+    (dict(ref_images="a.png"), "ref_images", "--ref-image 'a.png': expected a list of paths"),
+    (dict(ref_images=["a.png", 3]), "ref_images", "--ref-image ['a.png', 3]: expected a list of image paths"),
 ])  # fmt: skip
 def test_field_types_and_values_that_need_no_bundle(kw, field, message):
     with pytest.raises(RequestError) as e:
@@ -61,16 +65,20 @@ def i2v(bundle_factory, tmp_path_factory):
 
 @pytest.mark.parametrize("kw, field, message", [
     (dict(prompt=" "), "prompt", "--prompt is empty"),
-    (dict(frames=0), "frames", "--frames 0: the frame count must be 4k\\+1"),
+    (dict(frames=0), "frames", "--frames 0: expected an integer in \\[1, 1001\\]"),
+    (dict(frames=6), "frames", "--frames 6: the frame count must be 4k\\+1"),
     (dict(frames=125), "frames", "125 frames \\(32 latent frames\\); the engine takes 1..121"),
     (dict(height=40), "height", "--height 40: height and width must be positive multiples of 16"),
     (dict(width=8), "width", "--width 8: "),
     (dict(height=1552), "height", "height 1552 px \\(194 latent\\); the engine takes 16..1536 px"),
-    (dict(steps=0), "steps", "--steps 0: expected at least 1"),
+    (dict(steps=0), "steps", "--steps 0: expected an integer in \\[1, 1000\\]"),
     (dict(sampler="distill"), "sampler", "this bundle has no denoising_step_list"),
-    (dict(seed=2**64), "seed", "--seed 18446744073709551616: expected 0 <= seed < 2\\*\\*64"),
+    (dict(seed=2**64), "seed", "--seed 18446744073709551616: expected an integer in \\[0, 2\\*\\*64 - 1\\]"),
     (dict(image="x.png"), "image", "text-to-video model .*; it takes no --image"),
     (dict(last_image="x.png"), "last_image", "text-to-video model"),
+    (dict(video="x.mp4"), "video", "--video is only for VACE bundles; this one is wan2.2 t2v"),
+    (dict(ref_images=["x.png"]), "ref_images", "--ref-image is only for VACE bundles"),
+    (dict(context_scale=0.5), "context_scale", "--context-scale is only for VACE bundles"),
 ])  # fmt: skip
 def test_t2v_request_errors_name_their_field(t2v, kw, field, message):
     with pytest.raises(RequestError, match=message) as e:

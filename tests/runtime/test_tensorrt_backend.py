@@ -186,6 +186,8 @@ def plan(**kw) -> PlanInfo:
         (plan(version_compatible=True, tensorrt_version="10.13.3.9"), [LEAN], None, "within major version 10"),
         (plan(tensorrt_version="11.3.0.99"), [FULL], None, "built with TensorRT 11.3.0.99; this box has TensorRT 11.4.0.106"),
         (plan(), [], None, "no TensorRT runtime imports"),
+        (plan(version_compatible=True, stripped=True), [LEAN, FULL], FULL, "is stripped (STRIP_PLAN); its weights are refitted"),
+        (plan(version_compatible=True, stripped=True), [LEAN], None, "needs the full tensorrt's ONNX refitter"),
     ],
 )
 def test_runtime_for_plan(info, runtimes, chosen, why):
@@ -375,3 +377,16 @@ def test_a_built_plan_runs_through_the_backend(tmp_path):
     assert engine.gpu_seconds > 0 and engine.graph_replays == 2 and not backend.take_warnings()
     engine.release()
     backend.close()
+
+
+def test_a_plan_only_bundle_cannot_fall_back_to_onnxruntime(moe_manifest):
+    """A `--target trt` bundle (onnx null): where TensorRT cannot run it, the choice fails naming why, not falls back."""
+    plan_only = with_plans(moe_manifest)
+    plan_only = dataclasses.replace(plan_only, components={
+        n: dataclasses.replace(c, onnx=None, files=[]) for n, c in plan_only.components.items()})  # fmt: skip
+    with pytest.raises(WanrtError, match=r"--backend auto: TensorRT cannot run here: no CUDA device, and component "
+                                         r"'dit_high_noise' has no ONNX graph .* rebuild with --target all"):  # fmt: skip
+        choose_backend("auto", plan_only, probe=TensorRTProbe(None, (), "no CUDA device"))
+    with pytest.raises(WanrtError, match="--backend onnxruntime: requested with --backend onnxruntime, and component"):
+        choose_backend("onnxruntime", plan_only)
+    assert choose_backend("auto", plan_only, probe=TensorRTProbe(H100, (FULL,))).name == "tensorrt"

@@ -43,6 +43,8 @@ caches bind at 720p (about 23 GiB); the 14B experts stream below 36.6 GiB (720p)
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from wanrt.engines.manifest import read_manifest
@@ -214,6 +216,8 @@ def test_run_shapes_and_needs_of_a_real_bundle(moe_bundle):
     # 5x4x6 latent -> 5 x 2 x 3 = 30 tokens, batch 2, the bundle's dim / ffn_dim
     d = manifest.dit
     assert estimate_activation_bytes(comp, dit, d) == 2 * 30 * (14 * d.dim + 4 * d.ffn_dim)
+    vace = dataclasses.replace(d, vace_layers=(0,), vace_in_dim=96)  # + the embedded latent and control stream, fp32
+    assert estimate_activation_bytes(comp, dit, vace) == 2 * 30 * (14 * d.dim + 4 * d.ffn_dim) + 2 * 30 * 8 * d.dim
     memory = pipe.plan_memory(plan)
     assert [s.name for s in memory.stages] == ["text_encoder", "denoise", "vae_decoder"]
     assert memory.mode == "keep_all" and memory.margin_bytes == 0  # ONNX Runtime: weights only, no margin

@@ -8,8 +8,11 @@ the header-reading checkpoint modules (not the name maps the loaders use, nor th
 from __future__ import annotations
 
 import json
+import re
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from tests.export.helpers import run_cli
 
@@ -50,3 +53,35 @@ def test_inspect_human_output(tiny_model):
     assert lines[0].startswith("wan2.2 t2v")
     assert any("expert high_noise" in ln and "fp8_e4m3" in ln and "per_channel" in ln for ln in lines)
     assert any(ln.strip().startswith("dit: dim 256") for ln in lines)
+
+
+def test_inspect_checks_the_configs_loras_as_convert_does_without_torch(tiny_model, cli_modules, tmp_path):
+    model = tiny_model("wan2.1", "t2v", "official")
+    lora = tmp_path / "style.safetensors"
+    rng = np.random.default_rng(0)
+    save_file({  # LightX2V form on two block linears of the tiny DiT (dim 256)
+        "diffusion_model.blocks.0.self_attn.q.lora_up.weight": rng.standard_normal((256, 4), np.float32),
+        "diffusion_model.blocks.0.self_attn.q.lora_down.weight": rng.standard_normal((4, 256), np.float32),
+        "diffusion_model.blocks.1.ffn.2.lora_up.weight": rng.standard_normal((256, 4), np.float32),
+        "diffusion_model.blocks.1.ffn.2.lora_down.weight": rng.standard_normal((4, 512), np.float32),
+        "not_a_lora_key": np.zeros(1, np.float32),
+    }, str(lora))  # fmt: skip
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"lora_configs": [{"path": str(lora), "strength": 0.5}]}))
+    code, modules = cli_modules("inspect", model, "--config", cfg, "--json")
+    assert code == 0 and offenders(modules, HEAVY) == []
+    r = run_cli("inspect", model, "--config", cfg, "--json")
+    (record,) = json.loads(r.stdout)["config_loras"]
+    assert (record["patched_tensors"], record["skipped_keys"], record["strength"]) == (2, 1, 0.5)
+
+    for entries, expected in [
+        ([{"path": str(tmp_path / "missing.safetensors")}], "missing.safetensors: no such file"),
+        ([{"strength": 1.0}], r"lora_configs\[0\] must be an object with a string 'path'"),
+        ([{"path": str(lora), "strength": "high"}], "strength 'high' is not a finite number"),
+        ([{"path": str(cfg)}], "c.json"),  # not a safetensors file
+    ]:
+        cfg.write_text(json.dumps({"lora_configs": entries}))
+        r = run_cli("inspect", model, "--config", cfg)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.exit_code == 2 and len(errors) == 1, r.output
+        assert re.search(expected, errors[0]), errors[0]

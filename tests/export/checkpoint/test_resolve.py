@@ -149,10 +149,10 @@ def test_inspect_recognizes_layout(tiny_model, family, task, layout):
 
 
 def test_unknown_keys_are_reported(tiny_model, tmp_path):
-    """Tensors no Wan DiT has (a VACE branch, a stray block key) are listed, not used, and do not change the model."""
+    """Tensors no Wan variant has (a stray module, a stray block key) are listed, not used, and do not change the model."""
     src = next(tiny_model("wan2.1", "t2v", "lightx2v-bf16").glob("*.safetensors"))
     state = load_file(src)
-    extra = {"vace_blocks.0.proj.weight": torch.zeros(4, 4, dtype=torch.bfloat16), "blocks.0.foo": torch.zeros(3, dtype=torch.bfloat16)}
+    extra = {"stray_adapter.proj.weight": torch.zeros(4, 4, dtype=torch.bfloat16), "blocks.0.foo": torch.zeros(3, dtype=torch.bfloat16)}
     path = tmp_path / src.name
     save_file({**state, **extra}, path)
     want = run_cli("inspect", src, "--json").json()

@@ -1,7 +1,7 @@
 """The tiny Wan DiT variants the DiT tests share, and their diffusers references.
 
-Each case is a tiny random diffusers `WanTransformer3DModel` whose weights are saved in the
-official layout (keys renamed with `export.checkpoint.keys.diffusers_to_official`); head_dim is
+Each case is a tiny random diffusers `WanTransformer3DModel` (`WanVACETransformer3DModel` for
+VACE) whose weights are saved in the official layout (keys renamed with `export.checkpoint.keys.diffusers_to_official`); head_dim is
 128 so the RoPE split is the official [22, 21, 21] pairs.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import WanTransformer3DModel
+from diffusers import WanTransformer3DModel, WanVACETransformer3DModel
 from safetensors.torch import save_file
 
 from wanrt.engines.model import DiTConfig
@@ -40,11 +40,21 @@ CASES = {
     "flf2v": Case(DiTConfig(in_dim=36, out_dim=16, image_branch=True, clip_tokens=514, clip_dim=CLIP_DIM, **TINY)),
     "i2v_a14b": Case(DiTConfig(in_dim=36, out_dim=16, **TINY)),  # Wan2.2: 36-channel input, no CLIP branch
     "ti2v": Case(DiTConfig(in_dim=48, out_dim=48, **TINY)),  # Wan2.2 TI2V-5B: per-frame timesteps
+    # Wan2.1-VACE: 3 layers, hints after layers 0 and 2 (layer 1 has none), 96 control channels
+    "vace": Case(DiTConfig(in_dim=16, out_dim=16, vace_layers=(0, 2), vace_in_dim=96, **{**TINY, "num_layers": 3})),
 }
+VACE_SCALES = (0.7, 1.3)  # per-VACE-block hint weights of the tests (diffusers' control_hidden_states_scale)
 
 
 def diffusers_for(cfg: DiTConfig) -> WanTransformer3DModel:
-    """diffusers' transformer with this architecture (I2V: image_dim/added_kv_proj_dim; FLF2V: pos_embed_seq_len)."""
+    """diffusers' transformer with this architecture (I2V: image_dim/added_kv_proj_dim; FLF2V: pos_embed_seq_len;
+    VACE: `WanVACETransformer3DModel` with its vace_layers / vace_in_channels)."""
+    if cfg.vace:
+        return WanVACETransformer3DModel(
+            num_attention_heads=cfg.num_heads, attention_head_dim=cfg.dim // cfg.num_heads, in_channels=cfg.in_dim,
+            out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim,
+            num_layers=cfg.num_layers, eps=cfg.eps, vace_layers=list(cfg.vace_layers), vace_in_channels=cfg.vace_in_dim,
+        ).eval()
     image = {}
     if cfg.image_branch:
         image = dict(image_dim=cfg.clip_dim, added_kv_proj_dim=cfg.dim)
@@ -104,6 +114,9 @@ def make_inputs(case: Case, batch: int, grid: tuple[int, int, int], seed: int) -
         inputs["timestep"][:, 0] = 0.0  # the official TI2V i2v mask: the image frame is clean
     if cfg.image_branch:
         inputs["clip_fea"] = torch.randn(batch, cfg.clip_tokens, cfg.clip_dim, generator=g)
+    if cfg.vace:  # diffusers takes one scale per VACE block for the whole batch
+        inputs["vace_context"] = torch.randn(batch, cfg.vace_in_dim, frames, height, width, generator=g)
+        inputs["context_scale"] = torch.tensor(VACE_SCALES[: len(cfg.vace_layers)]).repeat(batch, 1)
     return inputs
 
 
@@ -117,6 +130,9 @@ def diffusers_forward(model: WanTransformer3DModel, case: Case, inputs: dict[str
     if clip is not None and case.cfg.clip_tokens == 514:  # diffusers views [2B, 257, C] as [B, 514, C]
         clip = clip.reshape(batch * 2, 257, clip.shape[-1])
     with torch.no_grad():
+        if case.cfg.vace:
+            return model(latent, timestep, inputs["context"], control_hidden_states=inputs["vace_context"],
+                         control_hidden_states_scale=inputs["context_scale"][0], return_dict=False)[0].float()
         return model(latent, timestep, inputs["context"], clip, return_dict=False)[0].float()
 
 

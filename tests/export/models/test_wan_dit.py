@@ -20,7 +20,7 @@ from wanrt.export.checkpoint.keys import official_to_diffusers
 from wanrt.export.checkpoint.resolve import resolve_model
 from wanrt.export.checkpoint.view import CheckpointView
 from wanrt.export.lora import LoraSpec, apply_loras
-from wanrt.export.models.wan_dit import DiTError, WanDiT, load_dit
+from wanrt.export.models.wan_dit import DiTError, WanDiT, dit_module, load_dit
 from wanrt.export.tiny import make_tiny_model
 from tests.export.models.dit_cases import (
     CASES,
@@ -50,7 +50,7 @@ def references(tmp_path_factory) -> dict[str, tuple[WanTransformer3DModel, Check
 @pytest.mark.parametrize("name", CASES)
 def test_parameter_names_are_the_official_keys(name, references):
     _, view = references[name]
-    ours = {k: tuple(p.shape) for k, p in WanDiT(CASES[name].cfg).named_parameters()}
+    ours = {k: tuple(p.shape) for k, p in dit_module(CASES[name].cfg).named_parameters()}
     assert ours == {k: tuple(view[k].shape) for k in view}
 
 
@@ -166,6 +166,8 @@ def diffusers_from_state(cfg: DiTConfig, state: dict[str, torch.Tensor]) -> WanT
     ("wan2.2", "i2v", "lightx2v-fp8"),  # MoE, fp8 e4m3 with per-channel scales, dequantized by the view
     ("wan2.2", "ti2v", "lightx2v-int8"),  # per-frame timesteps, int8
     ("wan2.1", "flf2v", "diffusers"),  # diffusers folder, image branch with emb_pos
+    ("wan2.1", "vace", "comfyui-fp8"),  # VACE blocks' linears scaled fp8 too, under model.diffusion_model.
+    ("wan2.1", "vace", "diffusers"),  # WanVACETransformer3DModel folder (proj_in / proj_out)
 ])
 def test_real_folders_each_expert_against_its_own_reference(family, task, layout, tmp_path):
     resolved = resolve_model(make_tiny_model(tmp_path / "model", family, task, layout=layout))

@@ -2,8 +2,9 @@
 
 Exports are traced on meta with weights streamed from an official-layout safetensors file
 (1-layer tiny models keep the test fast; the block math is the same at any depth).  Variants:
-Wan2.1 t2v, i2v (257 CLIP tokens) and flf2v (514, bf16), Wan2.2 i2v-A14B (36 channels, no CLIP)
-and ti2v (per-frame timesteps).
+Wan2.1 t2v, i2v (257 CLIP tokens) and flf2v (514, bf16), Wan2.2 i2v-A14B (36 channels, no CLIP),
+ti2v (per-frame timesteps), and Wan2.1-VACE (2 layers, VACE blocks at 0 and 1; `vace_context` and
+`context_scale` inputs).
 """
 
 from __future__ import annotations
@@ -45,13 +46,15 @@ class CountingView(dict):
 def one_layer_view(name: str, tmp_path):
     case = CASES[name]
     cfg = replace(case.cfg, num_layers=1)
+    if cfg.vace:  # two layers so that the second VACE block (no before_proj) is in the graph too
+        cfg = replace(cfg, num_layers=2, vace_layers=(0, 1))
     model = diffusers_model(replace(case, cfg=cfg), seed=7)
     return cfg, write_official(official_state(model), tmp_path / "dit.safetensors")
 
 
 # The bf16 export comes first: the bf16-only test's indirect parameter has index 0, which pytest's
 # ordering matches to the fixture's own index 0, so it runs on that export instead of a second one.
-EXPORTS = [("flf2v", "bf16"), ("t2v", "fp32"), ("i2v", "fp32"), ("i2v_a14b", "fp32"), ("ti2v", "fp32")]
+EXPORTS = [("flf2v", "bf16"), ("t2v", "fp32"), ("i2v", "fp32"), ("i2v_a14b", "fp32"), ("ti2v", "fp32"), ("vace", "fp32")]
 BF16_EXPORTS = [e for e in EXPORTS if e[1] == "bf16"]
 
 
@@ -162,7 +165,7 @@ def test_native_attention_is_the_pattern_tensorrt_fuses(exported):
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     softmaxes = [n for n in graph.node if n.op_type == "Softmax"]
-    assert len(softmaxes) == cfg.num_layers * (3 if cfg.image_branch else 2)
+    assert len(softmaxes) == cfg.num_layers * (3 if cfg.image_branch else 2) + 2 * len(cfg.vace_layers)
     for sm in softmaxes:
         bmm1 = producer[sm.input[0]]
         assert bmm1.op_type == "MatMul" and producer[bmm1.input[0]].op_type == "Mul"
@@ -200,3 +203,21 @@ def test_bad_precision_and_attention_are_refused(tmp_path):
     with pytest.raises(Exception, match="unknown attention implementation 'flash'"):
         export_dit_onnx(view, tmp_path / "x", cfg=cfg, attention="flash", progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_vace_bf16_graph_lints_and_follows_torch_bf16_at_two_shapes(tmp_path):
+    """VACE blocks' linears in bf16 with the fp32 islands (vace_patch_embedding, norms, modulation) as the main blocks'."""
+    cfg, view = one_layer_view("vace", tmp_path)
+    files = export_dit_onnx(view, tmp_path / "dit", "bf16", cfg=cfg, progress=False).files
+    module = load_dit(view, cfg, dtype=torch.bfloat16)
+    assert lint_onnx(files[0], module.signature) == []
+    dtypes = {t.name: t.data_type for t in onnx.load(str(files[0]), load_external_data=False).graph.initializer}
+    assert dtypes["vace_blocks.1.after_proj.weight"] == dtypes["vace_blocks.0.before_proj.weight"] == onnx.TensorProto.BFLOAT16
+    assert dtypes["vace_patch_embedding.weight"] == dtypes["vace_blocks.0.modulation"] == onnx.TensorProto.FLOAT
+    session = ort_session(files[0], "bf16")
+    for batch, grid in SHAPES:
+        inputs = make_inputs(replace(CASES["vace"], cfg=cfg), batch, grid, seed=17)
+        (got,) = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+        with torch.no_grad():
+            want = module(*inputs.values())
+        assert rel_err(torch.from_numpy(got), want) < 2e-2

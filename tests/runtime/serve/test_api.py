@@ -22,6 +22,23 @@ def test_a_body_becomes_fields_and_decoded_images():
     assert images["image"] == png  # a data: URL is accepted too
 
 
+def test_reference_images_arrive_as_a_list_of_files(tmp_path):
+    """VACE's ref_images: a list of base64 images, each written to its own file, in order."""
+    a, b = png_bytes(3), png_bytes(5)
+    fields, images = parse_body(f'{{"prompt": "a cat", "context_scale": 0.5, "ref_images": ["{b64(a)}", "{b64(b)}"]}}'.encode())
+    request = materialize(fields, images, tmp_path)
+    assert request.context_scale == 0.5 and [open(p, "rb").read() for p in request.ref_images] == [a, b]
+
+
+def test_control_video_and_mask_arrive_as_files(tmp_path):
+    """VACE's video / mask: base64 MP4 (or WebM) bytes, written as files the pipeline reads."""
+    mp4 = b"\x00\x00\x00\x18ftypisom" + bytes(16)
+    fields, files = parse_body(f'{{"prompt": "a cat", "video": "data:video/mp4;base64,{b64(mp4)}", "mask": "{b64(mp4)}"}}'.encode())
+    request = materialize(fields, files, tmp_path)
+    assert request.video == str(tmp_path / "video.mp4") and open(request.video, "rb").read() == mp4
+    assert request.mask == str(tmp_path / "mask.mp4")
+
+
 @pytest.mark.parametrize("raw, field, message", [
     (b"{", "body", "not valid JSON"),
     (b'{"prompt": "x", "guidance": Infinity}', "body", "Infinity is not a JSON number"),
@@ -31,6 +48,10 @@ def test_a_body_becomes_fields_and_decoded_images():
     (b'{"prompt": "x", "image": 5}', "image", "expected a base64 PNG or JPEG string, got int"),
     (b'{"prompt": "x", "last_image": "@@@@"}', "last_image", "not valid base64"),
     (('{"prompt": "x", "image": "%s"}' % base64.b64encode(b"BM a bitmap").decode()).encode(), "image", "not a PNG or JPEG"),
+    (b'{"prompt": "x", "video": "L2V0Yy9wYXNzd2Q="}', "video", "not an MP4 or WebM video"),  # a path is never read
+    (b'{"prompt": "x", "mask": 3}', "mask", "expected a base64 MP4 or WebM string, got int"),
+    (b'{"prompt": "x", "ref_images": "@@@@"}', "ref_images", "expected a list of base64"),
+    (b'{"prompt": "x", "ref_images": ["@@@@"]}', "ref_images", "not valid base64"),
 ])  # fmt: skip
 def test_a_bad_body_names_its_field(raw, field, message):
     with pytest.raises(RequestError, match=message) as e:
