@@ -7,14 +7,20 @@ Shape (issue 6): 5 frames at 240x416 -> latent 2x30x52 -> 780 tokens; a guided s
 2. the same weights exported to ONNX (`export.onnx.dit.export_dit_onnx`, fp32) and run by the
    runtime: `runtime.guidance.predict_velocity` + `runtime.schedulers.FlowUniPC.step`, with the
    engine time and the runtime's host overhead per step (wall time not spent inside the engine);
-3. diffusers eager in bf16 (the model cast in place), unless `--skip-bf16`.
+3. diffusers eager in bf16 (the model cast in place), unless `--skip-bf16`;
+4. the int8 and fp8 W8A8 graphs (`--quantize`, default both): the same weights through the export's
+   weight Q/DQ pass (`calibration.qdq.weight_qdq_pass`: per-channel codes, DequantizeLinear axis 1),
+   activation scales from the graph's own amax outputs on one calibration batch of other random
+   inputs (seed 1, timesteps 999 and 500; the sampling-trajectory calibration of build-engine needs a
+   text encoder, which this bench has not), then Q/DQ in front of each quantized MatMul; run by the
+   runtime like the fp32 graph, their output compared with diffusers fp32 (relative L2, cosine).
 
 The runtime's output is checked against diffusers fp32 (max relative error) so both sides compute
 the same step.  Prints a markdown block; `--record` writes it as the `bench/step.py` section of
 bench/RESULTS.md (other sections are kept).
 
     .venv/bin/python bench/step.py [--dims 1.3b|tiny] [--batch 2] [--repeats 2] [--warmup 1] [--threads N]
-                                   [--skip-bf16] [--record]
+                                   [--skip-bf16] [--quantize int8,fp8] [--layers N] [--record]
 
 The exported ONNX is kept in bench/_work/step-<dims>/ (the weights are seeded, so it is reused by
 later runs; `--fresh` re-exports).  Order: diffusers fp32, runtime, then diffusers bf16 (slowest
@@ -166,6 +172,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="0: all cores")
     ap.add_argument("--skip-bf16", action="store_true")
     ap.add_argument("--fresh", action="store_true", help="re-export even if bench/_work holds the ONNX")
+    ap.add_argument("--quantize", default="int8,fp8", help="comma list of W8A8 graphs to time ('' for none)")
+    ap.add_argument("--layers", type=int, default=None, help="override the number of DiT blocks (the widths stay)")
     ap.add_argument("--record", action="store_true", help="write the result into bench/RESULTS.md")
     args = ap.parse_args()
 
@@ -179,7 +187,9 @@ def main() -> None:
 
     threads = args.threads or os.cpu_count()
     torch.set_num_threads(threads)
-    cfg = DiTConfig(in_dim=16, out_dim=16, **DIMS[args.dims])
+    dims = dict(DIMS[args.dims], **({"num_layers": args.layers} if args.layers else {}))
+    cfg = DiTConfig(in_dim=16, out_dim=16, **dims)
+    schemes = [q for q in args.quantize.split(",") if q]
     geo = VideoGeometry(args.frames, args.height, args.width, (4, 8, 8))
     rng = np.random.default_rng(0)
     inputs = {
@@ -188,8 +198,9 @@ def main() -> None:
         "context": rng.standard_normal((args.batch, cfg.text_len, cfg.text_dim), dtype=np.float32),
     }
     guide = 5.0
-    result: dict = {"dims": args.dims, "tokens": geo.tokens, "batch": args.batch, "threads": threads}
-    onnx_dir = ROOT / "bench" / "_work" / f"step-{args.dims}" / "dit"
+    result: dict = {"dims": args.dims, "layers": cfg.num_layers, "tokens": geo.tokens, "batch": args.batch, "threads": threads}
+    work = ROOT / "bench" / "_work" / f"step-{args.dims}{f'-{args.layers}l' if args.layers else ''}"
+    onnx_dir = work / "dit"
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
     t0 = time.perf_counter()
@@ -211,6 +222,9 @@ def main() -> None:
         result["export_s"] = time.perf_counter() - t0
     result["onnx_gb"] = sum(p.stat().st_size for p in onnx_dir.iterdir()) / 1e9
     say(f"ONNX {result['onnx_gb']:.2f} GB" + (f", exported in {result['export_s']:.0f} s" if "export_s" in result else " (cached)"))
+    quantized = {}
+    for scheme in schemes:
+        quantized[scheme] = export_quantized(official_view(model), cfg, work / f"dit-{scheme}", scheme, geo, args, result, say)
     del model
     gc.collect()
 
@@ -222,6 +236,15 @@ def main() -> None:
     result["max_rel_err_vs_diffusers_fp32"] = float(np.abs(raw - ref).max() / np.abs(ref).max())
     say(f"runtime step: {fmt(walls)} s, host overhead {fmt(result['runtime_host_ms'])} ms")
     gc.collect()
+
+    for scheme, qdir in quantized.items():
+        walls, engines, load_s, _, raw_q = time_runtime(qdir, signature_for(cfg), inputs, guide, args.repeats, args.warmup, threads)
+        q = result["quantized"][scheme]
+        q.update(runtime_s=walls, load_s=load_s, rel_l2_vs_diffusers_fp32=float(np.linalg.norm(raw_q - ref) / np.linalg.norm(ref)),
+                 cosine_vs_diffusers_fp32=float((raw_q * ref).sum() / (np.linalg.norm(raw_q) * np.linalg.norm(ref))),
+                 onnx_gb=sum(p.stat().st_size for p in qdir.iterdir()) / 1e9)  # fmt: skip
+        say(f"runtime {scheme} W8A8 step: {fmt(walls)} s, rel L2 vs diffusers fp32 {q['rel_l2_vs_diffusers_fp32']:.2e}")
+        gc.collect()
 
     if not args.skip_bf16:
         model = diffusers_model(cfg, seed=0).to(torch.bfloat16)
@@ -238,6 +261,47 @@ def main() -> None:
         record(block)
 
 
+def export_quantized(view, cfg, qdir: Path, scheme: str, geo, args, result: dict, say) -> Path:
+    """Export (or reuse) the W8A8 `scheme` graph of `view` into `qdir`; calibrated on one batch of other random inputs."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from wanrt.calibration.qdq import insert_activation_qdq, weight_qdq_pass, with_amax_outputs
+    from wanrt.export.onnx.dit import export_dit_onnx
+
+    q = result.setdefault("quantized", {}).setdefault(scheme, {})
+    if not args.fresh and (qdir / "model.onnx").is_file():
+        return qdir
+    shutil.rmtree(qdir, ignore_errors=True)
+    tmp = qdir.with_name(qdir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.perf_counter()
+    export_dit_onnx(view, tmp, "fp32", cfg=cfg, progress=False, passes=[weight_qdq_pass(view, scheme)])
+    q["export_s"] = time.perf_counter() - t0
+    graph = tmp / "model.onnx"
+    model = onnx.load(str(graph), load_external_data=False)
+    calib, outputs = with_amax_outputs(model)
+    onnx.save(calib, str(tmp / "calib.onnx"))
+    rng = np.random.default_rng(1)
+    feeds = {"latent": rng.standard_normal((2, *geo.latent_shape(16)[1:]), dtype=np.float32),
+             "timestep": np.array([999.0, 500.0], np.float32),
+             "context": rng.standard_normal((2, cfg.text_len, cfg.text_dim), dtype=np.float32)}  # fmt: skip
+    t0 = time.perf_counter()
+    session = ort.InferenceSession(str(tmp / "calib.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(names, feeds)))
+    del session
+    amax = {layer: float(values[out]) for out, layers in outputs.items() for layer in layers}
+    insert_activation_qdq(model, scheme, amax)
+    onnx.save(model, str(graph))
+    (tmp / "calib.onnx").unlink()
+    q["calibrate_s"] = time.perf_counter() - t0
+    os.replace(tmp, qdir)
+    say(f"{scheme} W8A8 graph exported in {q['export_s']:.0f} s, calibrated in {q['calibrate_s']:.0f} s")
+    return qdir
+
+
 def markdown(r: dict) -> str:
     """The RESULTS.md section for one run."""
     cpu = platform.processor() or platform.machine()
@@ -246,11 +310,12 @@ def markdown(r: dict) -> str:
         ("diffusers eager fp32", r["diffusers_fp32_s"]),
         *([("diffusers eager bf16", r["diffusers_bf16_s"])] if "diffusers_bf16_s" in r else []),
         (f"runtime ({r['runtime_device']})", r["runtime_s"]),
+        *[(f"runtime {s} W8A8 ({r['runtime_device']})", q["runtime_s"]) for s, q in r.get("quantized", {}).items()],
     ]
     lines = [
         SECTION,
         "",
-        f"One DiT step at {'Wan2.1 T2V-1.3B' if r['dims'] == '1.3b' else r['dims']} dims "
+        f"One DiT step at {'Wan2.1 T2V-1.3B' if r['dims'] == '1.3b' else r['dims']} dims, {r['layers']} blocks "
         f"({r['params_b']:.3f} B params, random weights), "
         f"5 frames 240x416 = {r['tokens']} tokens, batch {r['batch']} ({'CFG in one call' if r['batch'] == 2 else 'no CFG'}); "
         f"{r['threads']} threads on {cpu} ({os.cpu_count()} cores), {datetime.date.today()}. "
@@ -269,6 +334,10 @@ def markdown(r: dict) -> str:
         f"- ONNX {r['onnx_gb']:.2f} GB" + (f" (export {r['export_s']:.0f} s)" if "export_s" in r else "")
         + f", session load {r['runtime_load_s']:.1f} s, peak RSS {r['peak_rss_gb']:.1f} GB"
         + ("" if "diffusers_bf16_s" in r else "; diffusers bf16 not run (--skip-bf16)"),
+        *[f"- {s} W8A8 vs diffusers fp32: relative L2 {q['rel_l2_vs_diffusers_fp32']:.2e}, cosine "
+          f"{q['cosine_vs_diffusers_fp32']:.6f}; ONNX {q['onnx_gb']:.2f} GB, session load {q['load_s']:.1f} s"
+          + (f", export {q['export_s']:.0f} s, calibration {q['calibrate_s']:.0f} s" if "export_s" in q else "")
+          for s, q in r.get("quantized", {}).items()],
         "",
     ]
     return "\n".join(lines)

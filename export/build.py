@@ -77,6 +77,9 @@ class BuildOptions:
     frames: str | None = None
     batch: str = "1-2"
     static: str | None = None
+    quantize: str | None = None  # "int8" / "fp8": the DiT block linears (calibration.qdq)
+    weights_only: bool = False  # W8A16: weight Q/DQ only, no activation calibration
+    calibration: Any = None  # calibration.calibrate.CalibrationOptions (None: the defaults)
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ class ComponentPlan:
     expert: str | None = None
     options: dict[str, Any] = field(default_factory=dict)  # what else the cache key covers
     graph_key: str | None = None  # plans with one graph key share a graph (DiT experts of one architecture)
+    quantization: Any = None  # calibration.qdq.WeightQuantReport of a quantized DiT (filled while it exports)
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,13 +226,12 @@ def plan_components(resolved, options: BuildOptions, loras: list) -> list[Compon
             view = apply_loras(expert.view, loras, expert.name, strict=options.lora_strict) if loras else expert.view
             name = "dit" if expert.name == "dit" else f"dit_{expert.name}"
             plan_options = {"attention": options.attention, **lora_opts, "dit": cfg.to_dict()}
-            plans.append(
-                ComponentPlan(
-                    name, "dit", options.precision, list(expert.files), view, {"cfg": cfg, "attention": options.attention},
-                    expert=None if expert.name == "dit" else expert.name, options=plan_options,
-                    graph_key=json.dumps([options.precision, options.attention, cfg.to_dict()], sort_keys=True),
-                )
+            plan = ComponentPlan(
+                name, "dit", options.precision, list(expert.files), view, {"cfg": cfg, "attention": options.attention},
+                expert=None if expert.name == "dit" else expert.name, options=plan_options,
+                graph_key=json.dumps([options.precision, options.attention, cfg.to_dict()], sort_keys=True),
             )  # fmt: skip
+            plans.append(quantized_plan(plan, options, calibration_sources(resolved)) if options.quantize else plan)
     if "text_encoder" in groups:
         if resolved.text_encoder is None:
             raise _missing("T5 text encoder", "models_t5_umt5-xxl-enc-bf16.pth", task, resolved.source)
@@ -256,6 +259,89 @@ def plan_components(resolved, options: BuildOptions, loras: list) -> list[Compon
     if not plans:
         raise WanrtError(f"--components {','.join(sorted(groups))}: nothing to build for this {resolved.family} {task} model")
     return plans
+
+
+def calibration_sources(resolved) -> list[Path]:
+    """The companion files a calibration runs besides the DiT (text encoder, CLIP, VAE): their digests key its scales."""
+    from wanrt.export.checkpoint.companions import companion_files
+
+    return [f for c in (resolved.text_encoder, resolved.image_encoder, resolved.vae) if c is not None for f in companion_files(c)]
+
+
+def quantized_plan(plan: ComponentPlan, options: BuildOptions, calib_sources: list[Path] = ()) -> ComponentPlan:
+    """`plan` with its block linears quantized (`--quantize`): the weight Q/DQ pass, the options in its cache key.
+
+    Quantized experts never share a graph: their weights' codes and scales, and their activation
+    scales, are each expert's own.  A calibrated plan's cache key also covers `calib_sources`."""
+    from wanrt.calibration.calibrate import CalibrationOptions, calibration_key
+    from wanrt.calibration.qdq import WeightQuantReport, check_scheme, weight_qdq_pass
+
+    check_scheme(options.quantize)
+    report = WeightQuantReport(options.quantize)
+    calib = None if options.weights_only else calibration_key(options.calibration or CalibrationOptions())
+    return replace(
+        plan, graph_key=None, quantization=report,
+        sources=list(plan.sources) + ([] if options.weights_only else [p for p in calib_sources if p not in plan.sources]),
+        export_options={**plan.export_options, "passes": [weight_qdq_pass(plan.source, options.quantize, report)]},
+        options={**plan.options, "quantize": {"scheme": options.quantize, "weights_only": options.weights_only,
+                                              "calibration": calib}},
+    )  # fmt: skip
+
+
+def quantize_notes(plans: list[ComponentPlan]) -> list[str]:
+    """One line per quantized DiT whose source stores its block linears in another 8-bit format (requantized)."""
+    from wanrt.calibration.formats import FORMAT_OF_DTYPE
+
+    notes = []
+    for plan in plans:
+        if plan.quantization is None:
+            continue
+        stored = FORMAT_OF_DTYPE.get(getattr(plan.source, "precision", ""))
+        if stored is not None and stored != plan.quantization.scheme:
+            notes.append(f"{plan.name}: the source stores {stored} block linears; --quantize {plan.quantization.scheme} "
+                         "requantizes them from their dequantized values")  # fmt: skip
+    return notes
+
+
+def check_quantize_options(options: BuildOptions) -> None:
+    """The --quantize family of options that cannot work together."""
+    from wanrt.calibration.calibrate import CalibrationOptions
+
+    if options.quantize is None:
+        if options.weights_only or options.calibration is not None:
+            raise WanrtError(f"{'--weights-only' if options.weights_only else '--calib-*'} needs --quantize int8|fp8")
+        return
+    from wanrt.calibration.qdq import check_scheme
+
+    check_scheme(options.quantize)
+    if options.weights_only and options.calibration is not None and options.calibration != CalibrationOptions():
+        raise WanrtError("--calib-* options have no effect with --weights-only (W8A16 graphs are not calibrated)")
+    if options.calibration is not None:
+        options.calibration.check()
+
+
+def quantization_attributes(plan: ComponentPlan) -> dict[str, Any]:
+    """The manifest record of a quantized DiT's weights (its activations are added after calibration)."""
+    report = plan.quantization
+    return {"quantization": {
+        "scheme": report.scheme, "weights": {"granularity": "per_channel", "symmetric": True, "axis": 1, **report.to_dict()},
+        "activations": None,
+    }}  # fmt: skip
+
+
+def calibrate_staged(tmp: Path, manifest: Manifest, built: list[str], options: BuildOptions,
+                     log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    """Calibrate the quantized experts built into the staged bundle `tmp` (W8A8), re-lint them; return the timing."""
+    from wanrt.calibration.calibrate import CalibrationOptions, calibrate_bundle
+
+    log(f"calibrating {', '.join(built)} ({options.quantize} activations)")
+    result = calibrate_bundle(tmp, manifest, built, options.quantize, options.calibration or CalibrationOptions(), log)
+    for name in built:
+        comp = manifest.components[name]
+        lint_exported(name, tmp / comp.onnx, comp.signature)
+        comp.attributes["quantization"]["activations"] = {"granularity": "per_tensor", "symmetric": True,
+                                                          **result.records[name]}  # fmt: skip
+    return {"seconds": round(result.seconds, 3), "prompts": result.prompts}
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,6 +541,7 @@ def build_bundle(
                          "(fp8/int8 engines come with calibrated Q/DQ export)")  # fmt: skip
     if options.target not in TARGETS:
         raise WanrtError(f"--target {options.target!r}: expected one of {', '.join(TARGETS)}")
+    check_quantize_options(options)
     output = Path(output)
     resolved = resolve_model(model, config)
     loras = read_loras(resolved, lora_args)
@@ -464,6 +551,9 @@ def build_bundle(
     notes = precision_notes(options.precision, plans)
     for note in notes:
         log(f"note: {note}")
+    for note in quantize_notes(plans):
+        log(f"note: {note}")
+        notes.append(note)
     notes += lora_notes(plans)  # printed as the merge planned them
     trt_build = open_trt_build(resolved, options)  # before anything is written: TensorRT, the GPU, the shapes
     shape = model_shape(resolved)
@@ -495,19 +585,29 @@ def build_bundle(
                 continue
             template = graphs.get(plan.graph_key) if plan.graph_key is not None else None
             shared = f", graph shared with {template.parent.name}" if template is not None else ""
-            log(f"[{i}/{len(plans)}] {plan.name}: exporting ({plan.precision}{shared})")
+            what = plan.precision
+            if plan.quantization is not None:
+                what = f"{plan.quantization.scheme} {'W8A16' if options.weights_only else 'W8A8'}, {plan.precision} elsewhere"
+            log(f"[{i}/{len(plans)}] {plan.name}: exporting ({what}{shared})")
             exported = export_component(plan, tmp / plan.name, template)
             if plan.graph_key is not None:
                 graphs[plan.graph_key] = exported.graph
             components[plan.name] = exported.manifest_entry(plan.name, plan.kind, plan.precision, tmp,
                                                             expert=plan.expert, cache_key=key)  # fmt: skip
+            if plan.quantization is not None:
+                components[plan.name] = replace(components[plan.name], precision=plan.quantization.scheme,
+                                                attributes=quantization_attributes(plan))  # fmt: skip
             outcome[plan.name] = "built"
-        components = stage_plans(trt_build, components, old, output, tmp, shape, log, _link_or_copy, {p.name for p in plans},
-                                 refit)  # fmt: skip
         tokenizer = None
         if resolved.tokenizer is not None and any(c.kind == "text_encoder" for c in components.values()):
             shutil.copytree(resolved.tokenizer, tmp / TOKENIZER_DIR)
             tokenizer = TOKENIZER_DIR
+        built_quantized = [p.name for p in plans if p.quantization is not None and outcome.get(p.name) == "built"]
+        if built_quantized and not options.weights_only:  # before any TensorRT plan is built from the graphs
+            staged = bundle_manifest(resolved, model, options, components, records, tokenizer)
+            calibrate_staged(tmp, staged, built_quantized, options, log)  # records into the components' attributes
+        components = stage_plans(trt_build, components, old, output, tmp, shape, log, _link_or_copy, {p.name for p in plans},
+                                 refit)  # fmt: skip
         manifest = bundle_manifest(resolved, model, options, components, records, tokenizer)
         write_manifest(tmp, manifest)
     return manifest, outcome, notes
@@ -548,15 +648,35 @@ def build_bundle(
               help="TensorRT timing cache file (default: one per TensorRT version and GPU in the wanrt cache folder).")
 @click.option("--plugin", "plugin_dir", type=click.Path(), default=None,
               help="With --attention plugin: the folder `plugin-build` wrote (the plugin's kernels).")
+@click.option("--quantize", type=click.Choice(["int8", "fp8"]), default=None,
+              help="Quantize every DiT block linear (attention q/k/v/o, image k/v, FFN) per output channel: explicit "
+                   "Q/DQ graphs. Weights and activations (W8A8, calibrated) unless --weights-only.")
+@click.option("--weights-only", is_flag=True, help="With --quantize: weight Q/DQ only (W8A16), no calibration.")
+@click.option("--calib-prompts", type=click.Path(), default=None,
+              help="Calibration prompts, one per line (default: the built-in set of varied prompts).")
+@click.option("--calib-steps", type=int, default=None, help="Sampling steps per calibration prompt (default: the bundle's).")
+@click.option("--calib-method", type=click.Choice(["max", "percentile"]), default=None,
+              help="Activation range: running max of |x| (default), or a percentile of |x| per call.")
+@click.option("--calib-percentile", type=float, default=None, help="With --calib-method percentile: P in (0, 100] (default 99.99).")
+@click.option("--calib-size", default=None, metavar="WxH[xF]",
+              help="Calibration video size (default: the bundle's default size, 5 frames).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT even if it is not a wanrt bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 def build_engine_command(model, output, config, loras, lora_strict, precision, components, experts, attention, target, sizes,
                          frames, batch, static, opt_level, version_compatible, refittable, strip_plan, timing_cache,
-                         plugin_dir, force, as_json):  # fmt: skip
+                         plugin_dir, quantize, weights_only, calib_prompts, calib_steps, calib_method, calib_percentile,
+                         calib_size, force, as_json):  # fmt: skip
     """Export MODEL's components to ONNX (and TensorRT plans) and write a verifiable bundle at OUTPUT."""
     trt_options = TrtOptions(opt_level=opt_level, version_compatible=version_compatible, refittable=refittable,
                              strip_plan=strip_plan, timing_cache=Path(timing_cache) if timing_cache else None,
                              plugin_dir=Path(plugin_dir) if plugin_dir else None)  # fmt: skip
+    from wanrt.calibration.calibrate import CalibrationOptions, parse_size
+
+    calib_args = (calib_prompts, calib_steps, calib_method, calib_percentile, calib_size)
+    calibration = None
+    if any(a is not None for a in calib_args):
+        calibration = CalibrationOptions(method=calib_method or "max", percentile=calib_percentile, prompts_file=calib_prompts,
+                                         steps=calib_steps, size=parse_size(calib_size) if calib_size else None)  # fmt: skip
     options = BuildOptions(
         precision=precision,
         components=tuple(c.strip() for c in components.split(",") if c.strip()) if components else None,
@@ -570,6 +690,9 @@ def build_engine_command(model, output, config, loras, lora_strict, precision, c
         frames=frames,
         batch=batch,
         static=static,
+        quantize=quantize,
+        weights_only=weights_only,
+        calibration=calibration,
     )
     manifest, outcome, notes = build_bundle(model, output, config, loras, options)
     summary = {
@@ -577,7 +700,8 @@ def build_engine_command(model, output, config, loras, lora_strict, precision, c
         "family": manifest.family,
         "task": manifest.task,
         "precision": manifest.precision,
-        "components": {n: {"status": outcome[n], "onnx": c.onnx, "precision": c.precision, "plans": [p.path for p in c.plans]}
+        "components": {n: {"status": outcome[n], "onnx": c.onnx, "precision": c.precision, "plans": [p.path for p in c.plans],
+                           **({"quantization": c.attributes["quantization"]} if "quantization" in c.attributes else {})}
                        for n, c in manifest.components.items()},  # fmt: skip
         "loras": [vars(r) for r in manifest.loras],
         "bytes": sum(f["size"] for f in manifest.files.values()),

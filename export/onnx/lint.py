@@ -16,7 +16,12 @@ Checks, each reported as one line naming the node / tensor at fault:
 - no initializer over 2 GiB, no float64 tensors, all external data in one file beside the model
   that holds every byte it is said to;
 - graph inputs/outputs carry exactly the signature's names, dtypes and dims: dynamic (named)
-  dims only where the signature declares them (without a signature: no unnamed dynamic dims).
+  dims only where the signature declares them (without a signature: no unnamed dynamic dims);
+- explicit quantization (`_check_qdq`, tensorrt.md §3): every Q/DQ scale and zero point is an
+  initializer; zero points are all 0; scales are positive and finite, a scalar (per tensor) or
+  1-D with one value per index of a valid `axis` (per channel); float8 Q/DQ only at opset >= 19;
+  every QuantizeLinear feeds only DequantizeLinears; an activation's DQ (one fed by a Q) feeds only
+  MatMul / Gemm / Conv or our attention plugin, so the residual stream is never quantized.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import click
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from wanrt.engines.errors import WanrtError
 from wanrt.engines.signatures import EngineSignature
@@ -167,6 +173,7 @@ def lint_onnx(path: str | os.PathLike, signature: EngineSignature | None = None,
     problems += _check_types(model, support)
     problems += _check_initializers(model, path)
     problems += _check_io(model, signature)
+    problems += _check_qdq(model, path)
     return problems
 
 
@@ -304,6 +311,90 @@ def _check_initializers(model: onnx.ModelProto, path: Path) -> list[str]:
         elif data.stat().st_size < end:
             problems.append(f"external data file {data} holds {data.stat().st_size} bytes; the initializers need {end}")
     return problems
+
+
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+QUANTIZED_CONSUMERS = ("MatMul", "Gemm", "Conv", "ConvTranspose")  # where TensorRT fuses an activation's DQ
+FP8_MIN_OPSET = 19
+
+
+def _check_qdq(model: onnx.ModelProto, path: Path) -> list[str]:
+    """The rules TensorRT's explicit quantization needs (see the module docstring)."""
+    graph = model.graph
+    nodes = [n for n in graph.node if n.domain in _DEFAULT_DOMAINS and n.op_type in QDQ_OPS]
+    if not nodes:
+        return []
+    problems: list[str] = []
+    opset = next((i.version for i in model.opset_import if i.domain in _DEFAULT_DOMAINS), 0)
+    inits = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    types = _element_types(model)
+    values: dict[str, Any] = {}
+
+    def value(name: str):
+        if name not in values:
+            values[name] = numpy_helper.to_array(inits[name], base_dir=str(path.parent))
+        return values[name]
+
+    for node in nodes:
+        where = f"node {node.name or '(unnamed)'}: {node.op_type}"
+        scale_name = node.input[1] if len(node.input) > 1 else ""
+        zero_name = node.input[2] if len(node.input) > 2 else ""
+        if scale_name not in inits:
+            problems.append(f"{where}: scale {scale_name!r} is not an initializer (TensorRT needs build-time constant scales)")
+            continue
+        scale = value(scale_name).astype("float64")
+        if scale.size == 0 or not (scale > 0).all() or not np.isfinite(scale).all():
+            problems.append(f"{where}: scale {scale_name!r} must be positive and finite")
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if scale.ndim > 1:
+            problems.append(f"{where}: scale {scale_name!r} has shape {list(scale.shape)}; expected a scalar or 1-D per channel")
+        elif scale.ndim == 1 and scale.size > 1:
+            data = node.input[0]
+            shape = _static_shape(model, data, inits)
+            if shape is not None:
+                if not -len(shape) <= axis < len(shape):
+                    problems.append(f"{where}: axis {axis} is outside the rank {len(shape)} of {data!r}")
+                elif isinstance(shape[axis], int) and shape[axis] != scale.size:
+                    problems.append(f"{where}: {scale.size} per-channel scales for axis {axis} of {data!r} {shape}")
+        code_type = None
+        if zero_name:
+            if zero_name not in inits:
+                problems.append(f"{where}: zero point {zero_name!r} is not an initializer")
+            else:
+                code_type = inits[zero_name].data_type
+                if value(zero_name).astype("float64").any():
+                    problems.append(f"{where}: zero point {zero_name!r} is not 0 (TensorRT quantization is symmetric)")
+        if node.op_type == "DequantizeLinear":
+            code_type = types.get(node.input[0], code_type)
+        if code_type in (onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E5M2) and opset < FP8_MIN_OPSET:
+            problems.append(f"{where}: float8 Q/DQ needs opset {FP8_MIN_OPSET} or newer (the graph is opset {opset})")
+        if node.op_type == "QuantizeLinear":
+            bad = [c.op_type for c in consumers.get(node.output[0], []) if c.op_type != "DequantizeLinear"]
+            if bad or not consumers.get(node.output[0]):
+                problems.append(f"{where}: its output must feed DequantizeLinear only (feeds {bad or 'nothing'})")
+        else:
+            fed_by_q = getattr(producers.get(node.input[0]), "op_type", None) == "QuantizeLinear"
+            bad = [c.op_type for c in consumers.get(node.output[0], [])
+                   if fed_by_q and c.op_type not in QUANTIZED_CONSUMERS and not is_plugin_node(c.domain, c.op_type)]
+            if bad:
+                problems.append(f"{where}: a quantized activation feeds {', '.join(sorted(set(bad)))}; only "
+                                f"{'/'.join(QUANTIZED_CONSUMERS)} or the attention plugin may read it (no Q/DQ on the residual stream)")
+    return problems
+
+
+def _static_shape(model: onnx.ModelProto, name: str, inits: dict[str, onnx.TensorProto]) -> list[int | str] | None:
+    """The dims of `name` (an initializer's, or a graph value's as recorded), None when unknown."""
+    if name in inits:
+        return list(inits[name].dims)
+    for vi in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
+        if vi.name == name and vi.type.tensor_type.HasField("shape"):
+            return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim]
+    return None
 
 
 def _io_dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:

@@ -226,3 +226,60 @@ def test_cli_takes_the_signature_from_the_bundle(tmp_path):
     report = json.loads(r.stdout)
     assert r.returncode == 1 and report["signature_checked"] is True
     assert report["problems"] == ["input x: dim 1 is static 4, the signature declares 8"]
+
+
+# ---- explicit quantization (tensorrt.md §3: symmetric, constant scales; fp8 from opset 19) ----
+
+
+def qdq_model(*, w_scale=None, w_zero=None, x_scale=0.02, x_zero=0, axis=1, code=TensorProto.INT8, opset=19,
+              x_dq_feeds="MatMul", scale_as_input=False) -> onnx.ModelProto:
+    """x -> Q -> DQ -> MatMul(., DQ(W codes, per-channel scale on `axis`)) -> y, with the given defects."""
+    codes = helper.make_tensor("w", code, [4, 4], np.eye(4).astype(np.float32).ravel().tolist() if code != TensorProto.INT8
+                               else np.eye(4, dtype=np.int8).ravel().tolist())
+    ws = np.full(4, 0.5, np.float32) if w_scale is None else np.asarray(w_scale, np.float32)
+    wz = np.zeros(4) if w_zero is None else np.asarray(w_zero)
+    inits = [codes, numpy_helper.from_array(ws, "ws"), helper.make_tensor("wz", code, list(wz.shape), wz.astype(np.float32).tolist()),
+             helper.make_tensor("xz", code, [], [float(x_zero)])]
+    if not scale_as_input:
+        inits.append(numpy_helper.from_array(np.array(x_scale, np.float32), "xs"))
+    nodes = [] if not scale_as_input else [helper.make_node("ReduceMax", ["x"], ["xs"], keepdims=0)]
+    nodes += [
+        helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="x_q"),
+        helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="x_dq"),
+        helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], name="w_dq", axis=axis),
+    ]
+    if x_dq_feeds == "MatMul":
+        nodes.append(helper.make_node("MatMul", ["xd", "wd"], ["y"]))
+    else:  # the quantized activation also feeds the residual add
+        nodes += [helper.make_node("MatMul", ["xd", "wd"], ["h"]), helper.make_node("Add", ["h", "xd"], ["y"])]
+    return graph_model(nodes, inits, opset=opset)
+
+
+def test_clean_qdq_graphs_pass(tmp_path):
+    assert problems_of(qdq_model(), tmp_path) == []
+    assert problems_of(qdq_model(code=TensorProto.FLOAT8E4M3FN), tmp_path) == []
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"x_zero": 3}, "zero point 'xz' is not 0"),
+    ({"w_zero": [0, 1, 0, 0]}, "zero point 'wz' is not 0"),
+    ({"x_scale": -0.1}, "scale 'xs' must be positive and finite"),
+    ({"x_scale": float("inf")}, "scale 'xs' must be positive and finite"),
+    ({"w_scale": [0.5, 0.0, 0.5, 0.5]}, "scale 'ws' must be positive and finite"),
+    ({"w_scale": [0.5, 0.5, 0.5]}, "3 per-channel scales for axis 1"),
+    ({"axis": 2}, "axis 2 is outside the rank 2"),
+    ({"scale_as_input": True}, "scale 'xs' is not an initializer"),
+    ({"x_dq_feeds": "Add"}, "a quantized activation feeds Add"),
+    ({"code": TensorProto.FLOAT8E4M3FN, "opset": 18}, "float8 Q/DQ needs opset 19"),
+])
+def test_each_qdq_defect_is_named(tmp_path, kw, needle):
+    problems = problems_of(qdq_model(**kw), tmp_path)
+    assert any(needle in p for p in problems), problems
+
+
+def test_quantize_must_feed_dequantize(tmp_path):
+    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), helper.make_tensor("z", TensorProto.INT8, [], [0])]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="lonely_q"),
+             helper.make_node("Cast", ["q"], ["y"], to=TensorProto.FLOAT)]
+    problems = problems_of(graph_model(nodes, inits), tmp_path)
+    assert any("lonely_q" in p and "must feed DequantizeLinear only" in p for p in problems), problems
