@@ -185,8 +185,8 @@ def test_ctrl_c_leaves_no_partial_output(bundle_factory, tmp_path):
     out.parent.mkdir()
     repo = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen(
-        [sys.executable, "cli.py", "run", str(bundle), "--prompt", "a fox", "--steps", "1000", "--frames", "81", "--height", "480", "--width", "832",
-         "-o", str(out)]  # about 40 s of denoising,
+        [sys.executable, "cli.py", "run", str(bundle), "--prompt", "a fox", "--steps", "1000", "--frames", "81",
+         "--height", "480", "--width", "832", "-o", str(out)],  # about 40 s of denoising
         cwd=repo, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     seen: list[str] = []
