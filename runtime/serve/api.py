@@ -2,7 +2,8 @@
 
 A `POST /v1/videos` body has the fields of `run` (GenerationRequest's), with `image` and
 `last_image` as base64 PNG or JPEG, VACE's `ref_images` as a list of them, and VACE's `video`
-and `mask` as base64 MP4 or WebM files (never as paths: those would name files on the server).  `parse_body` checks what only JSON can get wrong (the
+and `mask` and Animate's `pose_video`, `face_video`, `background_video` and `mask_video` as base64
+MP4 or WebM files (never as paths: those would name files on the server).  `parse_body` checks what only JSON can get wrong (the
 body, unknown fields, base64, the image format); everything else is checked by the pipeline's
 `prepare`, the same validation `run` uses (`runtime.request`).
 """
@@ -25,7 +26,8 @@ from ..sizes import size_multiple
 
 IMAGE_FIELDS = ("image", "last_image")
 IMAGE_LIST_FIELDS = ("ref_images",)  # lists of base64 images
-VIDEO_FIELDS = ("video", "mask")  # base64 video files
+# base64 video files (VACE's control video and mask, Animate's preprocessed videos): never server paths
+VIDEO_FIELDS = ("video", "mask", "pose_video", "face_video", "background_video", "mask_video")
 FILE_FIELDS = IMAGE_FIELDS + IMAGE_LIST_FIELDS + VIDEO_FIELDS
 MAX_BODY_BYTES = 64 * 2**20  # two base64 images of a few megapixels, with room to spare
 BODY_LIMITS = JsonLimits(max_bytes=MAX_BODY_BYTES, max_depth=8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import numpy as np
 import pytest
@@ -39,6 +40,17 @@ def test_control_video_and_mask_arrive_as_files(tmp_path):
     assert request.mask == str(tmp_path / "mask.mp4")
 
 
+def test_animate_videos_arrive_as_files(tmp_path):
+    """Animate's pose / face (/ background / mask) videos: uploaded files, written where the pipeline reads them."""
+    mp4 = b"\x00\x00\x00\x18ftypisom" + bytes(16)
+    names = ("pose_video", "face_video", "background_video", "mask_video")
+    body = {"prompt": "a dancer", **{n: b64(mp4) for n in names}}
+    fields, files = parse_body(json.dumps(body).encode())
+    request = materialize(fields, files, tmp_path)
+    for name in names:
+        assert getattr(request, name) == str(tmp_path / f"{name}.mp4") and open(getattr(request, name), "rb").read() == mp4
+
+
 @pytest.mark.parametrize("raw, field, message", [
     (b"{", "body", "not valid JSON"),
     (b'{"prompt": "x", "guidance": Infinity}', "body", "Infinity is not a JSON number"),
@@ -50,6 +62,10 @@ def test_control_video_and_mask_arrive_as_files(tmp_path):
     (('{"prompt": "x", "image": "%s"}' % base64.b64encode(b"BM a bitmap").decode()).encode(), "image", "not a PNG or JPEG"),
     (b'{"prompt": "x", "video": "L2V0Yy9wYXNzd2Q="}', "video", "not an MP4 or WebM video"),  # a path is never read
     (b'{"prompt": "x", "mask": 3}', "mask", "expected a base64 MP4 or WebM string, got int"),
+    (b'{"prompt": "x", "pose_video": "/etc/passwd"}', "pose_video", "not valid base64|not an MP4 or WebM"),  # no paths
+    (b'{"prompt": "x", "face_video": "L2V0Yy9wYXNzd2Q="}', "face_video", "not an MP4 or WebM video"),
+    (b'{"prompt": "x", "background_video": 1}', "background_video", "expected a base64 MP4 or WebM string"),
+    (b'{"prompt": "x", "mask_video": "L2V0Yy9wYXNzd2Q="}', "mask_video", "not an MP4 or WebM video"),
     (b'{"prompt": "x", "ref_images": "@@@@"}', "ref_images", "expected a list of base64"),
     (b'{"prompt": "x", "ref_images": ["@@@@"]}', "ref_images", "not valid base64"),
 ])  # fmt: skip
