@@ -100,6 +100,17 @@ def disk_error(error: OSError, target: str | os.PathLike, tmp: str | os.PathLike
     return DiskError(target, reason, need, room)
 
 
+def as_disk_error(error: BaseException, target: str | os.PathLike, tmp: str | os.PathLike,
+                  needed_bytes: int | None = None) -> DiskError | None:  # fmt: skip
+    """What a failure while building `tmp` for `target` means for `target`: a DiskError naming it (measured
+    before `tmp` is removed), or None when the failure is not about room on the disk."""
+    if is_write_failure(error):
+        return disk_error(error, target, tmp, needed_bytes)
+    if isinstance(error, DiskError):  # a writer inside this output ran out of room: name this output, and that file in it
+        return error.within(Path(tmp), Path(target))
+    return None
+
+
 def _pid_running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -250,17 +261,11 @@ def atomic_output(
     try:
         yield tmp
         commit_temporary(tmp, target, fsync=fsync)
-    except OSError as e:
-        failure = disk_error(e, target, tmp, needed_bytes) if is_write_failure(e) else None
+    except BaseException as e:
+        failure = as_disk_error(e, target, tmp, needed_bytes)
         discard_temporary(tmp)
         if failure is not None:
             raise failure from None
-        raise
-    except DiskError as e:  # a writer inside this output ran out of room: name this output, and that file in it
-        discard_temporary(tmp)
-        raise e.within(tmp, Path(target)) from None
-    except BaseException:
-        discard_temporary(tmp)
         raise
 
 

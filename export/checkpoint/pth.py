@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from wanrt.engines.errors import CheckpointError
 from wanrt.engines.schema import short
 
-from .safetensors_file import ITEMSIZE
+from .safetensors_file import ITEMSIZE, MAX_DIM, MAX_RANK  # the same shape bounds as safetensors headers
 
 if TYPE_CHECKING:
     import torch
@@ -70,10 +70,6 @@ class _Unknown(Exception):
 
 class _Invalid(Exception):
     """The pickle is well formed but describes an impossible tensor (final: torch is not asked)."""
-
-
-MAX_RANK = 16  # as for safetensors headers: no Wan tensor has more than 5 dims
-MAX_DIM = 2**63 - 1
 
 
 def _rebuild_tensor(storage, _offset, size, *_rest) -> PthTensorInfo:

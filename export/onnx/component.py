@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from wanrt.engines.errors import WanrtError
-from wanrt.engines.files import DiskError, commit_temporary, discard_temporary, disk_error, is_write_failure, new_temporary
+from wanrt.engines.files import as_disk_error, commit_temporary, discard_temporary, new_temporary
 from wanrt.engines.manifest import Component
 from wanrt.engines.signatures import EngineSignature
 
@@ -76,9 +76,7 @@ def staged_graph(out_dir: str | os.PathLike, needed_bytes: int | None = None) ->
         commit_temporary(data_file(graph), data_file(out_dir / GRAPH_FILE))  # the data first: a graph never lacks its data
         commit_temporary(graph, out_dir / GRAPH_FILE)
     except BaseException as e:
-        failure = disk_error(e, out_dir / GRAPH_FILE, tmp, needed_bytes) if is_write_failure(e) else None  # before removal
-        if isinstance(e, DiskError):
-            failure = e.within(tmp, out_dir / GRAPH_FILE)
+        failure = as_disk_error(e, out_dir / GRAPH_FILE, tmp, needed_bytes)
         discard_temporary(tmp)
         if created:
             try:
