@@ -25,7 +25,7 @@ The residual stream itself is never quantized: a DQ output feeds only MatMuls.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,8 +160,9 @@ def _zero(name: str, dtype: ir.DataType, shape: tuple[int, ...]) -> ir.Value:
     return ir.Value(name=name, shape=ir.Shape(list(shape)), type=ir.TensorType(dtype), const_value=ir.tensor(arr, name=name))
 
 
-def weight_qdq_pass(view: Mapping[str, Any], scheme: str, report: WeightQuantReport | None = None):
-    """A graph pass (`export_onnx(passes=...)`) that quantizes every block linear weight of `view`'s DiT."""
+def weight_qdq_pass(view: Mapping[str, Any], scheme: str, report: WeightQuantReport | None = None,
+                    selects: Callable[[str], bool] = is_block_linear):  # fmt: skip
+    """A graph pass (`export_onnx(passes=...)`) that quantizes every linear weight `selects` names (default: the DiT's block linears)."""
     check_scheme(scheme)
     report = report if report is not None else WeightQuantReport(scheme)
 
@@ -170,7 +171,7 @@ def weight_qdq_pass(view: Mapping[str, Any], scheme: str, report: WeightQuantRep
         code_type = _IR_CODE_TYPES[scheme]
         for node in list(graph):
             w = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
-            if w is None or not w.is_initializer() or not is_block_linear(w.name) or len(w.shape) != 2:
+            if w is None or not w.is_initializer() or not selects(w.name) or len(w.shape) != 2:
                 continue
             perm = node.attributes.get_ints("perm")
             consumers = node.outputs[0].uses()

@@ -80,6 +80,7 @@ class BuildOptions:
     quantize: str | None = None  # "int8" / "fp8": the DiT block linears (calibration.qdq)
     weights_only: bool = False  # W8A16: weight Q/DQ only, no activation calibration
     calibration: Any = None  # calibration.calibrate.CalibrationOptions (None: the defaults)
+    quantize_text_encoder: str | None = None  # "int8" / "fp8": the umt5 block linears, weight-only (W8A16)
 
 
 @dataclass(frozen=True)
@@ -237,10 +238,9 @@ def plan_components(resolved, options: BuildOptions, loras: list) -> list[Compon
             raise _missing("T5 text encoder", "models_t5_umt5-xxl-enc-bf16.pth", task, resolved.source)
         if resolved.tokenizer is None:
             raise _missing("tokenizer", "google/umt5-xxl/tokenizer.json", task, resolved.source)
-        plans.append(
-            ComponentPlan("text_encoder", "text_encoder", options.precision, companion_files(resolved.text_encoder),
-                          resolved.text_encoder, {"task": task})  # fmt: skip
-        )
+        plan = ComponentPlan("text_encoder", "text_encoder", options.precision, companion_files(resolved.text_encoder),
+                             resolved.text_encoder, {"task": task})  # fmt: skip
+        plans.append(quantized_text_encoder_plan(plan, options.quantize_text_encoder) if options.quantize_text_encoder else plan)
     if "image_encoder" in groups and cfg.image_branch:
         if resolved.image_encoder is None:
             raise _missing("CLIP image encoder", "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", task, resolved.source)
@@ -288,6 +288,46 @@ def quantized_plan(plan: ComponentPlan, options: BuildOptions, calib_sources: li
     )  # fmt: skip
 
 
+def quantized_text_encoder_plan(plan: ComponentPlan, scheme: str) -> ComponentPlan:
+    """`plan` with every umt5 block linear (attention q/k/v/o, FFN gate/fc1/fc2) as a weight-only Q/DQ
+    (`--quantize-text-encoder`): int8 / fp8 codes and one scale per output channel, a LightX2V source's
+    own codes passed through when they are in `scheme`."""
+    from wanrt.calibration.qdq import WeightQuantReport, check_scheme, weight_qdq_pass
+    from wanrt.export.checkpoint.encoder_quant import is_t5_linear, weight_view
+    from wanrt.export.models.t5 import open_t5_checkpoint
+
+    check_scheme(scheme)
+    report = WeightQuantReport(scheme)
+    _, reader = open_t5_checkpoint(plan.source)
+    return replace(
+        plan, quantization=report,
+        export_options={**plan.export_options, "passes": [weight_qdq_pass(weight_view(reader), scheme, report, selects=is_t5_linear)]},
+        options={**plan.options, "quantize": {"scheme": scheme, "weights_only": True}},
+    )  # fmt: skip
+
+
+def encoder_source_notes(plans: list[ComponentPlan]) -> list[str]:
+    """One line per T5 / CLIP built from a LightX2V fp8/int8 file: dequantized, requantized, or its codes kept."""
+    from wanrt.export.checkpoint.companions import read_companion
+
+    notes = []
+    for plan in plans:
+        if plan.kind not in ("text_encoder", "image_encoder"):
+            continue
+        stored = getattr(read_companion(plan.source), "stored", None)
+        scheme = plan.quantization.scheme if plan.quantization is not None else None
+        if stored is None or stored == scheme:
+            continue
+        if scheme is None:
+            keep = " (--quantize-text-encoder " + stored + " keeps its codes)" if plan.kind == "text_encoder" else ""
+            notes.append(f"{plan.name}: {plan.source} stores {stored} linears; they are dequantized into the "
+                         f"{plan.precision} graph{keep}")  # fmt: skip
+        else:
+            notes.append(f"{plan.name}: {plan.source} stores {stored} linears; --quantize-text-encoder {scheme} "
+                         "requantizes them from their dequantized values")  # fmt: skip
+    return notes
+
+
 def quantize_notes(plans: list[ComponentPlan]) -> list[str]:
     """One line per quantized DiT whose source stores its block linears in another 8-bit format (requantized)."""
     from wanrt.calibration.formats import FORMAT_OF_DTYPE
@@ -318,6 +358,19 @@ def check_quantize_options(options: BuildOptions) -> None:
         raise WanrtError("--calib-* options have no effect with --weights-only (W8A16 graphs are not calibrated)")
     if options.calibration is not None:
         options.calibration.check()
+
+
+def check_text_encoder_quantize(options: BuildOptions) -> None:
+    """`--quantize-text-encoder` names a scheme and the build has a text encoder to quantize."""
+    from wanrt.calibration.qdq import SCHEMES
+
+    scheme = options.quantize_text_encoder
+    if scheme is None:
+        return
+    if scheme not in SCHEMES:
+        raise WanrtError(f"--quantize-text-encoder {scheme!r}: expected one of {', '.join(SCHEMES)}")
+    if options.components is not None and "text_encoder" not in options.components:
+        raise WanrtError("--quantize-text-encoder: the build has no text_encoder component (add it to --components)")
 
 
 def quantization_attributes(plan: ComponentPlan) -> dict[str, Any]:
@@ -542,6 +595,7 @@ def build_bundle(
     if options.target not in TARGETS:
         raise WanrtError(f"--target {options.target!r}: expected one of {', '.join(TARGETS)}")
     check_quantize_options(options)
+    check_text_encoder_quantize(options)
     output = Path(output)
     resolved = resolve_model(model, config)
     loras = read_loras(resolved, lora_args)
@@ -551,7 +605,7 @@ def build_bundle(
     notes = precision_notes(options.precision, plans)
     for note in notes:
         log(f"note: {note}")
-    for note in quantize_notes(plans):
+    for note in quantize_notes(plans) + encoder_source_notes(plans):
         log(f"note: {note}")
         notes.append(note)
     notes += lora_notes(plans)  # printed as the merge planned them
@@ -587,7 +641,8 @@ def build_bundle(
             shared = f", graph shared with {template.parent.name}" if template is not None else ""
             what = plan.precision
             if plan.quantization is not None:
-                what = f"{plan.quantization.scheme} {'W8A16' if options.weights_only else 'W8A8'}, {plan.precision} elsewhere"
+                w8a16 = options.weights_only or plan.kind != "dit"
+                what = f"{plan.quantization.scheme} {'W8A16' if w8a16 else 'W8A8'}, {plan.precision} elsewhere"
             log(f"[{i}/{len(plans)}] {plan.name}: exporting ({what}{shared})")
             exported = export_component(plan, tmp / plan.name, template)
             if plan.graph_key is not None:
@@ -602,7 +657,7 @@ def build_bundle(
         if resolved.tokenizer is not None and any(c.kind == "text_encoder" for c in components.values()):
             shutil.copytree(resolved.tokenizer, tmp / TOKENIZER_DIR)
             tokenizer = TOKENIZER_DIR
-        built_quantized = [p.name for p in plans if p.quantization is not None and outcome.get(p.name) == "built"]
+        built_quantized = [p.name for p in plans if p.quantization is not None and p.kind == "dit" and outcome.get(p.name) == "built"]
         if built_quantized and not options.weights_only:  # before any TensorRT plan is built from the graphs
             staged = bundle_manifest(resolved, model, options, components, records, tokenizer)
             calibrate_staged(tmp, staged, built_quantized, options, log)  # records into the components' attributes
@@ -652,6 +707,9 @@ def build_bundle(
               help="Quantize every DiT block linear (attention q/k/v/o, image k/v, FFN) per output channel: explicit "
                    "Q/DQ graphs. Weights and activations (W8A8, calibrated) unless --weights-only.")
 @click.option("--weights-only", is_flag=True, help="With --quantize: weight Q/DQ only (W8A16), no calibration.")
+@click.option("--quantize-text-encoder", default=None, metavar="int8|fp8",
+              help="Weight-only (W8A16) umt5 text encoder: every block linear as int8/fp8 codes, one scale per output "
+                   "channel (a LightX2V quantized T5 of the same scheme passes its codes through).")
 @click.option("--calib-prompts", type=click.Path(), default=None,
               help="Calibration prompts, one per line (default: the built-in set of varied prompts).")
 @click.option("--calib-steps", type=int, default=None, help="Sampling steps per calibration prompt (default: the bundle's).")
@@ -664,7 +722,7 @@ def build_bundle(
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 def build_engine_command(model, output, config, loras, lora_strict, precision, components, experts, attention, target, sizes,
                          frames, batch, static, opt_level, version_compatible, refittable, strip_plan, timing_cache,
-                         plugin_dir, quantize, weights_only, calib_prompts, calib_steps, calib_method, calib_percentile,
+                         plugin_dir, quantize, weights_only, quantize_text_encoder, calib_prompts, calib_steps, calib_method, calib_percentile,
                          calib_size, force, as_json):  # fmt: skip
     """Export MODEL's components to ONNX (and TensorRT plans) and write a verifiable bundle at OUTPUT."""
     trt_options = TrtOptions(opt_level=opt_level, version_compatible=version_compatible, refittable=refittable,
@@ -693,6 +751,7 @@ def build_engine_command(model, output, config, loras, lora_strict, precision, c
         quantize=quantize,
         weights_only=weights_only,
         calibration=calibration,
+        quantize_text_encoder=quantize_text_encoder,
     )
     manifest, outcome, notes = build_bundle(model, output, config, loras, options)
     summary = {

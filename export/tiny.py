@@ -403,13 +403,16 @@ def _dit_folders(family: str, task: str, layout: str) -> list[tuple[str, str]]:
 
 
 def make_tiny_model(out: Path, family: str, task: str, layout: str = "official", seed: int = 0,
-                    dims: str | None = None, *, sparse: bool = False) -> Path:
+                    dims: str | None = None, *, sparse: bool = False, encoders: str | None = None) -> Path:
     """Write a random Wan model of this family/task in `layout` to `out` (atomically); returns `out`.
 
     `sparse=True` writes the DiT files with real headers and sizes but no data (zeros, a file
-    hole): for benchmarks of header-only paths on real-sized models without writing 57 GB."""
+    hole): for benchmarks of header-only paths on real-sized models without writing 57 GB.
+    `encoders` ("int8" / "fp8"): LightX2V's quantized T5 / CLIP files instead of the float ones."""
     out = Path(out)
     check_family_task(family, task)
+    if encoders is not None and (encoders not in ("int8", "fp8") or layout == "diffusers"):
+        raise WanrtError(f"--quantized-encoders {encoders!r}: expected int8 or fp8, with a layout other than diffusers")
     if layout not in LAYOUTS:
         raise WanrtError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -430,7 +433,7 @@ def make_tiny_model(out: Path, family: str, task: str, layout: str = "official",
                 _write_json(folder / "config.json", official_config_json(cfg, task))
             elif layout == "diffusers":
                 _write_json(folder / "config.json", diffusers_config_json(cfg))
-        write_companions(tmp, family, task, layout, seed, cfg, real_widths=dims is not None)
+        write_companions(tmp, family, task, layout, seed, cfg, real_widths=dims is not None, encoders=encoders)
         if task == "animate" and layout != "diffusers":
             write_relighting_lora(tmp / RELIGHTING_FILES[0], cfg, seed)
     return out
@@ -497,11 +500,13 @@ def companion_configs(cfg: DiTConfig, task: str, real_widths: bool, vocab_size: 
     return t5, clip, VAEConfig.tiny("2.2" if task == "ti2v" else "2.1")
 
 
-def write_companions(root: Path, family: str, task: str, layout: str, seed: int, cfg: DiTConfig, real_widths: bool) -> None:
+def write_companions(root: Path, family: str, task: str, layout: str, seed: int, cfg: DiTConfig, real_widths: bool,
+                     encoders: str | None = None) -> None:  # fmt: skip
     """T5 / CLIP / VAE files and the tokenizer folder a real model folder has.
 
     Official tensors (T5 bf16, CLIP fp16, VAE fp32) are drawn once; the diffusers layout stores
-    exactly those values in fp32 under transformers / diffusers names."""
+    exactly those values in fp32 under transformers / diffusers names.  `encoders` ("int8" / "fp8"):
+    the T5 and CLIP files are LightX2V's quantized ones instead (`lightx2v_quantized_encoder`)."""
     from wanrt.export.models.clip import clip_state_shapes
     from wanrt.export.models.t5 import t5_state_shapes
     from wanrt.export.models.vae import WanVAE
@@ -521,11 +526,57 @@ def write_companions(root: Path, family: str, task: str, layout: str, seed: int,
         _write_diffusers_companions(root, t5, t5_cfg, clip, clip_cfg, vae, vae_cfg)
         _write_diffusers_pipeline(root, family, task)
         return
-    _save_pth(root / T5_FILE, t5)
     if clip is not None:
-        log_scale = torch.tensor(math.log(1 / 0.07), dtype=torch.float16)  # XLMRobertaCLIP.log_scale
-        _save_pth(root / CLIP_FILE, clip, {"log_scale": log_scale})
+        clip["log_scale"] = torch.tensor(math.log(1 / 0.07), dtype=torch.float16)  # XLMRobertaCLIP.log_scale
+    if encoders is not None:
+        from wanrt.export.checkpoint.encoder_quant import RULES
+
+        t5, clip = lightx2v_quantized_encoder(t5, "t5", encoders), clip and lightx2v_quantized_encoder(clip, "clip", encoders)
+    _save_pth(root / (RULES["t5"].file_name.format(fmt=encoders) if encoders else T5_FILE), t5)
+    if clip is not None:
+        _save_pth(root / (RULES["clip"].file_name.format(fmt=encoders) if encoders else CLIP_FILE), clip)
     _save_pth(root / f"Wan{vae_cfg.version}_VAE.pth", vae)
+
+
+def lightx2v_converter_codes(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [out, in], scale [out, 1]) of one weight as LightX2V's converter computes them (`quant/quant.py`).
+
+    The arithmetic runs in the weight's own dtype (bf16 for the official T5), as there:
+    scale = amax(|w|, dim 1).clamp(1e-5) / qmax; int8 codes round(w / scale) clamped to [-128, 127];
+    fp8 codes w / scale clipped to +-448, then qtorch's `float_quantize(x.float(), 4, 3, "nearest")`,
+    which rounds ties away from zero (not to even) and gives +0 for every value that rounds to zero:
+    here a nudge of 2**-12 relative (below half a bf16/fp16 step from any e4m3 midpoint) before
+    torch's round-to-nearest-even cast, and -0 codes (0x80) written as +0."""
+    from wanrt.calibration.quant import code_dtype
+    from wanrt.calibration.formats import quant_format
+
+    f = quant_format(fmt)
+    scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-5) / f.qmax
+    x = w / scale
+    if fmt == "int8":
+        return torch.clamp(torch.round(x), f.qmin, f.qmax).to(torch.int8), scale
+    x = torch.clip(x, f.qmin, f.qmax).float()
+    codes = x.add_(x * 2**-12).to(code_dtype(f))
+    bits = codes.view(torch.uint8)
+    bits[bits == 0x80] = 0
+    return codes, scale
+
+
+def lightx2v_quantized_encoder(state: dict[str, torch.Tensor], kind: str, fmt: str) -> dict[str, torch.Tensor]:
+    """The state dict LightX2V's converter writes for an official T5 / CLIP file (`-t wan_t5|wan_clip --quantized
+    --linear_type FMT --non_linear_dtype` the file's own dtype): linears as codes, the rest kept, in the source's
+    key order, then every `<key>_scale` (the converter replaces each weight in place and appends its scale)."""
+    from wanrt.export.checkpoint.encoder_quant import RULES, SCALE_SUFFIX
+
+    rule, out, scales = RULES[kind], {}, {}
+    for key, t in state.items():
+        if rule.dropped is not None and rule.dropped in key:
+            continue
+        if t.dim() == 2 and rule.quantizes(key):
+            out[key], scales[key + SCALE_SUFFIX] = lightx2v_converter_codes(t, fmt)
+        else:
+            out[key] = t
+    return out | scales
 
 
 def _write_diffusers_companions(root: Path, t5: dict, t5_cfg, clip: dict | None, clip_cfg, vae: dict, vae_cfg) -> None:
@@ -656,7 +707,10 @@ def write_tokenizer(folder: Path) -> int:
               help="Real-sized DiT shapes (for benchmarks) with an optional number of layers.")
 @click.option("--sparse", is_flag=True,
               help="DiT files with real headers and sizes but no data (a file hole): for header-only benchmarks.")
-def make_tiny_model_command(out: Path, family: str, task: str, layout: str, seed: int, dims: str | None, sparse: bool) -> None:
+@click.option("--quantized-encoders", "encoders", type=click.Choice(["int8", "fp8"]), default=None,
+              help="Write LightX2V's quantized T5 / CLIP files (models_t5_umt5-xxl-enc-int8.pth, ...) instead of the float ones.")
+def make_tiny_model_command(out: Path, family: str, task: str, layout: str, seed: int, dims: str | None, sparse: bool,
+                            encoders: str | None) -> None:  # fmt: skip
     """Write a random Wan checkpoint in a real on-disk layout (tiny dims unless --dims)."""
-    path = make_tiny_model(out, family, task, layout, seed, dims, sparse=sparse)
+    path = make_tiny_model(out, family, task, layout, seed, dims, sparse=sparse, encoders=encoders)
     click.echo(str(path))

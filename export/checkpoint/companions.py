@@ -17,6 +17,7 @@ from pathlib import Path
 from wanrt.engines.errors import CheckpointError
 from wanrt.engines.model import VAEInfo
 
+from .encoder_quant import ScaledSource, holds_scales, stored_format
 from .shards import INDEX_SUFFIX, ShardedSource, is_index
 from .view import QUANTIZED_DTYPES, TensorSource, open_source
 
@@ -47,6 +48,7 @@ class Companion:
     path: Path
     width: int  # T5 model dim, CLIP vision width, or VAE z_dim
     version: str | None = None  # VAE "2.1" / "2.2"
+    stored: str | None = None  # "int8" / "fp8": a LightX2V quantized T5 / CLIP (its linears stored as codes)
 
 
 def is_hf_t5(keys) -> bool:
@@ -89,9 +91,7 @@ def vae_layout(shapes: Shapes, where: str | Path) -> VAELayout | None:
 def classify_companion(path: Path, shapes: Shapes, dtypes: Mapping[str, str]) -> Companion | None:
     """What a weights file is, from its tensor names and shapes (None: not a companion)."""
     if "token_embedding.weight" in shapes and "blocks.0.attn.q.weight" in shapes and "blocks.0.ffn.fc1.weight" in shapes:
-        if dtypes["blocks.0.attn.q.weight"] in QUANTIZED_DTYPES:
-            return None  # LightX2V's fp8/int8 T5 exports need their own kernels; only float T5 files are used
-        return Companion("t5", path, shapes["token_embedding.weight"][1])
+        return Companion("t5", path, shapes["token_embedding.weight"][1], stored=stored_format(dtypes, "t5"))
     if "shared.weight" in shapes and HF_T5_Q in shapes:  # a diffusers text_encoder/ (transformers UMT5)
         if dtypes[HF_T5_Q] in QUANTIZED_DTYPES:
             return None
@@ -99,7 +99,7 @@ def classify_companion(path: Path, shapes: Shapes, dtypes: Mapping[str, str]) ->
     if is_hf_clip(shapes) and HF_PROJECTION in shapes:
         return Companion("clip", path, shapes[HF_VISION + "embeddings.patch_embedding.weight"][0])
     if "visual.patch_embedding.weight" in shapes and "visual.transformer.0.attn.to_qkv.weight" in shapes:
-        return Companion("clip", path, shapes["visual.patch_embedding.weight"][0])
+        return Companion("clip", path, shapes["visual.patch_embedding.weight"][0], stored=stored_format(dtypes, "clip"))
     vae = vae_layout(shapes, path)
     if vae is not None:
         return Companion("vae", path, vae.z_dim, vae.version)
@@ -107,9 +107,10 @@ def classify_companion(path: Path, shapes: Shapes, dtypes: Mapping[str, str]) ->
 
 
 def open_companion(path: str | Path) -> TensorSource:
-    """A companion's tensors: one weights file, or an index with its shards."""
+    """A companion's tensors: one weights file, or an index with its shards (LightX2V's fp8/int8 codes read as real values)."""
     p = Path(path)
-    return ShardedSource(p) if is_index(p) else open_source(p)
+    source = ShardedSource(p) if is_index(p) else open_source(p)
+    return ScaledSource(source) if holds_scales(source) else source
 
 
 def companion_files(path: Path) -> list[Path]:
