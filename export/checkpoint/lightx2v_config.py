@@ -46,6 +46,9 @@ EXPERT_KEYS = {
     "high_noise": ("high_noise_quantized_ckpt", "high_noise_original_ckpt"),
     "low_noise": ("low_noise_quantized_ckpt", "low_noise_original_ckpt"),
 }
+# LightX2V's quantized T5 / CLIP selection (`encoder_quant`): (`<kind>_quantized`, its scheme and file keys).
+ENCODER_QUANT_KEYS = ("t5_quantized", "t5_quant_scheme", "t5_quantized_ckpt",
+                      "clip_quantized", "clip_quant_scheme", "clip_quantized_ckpt")  # fmt: skip
 SAMPLING_KEYS = (
     "denoising_step_list", "sample_shift", "sample_guide_scale", "enable_cfg", "boundary",
     "boundary_step_index", "infer_steps", "target_video_length", "target_height", "target_width", "fps",
@@ -94,12 +97,8 @@ def quant_scheme(config: dict[str, Any], config_path: Path) -> str | None:
     return scheme
 
 
-# Config keys read but not acted on, with why: (keys, reason).  One row per component, so the work
-# that makes LightX2V's quantized T5 / CLIP files real sources removes its row.
+# Config keys read but not acted on, with why: (keys, reason).  One row per component.
 IGNORED_KEYS: tuple[tuple[tuple[str, ...], str], ...] = (
-    (("t5_quantized", "t5_quant_scheme", "t5_quantized_ckpt"), "the bf16 T5 is exported and quantized by the engine build"),
-    (("clip_quantized", "clip_quant_scheme", "clip_quantized_ckpt"),
-     "the float CLIP (clip_original_ckpt, or the CLIP file found beside the model) is exported"),
     (("use_tae", "tae_path"), "the bundle decodes with the Wan VAE; LightX2V's tiny TAE decoder is not exported"),
     (("vae_name",), "the VAE is found by its tensors; set vae_path to choose a file"),
 )
@@ -109,7 +108,7 @@ IGNORED_KEYS: tuple[tuple[tuple[str, ...], str], ...] = (
 READ_KEYS: tuple[str, ...] = (
     *SAMPLING_KEYS, *(k for keys in EXPERT_KEYS.values() for k in keys), "dit_quantized", "dit_quant_scheme",
     "model_path", "model_cls", "t5_original_ckpt", "t5_tokenizer_path", "clip_original_ckpt", "vae_path",
-    "lora_configs", *(k for keys, _ in IGNORED_KEYS for k in keys),
+    "lora_configs", *(k for keys, _ in IGNORED_KEYS for k in keys), *ENCODER_QUANT_KEYS,
 )  # fmt: skip
 MISSPELLING_CUTOFF = 0.85  # difflib ratio: one or two edits in a key of ten or more characters
 
@@ -141,6 +140,11 @@ def config_notes(config: dict[str, Any], experts: list[str]) -> list[str]:
         present = [k for k in keys if config.get(k) not in (None, False, "")]
         if present:
             notes.append(f"{', '.join(present)} {'is' if len(present) == 1 else 'are'} ignored: {why}")
+    for flag, *keys in (ENCODER_QUANT_KEYS[:3], ENCODER_QUANT_KEYS[3:]):
+        present = [k for k in keys if config.get(k) not in (None, "", "Default")]
+        if present and not config.get(flag, False):
+            notes.append(f"{', '.join(present)} {'is' if len(present) == 1 else 'are'} not used: {flag} is not true"
+                         " (LightX2V reads the quantized file only then)")  # fmt: skip
     if not config.get("dit_quantized", False):
         for expert in experts:
             key = EXPERT_KEYS[expert][0]

@@ -492,6 +492,9 @@ def _companions(roots: list[Path], experts: list[Expert], dit: DiTConfig, cfg: d
             found[c.kind].append(c)
     chosen: dict[str, Companion | None] = {}
     for kind, key in (("t5", "t5_original_ckpt"), ("clip", "clip_original_ckpt"), ("vae", "vae_path")):
+        if kind != "vae" and cfg is not None and cfg.get(f"{kind}_quantized", False) is True and (kind == "t5" or dit.image_branch):
+            chosen[kind] = _quantized_companion(kind, cfg, cfg_path, roots)
+            continue
         explicit = lx.config_file(cfg, key, cfg_path) if cfg is not None else None
         if explicit is not None:
             c = read_companion(explicit) if explicit.is_file() else None
@@ -525,6 +528,29 @@ def _companions(roots: list[Path], experts: list[Expert], dit: DiTConfig, cfg: d
     else:
         tokenizer = find_tokenizer(roots)
     return t5, clip, vae, tokenizer
+
+
+def _quantized_companion(kind: str, cfg: dict, cfg_path: Path, roots: list[Path]) -> Companion:
+    """The LightX2V fp8/int8 T5 / CLIP a config with `<kind>_quantized: true` selects, checked against its scheme.
+
+    `<kind>_quantized_ckpt`, else LightX2V's default file name under the model folders (`encoder_quant`)."""
+    from .companions import open_companion
+    from .encoder_quant import RULES, check_quantized_file, check_scheme, default_file, scheme_format
+
+    rule = RULES[kind]
+    flag, scheme_key, ckpt_key = rule.config_keys
+    scheme = check_scheme(cfg, kind, cfg_path)
+    path = lx.config_file(cfg, ckpt_key, cfg_path) or default_file(kind, scheme, roots)
+    if path is None:
+        name = rule.file_name.format(fmt=scheme_format(scheme))
+        raise CheckpointError(f"{cfg_path}: {flag} is true but {ckpt_key} is not set and no {name} is in"
+                              f" {', '.join(str(r) for r in roots)} (or the subfolders int8/, fp8/, original/, ... there)")  # fmt: skip
+    found = read_companion(path) if path.is_file() else None
+    if found is None or found.kind != kind:
+        raise CheckpointError(f"{cfg_path}: {ckpt_key if cfg.get(ckpt_key) else flag} selects {path}, which is not a"
+                              f" {kind.upper()} checkpoint")  # fmt: skip
+    check_quantized_file(open_companion(path), kind, scheme, f"{scheme_key} {scheme!r}")
+    return found
 
 
 def _safetensors_is_dit_or_lora(path: Path) -> bool:

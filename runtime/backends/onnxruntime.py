@@ -168,6 +168,10 @@ class OnnxRuntimeBackend(Backend):
         # Initializers (the weights) get their own allocations instead of arena chunks, so
         # releasing a session really returns their memory (needed to swap 14B experts).
         so.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+        # ORT (1.32, from "extended" on) fuses an int8/fp8 weight DequantizeLinear + MatMul (W8A16) into
+        # MatMulNBits, whose default accuracy level 4 quantizes the activations to int8 on the fly: 11% off the
+        # graph's math on a tiny umt5.  Level 1 keeps fp32 activations (the fused kernel, the graph's numbers).
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         return so
 
     def load(

@@ -181,16 +181,16 @@ def test_platform_quant_schemes_read_the_per_channel_layout(tiny_model, tmp_path
 def test_keys_read_but_not_acted_on_get_a_note(tiny_model, tmp_path):
     root = tiny_model("wan2.1", "i2v", "official")
     cfg = write_config(tmp_path / "c.json", {
-        "t5_quantized": True, "clip_quantized": True, "clip_quant_scheme": "fp8-sgl", "clip_quantized_ckpt": "clip-fp8.pth",
+        "t5_quant_scheme": "int8-vllm", "clip_quantized": False, "clip_quant_scheme": "fp8-sgl", "clip_quantized_ckpt": "clip-fp8.pth",
         "use_tae": True, "tae_path": "taew2_1.pth", "vae_name": "Wan2.1_VAE.pth", "use_tiling_vae": False,
     })
     notes = resolve_model(root, cfg).notes
-    assert "t5_quantized is ignored: the bf16 T5 is exported and quantized by the engine build" in notes
-    assert any(n.startswith("clip_quantized, clip_quant_scheme, clip_quantized_ckpt are ignored: the float CLIP") for n in notes)
+    assert "t5_quant_scheme is not used: t5_quantized is not true (LightX2V reads the quantized file only then)" in notes
+    assert "clip_quant_scheme, clip_quantized_ckpt are not used: clip_quantized is not true (LightX2V reads the quantized file only then)" in notes
     assert any(n.startswith("use_tae, tae_path are ignored:") for n in notes)
     assert any(n.startswith("vae_name is ignored: the VAE is found by its tensors") for n in notes)
     quiet = write_config(tmp_path / "q.json", {"clip_quantized": False, "use_tae": False})
-    assert not any("ignored" in n for n in resolve_model(root, quiet).notes)
+    assert not any("ignored" in n or "not used" in n for n in resolve_model(root, quiet).notes)
 
 
 def test_quantized_ckpt_without_dit_quantized_is_not_used(tiny_model, tmp_path):
