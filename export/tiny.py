@@ -29,7 +29,9 @@ layers, VACE blocks at 0 and 2; `--dims 1.3B`: every 2nd of 30; `--dims 14B`: ev
 Companions (official and LightX2V layouts): `models_t5_umt5-xxl-enc-bf16.pth` (bf16), for Wan2.1 i2v/flf2v
 `models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth` (fp16, `visual.*` + `log_scale`),
 `Wan2.1_VAE.pth` / `Wan2.2_VAE.pth` (fp32), and `google/umt5-xxl/` (tokenizer.json: Unigram +
-Metaspace with `<pad>`=0, `</s>`=1, `<unk>`=2, `</s>` appended).
+Metaspace with `<pad>`=0, `</s>`=1, `<unk>`=2, `</s>` appended).  `--quantized-encoders int8|fp8`
+writes LightX2V's `models_t5_umt5-xxl-enc-{fmt}.pth` / `..._huge-14-{fmt}.pth` instead of the float
+T5 / CLIP: what its converter (`-t wan_t5|wan_clip --quantized`) writes from them.
 
 Weights are random but deterministic: each tensor's generator is seeded from (seed, expert,
 official key), so every layout of one seed holds the same real values.  `--dims 1.3B|14B|5B[:N]`
