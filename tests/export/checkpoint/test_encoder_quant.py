@@ -62,6 +62,12 @@ def test_codes_read_back_as_codes_times_scale(quantized_models):
         assert torch.equal(src.read(key), raw[key].float() * raw[key + "_scale"].float()), key
     for key in ("token_embedding.weight", "blocks.0.pos_embedding.embedding.weight", "blocks.0.norm1.weight"):
         assert torch.equal(src.read(key), raw[key]), key  # not quantized by wan_t5: kept as stored
+    clip_path = quantized_models["fp8"] / "models_clip_open-clip-xlm-roberta-large-vit-huge-14-fp8.pth"
+    raw, src = torch.load(clip_path, weights_only=True), open_companion(clip_path)
+    for key in ("visual.transformer.0.attn.to_qkv.weight", "visual.transformer.1.mlp.2.weight"):
+        assert raw[key].dtype == torch.float8_e4m3fn and raw[key + "_scale"].shape == (raw[key].shape[0], 1)
+        assert torch.equal(src.read(key), raw[key].float() * raw[key + "_scale"].float()), key
+    assert torch.equal(src.read("visual.transformer.0.attn.to_qkv.bias"), raw["visual.transformer.0.attn.to_qkv.bias"])
 
 
 def test_a_folder_of_quantized_encoders_resolves_without_a_config(quantized_models):
