@@ -80,6 +80,7 @@ class BuildOptions:
     quantize: str | None = None  # "int8" / "fp8": the DiT block linears (calibration.qdq)
     weights_only: bool = False  # W8A16: weight Q/DQ only, no activation calibration
     calibration: Any = None  # calibration.calibrate.CalibrationOptions (None: the defaults)
+    quantize_attention: bool = False  # fp8 Q/DQ on the self-attentions' q, k, v and softmax output (attention_qdq)
 
 
 @dataclass(frozen=True)
@@ -284,8 +285,31 @@ def quantized_plan(plan: ComponentPlan, options: BuildOptions, calib_sources: li
         sources=list(plan.sources) + ([] if options.weights_only else [p for p in calib_sources if p not in plan.sources]),
         export_options={**plan.export_options, "passes": [weight_qdq_pass(plan.source, options.quantize, report)]},
         options={**plan.options, "quantize": {"scheme": options.quantize, "weights_only": options.weights_only,
-                                              "calibration": calib}},
+                                              "calibration": calib, **attention_key(options)}},
     )  # fmt: skip
+
+
+def attention_key(options: BuildOptions) -> dict[str, Any]:
+    """The cache key's part for `--quantize-attention` (absent without it, so other keys stay as they were)."""
+    if not options.quantize_attention:
+        return {}
+    from wanrt.calibration.attention_qdq import attention_options
+
+    return {"attention": attention_options()}
+
+
+def check_attention_options(options: BuildOptions) -> None:
+    """`--quantize-attention` needs fp8 W8A8 and the native attention."""
+    if not options.quantize_attention:
+        return
+    if options.quantize != "fp8":
+        got = f"--quantize {options.quantize}" if options.quantize else "no --quantize"
+        raise WanrtError(f"--quantize-attention needs --quantize fp8 (got {got}): TensorRT fuses fp8 attention only")
+    if options.weights_only:
+        raise WanrtError("--quantize-attention needs calibrated activations; it cannot be combined with --weights-only")
+    if options.attention != "native":
+        raise WanrtError(f"--quantize-attention quantizes the native attention, not --attention {options.attention}: "
+                         "the plugin quantizes attention itself (build its kernels with `plugin-build --precision fp8`)")
 
 
 def quantize_notes(plans: list[ComponentPlan]) -> list[str]:
@@ -335,7 +359,8 @@ def calibrate_staged(tmp: Path, manifest: Manifest, built: list[str], options: B
     from wanrt.calibration.calibrate import CalibrationOptions, calibrate_bundle
 
     log(f"calibrating {', '.join(built)} ({options.quantize} activations)")
-    result = calibrate_bundle(tmp, manifest, built, options.quantize, options.calibration or CalibrationOptions(), log)
+    result = calibrate_bundle(tmp, manifest, built, options.quantize, options.calibration or CalibrationOptions(), log,
+                              attention=options.quantize_attention)  # fmt: skip
     for name in built:
         comp = manifest.components[name]
         lint_exported(name, tmp / comp.onnx, comp.signature)
@@ -542,6 +567,7 @@ def build_bundle(
     if options.target not in TARGETS:
         raise WanrtError(f"--target {options.target!r}: expected one of {', '.join(TARGETS)}")
     check_quantize_options(options)
+    check_attention_options(options)
     output = Path(output)
     resolved = resolve_model(model, config)
     loras = read_loras(resolved, lora_args)
@@ -652,6 +678,9 @@ def build_bundle(
               help="Quantize every DiT block linear (attention q/k/v/o, image k/v, FFN) per output channel: explicit "
                    "Q/DQ graphs. Weights and activations (W8A8, calibrated) unless --weights-only.")
 @click.option("--weights-only", is_flag=True, help="With --quantize: weight Q/DQ only (W8A16), no calibration.")
+@click.option("--quantize-attention", is_flag=True,
+              help="With --quantize fp8: also fp8 Q/DQ on the self-attentions' q, k, v (calibrated) and softmax output "
+                   "(fixed scale 1/448), placed for TensorRT's fused fp8 attention.")
 @click.option("--calib-prompts", type=click.Path(), default=None,
               help="Calibration prompts, one per line (default: the built-in set of varied prompts).")
 @click.option("--calib-steps", type=int, default=None, help="Sampling steps per calibration prompt (default: the bundle's).")
@@ -664,7 +693,7 @@ def build_bundle(
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 def build_engine_command(model, output, config, loras, lora_strict, precision, components, experts, attention, target, sizes,
                          frames, batch, static, opt_level, version_compatible, refittable, strip_plan, timing_cache,
-                         plugin_dir, quantize, weights_only, calib_prompts, calib_steps, calib_method, calib_percentile,
+                         plugin_dir, quantize, weights_only, quantize_attention, calib_prompts, calib_steps, calib_method, calib_percentile,
                          calib_size, force, as_json):  # fmt: skip
     """Export MODEL's components to ONNX (and TensorRT plans) and write a verifiable bundle at OUTPUT."""
     trt_options = TrtOptions(opt_level=opt_level, version_compatible=version_compatible, refittable=refittable,
@@ -693,6 +722,7 @@ def build_engine_command(model, output, config, loras, lora_strict, precision, c
         quantize=quantize,
         weights_only=weights_only,
         calibration=calibration,
+        quantize_attention=quantize_attention,
     )
     manifest, outcome, notes = build_bundle(model, output, config, loras, options)
     summary = {
