@@ -236,3 +236,24 @@ def test_softmax_scale_1_over_448_beats_modelopts_1(attn_i2v, linear_only, grid)
         print(f"{tokens} tokens, softmax scale {'1/448' if scale < 1 else '1.0'}: attention output rel L2 {err:.2e}, "
               f"cosine {cos:.6f}; DiT output rel L2 {out_err:.2e} vs W8A8 alone, {fp32_err:.2e} vs fp32")
     assert errors[1 / 448][0] < errors[1.0][0]
+
+
+def test_a_bf16_graph_gets_bf16_attention_scales_and_lints(attn_i2v, tmp_path):
+    """TensorRT's strong typing: the scales are in the activations' dtype (bf16: the 16-bit attention inputs
+    ModelOpt's fused fp8 attention needs).  ORT's CPU provider has no bf16 MatMul, so this checks the graph only."""
+    case, view, _, _ = attn_i2v
+    graph = export_dit_onnx(view, tmp_path / "bf16", "bf16", cfg=case.cfg, progress=False,
+                            passes=[weight_qdq_pass(view, "fp8", WeightQuantReport("fp8"))]).graph  # fmt: skip
+    model = onnx.load(str(graph), load_external_data=False)
+    sites = quantized_sites(model)
+    amax = {key: 2.0 for keys in observed_inputs(sites).values() for key in keys}
+    scales = insert_attention_qdq(model, sites, amax)
+    assert scales == {"blocks.0.self_attn.attention": {"q": 2.0 / 448, "k": 2.0 / 448, "v": 2.0 / 448, "softmax": 1 / 448}}
+    inits = {t.name: t for t in model.graph.initializer}
+    for what in ("q", "k", "v", "softmax"):
+        scale = inits[f"blocks.0.self_attn.attention.{what}_scale"]
+        assert scale.data_type == onnx.TensorProto.BFLOAT16 and list(scale.dims) == []
+        assert inits[f"blocks.0.self_attn.attention.{what}_zero_point"].data_type == onnx.TensorProto.FLOAT8E4M3FN
+    out = graph.with_name("attn.onnx")
+    onnx.save(model, str(out))
+    assert lint_onnx(out) == []
