@@ -46,6 +46,7 @@ from wanrt.runtime.pipeline import WanPipeline
 from wanrt.runtime.request import GenerationRequest
 
 from .prompts import PromptSet, read_prompts
+from .attention_qdq import attention_record, insert_attention_qdq, observed_inputs, quantized_sites
 from .qdq import QuantizeError, insert_activation_qdq, quantized_matmuls, with_amax_outputs
 
 METHODS = ("max", "percentile")
@@ -204,8 +205,12 @@ def calibrate_bundle(
     options: CalibrationOptions,
     log: Callable[[str], None] = lambda msg: None,
     progress: bool = True,
+    attention: bool = False,
 ) -> CalibrationResult:
-    """Calibrate the weight-quantized experts `experts` of the staged bundle `root` and rewrite their graphs to W8A8."""
+    """Calibrate the weight-quantized experts `experts` of the staged bundle `root` and rewrite their graphs to W8A8.
+
+    `attention` (`--quantize-attention`, fp8): also observe q, k, v of the quantized attentions
+    and put fp8 Q/DQ on them and their softmax output (`calibration.attention_qdq`)."""
     options.check()
     prompts = read_prompts(options.prompts_file)
     if "text_encoder" not in manifest.components or not manifest.tokenizer:
@@ -217,11 +222,14 @@ def calibrate_bundle(
         model = onnx.load(str(graph), load_external_data=False)
         if not quantized_matmuls(model):
             raise CalibrationError(f"{name}: {graph} has no quantized linears to calibrate")
-        calib, outputs = with_amax_outputs(model, full_inputs=options.clip_percentile is not None)
+        sites = quantized_sites(model) if attention else []
+        if attention and not sites:
+            raise CalibrationError(f"{name}: {graph} has no native attention to quantize (--quantize-attention)")
+        calib, outputs = with_amax_outputs(model, full_inputs=options.clip_percentile is not None, extra=observed_inputs(sites))
         graphs[name] = graph.with_name(CALIB_GRAPH)
         onnx.save(calib, str(graphs[name]))
         observers[name] = RangeObserver(outputs, options.clip_percentile)
-        models[name] = (graph, model)
+        models[name] = (graph, model, sites)
     start = time.perf_counter()
     images = tempfile.TemporaryDirectory(prefix="wanrt-calib-")  # the synthetic conditioning pictures
     try:
@@ -250,12 +258,13 @@ def calibrate_bundle(
             path.unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     records = {}
-    for name, (graph, model) in models.items():
+    for name, (graph, model, sites) in models.items():
         obs = observers[name]
         if obs.calls == 0:
             raise CalibrationError(f"{name}: no calibration step ran this expert (its steps: none at this schedule)")
         try:
             scales = insert_activation_qdq(model, scheme, obs.amax)
+            attention_scales = insert_attention_qdq(model, sites, obs.amax) if sites else None
         except QuantizeError as e:
             raise CalibrationError(f"{name}: {e}") from None
         tmp = new_temporary(graph)
@@ -265,8 +274,10 @@ def calibrate_bundle(
             **options.record(prompts), "calls": obs.calls,
             "scales": {layer: scales[layer] for layer in sorted(scales)},
             "scales_sha256": hashlib.sha256(json.dumps(scales, sort_keys=True).encode()).hexdigest(),
+            **({"attention": attention_record(attention_scales)} if sites else {}),
         }  # fmt: skip
-        log(f"{name}: calibrated {len(scales)} linear inputs on {obs.calls} DiT calls ({options.method})")
+        also = f" and {len(sites)} attentions (q, k, v; softmax output fixed)" if sites else ""
+        log(f"{name}: calibrated {len(scales)} linear inputs{also} on {obs.calls} DiT calls ({options.method})")
     return CalibrationResult(records, seconds, len(prompts.prompts))
 
 

@@ -234,15 +234,19 @@ def amax_output(input_name: str) -> str:
     return f"calib_amax::{input_name}"
 
 
-def with_amax_outputs(model: onnx.ModelProto, full_inputs: bool = False) -> tuple[onnx.ModelProto, dict[str, list[str]]]:
+def with_amax_outputs(model: onnx.ModelProto, full_inputs: bool = False,
+                      extra: Mapping[str, list[str]] | None = None) -> tuple[onnx.ModelProto, dict[str, list[str]]]:  # fmt: skip
     """A copy of `model` that also outputs max |x| (or, `full_inputs`, x itself) of each quantized MatMul input.
 
-    Returns the model and {graph output name: [layers reading that input]}."""
+    `extra`: more tensors to observe, {tensor: [keys]} (the attention inputs, `calibration.attention_qdq`).
+    Returns the model and {graph output name: [layers (keys) reading that input]}."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     readers: dict[str, list[str]] = {}
     for mm in quantized_matmuls(model):
         readers.setdefault(mm.input, []).append(mm.layer)
+    for x, keys in (extra or {}).items():
+        readers.setdefault(x, []).extend(keys)
     outputs: dict[str, list[str]] = {}
     for x, layers in readers.items():
         if full_inputs:
@@ -267,6 +271,51 @@ def _dtype_of(model: onnx.ModelProto, tensor: str, fallback: int) -> int:
     return fallback
 
 
+@dataclass(frozen=True)
+class QdqPlacement:
+    """One `tensor -> QuantizeLinear -> DequantizeLinear` in front of input `index` of the node `node`."""
+
+    node: str
+    index: int
+    tensor: str
+    owner: str  # names: initializers `{owner}.{what}_scale` / `_zero_point`, nodes `{owner}/{what}_q` / `_dq`
+    what: str
+    scale: float
+
+
+def activation_scale(amax: float, fmt: QuantFormat) -> float:
+    """The per-tensor scale of a calibrated range: max(amax, floor) / qmax."""
+    return max(amax, AMAX_FLOOR) / fmt.qmax
+
+
+def insert_qdq(model: onnx.ModelProto, placements: list[QdqPlacement], scheme: str) -> None:
+    """Insert each placement's Q/DQ pair (zero point 0; the scale in the tensor's dtype), each just before its node."""
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=False)
+    new_inits, nodes_before = [], {}
+    for p in placements:
+        elem = _dtype_of(inferred, p.tensor, onnx.TensorProto.FLOAT)
+        s_name, z_name = f"{p.owner}.{p.what}_scale", f"{p.owner}.{p.what}" + ZERO_SUFFIX
+        if elem == onnx.TensorProto.FLOAT:
+            new_inits.append(numpy_helper.from_array(np.array(p.scale, dtype=np.float32), s_name))
+        else:  # a bf16 / fp16 graph: the scale in the activation's dtype (TensorRT's strong typing)
+            new_inits.append(helper.make_tensor(s_name, elem, [], [p.scale]))
+        new_inits.append(helper.make_tensor(z_name, _ONNX_CODE_TYPES[scheme], [], [0]))
+        q_out, dq_out = f"{p.owner}.{p.what}_quantized", f"{p.owner}.{p.what}_dequantized"
+        nodes_before.setdefault(p.node, []).append((p.index, [
+            helper.make_node("QuantizeLinear", [p.tensor, s_name, z_name], [q_out], name=f"{p.owner}/{p.what}_q"),
+            helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out], name=f"{p.owner}/{p.what}_dq"),
+        ]))
+    ordered = []
+    for n in model.graph.node:
+        for index, pair in nodes_before.get(n.name, ()):
+            ordered.extend(pair)
+            n.input[index] = pair[1].output[0]
+        ordered.append(n)
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+    model.graph.initializer.extend(new_inits)
+
+
 def insert_activation_qdq(model: onnx.ModelProto, scheme: str, amax: Mapping[str, float]) -> dict[str, float]:
     """Put `x -> Q -> DQ` in front of each quantized MatMul's A, scale = amax / qmax per layer; return the scales.
 
@@ -278,34 +327,11 @@ def insert_activation_qdq(model: onnx.ModelProto, scheme: str, amax: Mapping[str
     missing = [m.layer for m in mms if m.layer not in amax]
     if missing:
         raise QuantizeError(f"no calibrated range for {len(missing)} quantized linear input(s), e.g. {missing[0]}")
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=False)
     scales: dict[str, float] = {}
-    new_inits, nodes_before = [], {}
     for m in mms:
         top = float(amax[m.layer])
         if not math.isfinite(top):
             raise QuantizeError(f"the calibrated range of {m.layer}'s input is {top}; expected a finite value")
-        scale = max(top, AMAX_FLOOR) / fmt.qmax
-        elem = _dtype_of(inferred, m.input, onnx.TensorProto.FLOAT)
-        s_name, z_name = m.layer + INPUT_SCALE_SUFFIX, m.layer + ".input" + ZERO_SUFFIX
-        if elem == onnx.TensorProto.FLOAT:
-            new_inits.append(numpy_helper.from_array(np.array(scale, dtype=np.float32), s_name))
-        else:  # a bf16 / fp16 graph: the scale in the activation's dtype (TensorRT's strong typing)
-            new_inits.append(helper.make_tensor(s_name, elem, [], [scale]))
-        new_inits.append(helper.make_tensor(z_name, _ONNX_CODE_TYPES[scheme], [], [0]))
-        q_out, dq_out = f"{m.layer}.input_quantized", f"{m.layer}.input_dequantized"
-        nodes_before[m.node] = [
-            helper.make_node("QuantizeLinear", [m.input, s_name, z_name], [q_out], name=f"{m.layer}/input_q"),
-            helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out], name=f"{m.layer}/input_dq"),
-        ]
-        scales[m.layer] = scale
-    ordered = []
-    for n in model.graph.node:
-        if n.name in nodes_before:
-            ordered.extend(nodes_before[n.name])
-            n.input[0] = nodes_before[n.name][1].output[0]
-        ordered.append(n)
-    del model.graph.node[:]
-    model.graph.node.extend(ordered)
-    model.graph.initializer.extend(new_inits)
+        scales[m.layer] = activation_scale(top, fmt)
+    insert_qdq(model, [QdqPlacement(m.node, 0, m.input, m.layer, "input", scales[m.layer]) for m in mms], scheme)
     return scales

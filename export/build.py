@@ -81,6 +81,7 @@ class BuildOptions:
     weights_only: bool = False  # W8A16: weight Q/DQ only, no activation calibration
     calibration: Any = None  # calibration.calibrate.CalibrationOptions (None: the defaults)
     quantize_text_encoder: str | None = None  # "int8" / "fp8": the umt5 block linears, weight-only (W8A16)
+    quantize_attention: bool = False  # fp8 Q/DQ on the self-attentions' q, k, v and softmax output (attention_qdq)
 
 
 @dataclass(frozen=True)
@@ -284,7 +285,7 @@ def quantized_plan(plan: ComponentPlan, options: BuildOptions, calib_sources: li
         sources=list(plan.sources) + ([] if options.weights_only else [p for p in calib_sources if p not in plan.sources]),
         export_options={**plan.export_options, "passes": [weight_qdq_pass(plan.source, options.quantize, report)]},
         options={**plan.options, "quantize": {"scheme": options.quantize, "weights_only": options.weights_only,
-                                              "calibration": calib}},
+                                              "calibration": calib, **attention_key(options)}},
     )  # fmt: skip
 
 
@@ -326,6 +327,27 @@ def encoder_source_notes(plans: list[ComponentPlan]) -> list[str]:
             notes.append(f"{plan.name}: {plan.source} stores {stored} linears; --quantize-text-encoder {scheme} "
                          "requantizes them from their dequantized values")  # fmt: skip
     return notes
+def attention_key(options: BuildOptions) -> dict[str, Any]:
+    """The cache key's part for `--quantize-attention` (absent without it, so other keys stay as they were)."""
+    if not options.quantize_attention:
+        return {}
+    from wanrt.calibration.attention_qdq import attention_options
+
+    return {"attention": attention_options()}
+
+
+def check_attention_options(options: BuildOptions) -> None:
+    """`--quantize-attention` needs fp8 W8A8 and the native attention."""
+    if not options.quantize_attention:
+        return
+    if options.quantize != "fp8":
+        got = f"--quantize {options.quantize}" if options.quantize else "no --quantize"
+        raise WanrtError(f"--quantize-attention needs --quantize fp8 (got {got}): TensorRT fuses fp8 attention only")
+    if options.weights_only:
+        raise WanrtError("--quantize-attention needs calibrated activations; it cannot be combined with --weights-only")
+    if options.attention != "native":
+        raise WanrtError(f"--quantize-attention quantizes the native attention, not --attention {options.attention}: "
+                         "the plugin quantizes attention itself (build its kernels with `plugin-build --precision fp8`)")
 
 
 def quantize_notes(plans: list[ComponentPlan]) -> list[str]:
@@ -385,7 +407,8 @@ def calibrate_staged(tmp: Path, manifest: Manifest, built: list[str], options: B
     from wanrt.calibration.calibrate import CalibrationOptions, calibrate_bundle
 
     log(f"calibrating {', '.join(built)} ({options.quantize} activations)")
-    result = calibrate_bundle(tmp, manifest, built, options.quantize, options.calibration or CalibrationOptions(), log)
+    result = calibrate_bundle(tmp, manifest, built, options.quantize, options.calibration or CalibrationOptions(), log,
+                              attention=options.quantize_attention)  # fmt: skip
     for name in built:
         comp = manifest.components[name]
         lint_exported(name, tmp / comp.onnx, comp.signature)
@@ -593,6 +616,7 @@ def build_bundle(
         raise WanrtError(f"--target {options.target!r}: expected one of {', '.join(TARGETS)}")
     check_quantize_options(options)
     check_text_encoder_quantize(options)
+    check_attention_options(options)
     output = Path(output)
     resolved = resolve_model(model, config)
     loras = read_loras(resolved, lora_args)
@@ -707,6 +731,9 @@ def build_bundle(
 @click.option("--quantize-text-encoder", default=None, metavar="int8|fp8",
               help="Weight-only (W8A16) umt5 text encoder: every block linear as int8/fp8 codes, one scale per output "
                    "channel (a LightX2V quantized T5 of the same scheme passes its codes through).")
+@click.option("--quantize-attention", is_flag=True,
+              help="With --quantize fp8: also fp8 Q/DQ on the self-attentions' q, k, v (calibrated) and softmax output "
+                   "(fixed scale 1/448), placed for TensorRT's fused fp8 attention.")
 @click.option("--calib-prompts", type=click.Path(), default=None,
               help="Calibration prompts, one per line (default: the built-in set of varied prompts).")
 @click.option("--calib-steps", type=int, default=None, help="Sampling steps per calibration prompt (default: the bundle's).")
@@ -719,7 +746,8 @@ def build_bundle(
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 def build_engine_command(model, output, config, loras, lora_strict, precision, components, experts, attention, target, sizes,
                          frames, batch, static, opt_level, version_compatible, refittable, strip_plan, timing_cache,
-                         plugin_dir, quantize, weights_only, quantize_text_encoder, calib_prompts, calib_steps, calib_method, calib_percentile,
+                         plugin_dir, quantize, weights_only, quantize_text_encoder, quantize_attention, calib_prompts, calib_steps,
+                         calib_method, calib_percentile,
                          calib_size, force, as_json):  # fmt: skip
     """Export MODEL's components to ONNX (and TensorRT plans) and write a verifiable bundle at OUTPUT."""
     trt_options = TrtOptions(opt_level=opt_level, version_compatible=version_compatible, refittable=refittable,
@@ -749,6 +777,7 @@ def build_engine_command(model, output, config, loras, lora_strict, precision, c
         weights_only=weights_only,
         calibration=calibration,
         quantize_text_encoder=quantize_text_encoder,
+        quantize_attention=quantize_attention,
     )
     manifest, outcome, notes = build_bundle(model, output, config, loras, options)
     summary = {

@@ -21,7 +21,10 @@ Checks, each reported as one line naming the node / tensor at fault:
   initializer; zero points are all 0; scales are positive and finite, a scalar (per tensor) or
   1-D with one value per index of a valid `axis` (per channel); float8 Q/DQ only at opset >= 19;
   every QuantizeLinear feeds only DequantizeLinears; an activation's DQ (one fed by a Q) feeds only
-  MatMul / Gemm / Conv or our attention plugin, so the residual stream is never quantized.
+  MatMul / Gemm / Conv or our attention plugin, so the residual stream is never quantized;
+- quantized attention (`_check_attention_qdq`): each `MatMul -> (Mul/Div) -> (Add) -> Softmax ->
+  MatMul` has Q/DQ on all four MatMul operands (q, k^T, the softmax output, v) or on none; a
+  partial placement is one TensorRT's fp8 attention fusion cannot match.
 """
 
 from __future__ import annotations
@@ -174,6 +177,7 @@ def lint_onnx(path: str | os.PathLike, signature: EngineSignature | None = None,
     problems += _check_initializers(model, path)
     problems += _check_io(model, signature)
     problems += _check_qdq(model, path)
+    problems += _check_attention_qdq(model)
     return problems
 
 
@@ -313,6 +317,16 @@ def _check_initializers(model: onnx.ModelProto, path: Path) -> list[str]:
     return problems
 
 
+def node_links(graph: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+    """({tensor: the node producing it}, {tensor: the nodes reading it}) of one graph (subgraphs not entered)."""
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return producers, consumers
+
+
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 QUANTIZED_CONSUMERS = ("MatMul", "Gemm", "Conv", "ConvTranspose")  # where TensorRT fuses an activation's DQ
 FP8_MIN_OPSET = 19
@@ -327,11 +341,7 @@ def _check_qdq(model: onnx.ModelProto, path: Path) -> list[str]:
     problems: list[str] = []
     opset = next((i.version for i in model.opset_import if i.domain in _DEFAULT_DOMAINS), 0)
     inits = {t.name: t for t in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producers, consumers = node_links(graph)
     types = _element_types(model)
     values: dict[str, Any] = {}
 
@@ -384,6 +394,44 @@ def _check_qdq(model: onnx.ModelProto, path: Path) -> list[str]:
             if bad:
                 problems.append(f"{where}: a quantized activation feeds {', '.join(sorted(set(bad)))}; only "
                                 f"{'/'.join(QUANTIZED_CONSUMERS)} or the attention plugin may read it (no Q/DQ on the residual stream)")
+    return problems
+
+
+ATTENTION_OPERANDS = ("q", "k^T", "softmax output", "v")
+_SCORE_OPS = ("Mul", "Div", "Add")  # what may sit between BMM1 and the Softmax (scale, mask)
+
+
+def _check_attention_qdq(model: onnx.ModelProto) -> list[str]:
+    """Each attention's MatMul operands are all quantized (Q -> DQ in front) or none is."""
+    graph = model.graph
+    producers, consumers = node_links(graph)
+
+    def quantized(tensor: str) -> bool:
+        dq = producers.get(tensor)
+        return dq is not None and dq.op_type == "DequantizeLinear" and getattr(producers.get(dq.input[0]), "op_type", None) == "QuantizeLinear"
+
+    def only(tensor: str, op: str) -> onnx.NodeProto | None:
+        users = consumers.get(tensor, [])
+        return users[0] if len(users) == 1 and users[0].op_type == op else None
+
+    problems = []
+    for sm in (n for n in graph.node if n.op_type == "Softmax"):
+        bmm1 = producers.get(sm.input[0])
+        while bmm1 is not None and bmm1.op_type in _SCORE_OPS:
+            bmm1 = producers.get(bmm1.input[0])
+        probs, bmm2 = sm.output[0], only(sm.output[0], "MatMul")
+        q = only(sm.output[0], "QuantizeLinear")
+        dq = only(q.output[0], "DequantizeLinear") if q is not None else None
+        if dq is not None:
+            probs, bmm2 = dq.output[0], only(dq.output[0], "MatMul")
+        if bmm1 is None or bmm1.op_type != "MatMul" or bmm2 is None or bmm2.input[0] != probs:
+            continue
+        flags = [quantized(t) for t in (bmm1.input[0], bmm1.input[1], bmm2.input[0], bmm2.input[1])]
+        if any(flags) and not all(flags):
+            have = [o for o, f in zip(ATTENTION_OPERANDS, flags) if f]
+            lack = [o for o, f in zip(ATTENTION_OPERANDS, flags) if not f]
+            problems.append(f"attention at node {sm.name or '(unnamed)'}: Q/DQ on {', '.join(have)} but not on {', '.join(lack)}; "
+                            "TensorRT's fp8 attention fusion needs all of q, k^T, the softmax output and v quantized, or none")
     return problems
 
 

@@ -15,29 +15,25 @@ input scale, so ORT's output must match it to float rounding.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import replace
 
 import ml_dtypes
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
-from onnx import numpy_helper
 
-from tests.export.models.dit_cases import CASES, diffusers_model, make_inputs, official_state, write_official
+from tests.calibration.helpers import (
+    cosine, fake_quantized_module, feeds, initializers, is_block_linear, observed_amax, rel_l2, session, torch_run,
+)
 from wanrt.calibration.qdq import (
     WeightQuantReport, insert_activation_qdq, quantized_matmuls, source_of_codes, weight_codes, weight_qdq_pass,
     with_amax_outputs,
 )
 from wanrt.export.checkpoint.resolve import resolve_model
-from wanrt.export.models.wan_dit import load_dit
 from wanrt.export.onnx.dit import export_dit_onnx
 from wanrt.export.onnx.lint import lint_onnx
 from wanrt.export.tiny import make_tiny_model
 
-BLOCK_LINEARS = {"self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
-                 "cross_attn.v", "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2"}
 QMAX = {"int8": 127.0, "fp8": 448.0}
 CODE_TYPES = {"int8": onnx.TensorProto.INT8, "fp8": onnx.TensorProto.FLOAT8E4M3FN}
 SHAPES = [(2, (3, 6, 10)), (1, (2, 10, 4))]  # two dynamic shapes of one export
@@ -47,21 +43,6 @@ CALIB_SEEDS, HELD_OUT_SEEDS = (11, 12, 13), (21, 22)
 BOUNDS = {("int8", False): 1e-2, ("fp8", False): 4e-2, ("int8", True): 0.1, ("fp8", True): 5e-2}
 
 
-def is_block_linear(name: str) -> bool:
-    parts = name.split(".")
-    return parts[0] == "blocks" and ".".join(parts[2:]) in BLOCK_LINEARS
-
-
-@pytest.fixture(scope="module")
-def i2v(tmp_path_factory):
-    """A 1-layer tiny Wan2.1 i2v DiT (image branch: all 12 block linears), its fp32 graph and a torch module."""
-    tmp = tmp_path_factory.mktemp("qdq_i2v")
-    case = replace(CASES["i2v"], cfg=replace(CASES["i2v"].cfg, num_layers=1))
-    view = write_official(official_state(diffusers_model(case, seed=7)), tmp / "dit.safetensors")
-    fp32 = export_dit_onnx(view, tmp / "fp32", "fp32", cfg=case.cfg, progress=False).graph
-    return case, view, tmp, fp32
-
-
 @pytest.fixture(scope="module", params=["int8", "fp8"])
 def weight_only(request, i2v):
     case, view, tmp, _ = i2v
@@ -69,63 +50,6 @@ def weight_only(request, i2v):
     graph = export_dit_onnx(view, tmp / f"w_{request.param}", "fp32", cfg=case.cfg, progress=False,
                             passes=[weight_qdq_pass(view, request.param, report)]).graph  # fmt: skip
     return request.param, graph, report
-
-
-def initializers(graph) -> dict[str, np.ndarray]:
-    model = onnx.load(str(graph), load_external_data=False)
-    return {t.name: numpy_helper.to_array(t, base_dir=str(graph.parent)) for t in model.graph.initializer}
-
-
-def feeds(case, batch, grid, seed) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in make_inputs(case, batch, grid, seed).items()}
-
-
-def session(path, optimized=None, level: str = "all") -> ort.InferenceSession:
-    """An ORT CPU session; level "basic" keeps each node's own semantics (from "extended" on, ORT fuses an int8
-    weight DQ + MatMul into MatMulNBits, which quantizes the activations on the fly: not the graph's math)."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]  # fmt: skip
-    if optimized is not None:
-        so.optimized_model_filepath = str(optimized)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def fake_quant(x: torch.Tensor, scale: float, scheme: str) -> torch.Tensor:
-    """ONNX QuantizeLinear then DequantizeLinear, zero point 0 (round half to even; fp8 saturates)."""
-    y = x / scale
-    if scheme == "int8":
-        return torch.clamp(torch.round(y), -128, 127) * scale
-    return y.clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float32) * scale
-
-
-def fake_quantized_module(view, cfg, graph, scheme: str, act_scales: dict[str, float] | None):
-    """Our WanDiT with the graph's weight codes * scales in every block linear, inputs fake-quantized."""
-    inits = initializers(graph)
-    module = load_dit(view, cfg)
-    for name, linear in module.named_modules():
-        if not is_block_linear(name):
-            continue
-        codes = inits[f"{name}.weight"].astype(np.float32)  # [K, N]
-        scale = inits[f"{name}.weight_scale"].astype(np.float32)  # [N]
-        linear.weight.data = torch.from_numpy((codes * scale[None, :]).T.copy())
-        if act_scales is not None:
-            s = act_scales[name]
-            linear.register_forward_pre_hook(lambda _m, args, s=s: (fake_quant(args[0], s, scheme),))
-    return module
-
-
-def torch_run(module, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    with torch.no_grad():
-        return module(*(torch.from_numpy(inputs[k]) for k in ("latent", "timestep", "context", "clip_fea"))).numpy()
-
-
-def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.dot(a.ravel(), b.ravel()) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 def test_weight_graph_structure(weight_only, i2v):
@@ -187,14 +111,7 @@ def w8a8(weight_only, i2v):
     calib, outputs = with_amax_outputs(model)
     calib_path = weight_graph.with_name("calib.onnx")
     onnx.save(calib, str(calib_path))
-    s = session(calib_path, level="basic")
-    names = [o.name for o in s.get_outputs()]
-    amax: dict[str, float] = {}
-    for seed in CALIB_SEEDS:
-        values = dict(zip(names, s.run(None, feeds(case, 2, (3, 6, 10), seed))))
-        for out, layers in outputs.items():
-            for layer in layers:
-                amax[layer] = max(amax.get(layer, 0.0), float(values[out]))
+    amax = observed_amax(calib_path, outputs, case, CALIB_SEEDS)
     scales = insert_activation_qdq(model, scheme, amax)
     graph = weight_graph.with_name("w8a8.onnx")
     onnx.save(model, str(graph))
