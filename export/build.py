@@ -347,7 +347,7 @@ def check_attention_options(options: BuildOptions) -> None:
         raise WanrtError("--quantize-attention needs calibrated activations; it cannot be combined with --weights-only")
     if options.attention != "native":
         raise WanrtError(f"--quantize-attention quantizes the native attention, not --attention {options.attention}: "
-                         "the plugin quantizes attention itself (build its kernels with `plugin-build --precision fp8`)")
+                         "the plugin quantizes attention itself (--attention-precision fp8)")
 
 
 def quantize_notes(plans: list[ComponentPlan]) -> list[str]:
@@ -544,7 +544,7 @@ def model_shape(resolved) -> ModelShape:
     return ModelShape(vae_info(resolved).stride, s.enable_cfg and any(g != 1.0 for g in s.guide_scale), resolved.task)
 
 
-def open_trt_build(resolved, options: BuildOptions) -> TrtBuild | None:
+def open_trt_build(resolved, options: BuildOptions, log: Callable[[str], None] = lambda msg: None) -> TrtBuild | None:
     """The TensorRT side of the build (`export.trt.stage.open_build`), or None for `--target onnx`."""
     from wanrt.export.trt.profiles import shape_request
 
@@ -558,7 +558,8 @@ def open_trt_build(resolved, options: BuildOptions) -> TrtBuild | None:
     s = resolved.sampling
     request = shape_request(vae_info(resolved).stride, options.sizes, options.frames, options.batch, options.static,
                             (s.height, s.width), s.frames)  # fmt: skip
-    return open_build(options.target, replace(options.trt, attention=options.attention), request)
+    return open_build(options.target, replace(options.trt, attention=options.attention), request,
+                      options.precision, resolved.dit.head_dim, log)  # the DiT graph's attention dtype and head size
 
 
 def bundle_manifest(resolved, model: str | os.PathLike, options: BuildOptions, components: dict[str, Component],
@@ -630,7 +631,7 @@ def build_bundle(
         log(f"note: {note}")
         notes.append(note)
     notes += lora_notes(plans)  # printed as the merge planned them
-    trt_build = open_trt_build(resolved, options)  # before anything is written: TensorRT, the GPU, the shapes
+    trt_build = open_trt_build(resolved, options, log)  # before anything is written: TensorRT, the GPU, the shapes
     shape = model_shape(resolved)
     old = _read_old_manifest(output)
     outcome: dict[str, str] = {}
@@ -723,7 +724,9 @@ def build_bundle(
 @click.option("--timing-cache", type=click.Path(), default=None,
               help="TensorRT timing cache file (default: one per TensorRT version and GPU in the wanrt cache folder).")
 @click.option("--plugin", "plugin_dir", type=click.Path(), default=None,
-              help="With --attention plugin: the folder `plugin-build` wrote (the plugin's kernels).")
+              help="With --attention plugin: the folder `plugin-build` wrote (default: compile this GPU's kernels into the wanrt cache).")
+@click.option("--attention-precision", type=click.Choice(["bf16", "fp8", "int8"]), default="bf16", show_default=True,
+              help="With --attention plugin: QK^T in the input dtype, fp8 e4m3 (sm_89+) or int8 (SageAttention-style, smoothed K).")
 @click.option("--quantize", type=click.Choice(["int8", "fp8"]), default=None,
               help="Quantize every DiT block linear (attention q/k/v/o, image k/v, FFN) per output channel: explicit "
                    "Q/DQ graphs. Weights and activations (W8A8, calibrated) unless --weights-only.")
@@ -746,13 +749,14 @@ def build_bundle(
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 def build_engine_command(model, output, config, loras, lora_strict, precision, components, experts, attention, target, sizes,
                          frames, batch, static, opt_level, version_compatible, refittable, strip_plan, timing_cache,
-                         plugin_dir, quantize, weights_only, quantize_text_encoder, quantize_attention, calib_prompts, calib_steps,
+                         plugin_dir, attention_precision, quantize, weights_only, quantize_text_encoder, quantize_attention, calib_prompts, calib_steps,
                          calib_method, calib_percentile,
                          calib_size, force, as_json):  # fmt: skip
     """Export MODEL's components to ONNX (and TensorRT plans) and write a verifiable bundle at OUTPUT."""
     trt_options = TrtOptions(opt_level=opt_level, version_compatible=version_compatible, refittable=refittable,
                              strip_plan=strip_plan, timing_cache=Path(timing_cache) if timing_cache else None,
-                             plugin_dir=Path(plugin_dir) if plugin_dir else None)  # fmt: skip
+                             plugin_dir=Path(plugin_dir) if plugin_dir else None,
+                             attention_precision=attention_precision)  # fmt: skip
     from wanrt.calibration.calibrate import CalibrationOptions, parse_size
 
     calib_args = (calib_prompts, calib_steps, calib_method, calib_percentile, calib_size)

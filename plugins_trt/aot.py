@@ -191,6 +191,23 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+KERNEL_SOURCES = ("aot.py", "flash_kernel.py", "kernels.py", "tiles.py")  # what decides the compiled kernels
+
+
+def kernel_source_digest() -> str:
+    """sha256 over the kernel-making sources of this package and the installed Triton's version (a compiled plugin's identity)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        triton_version = version("triton")
+    except PackageNotFoundError:
+        triton_version = "none"
+    h = hashlib.sha256(f"triton {triton_version}".encode())
+    for name in KERNEL_SOURCES:
+        h.update(b"\0" + name.encode() + b"\0" + (Path(__file__).parent / name).read_bytes())
+    return h.hexdigest()
+
+
 def _variant_fields(spec: KernelSpec, arch: int) -> dict[str, Any]:
     return {"arch": arch_name(arch), "precision": spec.precision, "dtype": spec.dtype, "head_dim": spec.head_dim,
             "tile": spec.tile.to_dict()}

@@ -21,9 +21,11 @@ from pathlib import Path
 
 from wanrt.engines.errors import WanrtError
 from wanrt.engines.plans import ProfileShapes
+from wanrt.plugins_trt.kernels import PRECISIONS
 
 OPT_LEVELS = range(0, 6)
 ATTENTIONS = ("native", "plugin")
+ATTENTION_PRECISIONS = PRECISIONS  # the plugin's QK^T formats
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,8 @@ class TrtOptions:
     strip_plan: bool = False  # STRIP_PLAN: needs refittable; the plan's weights come from the bundle's ONNX at load
     timing_cache: Path | None = None  # None: beside the build cache (`cache.default_timing_cache`)
     attention: str = "native"
-    plugin_dir: Path | None = None  # the folder `plugin-build` wrote; needed with attention "plugin"
+    plugin_dir: Path | None = None  # the folder `plugin-build` wrote; None with attention "plugin": built for this GPU
+    attention_precision: str = "bf16"  # the plugin's QK^T precision (`plugins_trt.kernels.PRECISIONS`)
     workspace_bytes: int | None = None  # WORKSPACE pool limit; None: TensorRT's default (the GPU's memory)
 
     def check(self) -> None:
@@ -50,16 +53,18 @@ class TrtOptions:
                              "weights, and the full tensorrt does not run plans without their lean runtime; drop one")  # fmt: skip
         if self.attention not in ATTENTIONS:
             raise WanrtError(f"--attention {self.attention!r}: expected one of {', '.join(ATTENTIONS)}")
-        if self.attention == "plugin" and self.plugin_dir is None:
-            raise WanrtError("--attention plugin with --target trt|all needs --plugin DIR: the folder `cli.py plugin-build` "
-                             "wrote with the plugin's kernels for this GPU")  # fmt: skip
         if self.attention == "native" and self.plugin_dir is not None:
             raise WanrtError("--plugin DIR is used only with --attention plugin")
+        if self.attention_precision not in ATTENTION_PRECISIONS:
+            raise WanrtError(f"--attention-precision {self.attention_precision!r}: expected one of {', '.join(ATTENTION_PRECISIONS)}")
+        if self.attention == "native" and self.attention_precision != "bf16":
+            raise WanrtError(f"--attention-precision {self.attention_precision}: the plugin's QK^T precision; it needs --attention plugin")
 
     def key_fields(self) -> dict:
         """What of these options enters a plan's build key (not the timing cache's path: it changes no plan)."""
         return {"opt_level": self.opt_level, "version_compatible": self.version_compatible, "refittable": self.refittable,
-                "strip_plan": self.strip_plan, "attention": self.attention, "workspace_bytes": self.workspace_bytes}  # fmt: skip
+                "strip_plan": self.strip_plan, "attention": self.attention, "workspace_bytes": self.workspace_bytes,
+                **({"attention_precision": self.attention_precision} if self.attention == "plugin" else {})}  # fmt: skip
 
 
 def builder_flags(kind: str, options: TrtOptions) -> list[str]:

@@ -57,7 +57,8 @@ class TrtBuild:
         return self.target == "all"
 
 
-def open_build(target: str, options: TrtOptions, request: ShapeRequest) -> TrtBuild:
+def open_build(target: str, options: TrtOptions, request: ShapeRequest, io_dtype: str = "bf16", head_dim: int = 128,
+               log: Callable[[str], None] = lambda msg: None) -> TrtBuild:  # fmt: skip
     """Check the options, import TensorRT, find the GPU, open a builder; TensorRTUnavailable/WanrtError before anything is written."""
     if target not in TARGETS or target == "onnx":
         raise WanrtError(f"--target {target!r}: expected trt or all for a TensorRT build")
@@ -73,21 +74,44 @@ def open_build(target: str, options: TrtOptions, request: ShapeRequest) -> TrtBu
     cache_path = options.timing_cache or default_timing_cache(version, gpu.compute_capability)
     plugin = None
     if options.attention == "plugin":
-        plugin = register_attention_plugin(options.plugin_dir, gpu.compute_capability)
+        plugin = register_attention_plugin(options, gpu.compute_capability, io_dtype, head_dim, log)
     session = open_session(trt, gpu.compute_capability, gpu.name, read_timing_cache(cache_path))
     return TrtBuild(target, options, request, version, gpu.compute_capability, cache_path, session, plugin)
 
 
-def register_attention_plugin(plugin_dir: Path, compute_capability: str) -> PluginRecord:
-    """Define our attention plugin for this GPU (its AOT kernels from `plugin_dir`) before any DiT is parsed."""
+def register_attention_plugin(options: TrtOptions, compute_capability: str, io_dtype: str, head_dim: int,
+                              log: Callable[[str], None] = lambda msg: None) -> PluginRecord:  # fmt: skip
+    """Define our attention plugin for this GPU before any DiT is parsed: the kernels of `--plugin DIR`, or
+    (without it) kernels `plugin-build` compiles for this GPU, precision, I/O dtype and head size into the cache."""
     from wanrt.engines.plans import parse_compute_capability
     from wanrt.plugins_trt.aot import plugin_record, read_plugin
     from wanrt.plugins_trt.tensorrt_plugin import register_plugin
 
     major, minor = parse_compute_capability(compute_capability)
     arch = major * 10 + minor
-    registration = register_plugin(plugin_dir, "bf16", arch)
+    plugin_dir = options.plugin_dir or cached_plugin(arch, options.attention_precision, io_dtype, head_dim, log)
+    registration = register_plugin(plugin_dir, options.attention_precision, arch)
     return plugin_record(read_plugin(plugin_dir), registration.precision, [arch])
+
+
+def cached_plugin(arch: int, precision: str, io_dtype: str, head_dim: int, log: Callable[[str], None] = lambda msg: None,
+                  root: Path | None = None) -> Path:  # fmt: skip
+    """The plugin folder for one kernel variant under `<wanrt cache>/plugins/`, compiled (`plugins_trt.aot.build_plugin`)
+    unless a complete one compiled from the same kernel source by the same Triton is there."""
+    from wanrt.engines.digests import cache_file
+    from wanrt.plugins_trt.aot import PluginBuildError, arch_name, build_plugin, kernel_source_digest, read_plugin
+
+    folder = (root or cache_file().parent / "plugins") / (
+        f"{arch_name(arch)}-{precision}-{io_dtype}-d{head_dim}-{kernel_source_digest()[:16]}")
+    try:
+        read_plugin(folder)
+        return folder
+    except PluginBuildError:
+        pass  # absent or incomplete: compile it
+    log(f"compiling the attention plugin's {precision} kernels for {arch_name(arch)} ({io_dtype}, head size {head_dim}) into {folder}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    build_plugin(folder, (arch,), (precision,), (io_dtype,), (head_dim,), log)
+    return folder
 
 
 def component_profiles(comp: Component, request: ShapeRequest, shape: ModelShape) -> list[ProfileShapes]:

@@ -3,7 +3,7 @@
 Facts used: the issue (`--quantize-attention` is fp8 only; the attention scales are calibrated on the
 real trajectory and recorded with the linears'), tensorrt.md §3/§5 (Q/DQ on q, k^T, v and the softmax
 output; ModelOpt rejects INT8 MHA), and our CLI (`--attention native|plugin`; the plugin's own fp8
-path is `plugin-build --precision fp8`).  The fp32 bundle is the baseline; the quantized bundle is
+path is `--attention plugin --attention-precision fp8`).  The fp32 bundle is the baseline; the quantized bundle is
 built over a copy of it, so the text encoder and VAE are reused.
 """
 
@@ -104,7 +104,7 @@ def test_the_bundle_runs_close_to_fp32_and_writes_a_video(built, tmp_path):
     (["--quantize", "int8"], "--quantize-attention needs --quantize fp8 (got --quantize int8)"),
     ([], "--quantize-attention needs --quantize fp8 (got no --quantize)"),
     (["--quantize", "fp8", "--weights-only"], "cannot be combined with --weights-only"),
-    (["--quantize", "fp8", "--attention", "plugin"], "plugin-build --precision fp8"),
+    (["--quantize", "fp8", "--attention", "plugin"], "--attention-precision fp8"),
 ])
 def test_bad_attention_options(built, tmp_path, args, needle):
     model = built[1]

@@ -59,7 +59,9 @@ def test_without_tensorrt_refit_and_selftest_name_the_install(tmp_path):
     (["--target", "trt", "--strip-plan"], "--strip-plan: a stripped plan gets its weights by refitting"),
     (["--target", "trt", "--refittable", "--strip-plan"], "use --target all"),
     (["--target", "all", "--opt-level", "7"], "--opt-level 7: expected 0..5"),
-    (["--target", "all", "--attention", "plugin"], "needs --plugin DIR"),
+    (["--target", "onnx", "--attention-precision", "fp8"], "--attention-precision: a TensorRT build option"),
+    (["--target", "all", "--attention-precision", "int8"], "--attention-precision int8: the plugin's QK^T precision; it needs --attention plugin"),
+    (["--target", "all", "--attention", "plugin", "--attention-precision", "fp4"], "Invalid value for '--attention-precision'"),
     (["--target", "tensorrt"], "Invalid value for '--target'"),
 ])  # fmt: skip
 def test_bad_options_fail_before_anything_is_written(tmp_path, tiny, args, message):

@@ -48,7 +48,8 @@ def test_every_flag_we_can_set_exists_in_tensorrt_11_and_none_sets_a_precision()
     (TrtOptions(opt_level=-1), "--opt-level -1"),
     (TrtOptions(strip_plan=True), "--strip-plan: a stripped plan gets its weights by refitting, so it needs --refittable"),
     (TrtOptions(refittable=True, strip_plan=True, version_compatible=True), "--strip-plan with --version-compatible"),
-    (TrtOptions(attention="plugin"), "--attention plugin with --target trt|all needs --plugin DIR"),
+    (TrtOptions(attention_precision="fp8"), "--attention-precision fp8: the plugin's QK"),
+    (TrtOptions(attention="plugin", attention_precision="fp4"), "--attention-precision 'fp4': expected one of bf16, fp8, int8"),
     (TrtOptions(plugin_dir=Path("p")), "--plugin DIR is used only with --attention plugin"),
 ])  # fmt: skip
 def test_bad_combinations_name_the_option(options, message):
@@ -57,3 +58,11 @@ def test_bad_combinations_name_the_option(options, message):
     TrtOptions(opt_level=0).check()
     TrtOptions(opt_level=5, refittable=True, strip_plan=True).check()
     TrtOptions(refittable=True, version_compatible=True).check()
+    TrtOptions(attention="plugin", attention_precision="int8").check()  # no --plugin DIR: compiled for the build GPU
+
+
+def test_the_plugin_precision_enters_the_plan_key_only_with_the_plugin():
+    native = TrtOptions().key_fields()
+    assert "attention_precision" not in native  # keys of native-attention plans stay as they were
+    keys = {p: TrtOptions(attention="plugin", attention_precision=p).key_fields() for p in ("bf16", "fp8", "int8")}
+    assert len({tuple(sorted(k.items())) for k in keys.values()}) == 3 and keys["fp8"]["attention_precision"] == "fp8"
