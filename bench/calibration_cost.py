@@ -81,7 +81,7 @@ def child(bundle: Path, scheme: str, method: str, prompts_file: Path, steps: int
         "linears": len(result.records["dit"]["scales"]),
         "text_encoder_s": [run.stages.get("text_encoder", 0.0) for run in result.runs],
         "denoise_s": [run.stages.get("denoise", 0.0) for run in result.runs],
-        "dit_engine_s": sum(s.engine_seconds for s in steps_rec), "dit_load_s": sum(s.load_seconds for s in steps_rec),
+        "dit_engine_s": sum(s.engine_seconds for s in steps_rec), "dit_step_engine_s": [s.engine_seconds for s in steps_rec], "dit_load_s": sum(s.load_seconds for s in steps_rec),
         "dit_calls_per_step": steps_rec[0].engine_calls if steps_rec else None,
         "rss_start_gb": rss_start, "peak_rss_gb": peak_rss_gb(),
     }  # fmt: skip
@@ -172,7 +172,7 @@ def markdown(r: dict) -> str:
         "| what | value |",
         "|---|---|",
         f"| DiT calls (batch {2 if r['dit_calls_per_step'] == 1 else 1}: cond + uncond) | {r['calls']} "
-        f"({r['dit_calls_per_step']} per step), {r['linears']} linear inputs observed |",
+        f"({r['dit_calls_per_step']} per step), {r['linears']} quantized linears calibrated |",
         f"| DiT seconds per call (range-collecting graph, engine time) | {r['dit_call_s']:.2f} ({1 / r['dit_call_s']:.3f} calls/s) |",
         f"| DiT session loads | {r['dit_load_s']:.1f} s over {r['prompts']} prompt(s) |",
         f"| text encoder per prompt (load + cond + negative; cheap d_model-4096 1-layer umt5, **not** umt5-xxl) | {enc:.2f} s |",
@@ -180,8 +180,12 @@ def markdown(r: dict) -> str:
         f"| peak RSS of the calibrating process | {r['peak_rss_gb']:.2f} GB (at start {r['rss_start_gb']:.2f} GB) |",
         f"| extrapolated: {r['default_prompts']} prompts x {DEFAULT_STEPS} steps (the default) | {f['calls']:.0f} DiT calls, "
         f"{f['dit_s'] / 3600:.1f} h DiT + {f['text_encoder_s'] / 60:.1f} min (cheap) text encoder |",
-        "",
     ]
+    if r["layers"] < 30:  # the blocks are nearly all of a call: scale the per-call time by 30 / layers
+        per_call = r["dit_call_s"] * 30 / r["layers"]
+        lines.append(f"| estimated at all 30 blocks (per-call time x 30 / {r['layers']}) | {per_call:.0f} s per call, "
+                     f"{f['calls'] * per_call / 3600:.0f} h for the default calibration |")
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -196,7 +196,7 @@ def markdown(r: dict) -> str:
         "from the blocks before) against the fp32 graph's. *int8 W8A8 unfused*: the same graph with ONNX Runtime's "
         "graph optimizations off, so its Q/DQ run as written in float32 (the quantization's own error) instead of the "
         "fused int8 MatMul (MatMulIntegerToFloat), whose u8 x s8 kernel saturates int16 pair sums on CPUs without "
-        "VNNI (the bench/step.py int8 section below).",
+        "VNNI (see the bench/step.py int8 / fp8 section).",
         "",
         f"| graph | {head} | noise_pred | noise_pred on the calibration set | ONNX GB |",
         "|---|" + "---|" * (n + 3),
@@ -210,6 +210,7 @@ def markdown(r: dict) -> str:
         f"- fp32 graph {r['fp32_onnx_gb']:.2f} GB; peak RSS {r['peak_rss_gb']:.1f} GB"
         + (f"; export {', '.join(f'{k} {v:.0f} s' for k, v in r['export_s'].items())}" if r["export_s"] else "")
         + (f"; calibration {', '.join(f'{k} {v:.0f} s' for k, v in r['calibrate_s'].items())}" if r["calibrate_s"] else ""),
+        f"- Command: `python bench/quant_quality.py {' '.join(sys.argv[1:])}`",
         "",
     ]
     return "\n".join(lines)
