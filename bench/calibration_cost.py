@@ -82,7 +82,8 @@ def child(bundle: Path, scheme: str, method: str, prompts_file: Path, steps: int
         "text_encoder_s": [run.stages.get("text_encoder", 0.0) for run in result.runs],
         "denoise_s": [run.stages.get("denoise", 0.0) for run in result.runs],
         "dit_engine_s": sum(s.engine_seconds for s in steps_rec),
-        "dit_step_engine_s": [[s.engine_seconds for s in run.steps] for run in result.runs],  # per prompt, per step "dit_load_s": sum(s.load_seconds for s in steps_rec),
+        "dit_load_s": sum(s.load_seconds for s in steps_rec),
+        "dit_step_engine_s": [[s.engine_seconds for s in run.steps] for run in result.runs],  # per prompt, per step
         "dit_calls_per_step": steps_rec[0].engine_calls if steps_rec else None,
         "rss_start_gb": rss_start, "peak_rss_gb": peak_rss_gb(),
     }  # fmt: skip
@@ -100,9 +101,10 @@ def main() -> None:
     ap.add_argument("--record", action="store_true", help="write the result into bench/RESULTS.md")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # internal: calibrate this bundle, print JSON
     ap.add_argument("--prompts-file", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)  # internal: where the child writes its JSON
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.scheme, args.method, args.prompts_file, args.steps, args.size)))
+        args.result.write_text(json.dumps(child(args.child, args.scheme, args.method, args.prompts_file, args.steps, args.size)))
         return
 
     from wanrt.calibration.prompts import read_prompts
@@ -132,11 +134,13 @@ def main() -> None:
     r["tokens"] = VideoGeometry(frames, height, width, (4, 8, 8)).tokens
     say(f"calibrating {args.layers} blocks: {args.prompts} prompt(s) x {args.steps} steps at {args.size} ({r['tokens']} tokens)")
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--child", str(bundle), "--scheme", args.scheme, "--method", args.method,
-                          "--prompts-file", str(prompts_file), "--steps", str(args.steps), "--size", args.size],
-                         check=True, cwd=ROOT, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    result = work / f"result-{args.method}-{args.prompts}x{args.steps}.json"  # kept: the raw numbers of the last run
+    result.unlink(missing_ok=True)
+    subprocess.run([sys.executable, __file__, "--child", str(bundle), "--scheme", args.scheme, "--method", args.method,
+                    "--prompts-file", str(prompts_file), "--steps", str(args.steps), "--size", args.size,
+                    "--result", str(result)], check=True, cwd=ROOT)  # fmt: skip
     r["child_wall_s"] = time.perf_counter() - start
-    r.update(json.loads(out.stdout.strip().splitlines()[-1]))
+    r.update(json.loads(result.read_text()))
     r["load"] = os.getloadavg()
 
     extrapolate(r)
