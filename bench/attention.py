@@ -47,7 +47,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from wanrt.plugins_trt import reference  # noqa: E402
-from wanrt.plugins_trt.kernels import KernelSpec, TileConfig, qk_scale_bits, run_attention  # noqa: E402
+from wanrt.plugins_trt.kernels import KernelSpec, qk_scale_bits, run_attention  # noqa: E402
 from wanrt.plugins_trt.tiles import candidates, supports  # noqa: E402
 
 # name: (B, heads, Sq, Sk, head_dim)
@@ -271,7 +271,7 @@ def markdown(env: dict, results: list[dict], aot: dict | None, small: list[dict]
         "<!-- attention:begin -->",
         "## Attention kernels (`bench/attention.py`)",
         "",
-        f"Command: `python bench/attention.py`  ",
+        "Command: `python bench/attention.py`  ",
         f"Machine: {env.get('gpu')} (cc {env.get('cc', '-')}, driver {env.get('driver', '-')}), torch {env['torch']}, "
         f"Triton {env['triton']}, Python {env['python']}  ",
         f"Date: {env['date']}, commit {env['commit']}",

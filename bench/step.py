@@ -12,8 +12,11 @@ Shape (issue 6): 5 frames at 240x416 -> latent 2x30x52 -> 780 tokens; a guided s
    weight Q/DQ pass (`calibration.qdq.weight_qdq_pass`: per-channel codes, DequantizeLinear axis 1),
    activation scales from the graph's own amax outputs on one calibration batch of other random
    inputs (seed 1, timesteps 999 and 500; the sampling-trajectory calibration of build-engine needs a
-   text encoder, which this bench has not), then Q/DQ in front of each quantized MatMul; run by the
-   runtime like the fp32 graph, their output compared with diffusers fp32 (relative L2, cosine).
+   text encoder, which this bench has not), then Q/DQ in front of each quantized MatMul
+   (`bench/qgraphs.py`); run by the runtime like the fp32 graph, their output compared with
+   diffusers fp32 (relative L2, cosine).  Every graph is exported while the diffusers model is
+   alive; the W8A16 graphs are calibrated, and all graphs run, after it is freed (5.7 GB at 30
+   blocks), so only one big thing is resident at a time.
 
 The runtime's output is checked against diffusers fp32 (max relative error) so both sides compute
 the same step.  Prints a markdown block; `--record` writes it as the `bench/step.py` section of
@@ -37,7 +40,6 @@ import os
 import platform
 import re
 import resource
-import shutil
 import sys
 import time
 from collections.abc import Mapping
@@ -46,6 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import cli  # noqa: F401,E402  (binds the package name `wanrt` to this checkout)
+from qgraphs import calibrate_w8a8, compare, export_graph  # noqa: E402  (bench/ is on sys.path: this script's folder)
 
 DIMS = {
     "1.3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, text_dim=4096),
@@ -123,8 +126,8 @@ def time_diffusers(model, inputs, guide: float, repeats: int, warmup: int, dtype
     return times[warmup:], velocity.numpy()
 
 
-def time_runtime(onnx_dir: Path, signature, inputs, guide: float, repeats: int, warmup: int, threads: int):
-    """Per-step wall, engine and host-overhead seconds of the runtime; its raw engine output."""
+def time_runtime(graph: Path, signature, inputs, guide: float, repeats: int, warmup: int, threads: int):
+    """Per-step wall, engine and host-overhead seconds of the runtime on `graph`; its raw engine output."""
     import numpy as np
 
     from wanrt.engines.manifest import Component
@@ -132,8 +135,9 @@ def time_runtime(onnx_dir: Path, signature, inputs, guide: float, repeats: int, 
     from wanrt.runtime.guidance import StepPlan, predict_velocity
     from wanrt.runtime.schedulers import make_sampler
 
+    onnx_dir = graph.parent
     files = sorted(str(p.relative_to(onnx_dir)) for p in onnx_dir.iterdir())
-    comp = Component("dit", "dit", "model.onnx", signature, "fp32", files=files)
+    comp = Component("dit", "dit", graph.name, signature, "fp32", files=files)
     backend = OnnxRuntimeBackend(OrtOptions(device="auto", intra_op_threads=threads))
     start = time.perf_counter()
     engine = backend.load(comp, onnx_dir)
@@ -181,7 +185,6 @@ def main() -> None:
     import torch
 
     from wanrt.engines.model import DiTConfig
-    from wanrt.export.onnx.dit import export_dit_onnx
     from wanrt.export.models.wan_dit import signature_for
     from wanrt.runtime.sizes import VideoGeometry
 
@@ -212,24 +215,30 @@ def main() -> None:
     result["diffusers_fp32_s"] = fp32_times
     say(f"diffusers fp32 step: {fmt(fp32_times)} s")
 
-    if args.fresh or not (onnx_dir / "model.onnx").is_file():
-        shutil.rmtree(onnx_dir, ignore_errors=True)
-        tmp = onnx_dir.with_name("dit.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        t0 = time.perf_counter()
-        export_dit_onnx(official_view(model), tmp, "fp32", cfg=cfg, progress=False)
-        os.replace(tmp, onnx_dir)
-        result["export_s"] = time.perf_counter() - t0
+    # every graph is exported while the diffusers model is alive (its weights are the source) ...
+    graph, export_s = export_graph(official_view(model), cfg, onnx_dir, None, args.fresh)
+    if export_s is not None:
+        result["export_s"] = export_s
     result["onnx_gb"] = sum(p.stat().st_size for p in onnx_dir.iterdir()) / 1e9
-    say(f"ONNX {result['onnx_gb']:.2f} GB" + (f", exported in {result['export_s']:.0f} s" if "export_s" in result else " (cached)"))
-    quantized = {}
+    say(f"ONNX {result['onnx_gb']:.2f} GB" + (f", exported in {export_s:.0f} s" if export_s is not None else " (cached)"))
+    w8a16 = {}
     for scheme in schemes:
-        quantized[scheme] = export_quantized(official_view(model), cfg, work / f"dit-{scheme}", scheme, geo, args, result, say)
+        q = result.setdefault("quantized", {}).setdefault(scheme, {})
+        w8a16[scheme], export_s = export_graph(official_view(model), cfg, work / f"w8a16-{scheme}", scheme, args.fresh)
+        if export_s is not None:
+            q["export_s"] = export_s
     del model
     gc.collect()
+    # ... and calibrated, then run, after it is freed (at 30 blocks it holds 5.7 GB)
+    quantized = {}
+    for scheme in schemes:
+        quantized[scheme], _, calib_s = calibrate_w8a8(w8a16[scheme], scheme, [calibration_feeds(geo, cfg)], threads, args.fresh)
+        if calib_s is not None:
+            result["quantized"][scheme]["calibrate_s"] = calib_s
+        say(f"{scheme} W8A8 graph: {times_text(result['quantized'][scheme]) or 'cached'}")
 
     walls, engines, load_s, device, raw = time_runtime(
-        onnx_dir, signature_for(cfg), inputs, guide, args.repeats, args.warmup, threads
+        graph, signature_for(cfg), inputs, guide, args.repeats, args.warmup, threads
     )
     result.update(runtime_s=walls, runtime_engine_s=engines, runtime_load_s=load_s, runtime_device=device)
     result["runtime_host_ms"] = [1e3 * (w - e) for w, e in zip(walls, engines)]
@@ -237,12 +246,12 @@ def main() -> None:
     say(f"runtime step: {fmt(walls)} s, host overhead {fmt(result['runtime_host_ms'])} ms")
     gc.collect()
 
-    for scheme, qdir in quantized.items():
-        walls, engines, load_s, _, raw_q = time_runtime(qdir, signature_for(cfg), inputs, guide, args.repeats, args.warmup, threads)
+    for scheme, qgraph in quantized.items():
+        walls, engines, load_s, _, raw_q = time_runtime(qgraph, signature_for(cfg), inputs, guide, args.repeats, args.warmup, threads)
         q = result["quantized"][scheme]
-        q.update(runtime_s=walls, load_s=load_s, rel_l2_vs_diffusers_fp32=float(np.linalg.norm(raw_q - ref) / np.linalg.norm(ref)),
-                 cosine_vs_diffusers_fp32=float((raw_q * ref).sum() / (np.linalg.norm(raw_q) * np.linalg.norm(ref))),
-                 onnx_gb=sum(p.stat().st_size for p in qdir.iterdir()) / 1e9)  # fmt: skip
+        err = compare(raw_q, ref)
+        q.update(runtime_s=walls, load_s=load_s, rel_l2_vs_diffusers_fp32=err["rel_l2"], cosine_vs_diffusers_fp32=err["cosine"],
+                 onnx_gb=sum(p.stat().st_size for p in (qgraph, qgraph.parent / "model.onnx.data")) / 1e9)  # fmt: skip
         say(f"runtime {scheme} W8A8 step: {fmt(walls)} s, rel L2 vs diffusers fp32 {q['rel_l2_vs_diffusers_fp32']:.2e}")
         gc.collect()
 
@@ -261,45 +270,20 @@ def main() -> None:
         record(block)
 
 
-def export_quantized(view, cfg, qdir: Path, scheme: str, geo, args, result: dict, say) -> Path:
-    """Export (or reuse) the W8A8 `scheme` graph of `view` into `qdir`; calibrated on one batch of other random inputs."""
+def calibration_feeds(geo, cfg) -> dict:
+    """The one calibration batch of the W8A8 graphs: other random inputs (seed 1), timesteps 999 and 500."""
     import numpy as np
-    import onnx
-    import onnxruntime as ort
 
-    from wanrt.calibration.qdq import insert_activation_qdq, weight_qdq_pass, with_amax_outputs
-    from wanrt.export.onnx.dit import export_dit_onnx
-
-    q = result.setdefault("quantized", {}).setdefault(scheme, {})
-    if not args.fresh and (qdir / "model.onnx").is_file():
-        return qdir
-    shutil.rmtree(qdir, ignore_errors=True)
-    tmp = qdir.with_name(qdir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    t0 = time.perf_counter()
-    export_dit_onnx(view, tmp, "fp32", cfg=cfg, progress=False, passes=[weight_qdq_pass(view, scheme)])
-    q["export_s"] = time.perf_counter() - t0
-    graph = tmp / "model.onnx"
-    model = onnx.load(str(graph), load_external_data=False)
-    calib, outputs = with_amax_outputs(model)
-    onnx.save(calib, str(tmp / "calib.onnx"))
     rng = np.random.default_rng(1)
-    feeds = {"latent": rng.standard_normal((2, *geo.latent_shape(16)[1:]), dtype=np.float32),
-             "timestep": np.array([999.0, 500.0], np.float32),
-             "context": rng.standard_normal((2, cfg.text_len, cfg.text_dim), dtype=np.float32)}  # fmt: skip
-    t0 = time.perf_counter()
-    session = ort.InferenceSession(str(tmp / "calib.onnx"), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    values = dict(zip(names, session.run(names, feeds)))
-    del session
-    amax = {layer: float(values[out]) for out, layers in outputs.items() for layer in layers}
-    insert_activation_qdq(model, scheme, amax)
-    onnx.save(model, str(graph))
-    (tmp / "calib.onnx").unlink()
-    q["calibrate_s"] = time.perf_counter() - t0
-    os.replace(tmp, qdir)
-    say(f"{scheme} W8A8 graph exported in {q['export_s']:.0f} s, calibrated in {q['calibrate_s']:.0f} s")
-    return qdir
+    return {"latent": rng.standard_normal((2, *geo.latent_shape(16)[1:]), dtype=np.float32),
+            "timestep": np.array([999.0, 500.0], np.float32),
+            "context": rng.standard_normal((2, cfg.text_len, cfg.text_dim), dtype=np.float32)}  # fmt: skip
+
+
+def times_text(q: dict) -> str:
+    """'export 12 s, calibration 3 s' for what this run did of a quantized graph ('' when both were cached)."""
+    done = [(what, q[key]) for what, key in (("export", "export_s"), ("calibration", "calibrate_s")) if key in q]
+    return ", ".join(f"{what} {s:.0f} s" for what, s in done)
 
 
 def markdown(r: dict) -> str:
@@ -336,18 +320,18 @@ def markdown(r: dict) -> str:
         + ("" if "diffusers_bf16_s" in r else "; diffusers bf16 not run (--skip-bf16)"),
         *[f"- {s} W8A8 vs diffusers fp32: relative L2 {q['rel_l2_vs_diffusers_fp32']:.2e}, cosine "
           f"{q['cosine_vs_diffusers_fp32']:.6f}; ONNX {q['onnx_gb']:.2f} GB, session load {q['load_s']:.1f} s"
-          + (f", export {q['export_s']:.0f} s, calibration {q['calibrate_s']:.0f} s" if "export_s" in q else "")
+          + (f", {times_text(q)}" if times_text(q) else "")
           for s, q in r.get("quantized", {}).items()],
         "",
     ]
     return "\n".join(lines)
 
 
-def record(block: str) -> None:
-    """Replace (or append) the `bench/step.py` section of bench/RESULTS.md, keeping the others."""
+def record(block: str, section: str = SECTION) -> None:
+    """Replace (or append) the `section` section of bench/RESULTS.md, keeping the others."""
     path = ROOT / "bench" / "RESULTS.md"
     text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(block + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)

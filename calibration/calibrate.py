@@ -195,6 +195,7 @@ class CalibrationResult:
     records: dict[str, dict[str, Any]]  # component -> quantization.activations record (scales included)
     seconds: float
     prompts: int
+    runs: list[Any] = field(default_factory=list)  # each prompt's runtime.pipeline.RunStats (stage and step timings)
 
 
 def calibrate_bundle(
@@ -216,7 +217,7 @@ def calibrate_bundle(
     if "text_encoder" not in manifest.components or not manifest.tokenizer:
         raise CalibrationError("calibration runs the bundle's text encoder: build it in the same bundle "
                                "(drop --components, or add text_encoder), or use --weights-only")  # fmt: skip
-    graphs, observers, models = {}, {}, {}
+    graphs, observers, models, runs = {}, {}, {}, []
     for name in experts:
         graph = root / manifest.components[name].onnx
         model = onnx.load(str(graph), load_external_data=False)
@@ -248,7 +249,7 @@ def calibrate_bundle(
             if manifest.sampling.sampler == "distill":
                 request.steps = None  # a step-distilled schedule runs its own step list
             try:
-                pipeline.generate(pipeline.prepare(request), decode=False)
+                runs.append(pipeline.generate(pipeline.prepare(request), decode=False).stats)
             except WanrtError as e:
                 raise CalibrationError(f"calibration prompt {i + 1} of {len(prompts.prompts)}: {e}") from None
         bar.close()
@@ -278,7 +279,7 @@ def calibrate_bundle(
         }  # fmt: skip
         also = f" and {len(sites)} attentions (q, k, v; softmax output fixed)" if sites else ""
         log(f"{name}: calibrated {len(scales)} linear inputs{also} on {obs.calls} DiT calls ({options.method})")
-    return CalibrationResult(records, seconds, len(prompts.prompts))
+    return CalibrationResult(records, seconds, len(prompts.prompts), runs)
 
 
 def calibration_key(options: CalibrationOptions) -> dict[str, Any]:
