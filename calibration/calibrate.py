@@ -10,9 +10,12 @@ percentile method.  So the ranges are those of our own graph, weights already qu
 ONNX Runtime; no second model is built.  Then `x -> Q -> DQ` goes in front of each MatMul with
 scale = amax / qmax (`calibration.qdq.insert_activation_qdq`), rewriting only `model.onnx`.
 
-Image-to-video models (Wan2.1 i2v/flf2v, Wan2.2 i2v) also need conditioning images; each
-prompt gets a seeded synthetic picture (smooth random colour fields plus fine noise,
-`calibration_image`), so the CLIP and VAE-encoder paths run as they do for a user's image.
+Models that take more than a prompt get seeded synthetic inputs per prompt (smooth random colour
+fields plus fine noise, `synthetic_frames`), written to the calibration's temporary folder, so the
+CLIP and VAE-encoder paths run as they do for a user's files; one function per task, chosen from
+`TASK_INPUTS`: i2v a first frame, flf2v a first and a last frame, VACE a control video, a mask
+video (a box to generate) and a reference image, Wan2.2-Animate a pose video, face crops and a
+reference image, every second prompt in replace mode with a background video and a person mask.
 
 Methods: `max` keeps the running max of |x| over every call; `percentile` takes, per call, the
 P-th percentile of |x| and keeps the max of those over calls (clips the rare outliers of each
@@ -42,6 +45,7 @@ from wanrt.engines.errors import WanrtError
 from wanrt.engines.files import commit_temporary, new_temporary
 from wanrt.engines.manifest import Component, Manifest
 from wanrt.runtime.backends.onnxruntime import OnnxRuntimeBackend, OrtEngine
+from wanrt.runtime.animate import pipeline_class
 from wanrt.runtime.pipeline import WanPipeline
 from wanrt.runtime.request import GenerationRequest
 
@@ -170,18 +174,119 @@ class CalibrationBackend(OnnxRuntimeBackend):
         return ObservingEngine(component, session, self.observers[component.name], activations)
 
 
-def calibration_image(path: Path, seed: int, width: int, height: int) -> Path:
-    """Write a seeded synthetic RGB picture: low-frequency colour fields (bicubic 4x4 -> size) plus fine noise."""
+def synthetic_frames(seed: int, frames: int, width: int, height: int) -> np.ndarray:
+    """Seeded uint8 [T, H, W, 3]: low-frequency colour fields (bicubic 4x4 -> size) drifting from a first to a
+    last field over the frames, plus fine noise in every frame (one frame: the first field)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    coarse = Image.fromarray((rng.random((4, 4, 3)) * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
-    pixels = np.asarray(coarse, dtype=np.float32) + rng.normal(0.0, 8.0, (height, width, 3))
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
+    first = rng.random((4, 4, 3))
+    last = rng.random((4, 4, 3)) if frames > 1 else first
+    out = np.empty((frames, height, width, 3), np.uint8)
+    for t in range(frames):
+        a = t / max(frames - 1, 1)
+        coarse = Image.fromarray((((1 - a) * first + a * last) * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
+        pixels = np.asarray(coarse, dtype=np.float32) + rng.normal(0.0, 8.0, (height, width, 3))
+        out[t] = np.clip(pixels, 0, 255).astype(np.uint8)
+    return out
+
+
+def calibration_image(path: Path, seed: int, width: int, height: int) -> Path:
+    """Write a seeded synthetic RGB picture (`synthetic_frames`' single frame)."""
+    from PIL import Image
+
+    Image.fromarray(synthetic_frames(seed, 1, width, height)[0]).save(path)
     return path
 
 
+def synthetic_mask(seed: int, frames: int, width: int, height: int) -> np.ndarray:
+    """Seeded uint8 [T, H, W, 3] mask video: white (255) inside one box of a third to two thirds of each side, black outside."""
+    rng = np.random.default_rng(seed)
+    h, w = (int(rng.integers(n // 3, 2 * n // 3 + 1)) for n in (height, width))
+    top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+    mask = np.zeros((frames, height, width, 3), np.uint8)
+    mask[:, top : top + h, left : left + w] = 255
+    return mask
+
+
+def calibration_video(path: Path, frames: np.ndarray, fps: int) -> Path:
+    """Write uint8 [T, H, W, 3] frames as the H.264 mp4 a user would pass (`runtime.video.write_mp4`)."""
+    from wanrt.runtime.video import write_mp4
+
+    return write_mp4(frames, path, fps)
+
+
 IMAGE_SIZE = (832, 480)  # synthetic conditioning pictures when --calib-size leaves the size to the bundle
+
+
+@dataclass(frozen=True)
+class SyntheticInputs:
+    """What one calibration prompt's synthetic conditioning files are made from, and where they go."""
+
+    folder: Path  # the calibration's temporary folder
+    index: int  # the prompt's index (names its files)
+    seed: int  # the prompt's seed
+    size: tuple[int, int] | None  # --calib-size's (width, height); None: the task's default
+    frames: int
+    pipeline: WanPipeline
+
+    def path(self, name: str) -> Path:
+        return self.folder / f"{self.index}_{name}"
+
+    def video_size(self) -> tuple[int, int]:
+        """(width, height) of a task whose input videos give the output size: --calib-size, else the bundle's default."""
+        d = self.pipeline.manifest.sampling
+        return self.size or (d.width, d.height)
+
+    @property
+    def fps(self) -> int:
+        return self.pipeline.manifest.sampling.fps
+
+
+def image_inputs(request: GenerationRequest, s: SyntheticInputs) -> None:
+    """i2v: the first frame."""
+    request.image = calibration_image(s.path("image.png"), s.seed, *(s.size or IMAGE_SIZE))
+
+
+def first_last_inputs(request: GenerationRequest, s: SyntheticInputs) -> None:
+    """flf2v: the first and the last frame."""
+    image_inputs(request, s)
+    request.last_image = calibration_image(s.path("last.png"), s.seed + 10**6, *(s.size or IMAGE_SIZE))
+
+
+def vace_inputs(request: GenerationRequest, s: SyntheticInputs) -> None:
+    """VACE: a control video, a mask over it (a box to generate, the rest kept) and one reference image.
+
+    The video gives the output size, so the request's height and width are dropped."""
+    width, height = s.video_size()
+    request.height = request.width = None
+    request.video = calibration_video(s.path("video.mp4"), synthetic_frames(s.seed, s.frames, width, height), s.fps)
+    request.mask = calibration_video(s.path("mask.mp4"), synthetic_mask(s.seed, s.frames, width, height), s.fps)
+    request.ref_images = [calibration_image(s.path("ref.png"), s.seed + 10**6, width, height)]
+
+
+def animate_inputs(request: GenerationRequest, s: SyntheticInputs) -> None:
+    """Wan2.2-Animate: pose video, face crops (the motion encoder's size) and reference image, one segment long;
+    every second prompt in replace mode, with a background video and a person mask.
+
+    The pose video gives the output size, so the request's height and width are dropped."""
+    width, height = s.video_size()
+    face = s.pipeline.face_size  # an AnimatePipeline's
+    request.height = request.width = None
+    request.pose_video = calibration_video(s.path("pose.mp4"), synthetic_frames(s.seed, s.frames, width, height), s.fps)
+    request.face_video = calibration_video(s.path("face.mp4"), synthetic_frames(s.seed + 1, s.frames, face, face), s.fps)
+    request.image = calibration_image(s.path("ref.png"), s.seed + 10**6, width, height)
+    if s.index % 2:
+        request.mode = "replace"
+        background = synthetic_frames(s.seed + 2, s.frames, width, height)
+        request.background_video = calibration_video(s.path("background.mp4"), background, s.fps)
+        request.mask_video = calibration_video(s.path("mask.mp4"), synthetic_mask(s.seed, s.frames, width, height), s.fps)
+
+
+# task -> what its calibration requests add to the prompt (tasks absent here take the prompt alone)
+TASK_INPUTS: dict[str, Callable[[GenerationRequest, SyntheticInputs], None]] = {
+    "i2v": image_inputs, "flf2v": first_last_inputs, "vace": vace_inputs, "animate": animate_inputs,
+}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,20 +337,19 @@ def calibrate_bundle(
         observers[name] = RangeObserver(outputs, options.clip_percentile)
         models[name] = (graph, model, sites)
     start = time.perf_counter()
-    images = tempfile.TemporaryDirectory(prefix="wanrt-calib-")  # the synthetic conditioning pictures
+    images = tempfile.TemporaryDirectory(prefix="wanrt-calib-")  # the synthetic conditioning pictures and videos
     try:
         backend = CalibrationBackend(graphs, observers)
-        pipeline = WanPipeline(root, manifest, backend)
+        pipeline = pipeline_class(manifest.task)(root, manifest, backend)
         width, height, frames = options.size if options.size else (None, None, DEFAULT_FRAMES)
+        add_inputs = TASK_INPUTS.get(manifest.task)
         bar = tqdm(prompts.prompts, desc="calibrating", unit="prompt", disable=not progress)
         for i, prompt in enumerate(bar):
             request = GenerationRequest(prompt=prompt, frames=frames, height=height, width=width,
                                         steps=options.steps, seed=options.seed + i)  # fmt: skip
-            if manifest.task in ("i2v", "flf2v"):
-                size = (width or IMAGE_SIZE[0], height or IMAGE_SIZE[1])
-                request.image = calibration_image(Path(images.name) / f"{i}.png", options.seed + i, *size)
-                if manifest.task == "flf2v":
-                    request.last_image = calibration_image(Path(images.name) / f"{i}_last.png", options.seed + i + 10**6, *size)
+            if add_inputs is not None:
+                size = (width, height) if options.size else None
+                add_inputs(request, SyntheticInputs(Path(images.name), i, options.seed + i, size, frames, pipeline))
             if manifest.sampling.sampler == "distill":
                 request.steps = None  # a step-distilled schedule runs its own step list
             try:

@@ -7,11 +7,9 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
-from onnx import numpy_helper
 
+from tests.calibration.w8a8_checks import cosine, fake_quant, initializers, rel_l2, session  # noqa: F401 (re-exported)
 from tests.export.models.dit_cases import make_inputs
 from wanrt.export.models.wan_dit import load_dit
 
@@ -24,32 +22,8 @@ def is_block_linear(name: str) -> bool:
     return parts[0] == "blocks" and ".".join(parts[2:]) in BLOCK_LINEARS
 
 
-def initializers(graph) -> dict[str, np.ndarray]:
-    model = onnx.load(str(graph), load_external_data=False)
-    return {t.name: numpy_helper.to_array(t, base_dir=str(graph.parent)) for t in model.graph.initializer}
-
-
 def feeds(case, batch, grid, seed) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in make_inputs(case, batch, grid, seed).items()}
-
-
-def session(path, optimized=None, level: str = "all") -> ort.InferenceSession:
-    """An ORT CPU session; level "basic" keeps each node's own semantics (from "extended" on, ORT fuses an int8
-    weight DQ + MatMul into MatMulNBits, which quantizes the activations on the fly: not the graph's math)."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]  # fmt: skip
-    if optimized is not None:
-        so.optimized_model_filepath = str(optimized)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def fake_quant(x: torch.Tensor, scale: float, scheme: str) -> torch.Tensor:
-    """ONNX QuantizeLinear then DequantizeLinear, zero point 0 (round half to even; fp8 saturates)."""
-    y = x / scale
-    if scheme == "int8":
-        return torch.clamp(torch.round(y), -128, 127) * scale
-    return y.clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float32) * scale
 
 
 def fake_quantized_module(view, cfg, graph, scheme: str, act_scales: dict[str, float] | None):
@@ -71,14 +45,6 @@ def fake_quantized_module(view, cfg, graph, scheme: str, act_scales: dict[str, f
 def torch_run(module, inputs: dict[str, np.ndarray]) -> np.ndarray:
     with torch.no_grad():
         return module(*(torch.from_numpy(inputs[k]) for k in ("latent", "timestep", "context", "clip_fea"))).numpy()
-
-
-def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.dot(a.ravel(), b.ravel()) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 def observed_amax(calib_graph, outputs: dict[str, list[str]], case, seeds) -> dict[str, float]:

@@ -170,3 +170,62 @@ def test_mismatched_source_gets_a_note(tmp_path):
         "dit: the source stores int8 block linears; --quantize fp8 requantizes them from their dequantized values"]
     same = plan_components(resolved, BuildOptions(quantize="int8", weights_only=True, components=("dit",)), [])
     assert quantize_notes(same) == []
+
+
+# ---- each expert of the A14B bundles on held-out DiT inputs (the fp32 bundle's own calls) ----------------------
+
+
+@pytest.fixture(scope="module")
+def held_out_feeds(base) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Every DiT call of the fp32 bundle's held-out run, per expert (high noise: t >= 875, low noise: the rest)."""
+    from tests.calibration.w8a8_checks import FeedRecorder
+
+    bundle = base[0] / "fp32"
+    recorder = FeedRecorder(["dit_high_noise", "dit_low_noise"])
+    pipeline = WanPipeline(bundle, read_manifest(bundle), recorder)
+    pipeline.generate(pipeline.prepare(HELD_OUT), decode=False)
+    assert all(recorder.feeds.values()), {k: len(v) for k, v in recorder.feeds.items()}
+    return recorder.feeds
+
+
+@pytest.mark.parametrize("which", ["int8", "fp8"])
+def test_each_expert_equals_fake_quant_and_stays_close_to_fp32(which, request, base, held_out_feeds):
+    """Per expert: ORT (node semantics kept) equals torch with the graph's codes and scales, every linear within 1e-3
+    (the whole DiT within 1e-2: see END_TO_END in tests/calibration/test_calibrate_vace_animate.py); as the runtime runs
+    it (int8 fused), cosine and relative error against the fp32 graph on every held-out call stay within bounds."""
+    from tests.calibration.w8a8_checks import (
+        cosine, fake_quantize_module, rel_l2, session, teacher_forced_layers, torch_run,
+    )
+    from wanrt.export.checkpoint.resolve import resolve_model
+    from wanrt.export.models.wan_dit import load_dit
+
+    bundle, _ = request.getfixturevalue(which)
+    views = {f"dit_{e.name}": e.view for e in resolve_model(base[1]).experts}
+    for name, calls in held_out_feeds.items():
+        graph = bundle / read_manifest(bundle).components[name].onnx
+        fp32 = base[0] / "fp32" / read_manifest(base[0] / "fp32").components[name].onnx
+        exact = session(graph, "basic")
+        module = fake_quantize_module(load_dit(views[name]), graph, which)
+        names = [i.name for i in exact.get_inputs()]
+        layers = teacher_forced_layers(graph, calls[0], which)
+        whole = rel_l2(exact.run(None, calls[0])[0], torch_run(module, names, calls[0]))
+        assert len(layers) == 20 and max(layers.values()) < 1e-3 and whole < 1e-2, (max(layers.values()), whole)
+        q, ref = session(graph), session(fp32)
+        pairs = [(q.run(None, f)[0], ref.run(None, f)[0]) for f in calls]
+        errs, coss = [rel_l2(a, b) for a, b in pairs], [cosine(a, b) for a, b in pairs]
+        print(f"wan2.2 t2v A14B {name} {which} W8A8 vs fp32 graph, {len(calls)} held-out calls: rel L2 max {max(errs):.2e},"
+              f" cosine min {min(coss):.6f}")
+        assert max(errs) < 0.1 and min(coss) > 0.995  # the bounds of tests/calibration/test_calibrate_vace_animate.py
+
+
+def test_ort_fuses_every_int8_matmul_of_each_expert(int8, tmp_path):
+    from collections import Counter
+
+    from tests.calibration.w8a8_checks import quantized_layers, session
+
+    bundle, _ = int8
+    for name in ("dit_high_noise", "dit_low_noise"):
+        graph = bundle / read_manifest(bundle).components[name].onnx
+        session(graph, optimized=tmp_path / f"{name}.onnx")
+        ops = Counter(n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx"), load_external_data=False).graph.node)
+        assert ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] == len(quantized_layers(graph)) == 20, (name, ops)

@@ -1,0 +1,198 @@
+"""W8A8 (`build-engine --quantize int8|fp8`, calibrated) Wan2.1-VACE and Wan2.2-Animate bundles of tiny models, end to end.
+
+Each variant's fp32 bundle is built once, then an int8 and an fp8 W8A8 bundle over copies of it
+(the text encoder, CLIP and VAE are reused).  Calibration runs the bundle's own pipeline with
+synthetic conditioning (VACE: control video, mask, reference image; Animate: pose and face videos,
+reference image, replace mode on every second prompt).  The held-out run uses another prompt,
+seed and other synthetic input files; its DiT inputs are recorded from the fp32 bundle's run and
+fed to every graph.  References, independent of the code under test: the ONNX Q/DQ spec (the torch
+twin in `w8a8_checks`), our torch VACE/Animate modules (tested against diffusers), the fp32 graph.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from tests.calibration.w8a8_checks import (
+    FeedRecorder, cosine, fake_quantize_module, psnr, quantized_layers, rel_l2, session, teacher_forced_layers, torch_run,
+)
+from tests.export.helpers import run_cli
+from wanrt.calibration.calibrate import (
+    CalibrationError, CalibrationOptions, calibrate_bundle, calibration_image, calibration_video, synthetic_frames,
+    synthetic_mask,
+)
+from wanrt.engines.manifest import read_manifest, verify_bundle
+from wanrt.export.build import BuildOptions, build_bundle
+from wanrt.export.checkpoint.resolve import resolve_model
+from wanrt.export.models.wan_animate import load_animate_dit
+from wanrt.export.models.wan_dit import load_dit, view_config
+from wanrt.export.tiny import make_tiny_model
+from wanrt.runtime.animate import pipeline_class
+from wanrt.runtime.request import GenerationRequest
+
+VARIANTS = {"vace": "wan2.1", "animate": "wan2.2"}
+SCHEMES = ("int8", "fp8")
+CALIB_PROMPTS = ["a red fox in the snow", "a dancer on a stage, spotlights"]  # two: Animate calibrates both modes
+SIZE, FRAMES, STEPS = (64, 64), 5, 2
+# Stated bounds on the tiny random models (2 sampling steps, held-out prompt, seed and inputs); measured values print.
+# Per DiT call vs the fp32 graph: int8 W8A8 on ORT's fused kernel may lose a few percent on CPUs without VNNI
+# (README), fp8 e4m3 keeps 3 mantissa bits (relative step 2^-4 per value); the per-call errors of 50+ quantized
+# linears add up in quadrature to a few percent.
+MAX_REL_L2 = {"int8": 0.1, "fp8": 0.1}
+MIN_COSINE = 0.995
+# The whole DiT against the torch fake-quantized module: float32 differences of 1e-6 between ORT and torch move an
+# activation across a rounding boundary now and then (a one-code flip: 1/127 of the range for int8, 1/16 of the value
+# for fp8 e4m3), and each flip's error is re-quantized by every later linear, so across the 60-odd quantized linears of
+# these DiTs the outputs part by 2e-3 to 1.3e-2 (measured) although every single linear agrees to 3e-7.
+END_TO_END = {"int8": 3e-2, "fp8": 3e-2}
+MIN_PSNR_DB = 25.0  # final latents after two steps, the same seed as the fp32 bundle
+
+
+@dataclass
+class Variant:
+    task: str
+    model: Path
+    bundles: dict[str, Path]  # "fp32", "int8", "fp8"
+    held_out: GenerationRequest
+    feeds: list[dict[str, np.ndarray]]  # the fp32 DiT's inputs at every held-out call
+
+
+def held_out_request(task: str, folder: Path) -> GenerationRequest:
+    """A request unlike any calibration one: another prompt and seed, input files from other seeds."""
+    folder.mkdir(exist_ok=True)
+    w, h = SIZE
+    request = GenerationRequest(prompt="a lighthouse in a storm", frames=FRAMES, steps=STEPS, seed=1234)
+    if task == "vace":
+        request.video = calibration_video(folder / "video.mp4", synthetic_frames(501, FRAMES, w, h), 16)
+        request.mask = calibration_video(folder / "mask.mp4", synthetic_mask(502, FRAMES, w, h), 16)
+        request.ref_images = [calibration_image(folder / "ref.png", 503, w, h)]
+    else:
+        face = 32  # the tiny motion encoder's face crops (checked by the pipeline against the engine)
+        request.pose_video = calibration_video(folder / "pose.mp4", synthetic_frames(501, FRAMES, w, h), 16)
+        request.face_video = calibration_video(folder / "face.mp4", synthetic_frames(502, FRAMES, face, face), 16)
+        request.image = calibration_image(folder / "ref.png", 503, w, h)
+    return request
+
+
+def generate(bundle: Path, request: GenerationRequest, backend=None):
+    manifest = read_manifest(bundle)
+    backend = backend or FeedRecorder([])
+    pipeline = pipeline_class(manifest.task)(bundle, manifest, backend)
+    return pipeline.generate(pipeline.prepare(request), decode=False)
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request, tmp_path_factory) -> Variant:
+    task = request.param
+    root = tmp_path_factory.mktemp(f"w8a8_{task}")
+    model = make_tiny_model(root / "model", VARIANTS[task], task, seed=5)
+    bundles = {"fp32": root / "fp32"}
+    build_bundle(model, bundles["fp32"], options=BuildOptions(), log=lambda _msg: None)
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(CALIB_PROMPTS) + "\n", encoding="utf-8")
+    calib = CalibrationOptions(prompts_file=str(prompts), steps=STEPS, size=(*SIZE, FRAMES))
+    for scheme in SCHEMES:
+        bundles[scheme] = root / scheme
+        shutil.copytree(bundles["fp32"], bundles[scheme])
+        build_bundle(model, bundles[scheme], options=BuildOptions(quantize=scheme, calibration=calib), log=lambda _msg: None)
+    held_out = held_out_request(task, root / "held_out")
+    recorder = FeedRecorder(["dit"])
+    generate(bundles["fp32"], held_out, recorder)
+    return Variant(task, model, bundles, held_out, recorder.feeds["dit"])
+
+
+def dit_graph(v: Variant, which: str) -> Path:
+    return v.bundles[which] / read_manifest(v.bundles[which]).components["dit"].onnx
+
+
+def torch_dit(v: Variant):
+    view = resolve_model(v.model).experts[0].view
+    cfg = view_config(view)
+    return load_animate_dit(view, cfg) if cfg.animate is not None else load_dit(view, cfg)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_calibration_ran_the_variant_and_the_graph_holds_its_scales(variant, scheme):
+    manifest = verify_bundle(variant.bundles[scheme])
+    comp = manifest.components["dit"]
+    act = comp.attributes["quantization"]["activations"]
+    layers = quantized_layers(variant.bundles[scheme] / comp.onnx)
+    assert comp.precision == scheme and act["calls"] == len(CALIB_PROMPTS) * STEPS  # no CFG: one call per step
+    assert sorted(act["scales"]) == sorted(layers) and all(s > 0 for s in act["scales"].values())
+    if variant.task == "vace":  # the VACE blocks' linears (and before_proj / after_proj) are quantized too
+        assert any(l.startswith("vace_blocks.0.before_proj") for l in layers)
+    model = onnx.load(str(variant.bundles[scheme] / comp.onnx), load_external_data=False)
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == len(layers)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_graph_equals_the_torch_fake_quantized_module(variant, scheme):
+    """ORT (node semantics kept) on held-out inputs vs torch with the graph's codes and scales: every quantized linear
+    (fed the graph's own input) within 1e-3 relative, and the whole DiT within END_TO_END of our fake-quantized module."""
+    graph = dit_graph(variant, scheme)
+    module = fake_quantize_module(torch_dit(variant), graph, scheme)
+    s = session(graph, "basic")
+    names = [i.name for i in s.get_inputs()]
+    for feeds in (variant.feeds[0], variant.feeds[-1]):
+        layers = teacher_forced_layers(graph, feeds, scheme)
+        assert len(layers) == len(quantized_layers(graph)) and max(layers.values()) < 1e-3, max(layers.items(), key=lambda kv: kv[1])
+        err = rel_l2(s.run(None, feeds)[0], torch_run(module, names, feeds))
+        print(f"{variant.task} {scheme}: graph vs torch fake-quant, per linear max {max(layers.values()):.1e}, whole DiT {err:.1e}")
+        assert err < END_TO_END[scheme], (variant.task, scheme, err)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_held_out_output_stays_close_to_fp32(variant, scheme):
+    """Every held-out DiT call, as the runtime runs the graph (int8 fused), against the fp32 graph."""
+    q, ref = session(dit_graph(variant, scheme)), session(dit_graph(variant, "fp32"))
+    errs, coss = [], []
+    for feeds in variant.feeds:
+        got, want = q.run(None, feeds)[0], ref.run(None, feeds)[0]
+        errs.append(rel_l2(got, want))
+        coss.append(cosine(got, want))
+    print(f"{variant.task} {scheme} W8A8 dit vs fp32 graph, {len(errs)} held-out calls: rel L2 max {max(errs):.2e}"
+          f" mean {np.mean(errs):.2e}, cosine min {min(coss):.6f}")
+    assert max(errs) < MAX_REL_L2[scheme] and min(coss) > MIN_COSINE
+
+
+def test_ort_fuses_every_int8_matmul(variant, tmp_path):
+    graph = dit_graph(variant, "int8")
+    session(graph, optimized=tmp_path / "optimized.onnx")
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node)
+    assert ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] == len(quantized_layers(graph)), ops
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_run_writes_a_video_and_final_latents_stay_close(variant, scheme, tmp_path):
+    ref = generate(variant.bundles["fp32"], variant.held_out).latents
+    got = generate(variant.bundles[scheme], variant.held_out).latents
+    db = psnr(got, ref)
+    print(f"{variant.task} {scheme} W8A8 vs fp32 final latents ({STEPS} steps, held-out prompt/seed/inputs): PSNR {db:.1f} dB")
+    assert db > MIN_PSNR_DB
+    h = variant.held_out
+    inputs = (["--video", h.video, "--mask", h.mask, "--ref-image", h.ref_images[0]] if variant.task == "vace"
+              else ["--pose-video", h.pose_video, "--face-video", h.face_video, "--image", h.image])  # fmt: skip
+    out = tmp_path / "v.mp4"
+    r = run_cli("run", variant.bundles[scheme], "--prompt", "a lighthouse", *inputs, "--frames", "5", "--steps", "2",
+                "--seed", "3", "-o", out)  # fmt: skip
+    assert r.exit_code == 0, r.stderr[-2000:]
+    assert out.stat().st_size > 0
+
+
+def test_a_component_without_linears_is_a_clear_error(variant, tmp_path):
+    """Calibrating a graph with no quantized linears (here the fp32 DiT and the VAE decoder) names it; nothing is rewritten."""
+    bundle = variant.bundles["fp32"]
+    manifest = read_manifest(bundle)
+    before = (bundle / manifest.components["vae_decoder"].onnx).read_bytes()
+    for name in ("dit", "vae_decoder"):
+        with pytest.raises(CalibrationError, match=f"{name}: .* has no quantized linears to calibrate"):
+            calibrate_bundle(bundle, manifest, [name], "int8", CalibrationOptions(), progress=False)
+    assert (bundle / manifest.components["vae_decoder"].onnx).read_bytes() == before
+    assert not list(bundle.rglob("calibration.onnx"))

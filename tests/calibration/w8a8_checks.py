@@ -1,0 +1,138 @@
+"""Checks the W8A8 variant tests share: a torch fake-quantized twin of a Q/DQ graph, held-out DiT inputs, error measures.
+
+The torch twin is built from the graph alone (its weight codes, per-channel scales and activation
+input scales, read back from its initializers) and our torch module of the variant (itself tested
+against diffusers): every quantized MatMul's linear gets weight = codes * scale and its input
+passes through QuantizeLinear -> DequantizeLinear as the ONNX spec defines them (round half to
+even, int8 saturating to [-128, 127], fp8 e4m3 saturating to +-448), zero point 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import numpy_helper
+
+from wanrt.runtime.backends.onnxruntime import OnnxRuntimeBackend, OrtOptions
+
+WEIGHT_SCALE, INPUT_SCALE = "_scale", ".input_scale"
+
+
+def initializers(graph: Path) -> dict[str, np.ndarray]:
+    model = onnx.load(str(graph), load_external_data=False)
+    return {t.name: numpy_helper.to_array(t, base_dir=str(graph.parent)) for t in model.graph.initializer}
+
+
+def quantized_layers(graph: Path) -> list[str]:
+    """The layers whose weight a DequantizeLinear feeds into a MatMul (read from the graph's nodes)."""
+    model = onnx.load(str(graph), load_external_data=False)
+    users = {i for n in model.graph.node if n.op_type == "MatMul" for i in n.input}
+    return [n.input[0].removesuffix(".weight") for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0].endswith(".weight") and n.output[0] in users]  # fmt: skip
+
+
+def session(graph: Path, level: str = "all", optimized: Path | None = None) -> ort.InferenceSession:
+    """ORT on the CPU; "basic" keeps each node's own math (from "extended" on ORT rewrites int8 weight DQ + MatMul)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]  # fmt: skip
+    if optimized is not None:
+        so.optimized_model_filepath = str(optimized)
+    return ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
+
+
+def fake_quant(x: torch.Tensor, scale: float, scheme: str) -> torch.Tensor:
+    """ONNX QuantizeLinear then DequantizeLinear, zero point 0."""
+    y = x / scale
+    if scheme == "int8":
+        return torch.clamp(torch.round(y), -128, 127) * scale
+    return y.clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float32) * scale
+
+
+def fake_quantize_module(module: torch.nn.Module, graph: Path, scheme: str) -> torch.nn.Module:
+    """`module` (the fp32 torch DiT) with the graph's dequantized weights and fake-quantized inputs in every quantized linear."""
+    inits = initializers(graph)
+    layers = quantized_layers(graph)
+    assert layers
+    for layer in layers:
+        linear = module.get_submodule(layer)
+        codes, scale = inits[f"{layer}.weight"].astype(np.float32), inits[f"{layer}.weight{WEIGHT_SCALE}"].astype(np.float32)
+        linear.weight.data = torch.from_numpy((codes * scale[None, :]).T.copy())  # B [K, N] -> weight [N, K]
+        s = float(inits[f"{layer}{INPUT_SCALE}"])
+        linear.register_forward_pre_hook(lambda _m, args, s=s: (fake_quant(args[0], s, scheme),))
+    return module
+
+
+def teacher_forced_layers(graph: Path, feeds: Mapping[str, np.ndarray], scheme: str) -> dict[str, float]:
+    """Per quantized linear: rel L2 of the graph's MatMul output against fake_quant(x) @ (codes * scale) in torch,
+    x being the graph's own input to that linear's QuantizeLinear (read as extra graph outputs of a temporary copy)."""
+    model = onnx.load(str(graph), load_external_data=False)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = initializers(graph)
+    taps: dict[str, tuple[str, str]] = {}  # layer -> (x, MatMul output)
+    for n in model.graph.node:
+        if n.op_type != "MatMul" or n.input[1] not in producer or producer[n.input[1]].op_type != "DequantizeLinear":
+            continue
+        dq_a = producer.get(n.input[0])
+        assert dq_a is not None and dq_a.op_type == "DequantizeLinear", n.name
+        q = producer[dq_a.input[0]]
+        assert q.op_type == "QuantizeLinear", n.name
+        taps[producer[n.input[1]].input[0].removesuffix(".weight")] = (q.input[0], n.output[0])
+    for x, y in taps.values():
+        model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in (x, y))
+    tapped = graph.with_name("taps.onnx")
+    onnx.save(model, str(tapped))
+    try:
+        s = session(tapped, "basic")
+        values = dict(zip([o.name for o in s.get_outputs()], s.run(None, dict(feeds))))
+    finally:
+        tapped.unlink()
+    errors = {}
+    for layer, (x, y) in taps.items():
+        w = inits[f"{layer}.weight"].astype(np.float32) * inits[f"{layer}.weight{WEIGHT_SCALE}"].astype(np.float32)[None, :]
+        xq = fake_quant(torch.from_numpy(values[x]), float(inits[f"{layer}{INPUT_SCALE}"]), scheme)
+        errors[layer] = rel_l2(values[y], (xq @ torch.from_numpy(w)).numpy())
+    return errors
+
+
+def torch_run(module: torch.nn.Module, names: list[str], feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+    with torch.no_grad():
+        return module(*(torch.from_numpy(feeds[n]) for n in names)).numpy()
+
+
+class FeedRecorder(OnnxRuntimeBackend):
+    """The real ORT CPU backend, keeping a copy of every feed the named components are run with."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(OrtOptions(device="cpu"))
+        self.feeds: dict[str, list[dict[str, np.ndarray]]] = {n: [] for n in names}
+
+    def load(self, component, bundle_dir, **kw):
+        engine = super().load(component, bundle_dir, **kw)
+        if component.name in self.feeds:
+            run, calls = engine._run, self.feeds[component.name]
+
+            def recording(feeds):
+                calls.append({k: np.array(v) for k, v in feeds.items()})
+                return run(feeds)
+
+            engine._run = recording
+        return engine
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def psnr(x: np.ndarray, ref: np.ndarray) -> float:
+    return float(10 * np.log10((ref.max() - ref.min()) ** 2 / np.mean((x.astype(np.float64) - ref) ** 2)))
