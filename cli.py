@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ if __package__ != "wanrt":  # `python cli.py` or `import cli` from a checkout
 import click  # noqa: E402
 
 from wanrt.engines.errors import WanrtError  # noqa: E402
+from wanrt.engines.interrupts import install_handlers  # noqa: E402
 
 # What the `export` extra installs (`pip install .` alone is the torch-free runtime side).
 EXPORT_EXTRA = ("torch", "safetensors", "onnx", "onnxscript", "ml_dtypes")
@@ -114,21 +114,10 @@ def cli() -> None:
     """wanrt: compiled engines and a thin runtime for Wan2.1 / Wan2.2 video models."""
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so the same cleanup runs (what `timeout`,
-    `docker stop` and process managers send)."""
-
-    exit_code = 128 + signal.SIGTERM
-    message = "terminated (SIGTERM)"
-
-
-def raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
 def main() -> None:
-    """Entry point of the installed `wanrt` command: SIGTERM is handled as Ctrl-C is."""
-    signal.signal(signal.SIGTERM, raise_terminated)
+    """Entry point of the installed `wanrt` command: SIGTERM is handled as Ctrl-C is, and neither is lost
+    (`engines.interrupts`)."""
+    install_handlers()
     cli()
 
 

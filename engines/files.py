@@ -34,6 +34,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from .errors import WanrtError
+from .interrupts import raise_if_interrupted
 
 TEMP_TAG = ".tmp-"  # `.NAME.tmp-PID-RANDOM`
 OLD_TAG = ".old-"  # `.NAME.old-PID`: a replaced folder, between the two renames of a swap
@@ -209,7 +210,12 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def commit_temporary(tmp: str | os.PathLike, target: str | os.PathLike, fsync: bool = True) -> Path:
-    """Move a finished temporary over `target` (fsynced, umask permissions); returns `target`."""
+    """Move a finished temporary over `target` (fsynced, umask permissions); returns `target`.
+
+    An interrupted process commits nothing: a Ctrl-C or SIGTERM whose KeyboardInterrupt was lost is
+    raised here (`interrupts.raise_if_interrupted`).
+    """
+    raise_if_interrupted()
     tmp, target = Path(tmp), Path(target)
     directory = tmp.is_dir()
     give_default_mode(tmp, directory=directory)

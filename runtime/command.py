@@ -118,7 +118,7 @@ def run_command(
             except BaseException:
                 out.unlink(missing_ok=True)
                 raise
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (cli.Terminated)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (engines.interrupts.Terminated)
         # every engine was released on the way out (context managers); nothing was renamed into place
         click.echo(f"{getattr(e, 'message', 'interrupted')}: device memory released, no output written", err=True)
         raise SystemExit(getattr(e, "exit_code", 130)) from None
