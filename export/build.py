@@ -15,10 +15,8 @@ The steps are small and separate:
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib
-import importlib.metadata
 import json
 import os
 import platform
@@ -29,7 +27,6 @@ from typing import Any, Callable
 
 import click
 
-from wanrt import __version__
 from wanrt.engines.digests import cached_sha256
 from wanrt.export.trt.stage import ModelShape, TrtBuild, has_current_plan, intact, open_build, stage_plans
 from wanrt.engines.errors import WanrtError
@@ -47,12 +44,12 @@ from wanrt.engines.signatures import EngineSignature
 from wanrt.engines.vae_contract import check_vae_matches
 from wanrt.export.onnx.component import ExportedComponent
 from wanrt.export.trt.config import TrtOptions
+from wanrt.export.versions import export_versions, package_versions
 from wanrt.export.trt.stage import TARGETS
 
 COMPONENT_GROUPS = ("dit", "text_encoder", "image_encoder", "vae")
 PRECISIONS = ("fp32", "bf16")
 TOKENIZER_DIR = "tokenizer"
-BUILD_FORMAT = 1  # bump when the exported graphs change for the same inputs
 # Why a component is built in another precision than the bundle's (component kind -> reason).
 PRECISION_REASONS = {
     "vae_encoder": "ONNX Conv has no bfloat16 before opset 22, beyond TensorRT 10.1's ONNX parser (opsets 9-20)",
@@ -127,41 +124,9 @@ class ComponentPlan:
 # source digests (remembered per file state so a rebuild does not re-read every weight)
 
 
-@functools.lru_cache(maxsize=1)
-def _source_digest() -> str:
-    """sha256 over the exporter's own code and data (engines/, export/, calibration/, plugins_trt/)."""
-    repo = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for folder in ("engines", "export", "calibration", "plugins_trt"):
-        for path in sorted((repo / folder).rglob("*")):
-            if path.suffix in (".py", ".json") and "__pycache__" not in path.parts:
-                h.update(str(path.relative_to(repo)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
-
-
-EXPORT_PACKAGES = ("torch", "onnx", "onnxscript", "onnx_ir", "numpy")  # their versions can change the graphs
-
-
-def _package_versions(packages: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for pkg in packages:
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-@functools.lru_cache(maxsize=1)
-def _export_versions() -> dict[str, str]:
-    """What the exported files depend on beyond their inputs: wanrt's code and the export-path libraries."""
-    return {"wanrt": __version__, "wanrt_source": _source_digest(), "build_format": str(BUILD_FORMAT),
-            **_package_versions(EXPORT_PACKAGES)}  # fmt: skip
-
-
 def _versions() -> dict[str, str]:
     """What produced the bundle (the manifest's producer): the export versions, Python, and the runtime libraries."""
-    return {**_export_versions(), "python": platform.python_version(), **_package_versions(("safetensors", "onnxruntime"))}
+    return {**export_versions(), "python": platform.python_version(), **package_versions(("safetensors", "onnxruntime"))}
 
 
 def cache_key(plan: ComponentPlan, loras: list[dict[str, Any]]) -> str:
@@ -174,7 +139,7 @@ def cache_key(plan: ComponentPlan, loras: list[dict[str, Any]]) -> str:
         "options": plan.options,
         "sources": [[p.name, digests[str(p)]] for p in plan.sources],
         "loras": [l for l in loras if not l["experts"] or plan.expert in l["experts"]] if plan.kind == "dit" else [],
-        "versions": _export_versions(),
+        "versions": export_versions(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 

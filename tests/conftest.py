@@ -1,11 +1,14 @@
-"""Suite-wide: `wanrt` is this checkout; remembered digests go to a temporary cache, never ~/.cache/wanrt."""
+"""Suite-wide: `wanrt` is this checkout; remembered digests and traced graphs go to a temporary cache, never
+~/.cache/wanrt."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,15 +17,24 @@ import pytest
 import cli  # noqa: F401  (binds the package name `wanrt` to this checkout, ahead of an installed copy)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def private_digest_cache(tmp_path_factory):
-    old = os.environ.get("WANRT_CACHE_DIR")
-    os.environ["WANRT_CACHE_DIR"] = str(tmp_path_factory.mktemp("wanrt-cache"))
-    yield
-    if old is None:
-        os.environ.pop("WANRT_CACHE_DIR", None)
-    else:
-        os.environ["WANRT_CACHE_DIR"] = old
+def pytest_configure(config):
+    """One temporary wanrt cache for the whole run, set before collection (modules that copy os.environ at import
+    see it) and inherited by the xdist workers: remembered digests, and the traced-graph cache
+    (`export.onnx.graph_cache`), which the workers and the builds they start share, so each tiny architecture is
+    traced once per run (tests that need a fresh trace turn it off or point it elsewhere)."""
+    if "PYTEST_XDIST_WORKER" in os.environ or "WANRT_TEST_CACHE" in os.environ:
+        return  # a worker: the controller made it
+    root = tempfile.mkdtemp(prefix="wanrt-test-cache-")
+    os.environ.update(WANRT_TEST_CACHE=root, WANRT_CACHE_DIR=root, WANRT_GRAPH_CACHE=os.path.join(root, "graphs"))
+    config.wanrt_test_cache = root
+
+
+def pytest_unconfigure(config):
+    root = getattr(config, "wanrt_test_cache", None)
+    if root is not None:
+        shutil.rmtree(root, ignore_errors=True)
+        for name in ("WANRT_TEST_CACHE", "WANRT_CACHE_DIR", "WANRT_GRAPH_CACHE"):
+            os.environ.pop(name, None)
 
 
 # Runs `python cli.py ARGS` in this child process, then prints its exit code and the modules it imported

@@ -75,7 +75,8 @@ def export_dit_onnx(
     buffers = _animate_buffers(module, view)
     return export_onnx(module, dit_example_inputs(signature), out_dir, signature, opset,
                        dynamic_dims=dit_dynamic_dims(cfg, signature), weights={**weights, **buffers}, passes=passes,
-                       progress=progress)  # fmt: skip
+                       progress=progress, cache_as={"dit": cfg.to_dict(), "dtype": str(dtype), "attention": attention,
+                                                    "per_frame_timestep": per_frame_timestep})  # fmt: skip
 
 
 def _animate_buffers(module: torch.nn.Module, view: Mapping) -> dict[str, Callable[[], torch.Tensor]]:

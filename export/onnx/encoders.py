@@ -76,7 +76,8 @@ def export_text_encoder_onnx(
             "attention_mask": torch.ones(2, 7, dtype=torch.int64),
         }
     return export_onnx(module.eval(), example, out_dir, text_encoder_signature(cfg.dim), weights=weights, passes=passes,
-                       progress=progress)  # fmt: skip
+                       progress=progress, cache_as={"text_encoder": repr(cfg), "dtype": str(dtype),
+                                                    "token_table_dtype": str(table_dtype)})  # fmt: skip
 
 
 def export_image_encoder_onnx(
@@ -103,7 +104,8 @@ def export_image_encoder_onnx(
     with torch.device("meta"):
         example = {"pixel_values": torch.zeros(2, 3, cfg.image_size, cfg.image_size)}
     signature = image_encoder_signature(cfg.width, cfg.image_size, cfg.tokens)
-    return export_onnx(module.eval(), example, out_dir, signature, weights=weights, passes=passes, progress=progress)
+    return export_onnx(module.eval(), example, out_dir, signature, weights=weights, passes=passes, progress=progress,
+                       cache_as={"image_encoder": repr(cfg), "dtype": str(dtype)})
 
 
 TOKEN_TABLE = "token_embedding.weight"

@@ -42,6 +42,7 @@ from wanrt.engines.errors import WanrtError
 from wanrt.engines.signatures import EngineSignature, InputMismatch
 from wanrt.plugins_trt.onnx_op import onnx_translations
 
+from . import graph_cache
 from .component import GRAPH_FILE, ExportedComponent, ExportError, data_file, staged_graph
 
 MIN_OPSET = 19
@@ -87,6 +88,7 @@ def export_onnx(
     weights: Mapping[str, Callable[[], torch.Tensor]] | None = None,
     passes: Sequence[GraphPass] = (),
     progress: bool = True,
+    cache_as: Mapping[str, Any] | None = None,
 ) -> ExportedComponent:
     """Export `module` to `out_dir/model.onnx` (+ `model.onnx.data`); return what was written.
 
@@ -95,23 +97,46 @@ def export_onnx(
     it with; by default `Dim(name, min, max)` from `signature.dim_ranges`.  `weights` maps
     initializer (parameter) names to loaders called once each while the data file is written;
     every initializer of a module traced on `meta` must have one.  `passes` run in order on the
-    optimized graph, its I/O already named as the signature says.
+    optimized graph, its I/O already named as the signature says.  `cache_as`: the exporter's
+    description of the module's architecture (its config and options); with it the optimized graph
+    comes from the traced-graph cache when it holds one (`graph_cache`), else it is traced and stored.
     """
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old; expected {MIN_OPSET} or newer")
     args = _ordered_inputs(example_inputs, signature)
-    model = trace_to_onnx_ir(module, args, signature, opset, dynamic_dims)
-    if weights is not None:
-        attach_lazy_weights(model, weights)
-    _require_initializer_data(model)
+    state = module.state_dict(keep_vars=True)
+    key = graph_cache.graph_key(cache_as, module, signature, opset, dynamic_dims) if (
+        cache_as is not None and graph_cache.cache_enabled()) else None  # fmt: skip
+    loaders = {name: (weights or {}).get(name) or (lambda t=t: t.detach()) for name, t in state.items()}
+    model = graph_cache.load_graph(key, loaders) if key is not None else None
     try:
-        optimize_keep_initializers(model, keep=set(module.state_dict(keep_vars=True)))
-        name_io_dims(model, signature)
+        if model is None:
+            model = traced_and_optimized(module, args, signature, opset, dynamic_dims, weights)
+            if key is not None:
+                graph_cache.store_graph(key, model, set(state))  # a failure there costs only the next trace
         for graph_pass in passes:
             graph_pass(model)
         return ExportedComponent(save_with_external_data(model, out_dir, progress=progress), signature)
     except Exception as e:  # a weight loader's error arrives wrapped in the optimizer's PassError
         raise _first_wanrt_error(e) or e
+
+
+def traced_and_optimized(
+    module: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    signature: EngineSignature,
+    opset: int,
+    dynamic_dims: Mapping[str, Any] | None,
+    weights: Mapping[str, Callable[[], torch.Tensor]] | None,
+) -> ir.Model:
+    """Trace `module`, attach its lazy `weights`, fold constants (weights untouched) and name the I/O dims."""
+    model = trace_to_onnx_ir(module, args, signature, opset, dynamic_dims)
+    if weights is not None:
+        attach_lazy_weights(model, weights)
+    _require_initializer_data(model)
+    optimize_keep_initializers(model, keep=set(module.state_dict(keep_vars=True)))
+    name_io_dims(model, signature)
+    return model
 
 
 def _first_wanrt_error(e: BaseException | None) -> WanrtError | None:

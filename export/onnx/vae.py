@@ -146,5 +146,6 @@ def export_vae_onnx(
     module = VAEChunkModule(vae, part, signature.input_names).eval()
     example = example_inputs(contract, "meta" if weights is not None else "cpu")
     exported = export_onnx(module, example, out_dir, signature, dynamic_dims=derived_dims(signature), weights=weights,
-                           passes=passes, progress=progress)  # fmt: skip
+                           passes=passes, progress=progress,
+                           cache_as={"vae": repr(vae.cfg), "part": part, "contract": contract.attributes()})  # fmt: skip
     return replace(exported, attributes=contract.attributes())
