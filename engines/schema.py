@@ -194,8 +194,15 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise _Mismatch(path, "an object", value)
         key_type, value_type = args if args else (str, Any)
-        return {_convert(k, key_type, f"{path}.{k}"): _convert(v, value_type, f"{path}.{k}") for k, v in value.items()}
+        return {_convert(k, key_type, f"{path}.{_shown(k)}"): _convert(v, value_type, f"{path}.{_shown(k)}")
+                for k, v in value.items()}  # fmt: skip
     raise TypeError(f"from_json does not handle the type {tp!r} (at {path})")
+
+
+def _shown(key: str) -> str:
+    """A key as an error path shows it: as it is, or JSON-quoted when it holds a control character (the error
+    stays one line)."""
+    return key if key.isprintable() else json.dumps(key)
 
 
 def _dataclass(cls: type, value: Any, path: str) -> Any:

@@ -280,6 +280,16 @@ def test_fuzzed_manifests_raise_only_bundle_errors(valid_manifest, data):
         assert "\n" not in str(e)
 
 
+def test_a_key_with_a_control_character_is_shown_quoted_on_one_line(valid_manifest):
+    """What the fuzzer once found: a newline in a key split the error over two lines."""
+    root, original = valid_manifest
+    doc = {**json.loads(json.dumps(original)), "producer": {"a\nb": None}}
+    (root / MANIFEST_NAME).write_text(json.dumps(doc))
+    with pytest.raises(BundleError) as e:
+        read_manifest(root)
+    assert "\n" not in str(e.value) and 'producer."a\\nb": expected a string, got null' in str(e.value)
+
+
 def test_unlisted_files_and_outward_links_anywhere_in_the_bundle_are_refused(bundle):
     """An ONNX graph names its own external data files: a file the manifest does not list must not be there to read."""
     (bundle / "dit_low_noise" / "extra.data").write_bytes(b"unverified")
