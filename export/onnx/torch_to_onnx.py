@@ -105,15 +105,17 @@ def export_onnx(
         raise ExportError(f"opset {opset} is too old; expected {MIN_OPSET} or newer")
     args = _ordered_inputs(example_inputs, signature)
     state = module.state_dict(keep_vars=True)
+    # The weights: the state dict and every tensor given a loader (a non-persistent buffer derived from the
+    # weights, e.g. Animate's motion basis); never folded, never taken from the traced-graph cache.
+    loaders = {name: (lambda t=t: t.detach()) for name, t in state.items()} | dict(weights or {})
     key = graph_cache.graph_key(cache_as, module, signature, opset, dynamic_dims) if (
         cache_as is not None and graph_cache.cache_enabled()) else None  # fmt: skip
-    loaders = {name: (weights or {}).get(name) or (lambda t=t: t.detach()) for name, t in state.items()}
     model = graph_cache.load_graph(key, loaders) if key is not None else None
     try:
         if model is None:
-            model = traced_and_optimized(module, args, signature, opset, dynamic_dims, weights)
+            model = traced_and_optimized(module, args, signature, opset, dynamic_dims, weights, keep=set(loaders))
             if key is not None:
-                graph_cache.store_graph(key, model, set(state))  # a failure there costs only the next trace
+                graph_cache.store_graph(key, model, set(loaders))  # a failure there costs only the next trace
         for graph_pass in passes:
             graph_pass(model)
         return ExportedComponent(save_with_external_data(model, out_dir, progress=progress), signature)
@@ -128,13 +130,15 @@ def traced_and_optimized(
     opset: int,
     dynamic_dims: Mapping[str, Any] | None,
     weights: Mapping[str, Callable[[], torch.Tensor]] | None,
+    keep: set[str],
 ) -> ir.Model:
-    """Trace `module`, attach its lazy `weights`, fold constants (weights untouched) and name the I/O dims."""
+    """Trace `module`, attach its lazy `weights`, fold constants (the initializers in `keep` untouched) and name
+    the I/O dims."""
     model = trace_to_onnx_ir(module, args, signature, opset, dynamic_dims)
     if weights is not None:
         attach_lazy_weights(model, weights)
     _require_initializer_data(model)
-    optimize_keep_initializers(model, keep=set(module.state_dict(keep_vars=True)))
+    optimize_keep_initializers(model, keep=keep)
     name_io_dims(model, signature)
     return model
 

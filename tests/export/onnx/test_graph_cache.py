@@ -103,6 +103,40 @@ def test_other_weights_from_the_cache_equal_a_fresh_export(cache, traces, tmp_pa
     np.testing.assert_allclose(run(got, x, bias), reference(ramped(1), x, bias), rtol=1e-5, atol=1e-5)
 
 
+class Derived(torch.nn.Module):
+    """A non-persistent buffer computed from a weight (as Animate's motion basis is), used transposed: were it
+    taken for a constant, its transpose would be folded and cached with the first model's values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(8, 4, bias=False)
+        self.register_buffer("basis", torch.zeros(4, 8), persistent=False)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return x @ self.basis.T + bias
+
+
+def test_a_buffer_derived_from_the_weights_is_a_weight_too(cache, traces, tmp_path, monkeypatch):
+    def export_derived(seed: int, out: Path) -> Path:
+        weight = torch.randn(4, 8, generator=torch.Generator().manual_seed(seed))
+        with torch.device("meta"):
+            module = Derived().eval()
+        loaders = {"up.weight": lambda: weight, "basis": lambda: 2 * weight}
+        export_onnx(module, {"x": torch.empty(2, 5, 8, device="meta"), "bias": torch.empty(4, device="meta")}, out,
+                    SIG, weights=loaders, progress=False, cache_as={"derived": 1})  # fmt: skip
+        return out / "model.onnx"
+
+    export_derived(0, tmp_path / "a")
+    got = export_derived(1, tmp_path / "b")
+    assert traces == ["Derived"]
+    x = np.ones((1, 3, 8), np.float32)
+    want = x @ (2 * torch.randn(4, 8, generator=torch.Generator().manual_seed(1)).numpy()).T
+    np.testing.assert_allclose(run(got, x, np.zeros(4, np.float32)), want, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("WANRT_GRAPH_CACHE", "0")
+    export_derived(1, tmp_path / "fresh")
+    assert digests(got.parent) == digests(tmp_path / "fresh")
+
+
 def test_an_entry_holds_the_folded_constants_and_no_weight(cache, tmp_path):
     module = ramped(0)
     export(module, tmp_path / "a")
