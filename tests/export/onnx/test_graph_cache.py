@@ -21,8 +21,8 @@ from wanrt.engines.signatures import EngineSignature, TensorSpec
 from wanrt.export.checkpoint.resolve import resolve_model
 from wanrt.export.onnx import graph_cache, torch_to_onnx
 from wanrt.export.onnx.dit import export_dit_onnx
+from wanrt.export.onnx.encoders import export_text_encoder_onnx
 from wanrt.export.onnx.torch_to_onnx import export_onnx
-from wanrt.export.onnx.vae import export_vae_onnx
 from wanrt.export.tiny import make_tiny_model
 
 SIG = EngineSignature(
@@ -205,16 +205,17 @@ def test_off_or_unwritable_the_export_still_works(tmp_path, monkeypatch, traces)
     assert digests(got.parent) == digests(tmp_path / "off")
 
 
-def test_dit_and_vae_of_another_model_from_the_cache_equal_fresh_exports(cache, traces, tmp_path, monkeypatch):
-    """The real exporters (i2v DiT: image branch; VAE decoder: the chunk contract's cache constants)."""
+def test_a_dit_and_a_text_encoder_of_another_model_from_the_cache_equal_fresh_exports(cache, traces, tmp_path, monkeypatch):
+    """The real exporters: the i2v DiT (image branch, RoPE tables folded from the config) and the umt5 encoder
+    (its relative-position bucket table is a loader-given tensor)."""
     models = [resolve_model(make_tiny_model(tmp_path / f"m{seed}", "wan2.1", "i2v", seed=seed)) for seed in (1, 2)]
     for i, m in enumerate(models):
         export_dit_onnx(m.experts[0].view, tmp_path / f"dit{i}", cfg=m.dit, progress=False)
-        export_vae_onnx(m.vae, tmp_path / f"vae{i}", part="decoder", progress=False)
+        export_text_encoder_onnx(m.text_encoder, tmp_path / f"t5{i}", task="i2v", progress=False)
     assert len(traces) == 2  # the second model's graphs came from the cache
     monkeypatch.setenv("WANRT_GRAPH_CACHE", "0")
     export_dit_onnx(models[1].experts[0].view, tmp_path / "dit_fresh", cfg=models[1].dit, progress=False)
-    export_vae_onnx(models[1].vae, tmp_path / "vae_fresh", part="decoder", progress=False)
+    export_text_encoder_onnx(models[1].text_encoder, tmp_path / "t5_fresh", task="i2v", progress=False)
     assert digests(tmp_path / "dit1") == digests(tmp_path / "dit_fresh")
-    assert digests(tmp_path / "vae1") == digests(tmp_path / "vae_fresh")
+    assert digests(tmp_path / "t51") == digests(tmp_path / "t5_fresh")
     assert digests(tmp_path / "dit1") != digests(tmp_path / "dit0")  # the weights differ
