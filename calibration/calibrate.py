@@ -13,7 +13,8 @@ scale = amax / qmax (`calibration.qdq.insert_activation_qdq`), rewriting only `m
 Models that take more than a prompt get seeded synthetic inputs per prompt (smooth random colour
 fields plus fine noise, `synthetic_frames`), written to the calibration's temporary folder, so the
 CLIP and VAE-encoder paths run as they do for a user's files; one function per task, chosen from
-`TASK_INPUTS`: i2v a first frame, flf2v a first and a last frame, VACE a control video, a mask
+`TASK_INPUTS`: i2v a first frame, flf2v a first and a last frame, ti2v a first frame on every
+second prompt (text-only on the others), VACE a control video, a mask
 video (a box to generate) and a reference image, Wan2.2-Animate a pose video, face crops and a
 reference image, every second prompt in replace mode with a background video and a person mask.
 
@@ -254,6 +255,12 @@ def first_last_inputs(request: GenerationRequest, s: SyntheticInputs) -> None:
     request.last_image = calibration_image(s.path("last.png"), s.seed + 10**6, *(s.size or IMAGE_SIZE))
 
 
+def ti2v_inputs(request: GenerationRequest, s: SyntheticInputs) -> None:
+    """Wan2.2 TI2V: every second prompt with a first frame (its text-only and image-conditioned runs both)."""
+    if s.index % 2:
+        image_inputs(request, s)
+
+
 def vace_inputs(request: GenerationRequest, s: SyntheticInputs) -> None:
     """VACE: a control video, a mask over it (a box to generate, the rest kept) and one reference image.
 
@@ -285,7 +292,7 @@ def animate_inputs(request: GenerationRequest, s: SyntheticInputs) -> None:
 
 # task -> what its calibration requests add to the prompt (tasks absent here take the prompt alone)
 TASK_INPUTS: dict[str, Callable[[GenerationRequest, SyntheticInputs], None]] = {
-    "i2v": image_inputs, "flf2v": first_last_inputs, "vace": vace_inputs, "animate": animate_inputs,
+    "i2v": image_inputs, "flf2v": first_last_inputs, "ti2v": ti2v_inputs, "vace": vace_inputs, "animate": animate_inputs,
 }  # fmt: skip
 
 

@@ -1,15 +1,19 @@
-"""W8A8 (`build-engine --quantize int8|fp8`, calibrated) Wan2.1-VACE and Wan2.2-Animate bundles of tiny models, end to end.
+"""W8A8 (`build-engine --quantize int8|fp8`, calibrated) bundles of every single-expert task's tiny model, end to end:
+Wan2.1 T2V-1.3B, FLF2V and VACE, Wan2.2 TI2V-5B and Animate (Wan2.2 A14B's two experts:
+tests/export/test_build_quantize.py; I2V at graph level: tests/calibration/test_qdq.py).
 
 Each variant's fp32 bundle is built once, then one W8A8 bundle over a copy of it (the text encoder,
-CLIP and VAE are reused): VACE in int8, Animate in fp8, so both code formats run through a variant's
-own calibration inputs while the suite builds two quantized bundles, not four (the weight and
-activation passes are the same for every variant; tests/export/test_build_quantize.py runs both
-formats on Wan2.2 A14B).  Calibration runs the bundle's own pipeline with
-synthetic conditioning (VACE: control video, mask, reference image; Animate: pose and face videos,
-reference image, replace mode on every second prompt).  The held-out run uses another prompt,
-seed and other synthetic input files; its DiT inputs are recorded from the fp32 bundle's run and
-fed to every graph.  References, independent of the code under test: the ONNX Q/DQ spec (the torch
-twin in `w8a8_checks`), our torch VACE/Animate modules (tested against diffusers), the fp32 graph.
+CLIP and VAE are reused), in one code format per variant (int8: t2v, ti2v, VACE; fp8: flf2v,
+Animate), so both formats run through each kind of calibration input while the suite builds one
+quantized bundle per variant (the weight and activation passes are the same for every variant;
+the A14B test runs both formats).  Calibration runs the bundle's own pipeline with synthetic
+conditioning (`calibration.calibrate.TASK_INPUTS`: flf2v a first and last frame, ti2v a first
+frame on every second prompt, VACE a control video, mask and reference image, Animate pose and
+face videos, a reference image, replace mode on every second prompt).  The held-out run uses
+another prompt, seed and other synthetic input files; its DiT inputs are recorded from the fp32
+bundle's run and fed to every graph.  References, independent of the code under test: the ONNX
+Q/DQ spec (the torch twin in `w8a8_checks`), our torch DiT modules (tested against diffusers),
+the fp32 graph.
 """
 
 from __future__ import annotations
@@ -40,7 +44,10 @@ from wanrt.export.tiny import make_tiny_model
 from wanrt.runtime.animate import pipeline_class
 from wanrt.runtime.request import GenerationRequest
 
-VARIANTS = {"vace": ("wan2.1", "int8"), "animate": ("wan2.2", "fp8")}  # task -> (family, W8A8 scheme built)
+VARIANTS = {  # task -> (family, W8A8 scheme built)
+    "t2v": ("wan2.1", "int8"), "flf2v": ("wan2.1", "fp8"), "ti2v": ("wan2.2", "int8"),
+    "vace": ("wan2.1", "int8"), "animate": ("wan2.2", "fp8"),
+}  # fmt: skip
 CALIB_PROMPTS = ["a red fox in the snow", "a dancer on a stage, spotlights"]  # two: Animate calibrates both modes
 SIZE, FRAMES, STEPS = (64, 64), 5, 2
 # Stated bounds on the tiny random models (2 sampling steps, held-out prompt, seed and inputs); measured values print.
@@ -72,11 +79,17 @@ def held_out_request(task: str, folder: Path) -> GenerationRequest:
     folder.mkdir(exist_ok=True)
     w, h = SIZE
     request = GenerationRequest(prompt="a lighthouse in a storm", frames=FRAMES, steps=STEPS, seed=1234)
-    if task == "vace":
+    if task in ("t2v", "flf2v", "ti2v"):  # (VACE and Animate take the size of their videos)
+        request.height, request.width = h, w
+    if task in ("flf2v", "ti2v"):
+        request.image = calibration_image(folder / "first.png", 501, w, h)
+        if task == "flf2v":
+            request.last_image = calibration_image(folder / "last.png", 502, w, h)
+    elif task == "vace":
         request.video = calibration_video(folder / "video.mp4", synthetic_frames(501, FRAMES, w, h), 16)
         request.mask = calibration_video(folder / "mask.mp4", synthetic_mask(502, FRAMES, w, h), 16)
         request.ref_images = [calibration_image(folder / "ref.png", 503, w, h)]
-    else:
+    elif task == "animate":
         face = 32  # the tiny motion encoder's face crops (checked by the pipeline against the engine)
         request.pose_video = calibration_video(folder / "pose.mp4", synthetic_frames(501, FRAMES, w, h), 16)
         request.face_video = calibration_video(folder / "face.mp4", synthetic_frames(502, FRAMES, face, face), 16)
@@ -182,8 +195,12 @@ def test_run_writes_a_video_and_final_latents_stay_close(variant, tmp_path):
     print(f"{variant.task} {scheme} W8A8 vs fp32 final latents ({STEPS} steps, held-out prompt/seed/inputs): PSNR {db:.1f} dB")
     assert db > MIN_PSNR_DB
     h = variant.held_out
-    inputs = (["--video", h.video, "--mask", h.mask, "--ref-image", h.ref_images[0]] if variant.task == "vace"
-              else ["--pose-video", h.pose_video, "--face-video", h.face_video, "--image", h.image])  # fmt: skip
+    options = {"image": "--image", "last_image": "--last-image", "video": "--video", "mask": "--mask",
+               "pose_video": "--pose-video", "face_video": "--face-video"}  # the held-out request's files, as `run` takes them
+    inputs = [arg for field, flag in options.items() if getattr(h, field) is not None for arg in (flag, getattr(h, field))]
+    inputs += [arg for ref in h.ref_images or () for arg in ("--ref-image", ref)]
+    if h.height is not None:
+        inputs += ["--height", str(h.height), "--width", str(h.width)]
     out = tmp_path / "v.mp4"
     r = run_cli("run", variant.bundles[scheme], "--prompt", "a lighthouse", *inputs, "--frames", "5", "--steps", "2",
                 "--seed", "3", "-o", out)  # fmt: skip

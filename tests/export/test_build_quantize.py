@@ -191,7 +191,7 @@ def held_out_feeds(base) -> dict[str, list[dict[str, np.ndarray]]]:
 @pytest.mark.parametrize("which", ["int8", "fp8"])
 def test_each_expert_equals_fake_quant_and_stays_close_to_fp32(which, request, base, held_out_feeds):
     """Per expert: ORT (node semantics kept) equals torch with the graph's codes and scales, every linear within 1e-3
-    (the whole DiT within 1e-2: see END_TO_END in tests/calibration/test_calibrate_vace_animate.py); as the runtime runs
+    (the whole DiT within 1e-2: see END_TO_END in tests/calibration/test_calibrate_variants.py); as the runtime runs
     it (int8 fused), cosine and relative error against the fp32 graph on every held-out call stay within bounds."""
     from tests.calibration.w8a8_checks import (
         cosine, fake_quantize_module, rel_l2, session, teacher_forced_layers, torch_run,
@@ -215,7 +215,7 @@ def test_each_expert_equals_fake_quant_and_stays_close_to_fp32(which, request, b
         errs, coss = [rel_l2(a, b) for a, b in pairs], [cosine(a, b) for a, b in pairs]
         print(f"wan2.2 t2v A14B {name} {which} W8A8 vs fp32 graph, {len(calls)} held-out calls: rel L2 max {max(errs):.2e},"
               f" cosine min {min(coss):.6f}")
-        assert max(errs) < 0.1 and min(coss) > 0.995  # the bounds of tests/calibration/test_calibrate_vace_animate.py
+        assert max(errs) < 0.1 and min(coss) > 0.995  # the bounds of tests/calibration/test_calibrate_variants.py
 
 
 def test_ort_fuses_every_int8_matmul_of_each_expert(int8, tmp_path):
