@@ -39,6 +39,7 @@ from wanrt.calibration.formats import AMAX_FLOOR, FORMAT_OF_DTYPE, QuantFormat, 
 from wanrt.calibration.quant import quantize
 from wanrt.engines.errors import WanrtError
 from wanrt.export.checkpoint.storage import SCALE_AXES, is_block_linear
+from wanrt.export.onnx.ir_tensors import torch_to_ir_tensor
 
 SCHEMES = ("int8", "fp8")
 WEIGHT_AXIS = 1  # per output channel of MatMul's B [K, N]
@@ -125,18 +126,12 @@ class _WeightLoader:
         codes, self._codes = self._codes, None
         if codes is None:
             codes, _ = self._compute()
-        return _ir_tensor(codes, self.key)
+        return torch_to_ir_tensor(codes, self.key)
 
     def scale(self) -> ir.Tensor:
         if self._scale is None:
             self._codes, _ = self._compute()
-        return _ir_tensor(self._scale, self.key + SCALE_SUFFIX)
-
-
-def _ir_tensor(t: torch.Tensor, name: str) -> ir.Tensor:
-    from wanrt.export.onnx.torch_to_onnx import torch_to_ir_tensor
-
-    return torch_to_ir_tensor(t, name)
+        return torch_to_ir_tensor(self._scale, self.key + SCALE_SUFFIX)
 
 
 # --------------------------------------------------------------------------------------------

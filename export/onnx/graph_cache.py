@@ -40,6 +40,7 @@ from wanrt.engines.signatures import EngineSignature
 from wanrt.export.versions import export_versions
 
 from .component import GRAPH_FILE, data_file
+from .ir_tensors import attach_lazy_weights
 
 WEIGHTS_FILE = "weights.json"
 DATA_FILE = data_file(Path(GRAPH_FILE)).name
@@ -138,7 +139,5 @@ def load_graph(key: str, loaders: Mapping[str, Callable[[], torch.Tensor]], root
         with suppress(OSError):
             remove_path(entry)
         return None
-    from .torch_to_onnx import attach_lazy_weights
-
     attach_lazy_weights(model, {name: loaders[name] for name in weights})
     return model

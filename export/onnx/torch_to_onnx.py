@@ -21,7 +21,6 @@ The exporter's own messages that tell the user nothing are silenced while it tra
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import sys
@@ -31,7 +30,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -44,13 +42,12 @@ from wanrt.plugins_trt.onnx_op import onnx_translations
 
 from . import graph_cache
 from .component import GRAPH_FILE, ExportedComponent, ExportError, data_file, staged_graph
+from .ir_tensors import attach_lazy_weights
 
 MIN_OPSET = 19
 # Initializers up to this size stay inside model.onnx: shape/axes constants must be readable
 # there for shape inference and for TensorRT ("axes must be an initializer").
 SMALL_TENSOR_BYTES = 1024
-# Lazily loaded weights up to this size are kept once read (biases, norms); larger ones are not.
-CACHE_BYTES = 1 << 20
 
 # What torch.onnx.export prints on every export that tells the user nothing, matched exactly (all else still shows).
 QUIET_LOG_MESSAGES: dict[str, tuple[str, ...]] = {  # logger -> unformatted messages
@@ -68,14 +65,6 @@ QUIET_WARNINGS: tuple[tuple[type[Warning], str], ...] = (  # (category, message 
 UNSTABLE_GRAPH_METADATA = ("pkg.torch.export.ExportedProgram.range_constraints",)
 
 GraphPass = Callable[[ir.Model], None]  # rewrites a traced graph in place before it is written
-
-# torch dtype -> numpy dtype used to hand a tensor's bytes to onnx_ir (bf16/fp8 via ml_dtypes).
-_NUMPY_VIEW = {
-    torch.bfloat16: (torch.uint16, ml_dtypes.bfloat16),
-    torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn),
-    torch.float8_e5m2: (torch.uint8, ml_dtypes.float8_e5m2),
-}
-
 
 def export_onnx(
     module: torch.nn.Module,
@@ -237,45 +226,6 @@ def quiet_exporter_noise() -> Iterator[None]:
         finally:
             for logger, drop in filters:
                 logger.removeFilter(drop)
-
-
-def torch_to_ir_tensor(t: torch.Tensor, name: str | None = None) -> ir.Tensor:
-    """An onnx_ir tensor holding `t`'s values (bf16/fp8 through ml_dtypes), sharing memory."""
-    t = t.detach().cpu().contiguous()
-    if t.dtype in _NUMPY_VIEW:
-        int_type, np_type = _NUMPY_VIEW[t.dtype]
-        arr = t.view(int_type).numpy().view(np_type)
-    else:
-        arr = t.numpy()
-    return ir.Tensor(arr, name=name)
-
-
-def attach_lazy_weights(model: ir.Model, weights: Mapping[str, Callable[[], torch.Tensor]]) -> None:
-    """Make each named initializer a lazy tensor read from its loader when written."""
-    inits = model.graph.initializers
-    for name, load in weights.items():
-        value = inits.get(name)
-        if value is None:
-            continue  # a parameter the graph does not use (e.g. CLIP's unused head)
-        small = math.prod(value.shape.numpy()) * value.dtype.itemsize <= CACHE_BYTES
-        value.const_value = ir.LazyTensor(
-            _checked_loader(name, load, value.dtype, value.shape), dtype=value.dtype, shape=value.shape, name=name,
-            cache=small,  # the optimizer reads small tensors more than once; large ones are read once, when written
-        )
-
-
-def _checked_loader(name: str, load: Callable[[], torch.Tensor], dtype: ir.DataType, shape: ir.Shape) -> Callable[[], ir.Tensor]:
-    def loader() -> ir.Tensor:
-        t = load()
-        tensor = torch_to_ir_tensor(t, name)
-        if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-            raise ExportError(
-                f"weight {name!r}: loaded {tensor.dtype.name} {list(tensor.shape)}, "
-                f"the graph expects {dtype.name} {list(shape)}"
-            )
-        return tensor
-
-    return loader
 
 
 def _require_initializer_data(model: ir.Model) -> None:
