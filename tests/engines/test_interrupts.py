@@ -53,3 +53,39 @@ def test_a_lost_interrupt_is_raised_again_before_the_commit(tmp_path, signum, ra
     assert "lookup returned 0" in res.stdout  # lost once, as before
     assert res.returncode != 0 and res.stderr.rstrip().splitlines()[-1].endswith(raised), res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the output nor its temporary
+
+
+IMPORTING_CHILD = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import cli  # binds `wanrt` to the checkout
+from wanrt.engines.interrupts import install_handlers
+if sys.argv[2] == "installed":
+    install_handlers()
+start = time.monotonic()
+import signals_itself
+print("imported", signals_itself.DONE, flush=True)
+time.sleep(30)  # the deferred interrupt lands here
+"""
+
+# A module that signals its own process in the middle of its import (as a Ctrl-C lands while torch's exporter
+# imports triton, whose extension module aborts the process when an exception crosses its initialisation).
+SIGNALS_ITSELF = """
+import os, signal, time
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(0.5)  # (the default handler's KeyboardInterrupt is raised before this line)
+DONE = True
+"""
+
+
+@pytest.mark.parametrize("handlers", ["default", "installed"])
+def test_an_interrupt_during_an_import_is_raised_after_it(tmp_path, handlers):
+    (tmp_path / "signals_itself.py").write_text(SIGNALS_ITSELF)
+    res = subprocess.run([sys.executable, "-c", IMPORTING_CHILD, str(tmp_path), handlers], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert res.returncode != 0 and res.stderr.rstrip().splitlines()[-1] == "KeyboardInterrupt", res.stderr
+    if handlers == "default":  # the harness: Python raises it inside the module's code
+        assert "imported" not in res.stdout and 'signals_itself.py", line' in res.stderr, res.stderr
+    else:  # the import finished, then the interrupt stopped the sleep after it
+        assert res.stdout.splitlines() == ["imported True"], res.stdout
+        assert 'File "<string>", line 11' in res.stderr and "signals_itself" not in res.stderr, res.stderr  # the sleep
