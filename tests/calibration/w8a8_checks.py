@@ -178,6 +178,34 @@ def code_aligned_run(module: torch.nn.Module, names: list[str], feeds: Mapping[s
     return AlignedRun(output, drift, flips, codes)
 
 
+@dataclass
+class TwinAgreement:
+    """How one DiT call of a Q/DQ graph agrees with its fake-quantized torch twin."""
+
+    layers: dict[str, float]  # per quantized linear, fed the graph's own input (teacher_forced_layers)
+    aligned: float  # whole output, rel L2, with the activation codes aligned (code_aligned_run)
+    drift: float  # the largest input drift of a linear in that run
+    flips: int
+    codes: int
+    unaligned: float  # whole output, rel L2, the twin rounding on its own
+
+    def describe(self) -> str:
+        return (f"graph vs torch fake-quant, per linear max {max(self.layers.values()):.1e}; whole DiT {self.aligned:.1e}"
+                f" with codes aligned (input drift max {self.drift:.1e}, {self.flips} of {self.codes} codes flipped),"
+                f" {self.unaligned:.1e} rounding on its own")
+
+
+def twin_agreement(graph: Path, module: torch.nn.Module, feeds: Mapping[str, np.ndarray], scheme: str) -> TwinAgreement:
+    """Compare `graph` (ORT, node semantics kept) with `module` (fake_quantize_module of it) on one DiT call."""
+    names = [i.name for i in session(graph, "basic").get_inputs()]
+    taps = tap_graph(graph, feeds)
+    aligned = code_aligned_run(module, names, feeds, taps)
+    return TwinAgreement(
+        teacher_forced_layers(graph, feeds, scheme, taps), rel_l2(taps.output, aligned.output),
+        max(aligned.input_drift.values()), aligned.flips, aligned.codes, rel_l2(taps.output, torch_run(module, names, feeds)),
+    )  # fmt: skip
+
+
 def torch_run(module: torch.nn.Module, names: list[str], feeds: Mapping[str, np.ndarray]) -> np.ndarray:
     with torch.no_grad():
         return module(*(torch.from_numpy(feeds[n]) for n in names)).numpy()

@@ -29,8 +29,8 @@ import onnx
 import pytest
 
 from tests.calibration.w8a8_checks import (
-    FLIP_FRACTION, INPUT_DRIFT, FeedRecorder, code_aligned_run, cosine, fake_quantize_module, psnr, quantized_layers, rel_l2, session, tap_graph,
-    teacher_forced_layers, torch_run,
+    FLIP_FRACTION, INPUT_DRIFT, FeedRecorder, cosine, fake_quantize_module, psnr, quantized_layers, rel_l2, session,
+    twin_agreement,
 )
 from tests.export.helpers import run_cli
 from wanrt.calibration.calibrate import (
@@ -169,22 +169,14 @@ def test_graph_equals_the_torch_fake_quantized_module(variant):
     scheme = variant.scheme
     graph = dit_graph(variant, scheme)
     module = fake_quantize_module(torch_dit(variant), graph, scheme)
-    s = session(graph, "basic")
-    names = [i.name for i in s.get_inputs()]
     for feeds in (variant.feeds[0], variant.feeds[-1]):
-        taps = tap_graph(graph, feeds)
-        layers = teacher_forced_layers(graph, feeds, scheme, taps)
+        twin = twin_agreement(graph, module, feeds, scheme)
+        print(f"{variant.task} {scheme}: {twin.describe()}")
+        layers = twin.layers
         assert len(layers) == len(quantized_layers(graph)) and max(layers.values()) < 1e-3, max(layers.items(), key=lambda kv: kv[1])
-        aligned = code_aligned_run(module, names, feeds, taps)
-        err_aligned = rel_l2(taps.output, aligned.output)
-        err = rel_l2(taps.output, torch_run(module, names, feeds))
-        drift = max(aligned.input_drift.items(), key=lambda kv: kv[1])
-        print(f"{variant.task} {scheme}: graph vs torch fake-quant, per linear max {max(layers.values()):.1e}; whole DiT"
-              f" {err_aligned:.1e} with codes aligned (input drift max {drift[1]:.1e}, {aligned.flips} of"
-              f" {aligned.codes} codes flipped), {err:.1e} rounding on its own")
-        assert err_aligned < 1e-3, (variant.task, scheme, err_aligned)
-        assert drift[1] < INPUT_DRIFT and aligned.flips <= FLIP_FRACTION * aligned.codes, (drift, aligned.flips)
-        assert err < END_TO_END[scheme], (variant.task, scheme, err)
+        assert twin.aligned < 1e-3, (variant.task, scheme, twin.aligned)
+        assert twin.drift < INPUT_DRIFT and twin.flips <= FLIP_FRACTION * twin.codes, (twin.drift, twin.flips)
+        assert twin.unaligned < END_TO_END[scheme], (variant.task, scheme, twin.unaligned)
 
 
 def test_held_out_output_stays_close_to_fp32(variant):

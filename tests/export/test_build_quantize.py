@@ -194,7 +194,7 @@ def test_each_expert_equals_fake_quant_and_stays_close_to_fp32(which, request, b
     in tests/calibration/w8a8_variants.py); as the runtime runs it (int8 fused), cosine and relative error
     against the fp32 graph on every held-out call stay within bounds."""
     from tests.calibration.w8a8_checks import (
-        FLIP_FRACTION, INPUT_DRIFT, code_aligned_run, cosine, fake_quantize_module, rel_l2, session, tap_graph, teacher_forced_layers, torch_run,
+        FLIP_FRACTION, INPUT_DRIFT, cosine, fake_quantize_module, rel_l2, session, twin_agreement,
     )
     from wanrt.export.checkpoint.resolve import resolve_model
     from wanrt.export.models.wan_dit import load_dit
@@ -204,20 +204,11 @@ def test_each_expert_equals_fake_quant_and_stays_close_to_fp32(which, request, b
     for name, calls in held_out_feeds.items():
         graph = bundle / read_manifest(bundle).components[name].onnx
         fp32 = base[0] / "fp32" / read_manifest(base[0] / "fp32").components[name].onnx
-        exact = session(graph, "basic")
-        module = fake_quantize_module(load_dit(views[name]), graph, which)
-        names = [i.name for i in exact.get_inputs()]
-        taps = tap_graph(graph, calls[0])
-        layers = teacher_forced_layers(graph, calls[0], which, taps)
-        aligned = code_aligned_run(module, names, calls[0], taps)
-        whole_aligned = rel_l2(taps.output, aligned.output)
-        whole = rel_l2(taps.output, torch_run(module, names, calls[0]))
-        drift = max(aligned.input_drift.values())
-        print(f"wan2.2 t2v A14B {name} {which}: graph vs torch fake-quant, per linear max {max(layers.values()):.1e};"
-              f" whole DiT {whole_aligned:.1e} with codes aligned (input drift max {drift:.1e}, {aligned.flips} of"
-              f" {aligned.codes} codes flipped), {whole:.1e} rounding on its own")
-        assert len(layers) == 20 and max(layers.values()) < 1e-3 and whole_aligned < 1e-3, (max(layers.values()), whole_aligned)
-        assert drift < INPUT_DRIFT and aligned.flips <= FLIP_FRACTION * aligned.codes and whole < 1e-2, (drift, aligned.flips, whole)
+        twin = twin_agreement(graph, fake_quantize_module(load_dit(views[name]), graph, which), calls[0], which)
+        print(f"wan2.2 t2v A14B {name} {which}: {twin.describe()}")
+        layers = twin.layers
+        assert len(layers) == 20 and max(layers.values()) < 1e-3 and twin.aligned < 1e-3, (max(layers.values()), twin.aligned)
+        assert twin.drift < INPUT_DRIFT and twin.flips <= FLIP_FRACTION * twin.codes and twin.unaligned < 1e-2, (twin.drift, twin.flips, twin.unaligned)
         q, ref = session(graph), session(fp32)
         pairs = [(q.run(None, f)[0], ref.run(None, f)[0]) for f in calls]
         errs, coss = [rel_l2(a, b) for a, b in pairs], [cosine(a, b) for a, b in pairs]
